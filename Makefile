@@ -1,0 +1,48 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Each bootstraps .venv with the first Python >= 3.12 that really runs.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PY_CANDIDATES := python3.13 python3.12 python3 python \
+	$(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python) \
+	$(wildcard /usr/local/bin/python3.1[2-9]) $(wildcard /usr/bin/python3.1[2-9])
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+REF_PY_CANDIDATES := python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python)
+
+.PHONY: demo test bench fixtures clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@set -e; found=""; \
+	for c in $(PY_CANDIDATES); do \
+	  if "$$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then found="$$c"; break; fi; \
+	done; \
+	if [ -z "$$found" ]; then \
+	  echo "error: no working Python >= 3.12 found (tried: $(PY_CANDIDATES)). Install Python 3.12 (jax 0.11 needs it) and retry." >&2; exit 1; \
+	fi; \
+	echo "using $$found ($$("$$found" --version 2>&1))"; \
+	rm -rf $(VENV); "$$found" -m venv $(VENV); \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	$(PY) -m pip install --quiet -e '.[test]'; \
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m m1jax.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# GPU benchmarks (run on the device machine with its own python: `python3 benchmarks/NAME.py`)
+bench:
+	PYTHONPATH=. python3 benchmarks/lightning_attention.py
+
+# Regenerate the parity fixtures with transformers in a separate Python 3.11 venv (never in .venv).
+fixtures:
+	@set -e; found=""; \
+	for c in $(REF_PY_CANDIDATES); do "$$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1 && { found="$$c"; break; }; done; \
+	[ -n "$$found" ] || { echo "error: the reference needs Python 3.11 (CPU torch wheel)" >&2; exit 1; }; \
+	[ -x .refvenv/bin/python ] || { "$$found" -m venv .refvenv; .refvenv/bin/pip install --quiet torch==2.13.0 transformers==5.24.0 safetensors numpy; }; \
+	.refvenv/bin/python tests/fixtures/make_parity_fixtures.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
