@@ -1,0 +1,101 @@
+"""Public lightning attention ops: argument checks, then dispatch to one implementation.
+
+impl: "naive" (the time recurrence in reference.py), "chunked" (pure-JAX blocks in chunked.py),
+"auto" (the chunked path).
+"""
+import jax.numpy as jnp
+
+from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
+from pallas_kernels.lightning_attention.reference import (reference_lightning_attention,
+                                                          reference_lightning_decode)
+
+IMPLS = ("auto", "naive", "chunked")
+DECODE_IMPLS = ("auto", "naive")
+INPUT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _check_qkv(q, k, v, ndim, layout):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != ndim:
+            raise ValueError(f"{name} must be {layout}, got shape {x.shape}")
+        if x.dtype not in INPUT_DTYPES:
+            raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}; cast it first")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}; cast q, k, v to one dtype")
+
+
+def _check_slopes(slopes, heads):
+    if slopes.shape != (heads,):
+        raise ValueError(f"slopes must have shape (H,) = ({heads},), one positive decay per head, "
+                         f"got {slopes.shape}")
+    if not jnp.issubdtype(slopes.dtype, jnp.floating):
+        raise ValueError(f"slopes must be floating point (float32), got {slopes.dtype}")
+
+
+def _check_state(name, state, batch, heads, head_dim):
+    want = (batch, heads, head_dim, head_dim)
+    if state.shape != want:
+        raise ValueError(f"{name} must have shape (B, H, D, D) = {want}, got {state.shape}")
+    if not jnp.issubdtype(state.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point (float32), got {state.dtype}")
+
+
+def _check_impl(impl, allowed):
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+
+
+def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_state=False, segment_ids=None,
+                        impl="auto", block_size=None, interpret=False):
+    """o_i = sum_{t<=i, same segment} exp(-s_h (i-t)) (q_i . k_t) v_t  (+ the initial state's contribution).
+
+    q, k, v: (B, T, H, D), same dtype (float32 or bfloat16). slopes: (H,) float32, positive.
+    initial_state: (B, H, D, D) float32 or None (zeros): KV state before token 0, decayed like a key at
+      position -1, i.e. o_i gains exp(-s (i+1)) q_i @ S0.
+    segment_ids: (B, T) int or None. Packed rows: the state resets wherever segment_ids[t] != segment_ids[t-1]
+      (tokens see only earlier tokens of their own segment). initial_state applies to the first segment only.
+    Returns o (B, T, H, D) in q.dtype, and with return_final_state also the final state (B, H, D, D) float32
+      (the state after the last token: sum_t exp(-s (T-1-t)) k_t^T v_t over the last segment, plus the
+      decayed initial state if the row has one segment).
+    impl: "auto", "naive" or "chunked". block_size: the block length of the chunked path.
+    interpret: accepted for the kernel paths; the pure-JAX paths ignore it.
+    """
+    _check_qkv(q, k, v, 4, "(B, T, H, D)")
+    batch, num_tokens, heads, head_dim = q.shape
+    if num_tokens == 0:
+        raise ValueError("q, k, v must hold at least one token (T >= 1), got T = 0")
+    _check_slopes(slopes, heads)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, batch, heads, head_dim)
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, num_tokens):
+            raise ValueError(f"segment_ids must have shape (B, T) = {(batch, num_tokens)}, got {segment_ids.shape}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    _check_impl(impl, IMPLS)
+
+    if impl == "naive":
+        o, final_state = reference_lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                                       segment_ids=segment_ids)
+    else:
+        o, final_state = chunked_lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                                     segment_ids=segment_ids, block_size=block_size)
+    return (o, final_state) if return_final_state else o
+
+
+def lightning_decode(q, k, v, slopes, state, *, impl="auto", interpret=False):
+    """One token per sequence. q, k, v: (B, H, D); state (B, H, D, D) float32.
+
+    new_state = exp(-s) state + k^T v;  o = q @ new_state.  Returns (o in q.dtype, new_state float32).
+    """
+    _check_qkv(q, k, v, 3, "(B, H, D)")
+    batch, heads, head_dim = q.shape
+    _check_slopes(slopes, heads)
+    _check_state("state", state, batch, heads, head_dim)
+    _check_impl(impl, DECODE_IMPLS)
+    return reference_lightning_decode(q, k, v, slopes, state)
