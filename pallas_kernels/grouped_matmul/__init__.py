@@ -1,0 +1,10 @@
+"""Grouped matmul for the MoE layer: rows sorted by expert times each expert's weights.
+
+`grouped_matmul` is the op (Pallas kernels on GPU with a custom VJP, ragged_dot elsewhere);
+`grouped_matmul_reference` is its obviously-correct twin.
+"""
+from pallas_kernels.grouped_matmul.kernel import Tiling
+from pallas_kernels.grouped_matmul.ops import IMPLS, TilingPlan, default_tiling, grouped_matmul
+from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
+
+__all__ = ["grouped_matmul", "grouped_matmul_reference", "Tiling", "TilingPlan", "default_tiling", "IMPLS"]

@@ -1,0 +1,127 @@
+"""The grouped matmul op: input checks, the custom VJP around the Pallas kernels, and dispatch."""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
+from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
+
+IMPLS = ("auto", "pallas", "ragged_dot", "reference")
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+class TilingPlan(NamedTuple):
+    """One Tiling per kernel. Each names its own GEMM's tiles (see kernel.py): forward tiles (M, N, K),
+    d_lhs tiles (M, K, N), d_rhs tiles (K, N, M)."""
+
+    forward: Tiling
+    d_lhs: Tiling
+    d_rhs: Tiling
+
+
+# Measured on an H100 (benchmarks/RESULTS.md, "Grouped matmul"); float32 runs Triton's ieee (CUDA core) dot.
+_DEFAULT_16BIT = TilingPlan(
+    forward=Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    d_lhs=Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    d_rhs=Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+)
+_DEFAULT_FLOAT32 = TilingPlan(*(Tiling(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2),) * 3)
+
+
+def default_tiling(dtype) -> TilingPlan:
+    return _DEFAULT_FLOAT32 if jnp.dtype(dtype) == jnp.float32 else _DEFAULT_16BIT
+
+
+def _as_plan(tiling, dtype) -> TilingPlan:
+    if tiling is None:
+        return default_tiling(dtype)
+    if isinstance(tiling, Tiling):
+        return TilingPlan(tiling, tiling, tiling)
+    if isinstance(tiling, TilingPlan):
+        return tiling
+    raise ValueError(f"tiling must be None, a Tiling or a TilingPlan(forward, d_lhs, d_rhs), got {type(tiling).__name__}")
+
+
+def _validate(lhs, rhs, group_sizes, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if lhs.ndim != 2:
+        raise ValueError(f"lhs must be (M, K), got shape {lhs.shape}")
+    if rhs.ndim != 3:
+        raise ValueError(f"rhs must be (E, K, N), got shape {rhs.shape}")
+    if lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"lhs (M, K) and rhs (E, K, N) must share K: lhs {lhs.shape}, rhs {rhs.shape}")
+    if rhs.shape[0] < 1:
+        raise ValueError(f"rhs must hold at least one group (E >= 1), got shape {rhs.shape}")
+    for name, array in (("lhs", lhs), ("rhs", rhs)):
+        if array.dtype not in DTYPES:
+            raise ValueError(f"{name} dtype must be bfloat16, float16 or float32, got {array.dtype}")
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"lhs and rhs must have the same dtype, got {lhs.dtype} and {rhs.dtype}; cast one")
+    if group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(f"group_sizes must have shape (E,) = ({rhs.shape[0]},) to match rhs, got {group_sizes.shape}")
+    if group_sizes.dtype != jnp.int32:
+        raise ValueError(f"group_sizes must be int32, got {group_sizes.dtype}; use group_sizes.astype(jnp.int32)")
+    if not isinstance(group_sizes, jax.core.Tracer):  # concrete sizes can be checked now
+        sizes = np.asarray(group_sizes)
+        if (sizes < 0).any() or sizes.sum() > lhs.shape[0]:
+            raise ValueError(f"group_sizes must be >= 0 with sum <= M = {lhs.shape[0]}, got {sizes.tolist()}")
+
+
+def _uses_pallas(impl: str, interpret: bool) -> bool:
+    if impl == "auto":
+        return interpret or jax.default_backend() == "gpu"
+    if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}); "
+                         "pass interpret=True to run the kernel in interpret mode, or use impl='auto'")
+    return impl == "pallas"
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tiling=None):
+    """out[r] = lhs[r] @ rhs[g(r)] where rows are sorted by group: group e owns rows
+    [offset_e, offset_e + group_sizes[e]). lhs (M, K), rhs (E, K, N), group_sizes (E,) int32 with sum <= M
+    (rows past the sum are padding: their output is 0 and they get zero gradient). Returns (M, N) in lhs.dtype,
+    accumulated in float32. Differentiable in lhs and rhs (custom_vjp: d_lhs = d_out @ rhs[g]^T grouped,
+    d_rhs[e] = lhs_e^T d_out_e, a "transposed" grouped matmul; empty groups give zero d_rhs).
+    impl: "auto" (Pallas on GPU, ragged_dot elsewhere), "pallas", "ragged_dot" (jax.lax.ragged_dot), "reference".
+
+    interpret=True runs the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
+    tiling: None (defaults for the dtype), a Tiling for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
+    float32 inputs are multiplied in full float32 (no TF32) by every impl. Sizes of a traced group_sizes
+    cannot be checked: the Pallas kernels clamp negative sizes to 0 and drop rows past M, other impls differ.
+    """
+    _validate(lhs, rhs, group_sizes, impl)
+    plan = _as_plan(tiling, lhs.dtype)
+    if impl == "reference":
+        return grouped_matmul_reference(lhs, rhs, group_sizes)
+    if not _uses_pallas(impl, interpret):
+        precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
+        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision, preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    return _pallas_grouped_matmul(lhs, rhs, group_sizes, plan, bool(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pallas_grouped_matmul(lhs, rhs, group_sizes, plan: TilingPlan, interpret: bool):
+    return grouped_matmul_kernel(lhs, rhs, group_sizes, transpose_w=False, tiling=plan.forward, interpret=interpret)
+
+
+def _forward(lhs, rhs, group_sizes, plan, interpret):
+    return _pallas_grouped_matmul(lhs, rhs, group_sizes, plan, interpret), (lhs, rhs, group_sizes)
+
+
+def _backward(plan, interpret, residuals, d_out):
+    lhs, rhs, group_sizes = residuals
+    d_out = d_out.astype(lhs.dtype)
+    d_lhs = grouped_matmul_kernel(d_out, rhs, group_sizes, transpose_w=True, tiling=plan.d_lhs, interpret=interpret)
+    d_rhs = transposed_grouped_matmul_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
+                                             interpret=interpret)
+    return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_pallas_grouped_matmul.defvjp(_forward, _backward)
+
+__all__ = ["grouped_matmul", "Tiling", "TilingPlan", "default_tiling", "IMPLS"]

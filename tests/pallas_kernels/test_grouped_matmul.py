@@ -1,0 +1,150 @@
+"""The grouped matmul kernels (interpret mode) against the masked-dense reference, forward and both gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_matmul import Tiling, TilingPlan, grouped_matmul, grouped_matmul_reference
+from pallas_kernels.grouped_matmul.kernel import group_bounds, row_tile_schedule
+
+SMALL = Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
+# M, K, N chosen so that no dimension is a multiple of its tile.
+M, K, N = 83, 40, 37
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def random_operands(seed, group_sizes, dtype, m=M, k=K, n=N):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    lhs = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    rhs = jax.random.normal(keys[1], (len(group_sizes), k, n), jnp.float32).astype(dtype)
+    d_out = jax.random.normal(keys[2], (m, n), jnp.float32).astype(dtype)
+    return lhs, rhs, jnp.asarray(group_sizes, jnp.int32), d_out
+
+
+def random_uneven_sizes(seed, num_groups, total):
+    """Sizes >= 0 summing to `total`, with a few empty groups, drawn from the seed."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, total + 1, num_groups - 1))
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int32)
+
+
+def forward_and_grads(impl, lhs, rhs, group_sizes, d_out, **kwargs):
+    out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, group_sizes, impl=impl, **kwargs), lhs, rhs)
+    return (out, *vjp(d_out))
+
+
+def assert_matches_reference(lhs, rhs, group_sizes, d_out, tol, **kwargs):
+    got = forward_and_grads("pallas", lhs, rhs, group_sizes, d_out, interpret=True, **kwargs)
+    want = forward_and_grads("reference", lhs, rhs, group_sizes, d_out)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, g.dtype, w.shape, w.dtype)
+        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{name} has non-finite values (unwritten?)"
+        assert rel_err(g, w) < tol, (name, rel_err(g, w), np.asarray(group_sizes))
+    return got
+
+
+CASES = {
+    "random_uneven": random_uneven_sizes(1, 6, M),
+    "empty_first_middle_last": np.array([0, 20, 0, 0, 41, 0, 22, 0], np.int32),
+    "one_group_holds_all": np.array([0, 0, M, 0], np.int32),
+    "padding_rows": np.array([7, 0, 30, 11, 2], np.int32),  # sums to 50 < M
+    "many_groups_per_tile": np.array([3, 1, 0, 5, 2, 9, 0, 4, 30, 6, 0, 1], np.int32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_float32_forward_and_grads_match_reference(case):
+    sizes = CASES[case]
+    lhs, rhs, group_sizes, d_out = random_operands(sorted(CASES).index(case), sizes, jnp.float32)
+    out, d_lhs, d_rhs = assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-5, tiling=SMALL)
+    total = int(sizes.sum())
+    np.testing.assert_array_equal(np.asarray(out[total:]), 0.0)  # padding rows: zero output ...
+    np.testing.assert_array_equal(np.asarray(d_lhs[total:]), 0.0)  # ... and zero gradient
+    for e in np.flatnonzero(sizes == 0):
+        np.testing.assert_array_equal(np.asarray(d_rhs[e]), 0.0)  # empty groups: zero d_rhs
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_forward_and_grads_match_reference(dtype):
+    sizes = random_uneven_sizes(7, 5, M - 9)
+    lhs, rhs, group_sizes, d_out = random_operands(11, sizes, dtype)
+    assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-2, tiling=SMALL)
+
+
+def test_separate_tiling_per_kernel_and_tiles_larger_than_the_problem():
+    plan = TilingPlan(forward=Tiling(32, 16, 16, 4, 2), d_lhs=Tiling(16, 32, 16, 4, 2), d_rhs=Tiling(64, 128, 32, 4, 2))
+    sizes = random_uneven_sizes(3, 4, M)
+    lhs, rhs, group_sizes, d_out = random_operands(5, sizes, jnp.float32)
+    assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-5, tiling=plan)
+
+
+def test_default_tiling_under_jit_with_traced_group_sizes():
+    sizes = random_uneven_sizes(9, 3, 150)
+    lhs, rhs, group_sizes, _ = random_operands(9, sizes, jnp.bfloat16, m=161, k=64, n=48)
+    run = jax.jit(lambda a, b, g: grouped_matmul(a, b, g, impl="pallas", interpret=True))
+    got = run(lhs, rhs, group_sizes)
+    assert rel_err(got, grouped_matmul_reference(lhs, rhs, group_sizes)) < 1e-2
+
+
+def test_ragged_dot_and_auto_agree_with_reference_on_cpu():
+    sizes = CASES["padding_rows"]
+    lhs, rhs, group_sizes, d_out = random_operands(21, sizes, jnp.float32)
+    want = forward_and_grads("reference", lhs, rhs, group_sizes, d_out)
+    for impl in ("ragged_dot", "auto"):
+        for g, w in zip(forward_and_grads(impl, lhs, rhs, group_sizes, d_out), want):
+            assert rel_err(g, w) < 1e-5, impl
+
+
+def test_reference_is_a_per_row_matmul():
+    """The reference against the definition itself: each row times its own group's matrix."""
+    sizes = CASES["padding_rows"]
+    lhs, rhs, group_sizes, _ = random_operands(4, sizes, jnp.float32)
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    want = np.zeros((M, N))
+    for r, e in enumerate(owner):
+        want[r] = np.asarray(lhs[r], np.float64) @ np.asarray(rhs[e], np.float64)
+    assert rel_err(grouped_matmul_reference(lhs, rhs, group_sizes), want) < 1e-6
+
+
+@pytest.mark.parametrize("sizes", [CASES["empty_first_middle_last"], CASES["padding_rows"], np.zeros(3, np.int32)])
+def test_row_tile_schedule_lists_exactly_the_overlapping_groups(sizes):
+    block_m = 16
+    starts, ends = group_bounds(jnp.asarray(sizes), M)
+    lo, hi = row_tile_schedule(starts, ends, M, block_m)
+    for t in range(len(lo)):
+        rows = set(range(t * block_m, min((t + 1) * block_m, M)))
+        overlapping = {e for e in range(len(sizes)) if rows & set(range(int(starts[e]), int(ends[e])))}
+        listed = set(range(int(lo[t]), int(hi[t])))
+        assert overlapping <= listed, (t, overlapping, listed)
+        assert all(sizes[e] == 0 for e in listed - overlapping), (t, overlapping, listed)  # extras are empty
+
+
+def test_bad_inputs_raise_clear_errors():
+    lhs, rhs, group_sizes, _ = random_operands(0, [40, 43], jnp.float32)
+    bad = [
+        (dict(lhs=lhs[None]), "lhs must be"),
+        (dict(rhs=rhs[0]), "rhs must be"),
+        (dict(lhs=lhs[:, :-1]), "share K"),
+        (dict(rhs=rhs.astype(jnp.bfloat16)), "same dtype"),
+        (dict(lhs=lhs.astype(jnp.int32), rhs=rhs.astype(jnp.int32)), "lhs dtype"),
+        (dict(group_sizes=group_sizes[:1]), "group_sizes must have shape"),
+        (dict(group_sizes=group_sizes.astype(jnp.float32)), "group_sizes must be int32"),
+        (dict(group_sizes=jnp.array([50, 50], jnp.int32)), "sum <= M"),
+        (dict(group_sizes=jnp.array([-1, 5], jnp.int32)), ">= 0"),
+        (dict(impl="triton"), "impl must be one of"),
+        (dict(impl="pallas", tiling="big"), "tiling must be"),
+    ]
+    if jax.default_backend() != "gpu":
+        bad.append((dict(impl="pallas"), "needs a GPU"))
+    for override, message in bad:
+        args = dict(lhs=lhs, rhs=rhs, group_sizes=group_sizes, impl="auto", tiling=None) | override
+        with pytest.raises(ValueError, match=message):
+            grouped_matmul(args["lhs"], args["rhs"], args["group_sizes"], impl=args["impl"], tiling=args["tiling"])
+    for kwargs, message in ((dict(block_m=48), "block_m must be a power of two"), (dict(block_k=8), "block_k"),
+                            (dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages")):
+        with pytest.raises(ValueError, match=message):
+            Tiling(**kwargs)
