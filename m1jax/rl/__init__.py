@@ -1,0 +1,53 @@
+"""RL on verifiable rewards: CISPO and its baselines (losses), group advantages, rule-based rewards."""
+from m1jax.rl.advantages import group_advantages, sequence_advantages
+from m1jax.rl.losses import (
+    cispo_loss,
+    dapo_loss,
+    dynamic_sampling_filter,
+    grpo_loss,
+    overlong_penalty,
+    ppo_clip_loss,
+    ppo_dropped_tokens,
+    token_terms,
+)
+from m1jax.rl.rewards import (
+    ExecutionResult,
+    ProgramError,
+    ProgramMemoryError,
+    RewardFn,
+    RewardTimeout,
+    arith_reward,
+    code_reward,
+    extract_code,
+    format_reward,
+    network_isolation_available,
+    run_program,
+    score_batch,
+    weighted_reward,
+)
+
+__all__ = [
+    "ExecutionResult",
+    "ProgramError",
+    "ProgramMemoryError",
+    "RewardFn",
+    "RewardTimeout",
+    "arith_reward",
+    "cispo_loss",
+    "code_reward",
+    "dapo_loss",
+    "dynamic_sampling_filter",
+    "extract_code",
+    "format_reward",
+    "group_advantages",
+    "grpo_loss",
+    "network_isolation_available",
+    "overlong_penalty",
+    "ppo_clip_loss",
+    "ppo_dropped_tokens",
+    "run_program",
+    "score_batch",
+    "sequence_advantages",
+    "token_terms",
+    "weighted_reward",
+]
