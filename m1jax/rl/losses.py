@@ -114,9 +114,10 @@ def _lower_bound(eps_low: float | None) -> float:
 
 
 def ppo_dropped_tokens(terms: TokenTerms, eps_low: float | None, eps_high: float) -> jax.Array:
-    """(B, T) bool: tokens whose PPO-clip gradient is zero, i.e. A > 0 and r > 1 + eps_high or A < 0 and r < 1 - eps_low.
+    """(B, T) bool: tokens whose PPO-clip gradient is zero.
 
-    The complement is M1's token mask M of the unified formulation.
+    That is A > 0 and r > 1 + eps_high, or A < 0 and r < 1 - eps_low (never, for eps_low None), on response
+    tokens. The complement is M1's token mask M of the unified formulation.
     """
     above = (terms.advantages > 0) & (terms.ratio > 1.0 + eps_high)
     below = (terms.advantages < 0) & (terms.ratio < _lower_bound(eps_low))
