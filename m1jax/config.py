@@ -1,0 +1,333 @@
+"""M1Config: every architectural fact of a MiniMax-M1-style hybrid, named presets, and both config.json flavours.
+
+The released checkpoint's config.json ("original" flavour: attn_type_list, layernorm_*_alpha/beta, rotary_dim,
+postnorm) and transformers' MiniMaxConfig ("transformers" flavour: layer_types, *_alpha_factor,
+rope_parameters.partial_rotary_factor) both load through `M1Config.from_hf`; `to_hf` writes the transformers flavour.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+LIGHTNING = "lightning"
+SOFTMAX = "softmax"
+LAYER_KINDS = (LIGHTNING, SOFTMAX)
+DTYPES = ("float32", "bfloat16", "float16")
+LIGHTNING_NORM_EPS = 1e-6  # the lightning layer's RMSNorm over H*D channels (released default), not rms_norm_eps
+
+_M1JAX_ONLY_FIELDS = ("compute_dtype", "float32_lm_head", "router_z_loss_coef")
+_HF_LAYER_NAMES = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
+_OURS_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER_NAMES.items()}
+
+
+def m1_schedule(num_layers: int, period: int = 8) -> tuple[str, ...]:
+    """M1's layer schedule: softmax attention where (i + 1) % period == 0, lightning attention elsewhere."""
+    return tuple(SOFTMAX if (i + 1) % period == 0 else LIGHTNING for i in range(num_layers))
+
+
+def deepnorm_alpha(num_layers: int) -> float:
+    """DeepNorm's residual scale (2N)^(1/4); 3.5565588... for M1's 80 layers."""
+    return (2.0 * num_layers) ** 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class M1Config:
+    """Architecture of a MiniMax-M1-style model. Shapes below: Hd hidden, H heads, K kv heads, D head dim, E experts.
+
+    The residual of each sublayer is DeepNorm post-norm: y = RMSNorm(h); h' = alpha * y + beta * Sublayer(y).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    experts_per_token: int
+    expert_size: int
+    layer_types: tuple[str, ...]
+    rope_theta: float = 10_000_000.0
+    rotary_dim: int | None = None  # None: the whole head
+    lightning_alpha: float = 1.0
+    lightning_beta: float = 1.0
+    softmax_alpha: float = 1.0
+    softmax_beta: float = 1.0
+    mlp_alpha: float = 1.0
+    mlp_beta: float = 1.0
+    rms_norm_eps: float = 1e-5
+    block_size: int = 256
+    max_position_embeddings: int = 10_240_000
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    initializer_range: float = 0.02
+    float32_lm_head: bool = True  # the paper's fix for the training-inference probability mismatch
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        for name in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                     "experts_per_token", "expert_size", "block_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"M1Config.{name} must be a positive integer, got {value!r}")
+        if not self.layer_types:
+            raise ValueError("M1Config.layer_types is empty: give one 'lightning' or 'softmax' entry per layer")
+        bad = sorted({t for t in self.layer_types if t not in LAYER_KINDS})
+        if bad:
+            raise ValueError(f"M1Config.layer_types has unknown kinds {bad}; use {LAYER_KINDS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"M1Config.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"M1Config.experts_per_token={self.experts_per_token} exceeds "
+                             f"num_experts={self.num_experts}")
+        if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+            raise ValueError(f"M1Config.rotary_dim={self.rotary_dim} must be even and in (0, head_dim="
+                             f"{self.head_dim}]")
+        if self.rope_theta <= 0:
+            raise ValueError(f"M1Config.rope_theta must be positive, got {self.rope_theta}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"M1Config.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        for name in ("rms_norm_eps", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"M1Config.{name} must be positive, got {getattr(self, name)}")
+
+    # ----- derived facts (one place each) -----
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def layer_period(self) -> int:
+        """Smallest p dividing num_layers with layer_types periodic in p: layers are scanned in groups of p."""
+        n = self.num_layers
+        for p in range(1, n + 1):
+            if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p):
+                return p
+        return n
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_layers // self.layer_period
+
+    def residual_scales(self, kind: str) -> tuple[float, float]:
+        """(alpha, beta) of the attention sublayer of a layer of this kind."""
+        return ((self.lightning_alpha, self.lightning_beta) if kind == LIGHTNING
+                else (self.softmax_alpha, self.softmax_beta))
+
+    def lightning_slopes(self) -> np.ndarray:
+        """(L, H) float32 decay slopes: s_h = 2^(-8(h+1)/H), scaled per layer l by 1 - l/(L-1+1e-5) + 1e-5.
+
+        Earlier layers decay faster. Rows of softmax layers are computed too (unused), so the table is indexed by the
+        global layer index.
+        """
+        h = np.arange(self.num_heads, dtype=np.float64) + 1
+        base = (1.0 / 2.0 ** (8.0 / self.num_heads)) ** h
+        layer = np.arange(self.num_layers, dtype=np.float64)[:, None]
+        factor = (1.0 - layer / (self.num_layers - 1 + 1e-5) + 1e-5).astype(np.float32)
+        return base[None, :].astype(np.float32) * factor
+
+    def replace(self, **changes) -> "M1Config":
+        return dataclasses.replace(self, **changes)
+
+    # ----- presets -----
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "M1Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    # ----- config.json, both flavours -----
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike | dict, **overrides) -> "M1Config":
+        """Read a config.json (file, directory holding one, or an already parsed dict), either flavour."""
+        if isinstance(path, dict):
+            raw = dict(path)
+        else:
+            path = os.fspath(path)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            with open(path) as f:
+                raw = json.load(f)
+        return dataclasses.replace(_from_hf_dict(raw), **overrides)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers flavour (MiniMaxConfig), loadable by transformers' MiniMaxForCausalLM."""
+        return {
+            "architectures": ["MiniMaxForCausalLM"],
+            "model_type": "minimax",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.expert_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": False,
+            "num_experts_per_tok": self.experts_per_token,
+            "num_local_experts": self.num_experts,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta),
+                                "partial_rotary_factor": self.rotary_dim / self.head_dim},
+            "layer_types": [_HF_LAYER_NAMES[t] for t in self.layer_types],
+            "block_size": self.block_size,
+            "linear_attn_alpha_factor": self.lightning_alpha,
+            "linear_attn_beta_factor": self.lightning_beta,
+            "full_attn_alpha_factor": self.softmax_alpha,
+            "full_attn_beta_factor": self.softmax_beta,
+            "mlp_alpha_factor": self.mlp_alpha,
+            "mlp_beta_factor": self.mlp_beta,
+            "dtype": self.param_dtype,
+            "sliding_window": None,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            # m1jax's own runtime choices (transformers keeps unknown keys as plain attributes)
+            "m1jax": {name: getattr(self, name) for name in _M1JAX_ONLY_FIELDS},
+        }
+
+    def save_hf(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "config.json")
+        with open(path, "w") as f:
+            json.dump(self.to_hf(), f, indent=2)
+        return path
+
+
+def _require(raw: dict, key: str, flavour: str):
+    if key not in raw:
+        raise ValueError(f"config.json ({flavour} flavour) lacks '{key}'")
+    return raw[key]
+
+
+def _from_hf_dict(raw: dict) -> M1Config:
+    if "attn_type_list" in raw:
+        flavour = "original"
+        layer_types = tuple(SOFTMAX if int(t) == 1 else LIGHTNING for t in raw["attn_type_list"])
+        scales = {f"{ours}_{ab}": float(raw.get(f"layernorm_{theirs}_{ab}", 1.0))
+                  for ours, theirs in (("lightning", "linear_attention"), ("softmax", "full_attention"),
+                                       ("mlp", "mlp"))
+                  for ab in ("alpha", "beta")}
+        if not raw.get("postnorm", False):
+            raise ValueError("config.json has postnorm=false (pre-norm residuals): only M1's DeepNorm post-norm "
+                             "is implemented")
+        if raw.get("shared_intermediate_size", 0):
+            raise ValueError("config.json has a shared expert (shared_intermediate_size > 0): M1 has none and it "
+                             "is not implemented")
+        head_dim = raw.get("head_dim") or (_require(raw, "hidden_size", flavour)
+                                           // _require(raw, "num_attention_heads", flavour))
+        rotary_dim = raw.get("rotary_dim", head_dim)
+        rope_theta = raw.get("rope_theta", 10_000.0)
+    elif "layer_types" in raw:
+        flavour = "transformers"
+        unknown = sorted(set(raw["layer_types"]) - set(_OURS_FROM_HF_LAYER))
+        if unknown:
+            raise ValueError(f"config.json layer_types has unknown kinds {unknown}; expected "
+                             f"{sorted(_OURS_FROM_HF_LAYER)}")
+        layer_types = tuple(_OURS_FROM_HF_LAYER[t] for t in raw["layer_types"])
+        scales = {f"{ours}_{ab}": float(raw.get(f"{theirs}_{ab}_factor", 1.0))
+                  for ours, theirs in (("lightning", "linear_attn"), ("softmax", "full_attn"), ("mlp", "mlp"))
+                  for ab in ("alpha", "beta")}
+        head_dim = raw.get("head_dim") or (_require(raw, "hidden_size", flavour)
+                                           // _require(raw, "num_attention_heads", flavour))
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"config.json rope_parameters.rope_type={rope.get('rope_type')!r}: only the default "
+                             "(unscaled) RoPE of M1 is implemented")
+        factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        rotary_dim = int(round(head_dim * float(factor)))
+        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+    else:
+        raise ValueError("config.json has neither 'attn_type_list' (original MiniMax flavour) nor 'layer_types' "
+                         "(transformers flavour): not a MiniMax config")
+    if len(layer_types) != _require(raw, "num_hidden_layers", flavour):
+        raise ValueError(f"config.json: {len(layer_types)} layer types for num_hidden_layers="
+                         f"{raw['num_hidden_layers']}")
+    if raw.get("tie_word_embeddings", False):
+        raise ValueError("config.json ties embeddings and lm_head: M1 does not, and it is not implemented")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={raw['hidden_act']!r}: M1's experts use silu")
+    if raw.get("sliding_window") is not None:
+        raise ValueError("config.json sets sliding_window: M1's softmax layers attend to the whole context")
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return M1Config(
+        vocab_size=_require(raw, "vocab_size", flavour),
+        hidden_size=_require(raw, "hidden_size", flavour),
+        num_heads=_require(raw, "num_attention_heads", flavour),
+        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        head_dim=head_dim,
+        num_experts=_require(raw, "num_local_experts", flavour),
+        experts_per_token=_require(raw, "num_experts_per_tok", flavour),
+        expert_size=_require(raw, "intermediate_size", flavour),
+        layer_types=layer_types,
+        rope_theta=float(rope_theta),
+        rotary_dim=int(rotary_dim),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        block_size=int(raw.get("block_size", 256)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 10_240_000)),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
+        initializer_range=float(raw.get("initializer_range", 0.02)),
+        param_dtype=dtype if dtype in DTYPES else "float32",
+        **scales,
+        **{k: v for k, v in raw.get("m1jax", {}).items() if k in _M1JAX_ONLY_FIELDS},
+    )
+
+
+def _m1_full(**overrides) -> M1Config:
+    alpha = deepnorm_alpha(80)
+    base = M1Config(
+        vocab_size=200_064, hidden_size=6144, num_heads=64, num_kv_heads=8, head_dim=128,
+        num_experts=32, experts_per_token=2, expert_size=9216, layer_types=m1_schedule(80),
+        rope_theta=10_000_000.0, rotary_dim=64,
+        lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha,
+        max_position_embeddings=10_240_000,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def _research(num_layers: int, **fields) -> M1Config:
+    alpha = deepnorm_alpha(num_layers)
+    return M1Config(layer_types=m1_schedule(num_layers), lightning_alpha=alpha, softmax_alpha=alpha,
+                    mlp_alpha=alpha, **fields)
+
+
+PRESETS: dict[str, M1Config] = {
+    # The released models: one architecture, three sets of weights.
+    "minimax-m1-80k": _m1_full(),
+    "minimax-m1-40k": _m1_full(),
+    "minimax-text-01": _m1_full(),
+    # Research sizes (M1's 7:1 schedule and top-2 routing, scaled down).
+    "tiny": M1Config(
+        vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4,
+        experts_per_token=2, expert_size=96, layer_types=m1_schedule(4, period=2), rope_theta=10_000.0,
+        rotary_dim=8, block_size=32, max_position_embeddings=65_536,
+        lightning_alpha=deepnorm_alpha(4), softmax_alpha=deepnorm_alpha(4), mlp_alpha=deepnorm_alpha(4)),
+    "small": _research(
+        8, vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=32,
+        experts_per_token=2, expert_size=512, rope_theta=10_000.0, rotary_dim=32, block_size=64,
+        max_position_embeddings=1_048_576),
+    "research-1b": _research(
+        8, vocab_size=32_000, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128, num_experts=32,
+        experts_per_token=2, expert_size=512, rope_theta=10_000_000.0, rotary_dim=64, block_size=256,
+        max_position_embeddings=10_240_000, compute_dtype="bfloat16"),
+    # The inference benchmark's shape (issue: prefill/decode against transformers on one GPU).
+    "hf-bench": _research(
+        8, vocab_size=32_000, hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=64, num_experts=8,
+        experts_per_token=2, expert_size=1536, rope_theta=10_000_000.0, rotary_dim=32, block_size=256,
+        max_position_embeddings=1_048_576, param_dtype="bfloat16", compute_dtype="bfloat16"),
+}

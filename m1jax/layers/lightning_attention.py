@@ -1,0 +1,40 @@
+"""Lightning attention layer of M1 (linear attention with per-head exponential decay).
+
+    qkv = silu(x @ qkv_proj), split per head as [q | k | v]  (reshape to (B, T, H, 3D), then split the last axis)
+    o_i = sum_{t <= i} exp(-s_h (i - t)) (q_i . k_t) v_t      no 1/sqrt(D) scale, no normaliser
+    out = out_proj(RMSNorm_{H*D}(o) * sigmoid(x @ output_gate))
+
+The slopes s_h come from the global layer index (`M1Config.lightning_slopes`); the op (blocked form, Pallas kernel
+on GPU) lives in `pallas_kernels.lightning_attention`. The RMSNorm spans all H*D channels with eps 1e-6.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m1jax.config import LIGHTNING_NORM_EPS, M1Config
+from m1jax.layers.norms import RMSNorm
+from m1jax.layers.projection import projection
+from pallas_kernels.lightning_attention import lightning_attention
+
+
+class LightningAttention(nn.Module):
+    """x: (B, T, hidden), layer_index: () int (global), segment_ids: (B, T) or None, state: (B, H, D, D) float32 or
+    None -> ((B, T, hidden), final state (B, H, D, D) float32). Parameters qkv_proj, output_gate, norm, out_proj."""
+
+    config: M1Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer_index: jax.Array, segment_ids: jax.Array | None = None,
+                 state: jax.Array | None = None):
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, dim = cfg.num_heads, cfg.head_dim
+        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj")(x)).reshape(batch, length, heads, 3 * dim)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        slopes = jnp.asarray(cfg.lightning_slopes())[layer_index]
+        out, final_state = lightning_attention(q, k, v, slopes, initial_state=state, return_final_state=True,
+                                               segment_ids=segment_ids, block_size=cfg.block_size)
+        out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(
+            out.reshape(batch, length, heads * dim))
+        out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate")(x)) * out
+        return projection(cfg, cfg.hidden_size, "out_proj")(out), final_state

@@ -1,0 +1,12 @@
+"""The bias-free linear projections every M1 layer uses, in the config's compute and parameter dtypes."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from m1jax.config import M1Config
+
+
+def projection(cfg: M1Config, features: int, name: str) -> nn.Dense:
+    """x @ kernel with kernel (in, features) ~ N(0, initializer_range); HF stores the transpose (features, in)."""
+    return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.compute_dtype),
+                    param_dtype=jnp.dtype(cfg.param_dtype),
+                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)

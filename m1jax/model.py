@@ -1,0 +1,107 @@
+"""M1ForCausalLM: embedding, the layer schedule scanned in repeating groups, final norm, float32 lm_head.
+
+M1's 80 layers repeat a group of 7 lightning + 1 softmax layers 10 times; the group is one `nn.scan` body, so the full
+model traces and compiles as one group. Schedules without a period scan one group of all layers. Parameters of a
+group position are stacked with a leading axis G (number of groups): params["groups"]["layer_j"][...] has shape
+(G, ...), holding global layers j, p + j, 2p + j, ... for period p.
+"""
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from m1jax.config import M1Config
+from m1jax.layers.block import DecoderLayer
+from m1jax.layers.moe import GroupedMatmul
+from m1jax.layers.norms import RMSNorm
+from m1jax.layers.rope import segment_positions
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class M1Output:
+    """logits (B, T, V) float32; aux_loss: mean load-balancing loss over layers; z_loss: mean router z-loss;
+    routing: per-layer statistics, each (L, ...) in global layer order."""
+    logits: jax.Array
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    routing: dict[str, jax.Array]
+
+
+class LayerGroup(nn.Module):
+    """One period of the layer schedule (M1: 7 lightning + 1 softmax). Carry h: (B, T, hidden)."""
+
+    config: M1Config
+    grouped_matmul: GroupedMatmul | None = None
+
+    @nn.compact
+    def __call__(self, h, group_index, positions, segment_ids):
+        cfg = self.config
+        period = cfg.layer_period
+        stats = []
+        for j, kind in enumerate(cfg.layer_types[:period]):
+            layer = DecoderLayer(cfg, kind, self.grouped_matmul, name=f"layer_{j}")
+            h, layer_stats = layer(h, group_index * period + j, positions, segment_ids)
+            stats.append(layer_stats)
+        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+class M1ForCausalLM(nn.Module):
+    """input_ids (B, T) int -> M1Output. Optional segment_ids (B, T) for packed rows (0 marks padding) and positions
+    (B, T) (default: restart at each segment, or 0..T-1)."""
+
+    config: M1Config
+    remat: str = "none"
+    grouped_matmul: GroupedMatmul | None = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> M1Output:
+        cfg = self.config
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if positions is None:
+            positions = (segment_positions(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
+        pdtype, cdtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cdtype, param_dtype=pdtype, embedding_init=init,
+                         name="embed")
+        h = embed(input_ids)
+
+        group = LayerGroup
+        if self.remat != "none":
+            group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups)
+        h, stats = scanned(cfg, self.grouped_matmul, name="groups")(
+            h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
+        # (G, p, ...) -> (L, ...): global layer l = g * p + j
+        routing = jax.tree.map(lambda x: x.reshape((cfg.num_layers,) + x.shape[2:]), stats)
+
+        h = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(h)
+        head_dtype = jnp.float32 if cfg.float32_lm_head else cdtype
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=pdtype, kernel_init=init,
+                          name="lm_head")(h.astype(head_dtype))
+        return M1Output(logits=logits.astype(jnp.float32),
+                        aux_loss=jnp.mean(routing["load_balancing_loss"]),
+                        z_loss=jnp.mean(routing["z_loss"]),
+                        routing=routing)
+
+
+def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:
+    """Random parameters (a plain pytree) for `config`."""
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    return M1ForCausalLM(config).init(rng, dummy)["params"]
+
+
+def abstract_params(config: M1Config) -> Any:
+    """Parameter shapes and dtypes (jax.ShapeDtypeStruct pytree) without allocating memory."""
+    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))

@@ -1,0 +1,63 @@
+"""Partial rotate-half RoPE against an explicit rotation matrix; RMSNorm against its formula; packed positions."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from m1jax.layers.norms import RMSNorm
+from m1jax.layers.rope import apply_rope, segment_positions
+
+
+def explicit_rotation(positions, head_dim, rotary_dim, theta):
+    """(B, T, D, D) float64 matrices: pair (i, i + r/2) rotated by pos * theta^(-2i/r); other dims identity."""
+    half = rotary_dim // 2
+    freqs = theta ** (-np.arange(half) * 2.0 / rotary_dim)
+    mats = np.broadcast_to(np.eye(head_dim), positions.shape + (head_dim, head_dim)).copy()
+    for i in range(half):
+        angle = positions * freqs[i]
+        c, s = np.cos(angle), np.sin(angle)
+        mats[..., i, i], mats[..., i, i + half] = c, -s
+        mats[..., i + half, i], mats[..., i + half, i + half] = s, c
+    return mats
+
+
+@pytest.mark.parametrize("head_dim, rotary_dim, theta", [(16, 8, 1e4), (32, 32, 1e7), (24, 4, 500.0)])
+def test_partial_rope_is_a_rotation_of_the_first_dims(head_dim, rotary_dim, theta):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 13, 3, head_dim)).astype(np.float32)
+    positions = rng.integers(0, 5000, size=(2, 13))
+    got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), rotary_dim, theta))
+    want = np.einsum("btij,btnj->btni", explicit_rotation(positions, head_dim, rotary_dim, theta), x)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+def test_rope_preserves_relative_positions():
+    rng = np.random.default_rng()
+    q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32) for _ in range(2))
+    def score(pq, pk):
+        rq = apply_rope(q, jnp.full((1, 1), pq), 8, 1e4)
+        rk = apply_rope(k, jnp.full((1, 1), pk), 8, 1e4)
+        return float(jnp.sum(rq * rk))
+    assert score(10, 3) == pytest.approx(score(110, 103), rel=1e-4)
+
+
+def test_segment_positions_restart_per_document():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3], [0, 0, 5, 5, 5, 5, 5, 6, 6]])
+    np.testing.assert_array_equal(segment_positions(seg),
+                                  [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 0, 1]])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rmsnorm_formula(dtype):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 5, 24)).astype(np.float32) * 3
+    scale = rng.standard_normal(24).astype(np.float32)
+    norm = RMSNorm(eps=1e-5)
+    out = norm.apply({"params": {"scale": jnp.asarray(scale)}}, jnp.asarray(x, dtype))
+    x32 = np.asarray(jnp.asarray(x, dtype), np.float64)
+    want = x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-5) * scale
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5 if dtype == jnp.float32 else 2e-2,
+                               atol=1e-5 if dtype == jnp.float32 else 5e-2)

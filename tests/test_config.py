@@ -1,0 +1,116 @@
+"""M1Config: presets, both config.json flavours, round trips, and every construction error."""
+import json
+import os
+
+import pytest
+
+from m1jax.config import PRESETS, M1Config, deepnorm_alpha, m1_schedule
+
+M1_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "minimax-m1", "config.json")
+
+
+@pytest.mark.skipif(not os.path.exists(M1_CONFIG), reason="released M1 config.json not present")
+def test_released_m1_config_is_the_80k_preset():
+    loaded = M1Config.from_hf(M1_CONFIG)
+    assert loaded == M1Config.from_preset("minimax-m1-80k")
+    assert loaded.num_layers == 80 and loaded.layer_period == 8 and loaded.num_groups == 10
+    assert loaded.layer_types.count("softmax") == 10
+
+
+def test_m1_facts():
+    cfg = M1Config.from_preset("minimax-m1-80k")
+    assert (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (6144, 64, 8, 128)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_size, cfg.vocab_size) == (32, 2, 9216, 200064)
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "softmax"] == list(range(7, 80, 8))
+    assert cfg.rotary_dim == 64 and cfg.rope_theta == 1e7
+    assert cfg.lightning_alpha == pytest.approx(3.5565588200778455, rel=1e-12)
+    assert M1Config.from_preset("minimax-m1-40k") == M1Config.from_preset("minimax-text-01") == cfg
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_transformers_flavour_round_trip(name, tmp_path):
+    cfg = M1Config.from_preset(name)
+    cfg.save_hf(tmp_path)
+    assert M1Config.from_hf(tmp_path) == cfg
+    assert M1Config.from_hf(cfg.to_hf()) == cfg
+
+
+def test_research_presets():
+    tiny = M1Config.from_preset("tiny")
+    assert "softmax" in tiny.layer_types and tiny.num_experts >= 4 and tiny.num_groups > 1
+    research = M1Config.from_preset("research-1b")
+    assert research.layer_types == m1_schedule(research.num_layers)
+
+
+def test_original_flavour_fields():
+    raw = {"attn_type_list": [0, 1, 0], "num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4,
+           "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 100, "num_local_experts": 4,
+           "num_experts_per_tok": 1, "intermediate_size": 32, "rotary_dim": 8, "rope_theta": 5000.0,
+           "postnorm": True, "layernorm_linear_attention_alpha": 1.5, "layernorm_full_attention_beta": 0.5,
+           "layernorm_mlp_alpha": 2.0}
+    cfg = M1Config.from_hf(raw)
+    assert cfg.layer_types == ("lightning", "softmax", "lightning")
+    assert (cfg.lightning_alpha, cfg.softmax_beta, cfg.mlp_alpha, cfg.mlp_beta) == (1.5, 0.5, 2.0, 1.0)
+    assert cfg.rotary_dim == 8 and cfg.layer_period == 3 and cfg.num_groups == 1
+    back = M1Config.from_hf(cfg.to_hf())
+    assert back == cfg
+
+
+def test_transformers_partial_rotary_factor():
+    raw = M1Config.from_preset("tiny").to_hf()
+    raw["rope_parameters"]["partial_rotary_factor"] = 0.25
+    assert M1Config.from_hf(raw).rotary_dim == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_kv_heads": 3}, "multiple of num_kv_heads"),
+    ({"experts_per_token": 9}, "exceeds num_experts"),
+    ({"rotary_dim": 7}, "rotary_dim"),
+    ({"rotary_dim": 64}, "rotary_dim"),
+    ({"layer_types": ("lightning", "mamba")}, "unknown kinds"),
+    ({"layer_types": ()}, "empty"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"param_dtype": "float64"}, "param_dtype"),
+    ({"rope_theta": -1.0}, "rope_theta"),
+])
+def test_inconsistent_configs_fail_at_construction(changes, message):
+    with pytest.raises(ValueError, match=message):
+        M1Config.from_preset("tiny", **changes)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(postnorm=False), "postnorm"),
+    (lambda r: r.update(shared_intermediate_size=128), "shared expert"),
+    (lambda r: r.update(num_hidden_layers=5), "layer types"),
+    (lambda r: r.update(tie_word_embeddings=True), "ties"),
+    (lambda r: r.update(hidden_act="gelu"), "silu"),
+    (lambda r: r.pop("attn_type_list"), "neither"),
+])
+def test_bad_original_configs(edit, message):
+    raw = {"attn_type_list": [0, 1], "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+           "head_dim": 16, "vocab_size": 50, "num_local_experts": 2, "num_experts_per_tok": 1,
+           "intermediate_size": 16, "postnorm": True}
+    edit(raw)
+    with pytest.raises(ValueError, match=message):
+        M1Config.from_hf(raw)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        M1Config.from_preset("m1-huge")
+    with pytest.raises(FileNotFoundError):
+        M1Config.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"layer_types": ["linear_attention"]}))
+    with pytest.raises(ValueError, match="lacks"):
+        M1Config.from_hf(tmp_path)
+
+
+def test_layer_period_and_slopes():
+    cfg = M1Config.from_preset("tiny", layer_types=("lightning", "softmax", "lightning", "lightning", "softmax"))
+    assert cfg.layer_period == 5 and cfg.num_groups == 1
+    slopes = M1Config.from_preset("minimax-m1-80k").lightning_slopes()
+    assert slopes.shape == (80, 64)
+    assert slopes[0, 0] == pytest.approx(2 ** (-8 / 64) * (1 + 1e-5), rel=1e-6)
+    assert slopes[40, 63] == pytest.approx(2 ** -8.0 * (1 - 40 / (79 + 1e-5) + 1e-5), rel=1e-6)
+    assert (slopes[:-1] > slopes[1:]).all()  # earlier layers decay faster
+    assert deepnorm_alpha(80) == pytest.approx(3.5565588200778455)
