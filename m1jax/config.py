@@ -19,7 +19,8 @@ LAYER_KINDS = (LIGHTNING, SOFTMAX)
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_NORM_EPS = 1e-6  # the lightning layer's RMSNorm over H*D channels (released default), not rms_norm_eps
 
-_M1JAX_ONLY_FIELDS = ("compute_dtype", "float32_lm_head", "router_z_loss_coef")
+_M1JAX_ONLY_FIELDS = ("compute_dtype", "float32_lm_head", "router_z_loss_coef", "expert_threshold",
+                      "capacity_factor")
 _HF_LAYER_NAMES = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 _OURS_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER_NAMES.items()}
 
@@ -65,6 +66,9 @@ class M1Config:
     router_z_loss_coef: float = 0.0
     initializer_range: float = 0.02
     float32_lm_head: bool = True  # the paper's fix for the training-inference probability mismatch
+    # MoE runtime options (0.0 / None reproduce the exact, dropless model)
+    expert_threshold: float = 0.0  # inference: skip lower-ranked experts whose renormalised weight is below this
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) rows
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -96,6 +100,10 @@ class M1Config:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"M1Config.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        if not 0.0 <= self.expert_threshold < 1.0:
+            raise ValueError(f"M1Config.expert_threshold={self.expert_threshold} must be in [0, 1)")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"M1Config.capacity_factor={self.capacity_factor} must be positive, or None (dropless)")
         for name in ("rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"M1Config.{name} must be positive, got {getattr(self, name)}")
