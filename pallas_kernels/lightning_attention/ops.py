@@ -1,16 +1,21 @@
 """Public lightning attention ops: argument checks, then dispatch to one implementation.
 
 impl: "naive" (the time recurrence in reference.py), "chunked" (pure-JAX blocks in chunked.py),
-"auto" (the chunked path).
+"pallas" (the Triton-backend kernels; on the CPU only with interpret=True), "auto" (Pallas on a GPU
+when the head dim suits the kernel, the chunked path otherwise).
 """
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
+from pallas_kernels.lightning_attention.pallas_attention import pallas_lightning_attention
+from pallas_kernels.lightning_attention.pallas_decode import pallas_lightning_decode
 from pallas_kernels.lightning_attention.reference import (reference_lightning_attention,
                                                           reference_lightning_decode)
+from pallas_kernels.lightning_attention.sweep_kernel import SUPPORTED_HEAD_DIMS, SweepConfig
 
-IMPLS = ("auto", "naive", "chunked")
-DECODE_IMPLS = ("auto", "naive")
+IMPLS = ("auto", "naive", "chunked", "pallas")
+DECODE_IMPLS = ("auto", "naive", "pallas")
 INPUT_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -48,6 +53,32 @@ def _check_impl(impl, allowed):
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
 
 
+def _on_gpu():
+    return jax.default_backend() == "gpu"
+
+
+def _resolve_impl(impl, head_dim, interpret, fallback):
+    """'auto' -> 'pallas' on a GPU for a head dim the kernel takes, else `fallback`; checks 'pallas'."""
+    if impl == "auto":
+        return "pallas" if _on_gpu() and head_dim in SUPPORTED_HEAD_DIMS else fallback
+    if impl == "pallas":
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"q's head dim D = {head_dim} is not one the Pallas kernel takes "
+                             f"{SUPPORTED_HEAD_DIMS}; use impl='chunked' or pad D")
+        if not (_on_gpu() or interpret):
+            raise ValueError("impl='pallas' needs a GPU backend; pass interpret=True to run it on the CPU, "
+                             "or use impl='chunked'")
+    return impl
+
+
+def _sweep_config(block_size):
+    if block_size is None:
+        return SweepConfig()
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for impl='pallas', got {block_size}")
+    return SweepConfig(block=block_size)
+
+
 def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_state=False, segment_ids=None,
                         impl="auto", block_size=None, interpret=False):
     """o_i = sum_{t<=i, same segment} exp(-s_h (i-t)) (q_i . k_t) v_t  (+ the initial state's contribution).
@@ -60,8 +91,9 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_sta
     Returns o (B, T, H, D) in q.dtype, and with return_final_state also the final state (B, H, D, D) float32
       (the state after the last token: sum_t exp(-s (T-1-t)) k_t^T v_t over the last segment, plus the
       decayed initial state if the row has one segment).
-    impl: "auto", "naive" or "chunked". block_size: the block length of the chunked path.
-    interpret: accepted for the kernel paths; the pure-JAX paths ignore it.
+    impl: "auto" (Pallas on GPU, chunked elsewhere), "naive", "chunked", "pallas".
+    block_size: block length (tokens per block) of the chunked and Pallas paths; None picks a default.
+    interpret: run the Pallas kernels in interpret mode (for CPU tests of impl="pallas").
     """
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     batch, num_tokens, heads, head_dim = q.shape
@@ -78,8 +110,13 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_sta
     if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     _check_impl(impl, IMPLS)
+    impl = _resolve_impl(impl, head_dim, interpret, fallback="chunked")
 
-    if impl == "naive":
+    if impl == "pallas":
+        o, final_state = pallas_lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                                    segment_ids=segment_ids, config=_sweep_config(block_size),
+                                                    interpret=interpret)
+    elif impl == "naive":
         o, final_state = reference_lightning_attention(q, k, v, slopes, initial_state=initial_state,
                                                        segment_ids=segment_ids)
     else:
@@ -92,10 +129,13 @@ def lightning_decode(q, k, v, slopes, state, *, impl="auto", interpret=False):
     """One token per sequence. q, k, v: (B, H, D); state (B, H, D, D) float32.
 
     new_state = exp(-s) state + k^T v;  o = q @ new_state.  Returns (o in q.dtype, new_state float32).
+    impl: "auto" (the fused Pallas kernel on GPU, else the jnp step), "naive", "pallas".
     """
     _check_qkv(q, k, v, 3, "(B, H, D)")
     batch, heads, head_dim = q.shape
     _check_slopes(slopes, heads)
     _check_state("state", state, batch, heads, head_dim)
     _check_impl(impl, DECODE_IMPLS)
+    if _resolve_impl(impl, head_dim, interpret, fallback="naive") == "pallas":
+        return pallas_lightning_decode(q, k, v, slopes, state, interpret=interpret)
     return reference_lightning_decode(q, k, v, slopes, state)

@@ -1,0 +1,313 @@
+"""Lightning attention on one GPU: correctness against the recurrence, kernel tuning, and the peer table.
+
+Run on the GPU machine (one call, one card):
+    PYTHONPATH=. python3 benchmarks/lightning_attention.py [--out DIR] [--quick]
+It checks the Pallas kernels against the float32 recurrence (outputs, final state, every gradient,
+packed rows, an initial state, a ragged length), times the forward sweep and the backward sweeps
+for a few tilings, then times at the issue's shapes: the Pallas kernels (forward; forward+backward),
+the chunked pure-JAX path, flash-linear-attention's chunk_simple_gla (when importable) and cuDNN causal
+softmax attention, plus the one-token decode step. Prints a table last; full logs go to --out.
+
+Counting: forward FLOPs = B*T*H*(4*C*D + 4*D^2) with C = 64 (intra-block QK^T and PV, inter-block
+Q S and the state update), forward+backward = 3x that; softmax causal = 2*B*H*T^2*D forward.
+Byte floors: forward reads q, k, v and writes o; forward+backward also reads do and writes dq, dk, dv;
+decode reads q, k, v and the float32 state and writes o and the state.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.lightning_attention import lightning_attention, lightning_decode  # noqa: E402
+from pallas_kernels.lightning_attention.pallas_attention import pallas_lightning_attention  # noqa: E402
+from pallas_kernels.lightning_attention.reference import reference_lightning_attention  # noqa: E402
+from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig, sweep  # noqa: E402
+
+SHAPES = [(1, 4096, 64, 128), (1, 16384, 64, 128), (1, 65536, 64, 128), (8, 8192, 8, 128), (8, 32768, 8, 128)]
+DECODE_BATCHES = [1, 16, 256]
+TUNE_CONFIGS = [SweepConfig(64, 32, 4, 2), SweepConfig(64, 64, 4, 2), SweepConfig(64, 64, 4, 3),
+                SweepConfig(64, 64, 8, 2), SweepConfig(64, 128, 8, 2), SweepConfig(128, 32, 4, 2),
+                SweepConfig(128, 64, 8, 2), SweepConfig(128, 128, 8, 2), SweepConfig(32, 64, 4, 3)]
+LOG = []
+LOG_PATH = os.path.join(os.environ.get("OUT", "."), "lightning_attention.log")
+
+
+def say(*parts):
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LOG.append(line)
+    with open(LOG_PATH, "a") as f:
+        f.write(line + "\n")
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def time_jax(fn, *args, budget_s=0.3):
+    """Median seconds per call: back-to-back calls, one sync per batch, several batches."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - start
+    per_batch = max(1, min(50, int(budget_s / 5 / max(once, 1e-5))))
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(per_batch):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / per_batch)
+    return statistics.median(samples)
+
+
+def random_inputs(key, shape, dtype):
+    batch, _, heads, head_dim = shape
+    keys = jax.random.split(key, 5)
+    q, k, v, do = (jax.random.normal(keys[i], shape, jnp.float32).astype(dtype) * 0.5 for i in range(4))
+    slopes = 2.0 ** (-8.0 * (jnp.arange(heads, dtype=jnp.float32) + 1) / heads)
+    return q, k, v, do, slopes
+
+
+def check_correctness(num_tokens=700, heads=4, head_dims=(64, 128), decode_shape=(16, 64, 128)):
+    say("== correctness: Pallas vs float32 recurrence (relative L2 error)")
+    worst = 0.0
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
+        for head_dim in head_dims:
+            for packed in (False, True):
+                shape = (2, num_tokens, heads, head_dim)
+                key = jax.random.PRNGKey(head_dim + packed)
+                q, k, v, do, slopes = random_inputs(key, shape, dtype)
+                keys = jax.random.split(key, 3)
+                state0 = jax.random.normal(keys[0], (2, heads, head_dim, head_dim), jnp.float32) * 0.1
+                dfinal = jax.random.normal(keys[1], state0.shape, jnp.float32)
+                segs = (jnp.cumsum(jax.random.bernoulli(keys[2], 0.01, shape[:2]), axis=1).astype(jnp.int32)
+                        if packed else None)
+
+                def loss(fn):
+                    def f(q, k, v, slopes, s0):
+                        o, fin = fn(q, k, v, slopes, s0)
+                        return (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(fin * dfinal),
+                                (o, fin))
+                    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+                pallas_fn = loss(lambda q, k, v, s, s0: pallas_lightning_attention(
+                    q, k, v, s, initial_state=s0, segment_ids=segs))
+                ref_fn = loss(lambda q, k, v, s, s0: reference_lightning_attention(
+                    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s,
+                    initial_state=s0, segment_ids=segs))
+                (_, (o, fin)), grads = pallas_fn(q, k, v, slopes, state0)
+                with jax.default_matmul_precision("highest"):
+                    (_, (ro, rfin)), rgrads = ref_fn(q, k, v, slopes, state0)
+                errs = {"o": rel_err(o, ro), "final": rel_err(fin, rfin)}
+                errs.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dslopes", "dS0"), grads, rgrads)})
+                worst = max(worst, max(errs.values()) / tol)
+                say(f"  {jnp.dtype(dtype).name:8s} D={head_dim:3d} packed={packed!s:5s} tol={tol:g} "
+                    + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    batch, heads, head_dim = decode_shape
+    q, k, v, _, slopes = random_inputs(jax.random.PRNGKey(7), (batch, 1, heads, head_dim), jnp.bfloat16)
+    state = jax.random.normal(jax.random.PRNGKey(8), (batch, heads, head_dim, head_dim), jnp.float32)
+    o, new = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, impl="pallas")
+    ro, rnew = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, impl="naive")
+    say(f"  decode bf16 B={batch}: o={rel_err(o, ro):.1e} state={rel_err(new, rnew):.1e}")
+    say(f"  worst error / tolerance = {worst:.2f} ({'PASS' if worst <= 1 else 'FAIL'})")
+    return worst <= 1
+
+
+def tune(shapes):
+    say("== tuning: ms per sweep (forward sweep | one reverse sweep), bf16")
+    results = {}
+    for shape in shapes:
+        q, k, v, do, slopes = random_inputs(jax.random.PRNGKey(1), shape, jnp.bfloat16)
+        for cfg in TUNE_CONFIGS:
+            if cfg.block_v > shape[3]:
+                continue
+            row = []
+            for reverse, args in ((False, (q, k, v)), (True, (k, q, do))):
+                fn = jax.jit(lambda a, b, c, r=reverse, cfg=cfg: sweep(
+                    a, b, c, slopes, None, None, num_tokens=shape[1], reverse=r, config=cfg, interpret=False))
+                try:
+                    row.append(time_jax(fn, *args) * 1e3)
+                except Exception as err:  # a tiling Triton cannot compile: report it, keep going
+                    say(f"  {shape} {cfg}: failed: {type(err).__name__}: {str(err)[:200]}")
+                    row.append(float("inf"))
+            results.setdefault(cfg, []).append(row)
+            say(f"  {shape} {cfg}: {row[0]:.3f} | {row[1]:.3f}")
+    best_fwd = min(results, key=lambda c: sum(r[0] for r in results[c]))
+    best_bwd = min(results, key=lambda c: sum(r[1] for r in results[c]))
+    say(f"  best forward {best_fwd}; best backward {best_bwd}")
+    return best_fwd, best_bwd
+
+
+def load_fla():
+    try:
+        import torch
+        from fla.ops.simple_gla import chunk_simple_gla
+        return torch, chunk_simple_gla
+    except Exception as err:
+        say(f"flash-linear-attention unavailable: {type(err).__name__}: {err}")
+        return None, None
+
+
+def time_torch(torch, fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def peers(shape, torch, chunk_simple_gla, slopes, q, k, v, do):
+    """FLA forward, forward+backward and agreement with our output, in seconds."""
+    out = {}
+    if torch is None:
+        return out
+    tq, tk, tv, tdo = (torch.from_dlpack(x).requires_grad_(True) for x in (q, k, v, do))
+    g_gamma = -torch.from_dlpack(slopes)
+    tdo.requires_grad_(False)
+    fwd = lambda: chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)[0]
+    out["fla_fwd"] = time_torch(torch, fwd)
+
+    def fwd_bwd():
+        o = fwd()
+        o.backward(tdo)
+    out["fla_fwdbwd"] = time_torch(torch, fwd_bwd)
+    out["fla_o"] = np.asarray(jnp.from_dlpack(fwd().detach()).astype(jnp.float32)[:, :256])
+    del tq, tk, tv, tdo
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench(best_fwd, best_bwd, quick):
+    torch, chunk_simple_gla = load_fla()
+    rows = []
+    copy_src = jnp.ones((1 << 28,), jnp.float32)
+    bandwidth = 2 * copy_src.nbytes / time_jax(jax.jit(lambda x: x * 1.0001), copy_src)
+    del copy_src
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    matmul = 2 * 8192 ** 3 / time_jax(jax.jit(lambda x: x @ x), a)
+    del a
+    say(f"== ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {matmul / 1e12:.0f} TFLOP/s")
+    for shape in (SHAPES[:2] if quick else SHAPES):
+        batch, tokens, heads, head_dim = shape
+        q, k, v, do, slopes = random_inputs(jax.random.PRNGKey(2), shape, jnp.bfloat16)
+        unit = q.nbytes
+        flops = batch * tokens * heads * (4 * 64 * head_dim + 4 * head_dim ** 2)
+        row = {"shape": shape}
+
+        def fwd(impl, cfg=None, bcfg=None):
+            if impl == "pallas":
+                return jax.jit(lambda q, k, v: pallas_lightning_attention(q, k, v, slopes, config=cfg,
+                                                                          backward_config=bcfg)[0])
+            return jax.jit(lambda q, k, v: lightning_attention(q, k, v, slopes, impl=impl))
+
+        def fwd_bwd(f):
+            return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+
+        for impl in ("pallas", "chunked"):
+            try:
+                f = fwd(impl, best_fwd, best_bwd)
+                row[f"{impl}_fwd"] = time_jax(f, q, k, v)
+                row[f"{impl}_fwdbwd"] = time_jax(fwd_bwd(f), q, k, v, do)
+                if impl == "pallas":
+                    ours = np.asarray(f(q, k, v)[:, :256].astype(jnp.float32))
+            except Exception as err:
+                say(f"  {shape} {impl} failed: {type(err).__name__}: {str(err)[:300]}")
+        try:
+            fla = peers(shape, torch, chunk_simple_gla, slopes, q, k, v, do)
+            if "fla_o" in fla:
+                say(f"  {shape}: ours vs FLA on the first 256 tokens: rel err {rel_err(ours, fla.pop('fla_o')):.1e}")
+            row.update(fla)
+        except Exception as err:
+            say(f"  {shape} FLA failed: {type(err).__name__}: {str(err)[:300]}")
+        try:
+            sdpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                        implementation="cudnn"))
+            row["cudnn_fwd"] = time_jax(sdpa, q, k, v, budget_s=0.5)
+            if tokens <= 16384:
+                row["cudnn_fwdbwd"] = time_jax(fwd_bwd(sdpa), q, k, v, do, budget_s=0.5)
+        except Exception as err:
+            say(f"  {shape} cuDNN failed: {type(err).__name__}: {str(err)[:300]}")
+        row.update(flops=flops, fwd_floor=4 * unit / bandwidth, fwdbwd_floor=11 * unit / bandwidth,
+                   sdpa_flops=2 * batch * heads * tokens ** 2 * head_dim)
+        rows.append(row)
+        say(f"  {shape}: " + " ".join(f"{n}={row[n] * 1e3:.3f}ms" for n in row if n.endswith(("fwd", "fwdbwd"))))
+        del q, k, v, do
+
+    decode_rows = []
+    for batch in DECODE_BATCHES:
+        q, k, v, _, slopes = random_inputs(jax.random.PRNGKey(3), (batch, 1, 64, 128), jnp.bfloat16)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        state = jax.random.normal(jax.random.PRNGKey(4), (batch, 64, 128, 128), jnp.float32)
+        nbytes = 2 * state.nbytes + 4 * q.nbytes
+        row = {"batch": batch, "floor": nbytes / bandwidth}
+        for impl in ("pallas", "naive"):
+            step = jax.jit(lambda q, k, v, s, impl=impl: lightning_decode(q, k, v, slopes, s, impl=impl))
+            row[impl] = time_jax(step, q, k, v, state)
+        decode_rows.append(row)
+    return rows, decode_rows, bandwidth, matmul
+
+
+def table(rows, decode_rows, bandwidth, matmul):
+    ms = lambda x: f"{x * 1e3:8.3f}" if x else "       -"
+    say(f"\n== lightning attention, bf16, {jax.devices()[0].device_kind}; copy {bandwidth / 1e12:.2f} TB/s, "
+        f"matmul {matmul / 1e12:.0f} TFLOP/s")
+    say("shape (B,T,H,D)        | pallas fwd  fwd+bwd | chunked fwd fwd+bwd |  FLA fwd  fwd+bwd | "
+        "ratio FLA/ours fwd fwd+bwd | cuDNN fwd fwd+bwd | pallas TFLOP/s fwd, % of byte floor fwd fwd+bwd")
+    for r in rows:
+        g = r.get
+        ratio_f = g("fla_fwd") / g("pallas_fwd") if g("fla_fwd") and g("pallas_fwd") else 0
+        ratio_b = g("fla_fwdbwd") / g("pallas_fwdbwd") if g("fla_fwdbwd") and g("pallas_fwdbwd") else 0
+        tflops = r["flops"] / g("pallas_fwd") / 1e12 if g("pallas_fwd") else 0
+        floor_f = 100 * r["fwd_floor"] / g("pallas_fwd") if g("pallas_fwd") else 0
+        floor_b = 100 * r["fwdbwd_floor"] / g("pallas_fwdbwd") if g("pallas_fwdbwd") else 0
+        say(f"{str(r['shape']):22s} | {ms(g('pallas_fwd'))} {ms(g('pallas_fwdbwd'))} | {ms(g('chunked_fwd'))} "
+            f"{ms(g('chunked_fwdbwd'))} | {ms(g('fla_fwd'))} {ms(g('fla_fwdbwd'))} | {ratio_f:5.2f} {ratio_b:5.2f} | "
+            f"{ms(g('cudnn_fwd'))} {ms(g('cudnn_fwdbwd'))} | {tflops:6.1f} {floor_f:5.1f}% {floor_b:5.1f}%")
+    say("decode step, H=64 D=128, float32 state: batch | pallas ms GB/s | jnp ms GB/s | floor ms")
+    for r in decode_rows:
+        gbs = lambda t: r["floor"] * bandwidth / t / 1e9
+        say(f"  {r['batch']:4d} | {ms(r['pallas'])} {gbs(r['pallas']):7.0f} | {ms(r['naive'])} {gbs(r['naive']):7.0f}"
+            f" | {ms(r['floor'])}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.path.dirname(LOG_PATH))
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--no-tune", action="store_true", help="use the default SweepConfig")
+    args = parser.parse_args()
+    say(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    try:
+        ok = check_correctness()
+    except Exception as err:
+        say(f"correctness check crashed: {type(err).__name__}: {err}")
+        traceback.print_exc()
+        ok = False
+    if args.no_tune:
+        best_fwd = best_bwd = SweepConfig()
+    else:
+        best_fwd, best_bwd = tune([(1, 16384, 64, 128), (8, 8192, 8, 128)])
+    rows, decode_rows, bandwidth, matmul = bench(best_fwd, best_bwd, args.quick)
+    table(rows, decode_rows, bandwidth, matmul)
+    with open(os.path.join(args.out, "lightning_attention.json"), "w") as f:
+        json.dump({"rows": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
+                   "decode": decode_rows, "bandwidth": bandwidth, "matmul": matmul,
+                   "best_fwd": str(best_fwd), "best_bwd": str(best_bwd)}, f, indent=1)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        raise

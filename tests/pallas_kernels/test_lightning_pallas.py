@@ -1,0 +1,128 @@
+"""The Pallas kernels (interpret mode on the CPU) against the time recurrence.
+
+Small blocks (16) and head dims (16, 32) keep interpret mode fast; lengths cover one token, a block
+minus/plus one and several blocks with a remainder. The real head dims 64 and 128 run at tiny T.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.lightning_attention import lightning_attention, lightning_decode
+from pallas_kernels.lightning_attention.pallas_attention import pallas_lightning_attention
+from pallas_kernels.lightning_attention.reference import reference_lightning_attention
+from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig
+
+BLOCK = 16
+CONFIG = SweepConfig(block=BLOCK, block_v=16)
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def random_case(seed, batch, num_tokens, heads, head_dim, dtype, packed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q, k, v = (jax.random.normal(keys[i], (batch, num_tokens, heads, head_dim), jnp.float32).astype(dtype)
+               for i in range(3))
+    slopes = jax.random.uniform(keys[3], (heads,), jnp.float32, 0.01, 1.0)
+    state0 = jax.random.normal(keys[4], (batch, heads, head_dim, head_dim), jnp.float32)
+    segment_ids = None
+    if packed:  # uneven segments, one of them maybe a single token; ids need not increase
+        starts = jax.random.bernoulli(keys[5], 0.12, (batch, num_tokens))
+        segment_ids = (jnp.cumsum(starts, axis=1) % 2).astype(jnp.int32)
+    do = jax.random.normal(keys[6], (batch, num_tokens, heads, head_dim), jnp.float32)
+    dfinal = jax.random.normal(keys[7], state0.shape, jnp.float32)
+    return q, k, v, slopes, state0, segment_ids, do, dfinal
+
+
+def value_and_grads(attention, q, k, v, slopes, state0, do, dfinal):
+    def loss(q, k, v, slopes, state0):
+        o, final = attention(q, k, v, slopes, state0)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dfinal), (o, final)
+    (_, (o, final)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+        q, k, v, slopes, state0)
+    return o, final, grads
+
+
+def compare(case, tol, config=CONFIG):
+    q, k, v, slopes, state0, segment_ids, do, dfinal = case
+    pallas = lambda q, k, v, s, s0: pallas_lightning_attention(q, k, v, s, initial_state=s0, segment_ids=segment_ids,
+                                                               config=config, interpret=True)
+    reference = lambda q, k, v, s, s0: reference_lightning_attention(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s, initial_state=s0,
+        segment_ids=segment_ids)
+    got = value_and_grads(jax.jit(pallas), q, k, v, slopes, state0, do, dfinal)
+    want = value_and_grads(reference, q, k, v, slopes, state0, do, dfinal)
+    assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
+    names = ("o", "final state", "dq", "dk", "dv", "dslopes", "dstate0")
+    for name, g, w in zip(names, got[:2] + tuple(got[2]), want[:2] + tuple(want[2])):
+        # d/dslopes sums many large terms of both signs: rounding the cotangent of a bf16 output to bf16
+        # alone moves it by a few percent, so it is compared in float32 only.
+        if name == "dslopes" and q.dtype != jnp.float32:
+            continue
+        assert rel_err(g, w) < tol, (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize("num_tokens", [1, BLOCK - 1, BLOCK + 1, 3 * BLOCK + 5])
+def test_pallas_float32_packed_with_initial_state(num_tokens):
+    compare(random_case(num_tokens, 2, num_tokens, 2, 16, jnp.float32, packed=True), tol=1e-4)
+
+
+@pytest.mark.parametrize("num_tokens,heads,head_dim", [(2 * BLOCK, 3, 32), (2 * BLOCK + 7, 1, 16)])
+def test_pallas_float32_unpacked(num_tokens, heads, head_dim):
+    compare(random_case(7 + num_tokens, 1, num_tokens, heads, head_dim, jnp.float32, packed=False), tol=1e-4)
+
+
+def test_pallas_bfloat16_packed():
+    compare(random_case(3, 2, 2 * BLOCK + 5, 2, 32, jnp.bfloat16, packed=True), tol=1e-2)
+
+
+def test_pallas_column_tiles_and_long_blocks():
+    """Several output-column tiles per head (block_v < D) and a block longer than T."""
+    case = random_case(5, 1, 21, 2, 32, jnp.float32, packed=True)
+    compare(case, tol=1e-4, config=SweepConfig(block=32, block_v=16))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pallas_model_head_dims(head_dim):
+    q, k, v, slopes, state0, segment_ids, _, _ = random_case(head_dim, 1, 5, 1, head_dim, jnp.bfloat16, packed=True)
+    o, final = lightning_attention(q, k, v, slopes, initial_state=state0, segment_ids=segment_ids,
+                                   return_final_state=True, impl="pallas", interpret=True)
+    want_o, want_final = reference_lightning_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                       v.astype(jnp.float32), slopes, initial_state=state0,
+                                                       segment_ids=segment_ids)
+    assert rel_err(o, want_o) < 1e-2 and rel_err(final, want_final) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_pallas_decode_matches_recurrence_step(dtype, tol):
+    q, k, v, slopes, state0, _, _, _ = random_case(11, 3, 2, 2, 32, dtype, packed=False)
+    state = state0
+    want_o, want_final = reference_lightning_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                       v.astype(jnp.float32), slopes, initial_state=state0)
+    for t in range(q.shape[1]):
+        o, state = lightning_decode(q[:, t], k[:, t], v[:, t], slopes, state, impl="pallas", interpret=True)
+        assert o.dtype == dtype and state.dtype == jnp.float32
+        assert rel_err(o, want_o[:, t]) < tol
+    assert rel_err(state, want_final) < tol
+
+
+def test_pallas_bad_inputs():
+    q, k, v, slopes, state0, _, _, _ = random_case(0, 1, 4, 2, 24, jnp.float32, packed=False)
+    with pytest.raises(ValueError, match="head dim D = 24"):
+        lightning_attention(q, k, v, slopes, impl="pallas", interpret=True)
+    with pytest.raises(ValueError, match="head dim D = 24"):
+        lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state0, impl="pallas", interpret=True)
+    q16 = jnp.zeros((1, 4, 2, 16))
+    with pytest.raises(ValueError, match="needs a GPU"):
+        lightning_attention(q16, q16, q16, slopes, impl="pallas")
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        lightning_attention(q16, q16, q16, slopes, impl="pallas", block_size=24, interpret=True)
+    with pytest.raises(ValueError, match="slopes must have shape"):
+        lightning_attention(q16, q16, q16, slopes[:1], impl="pallas", interpret=True)
+    with pytest.raises(ValueError, match="k must have q's dtype"):
+        lightning_attention(q16, q16.astype(jnp.bfloat16), q16, slopes, impl="pallas", interpret=True)
+    # auto never picks the kernel on the CPU, and takes any head dim
+    assert lightning_attention(q, k, v, slopes).shape == q.shape
