@@ -7,11 +7,15 @@ pass and both gradients:
   transposed_grouped_matmul_kernel  dW[e]  = x_e^T @ y_e              d_rhs (a reduction over each group's rows)
 
 Grouped kernel. The (M, P) output is cut into row tiles x column tiles, one program per tile, so every
-output element is written exactly once. A row tile may straddle group boundaries: a schedule computed
-before the launch gives each row tile the range of groups [lo, hi) that overlap it, and the program
-visits them in turn, loading only the rows of the visited group (masked loads, zeros elsewhere) and
-accumulating into one float32 accumulator. A tile inside one group (the common case) visits one group;
-a straddling tile pays one extra pass over K per extra group; rows past the last group get zeros.
+output element is written exactly once. A schedule computed before the launch lists the row tiles as
+work items (first row, last row + 1, range of groups [lo, hi)); the program visits each listed group,
+loading only that group's rows (masked loads, zeros elsewhere) into one float32 accumulator, and stores
+the item's rows. Two schedules:
+  "group" (default): each group's rows are cut into tiles starting at the group's first row, so no tile
+    straddles two groups; a group's last tile is partial (half empty on average), rows past the last
+    group form zero-only tiles, and idle items pad the grid to its static bound cdiv(M, bm) + E.
+  "aligned": tiles at multiples of block_m; a tile that straddles a boundary visits both groups, a full
+    pass over K each (about one wasted tile per boundary instead of half a tile per group).
 
 Transposed kernel. One program per (expert, K tile, N tile) of dW; it walks the expert's rows in steps
 of the tiling's block_k, masking rows past the group's end. An empty group walks zero steps and writes
@@ -42,6 +46,7 @@ class Tiling:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    schedule: str = "group"  # row tiles of the grouped kernel (forward, d_lhs): "group" or "aligned"
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -52,6 +57,8 @@ class Tiling:
             raise ValueError(f"Tiling.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"Tiling.num_stages must be a positive int, got {self.num_stages!r}")
+        if self.schedule not in ("group", "aligned"):
+            raise ValueError(f"Tiling.schedule must be 'group' or 'aligned', got {self.schedule!r}")
 
     def fitted(self, m: int, n: int, k: int) -> "Tiling":
         """The same tiling with each block shrunk to the problem (next power of two, at least 16)."""
@@ -70,18 +77,43 @@ def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.
     return starts, jnp.minimum(ends, num_rows)
 
 
-def row_tile_schedule(starts: jax.Array, ends: jax.Array, num_rows: int, block_m: int
-                      ) -> tuple[jax.Array, jax.Array]:
-    """For each row tile t, the groups [lo[t], hi[t]) whose rows overlap the tile. Both (cdiv(M, bm),) int32.
+def aligned_schedule(starts, ends, num_rows: int, block_m: int):
+    """Work items = row tiles at multiples of block_m; item t lists the groups [lo, hi) overlapping it.
 
     Groups are contiguous and sorted, so "ends at or before the tile starts" and "starts before the tile
     ends" are both prefixes of the group list; their lengths bound the range. An empty group strictly
-    inside a tile falls in the range and is skipped by the kernel (zero K steps)."""
-    tile_starts = jnp.arange(pl.cdiv(num_rows, block_m), dtype=jnp.int32) * block_m
-    tile_ends = jnp.minimum(tile_starts + block_m, num_rows)
-    lo = jnp.sum(ends[None, :] <= tile_starts[:, None], axis=1, dtype=jnp.int32)
-    hi = jnp.sum(starts[None, :] < tile_ends[:, None], axis=1, dtype=jnp.int32)
-    return lo, hi
+    inside a tile falls in the range and is skipped by the kernel (zero K steps).
+    Returns (row_start, row_stop, lo, hi), each (cdiv(M, bm),) int32."""
+    row_start = jnp.arange(pl.cdiv(num_rows, block_m), dtype=jnp.int32) * block_m
+    row_stop = jnp.minimum(row_start + block_m, num_rows)
+    lo = jnp.sum(ends[None, :] <= row_start[:, None], axis=1, dtype=jnp.int32)
+    hi = jnp.sum(starts[None, :] < row_stop[:, None], axis=1, dtype=jnp.int32)
+    return row_start, row_stop, lo, hi
+
+
+def group_schedule(starts, ends, num_rows: int, block_m: int):
+    """Work items = tiles of at most block_m rows inside one group, starting at each group's first row,
+    then tiles of the padding rows past the last group (no group: zeros), then idle items (no rows).
+
+    Segment s < E is group s; segment E is the padding [sum, M). The tiles of all segments number at most
+    cdiv(M, bm) + E (each segment adds less than one tile to M / bm), the static grid size.
+    Returns (row_start, row_stop, lo, hi), each (cdiv(M, bm) + E,) int32; lo = hi for padding and idle."""
+    num_groups = starts.shape[0]
+    seg_starts = jnp.concatenate([starts, ends[-1:]])
+    seg_ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+    tiles = pl.cdiv(seg_ends - seg_starts, block_m)
+    tiles_before = jnp.cumsum(tiles) - tiles
+    item = jnp.arange(pl.cdiv(num_rows, block_m) + num_groups, dtype=jnp.int32)
+    seg = jnp.sum((tiles_before + tiles)[None, :] <= item[:, None], axis=1, dtype=jnp.int32)
+    in_use = seg <= num_groups
+    seg = jnp.minimum(seg, num_groups)
+    row_start = jnp.where(in_use, seg_starts[seg] + (item - tiles_before[seg]) * block_m, 0)
+    row_stop = jnp.where(in_use, jnp.minimum(row_start + block_m, seg_ends[seg]), 0)
+    is_group = seg < num_groups
+    return row_start, row_stop, jnp.where(is_group, seg, 0), jnp.where(is_group, seg + 1, 0)
+
+
+SCHEDULES = {"group": group_schedule, "aligned": aligned_schedule}
 
 
 def _dot_precision(dtype):
@@ -96,14 +128,14 @@ def _check_sizes(*shapes):
                              "Pallas grouped matmul's int32 offsets; shard the experts or use impl='ragged_dot'")
 
 
-def _grouped_kernel(lo_ref, hi_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *, tiling, num_col_tiles,
-                    transpose_w, num_rows, depth, width):
-    """One (block_m, block_n) tile of out (M, P) = x (M, Q) @ W[g] (Q, P); W is stored (E, Q, P), or
-    (E, P, Q) when transpose_w. depth = Q, width = P."""
+def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *,
+                    tiling, num_col_tiles, transpose_w, depth, width):
+    """Rows [row_start, row_stop) of one work item x one block_n column tile of out (M, P) = x (M, Q) @ W[g]
+    (Q, P); W is stored (E, Q, P), or (E, P, Q) when transpose_w. depth = Q, width = P."""
     bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
     tile = pl.program_id(0)
-    row_tile, col_tile = tile // num_col_tiles, tile % num_col_tiles
-    row0, col0 = row_tile * bm, col_tile * bn
+    item, col_tile = tile // num_col_tiles, tile % num_col_tiles
+    row0, row_stop, col0 = row_start_ref[item], row_stop_ref[item], col_tile * bn
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
     cols = col0 + jnp.arange(bn, dtype=jnp.int32)
     cols_ok = cols < width
@@ -135,10 +167,8 @@ def _grouped_kernel(lo_ref, hi_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref,
         return jax.lax.fori_loop(0, steps, k_step, acc)
 
     acc = jnp.zeros((bm, bn), jnp.float32)
-    acc = jax.lax.fori_loop(lo_ref[row_tile], hi_ref[row_tile], visit_group, acc)
-    out_mask = None
-    if num_rows % bm or width % bn:
-        out_mask = (rows < num_rows)[:, None] & cols_ok[None, :]
+    acc = jax.lax.fori_loop(lo_ref[item], hi_ref[item], visit_group, acc)
+    out_mask = (rows < row_stop)[:, None] & cols_ok[None, :] if width % bn else (rows < row_stop)[:, None]
     pltriton.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
 
 
@@ -158,18 +188,18 @@ def grouped_matmul_kernel(x, w, group_sizes, *, transpose_w: bool, tiling: Tilin
     width = w.shape[1] if transpose_w else w.shape[2]
     tiling = tiling.fitted(num_rows, width, depth)
     starts, ends = group_bounds(group_sizes, num_rows)
-    lo, hi = row_tile_schedule(starts, ends, num_rows, tiling.block_m)
+    schedule = SCHEDULES[tiling.schedule](starts, ends, num_rows, tiling.block_m)
     num_col_tiles = pl.cdiv(width, tiling.block_n)
     kernel = functools.partial(_grouped_kernel, tiling=tiling, num_col_tiles=num_col_tiles,
-                               transpose_w=transpose_w, num_rows=num_rows, depth=depth, width=width)
+                               transpose_w=transpose_w, depth=depth, width=width)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
-        grid=(pl.cdiv(num_rows, tiling.block_m) * num_col_tiles,),
+        grid=(schedule[0].shape[0] * num_col_tiles,),
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="grouped_matmul",
-    )(lo, hi, starts, ends, x, w)
+    )(*schedule, starts, ends, x, w)
 
 
 def _transposed_kernel(starts_ref, ends_ref, x_ref, y_ref, out_ref, *, tiling, num_k_tiles, num_n_tiles,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import Tiling, TilingPlan, grouped_matmul, grouped_matmul_reference
-from pallas_kernels.grouped_matmul.kernel import group_bounds, row_tile_schedule
+from pallas_kernels.grouped_matmul.kernel import SCHEDULES, group_bounds
 
 SMALL = Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 # M, K, N chosen so that no dimension is a multiple of its tile.
@@ -110,17 +110,32 @@ def test_reference_is_a_per_row_matmul():
     assert rel_err(grouped_matmul_reference(lhs, rhs, group_sizes), want) < 1e-6
 
 
-@pytest.mark.parametrize("sizes", [CASES["empty_first_middle_last"], CASES["padding_rows"], np.zeros(3, np.int32)])
-def test_row_tile_schedule_lists_exactly_the_overlapping_groups(sizes):
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("case", ["empty_first_middle_last", "padding_rows", "many_groups_per_tile", "all_empty"])
+def test_schedule_covers_each_row_once_with_its_own_groups(schedule, case):
+    sizes = CASES.get(case, np.zeros(3, np.int32))
     block_m = 16
+    owner = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), np.full(M - sizes.sum(), -1)])  # -1: padding
     starts, ends = group_bounds(jnp.asarray(sizes), M)
-    lo, hi = row_tile_schedule(starts, ends, M, block_m)
-    for t in range(len(lo)):
-        rows = set(range(t * block_m, min((t + 1) * block_m, M)))
-        overlapping = {e for e in range(len(sizes)) if rows & set(range(int(starts[e]), int(ends[e])))}
-        listed = set(range(int(lo[t]), int(hi[t])))
-        assert overlapping <= listed, (t, overlapping, listed)
-        assert all(sizes[e] == 0 for e in listed - overlapping), (t, overlapping, listed)  # extras are empty
+    row_start, row_stop, lo, hi = map(np.asarray, SCHEDULES[schedule](starts, ends, M, block_m))
+    covered = np.zeros(M, int)
+    for first, stop, g_lo, g_hi in zip(row_start, row_stop, lo, hi):
+        assert 0 <= stop - first <= block_m, (first, stop)
+        covered[first:stop] += 1
+        listed = set(range(g_lo, g_hi))
+        needed = set(owner[first:stop]) - {-1}
+        assert needed <= listed, (first, stop, needed, listed)
+        assert all(sizes[e] == 0 for e in listed - needed), (first, stop, needed, listed)  # extras are empty
+        if schedule == "group":
+            assert len(listed) <= 1 and len(set(owner[first:stop])) <= 1, (first, stop, listed)
+    np.testing.assert_array_equal(covered, 1)  # every row stored exactly once
+
+
+def test_aligned_schedule_matches_reference():
+    aligned = Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, schedule="aligned")
+    sizes = CASES["many_groups_per_tile"]
+    lhs, rhs, group_sizes, d_out = random_operands(31, sizes, jnp.float32)
+    assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-5, tiling=aligned)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -145,6 +160,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=message):
             grouped_matmul(args["lhs"], args["rhs"], args["group_sizes"], impl=args["impl"], tiling=args["tiling"])
     for kwargs, message in ((dict(block_m=48), "block_m must be a power of two"), (dict(block_k=8), "block_k"),
-                            (dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages")):
+                            (dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages"),
+                            (dict(schedule="rows"), "schedule")):
         with pytest.raises(ValueError, match=message):
             Tiling(**kwargs)
