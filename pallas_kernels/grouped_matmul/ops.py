@@ -22,7 +22,8 @@ class TilingPlan(NamedTuple):
     d_rhs: Tiling
 
 
-# Measured on an H100 (benchmarks/RESULTS.md, "Grouped matmul"); float32 runs Triton's ieee (CUDA core) dot.
+# Best or within noise of the best in the sweeps on an H200 (benchmarks/RESULTS.md, "Grouped matmul").
+# float32 runs Triton's ieee (CUDA core) dot; its tiles are smaller to fit registers, and were not tuned.
 _DEFAULT_16BIT = TilingPlan(
     forward=Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     d_lhs=Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
