@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import Tiling, TilingPlan, grouped_matmul, grouped_matmul_reference
-from pallas_kernels.grouped_matmul.kernel import SCHEDULES, group_bounds
+from pallas_kernels.grouped_matmul.kernel import SCHEDULES, group_bounds, grouped_matmul_kernel
 
 SMALL = Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 # M, K, N chosen so that no dimension is a multiple of its tile.
@@ -164,3 +164,12 @@ def test_bad_inputs_raise_clear_errors():
                             (dict(schedule="rows"), "schedule")):
         with pytest.raises(ValueError, match=message):
             Tiling(**kwargs)
+
+
+def test_operands_past_int32_offsets_are_refused():
+    """The kernels index in int32: a 2**31-element weight must be refused, not silently wrap (traced only)."""
+    x = jax.ShapeDtypeStruct((64, 2**16), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2, 2**16, 2**14), jnp.bfloat16)  # 2**31 elements
+    sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        jax.eval_shape(lambda a, b, g: grouped_matmul_kernel(a, b, g, transpose_w=False, tiling=SMALL), x, w, sizes)
