@@ -28,34 +28,47 @@ REMAT_POLICIES = {
 @flax.struct.dataclass
 class M1Output:
     """logits (B, T, V) float32; aux_loss: mean load-balancing loss over layers; z_loss: mean router z-loss;
-    routing: per-layer statistics, each (L, ...) in global layer order."""
+    routing: per-layer statistics, each (L, ...) in global layer order; cache: the updated inference cache (None
+    without one)."""
     logits: jax.Array
     aux_loss: jax.Array
     z_loss: jax.Array
     routing: dict[str, jax.Array]
+    cache: Any = None
 
 
 class LayerGroup(nn.Module):
-    """One period of the layer schedule (M1: 7 lightning + 1 softmax). Carry h: (B, T, hidden)."""
+    """One period of the layer schedule (M1: 7 lightning + 1 softmax). Carry h: (B, T, hidden).
+
+    Returns (h, (routing statistics, new layer caches or None))."""
 
     config: M1Config
     grouped_matmul: GroupedMatmul | None = None
 
     @nn.compact
-    def __call__(self, h, group_index, positions, segment_ids):
+    def __call__(self, h, group_index, positions, segment_ids, layer_caches=None, cache_slots=None):
         cfg = self.config
         period = cfg.layer_period
-        stats = []
+        stats, new_caches = [], {}
         for j, kind in enumerate(cfg.layer_types[:period]):
-            layer = DecoderLayer(cfg, kind, self.grouped_matmul, name=f"layer_{j}")
-            h, layer_stats = layer(h, group_index * period + j, positions, segment_ids)
+            name = f"layer_{j}"
+            layer = DecoderLayer(cfg, kind, self.grouped_matmul, name=name)
+            layer_cache = None if layer_caches is None else layer_caches[name]
+            h, layer_stats, new_caches[name] = layer(h, group_index * period + j, positions, segment_ids,
+                                                     layer_cache, cache_slots)
             stats.append(layer_stats)
-        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+        stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+        return h, (stats, None if layer_caches is None else new_caches)
 
 
 class M1ForCausalLM(nn.Module):
     """input_ids (B, T) int -> M1Output. Optional segment_ids (B, T) for packed rows (0 marks padding) and positions
-    (B, T) (default: restart at each segment, or 0..T-1)."""
+    (B, T) (default: restart at each segment, or 0..T-1).
+
+    With `cache`, input_ids fill cache slots index .. index+T-1: positions default to slot - start (0 at each row's
+    first real token), slots before a row's start are padding, and segment_ids, if given, is a token mask (0 marks
+    more padding, e.g. finished rows). last_logits_only: compute the lm_head for the last position only (B, 1, V).
+    """
 
     config: M1Config
     remat: str = "none"
@@ -63,10 +76,20 @@ class M1ForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> M1Output:
+                 positions: jax.Array | None = None, cache: Any = None, last_logits_only: bool = False) -> M1Output:
         cfg = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        layer_caches = cache_slots = None
+        if cache is not None:
+            slots = cache.index + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+            real = slots[None, :] >= cache.start[:, None]
+            if segment_ids is not None:
+                real &= segment_ids != 0
+            segment_ids = real.astype(jnp.int32)
+            if positions is None:
+                positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
+            layer_caches, cache_slots = cache.layers, (cache.index, cache.start)
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
@@ -80,20 +103,26 @@ class M1ForCausalLM(nn.Module):
         if self.remat != "none":
             group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups)
-        h, stats = scanned(cfg, self.grouped_matmul, name="groups")(
-            h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
+                          in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_groups)
+        h, (stats, new_layer_caches) = scanned(cfg, self.grouped_matmul, name="groups")(
+            h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids, layer_caches, cache_slots)
         # (G, p, ...) -> (L, ...): global layer l = g * p + j
         routing = jax.tree.map(lambda x: x.reshape((cfg.num_layers,) + x.shape[2:]), stats)
 
+        if last_logits_only:
+            h = h[:, -1:]
         h = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(h)
         head_dtype = jnp.float32 if cfg.float32_lm_head else cdtype
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=pdtype, kernel_init=init,
                           name="lm_head")(h.astype(head_dtype))
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.replace(layers=new_layer_caches, index=cache.index + input_ids.shape[1])
         return M1Output(logits=logits.astype(jnp.float32),
                         aux_loss=jnp.mean(routing["load_balancing_loss"]),
                         z_loss=jnp.mean(routing["z_loss"]),
-                        routing=routing)
+                        routing=routing,
+                        cache=new_cache)
 
 
 def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:

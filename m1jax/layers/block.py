@@ -15,7 +15,12 @@ from m1jax.layers.softmax_attention import SoftmaxAttention
 
 
 class DecoderLayer(nn.Module):
-    """h: (B, T, hidden) -> (h', routing statistics). `kind` is "lightning" or "softmax"."""
+    """h: (B, T, hidden) -> (h', routing statistics, new cache). `kind` is "lightning" or "softmax".
+
+    Without a cache, segment_ids marks packed documents (0: padding) and the new cache is None. With one (a layer's
+    entry: {"state"} for lightning, {"key", "value"} for softmax; cache_slots = (index, start)), segment_ids is the
+    token mask (0: padding) and the layer returns its updated entry.
+    """
 
     config: M1Config
     kind: str
@@ -23,17 +28,22 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_index: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, cache: dict | None = None,
+                 cache_slots: tuple[jax.Array, jax.Array] | None = None):
         cfg = self.config
         pdtype = jnp.dtype(cfg.param_dtype)
         alpha, beta = cfg.residual_scales(self.kind)
+        token_mask = None if segment_ids is None else segment_ids != 0
         y = RMSNorm(cfg.rms_norm_eps, pdtype, name="input_norm")(h)
-        if self.kind == LIGHTNING:
-            attn, _ = LightningAttention(cfg, name="attn")(y, layer_index, segment_ids)
+        if self.kind == LIGHTNING and cache is None:
+            attn, new_cache = LightningAttention(cfg, name="attn")(y, layer_index, segment_ids)[0], None
+        elif self.kind == LIGHTNING:
+            attn, state = LightningAttention(cfg, name="attn")(y, layer_index, state=cache["state"],
+                                                               token_mask=token_mask)
+            new_cache = {"state": state}
         else:
-            attn = SoftmaxAttention(cfg, name="attn")(y, positions, segment_ids)
+            attn, new_cache = SoftmaxAttention(cfg, name="attn")(y, positions, segment_ids, cache, cache_slots)
         h = alpha * y + beta * attn
         y = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attn_norm")(h)
-        token_mask = None if segment_ids is None else segment_ids != 0
         moe_out, stats = MoE(cfg, self.grouped_matmul, name="moe")(y, token_mask)
-        return cfg.mlp_alpha * y + cfg.mlp_beta * moe_out, stats
+        return cfg.mlp_alpha * y + cfg.mlp_beta * moe_out, stats, new_cache

@@ -6,6 +6,10 @@
 
 The slopes s_h come from the global layer index (`M1Config.lightning_slopes`); the op (blocked form, Pallas kernel
 on GPU) lives in `pallas_kernels.lightning_attention`. The RMSNorm spans all H*D channels with eps 1e-6.
+
+Inference carries the (B, H, D, D) float32 state from call to call: a prompt chunk starts from it
+(`initial_state`), one token takes the recurrent step `lightning_decode`. Padding tokens (token_mask 0) get zero
+q, k, v, as in transformers: a state stays exactly zero through a row's leading padding.
 """
 import flax.linen as nn
 import jax
@@ -14,26 +18,33 @@ import jax.numpy as jnp
 from m1jax.config import LIGHTNING_NORM_EPS, M1Config
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.projection import projection
-from pallas_kernels.lightning_attention import lightning_attention
+from pallas_kernels.lightning_attention import lightning_attention, lightning_decode
 
 
 class LightningAttention(nn.Module):
     """x: (B, T, hidden), layer_index: () int (global), segment_ids: (B, T) or None, state: (B, H, D, D) float32 or
-    None -> ((B, T, hidden), final state (B, H, D, D) float32). Parameters qkv_proj, output_gate, norm, out_proj."""
+    None, token_mask: (B, T) bool or None (False: padding) -> ((B, T, hidden), final state (B, H, D, D) float32).
+    Parameters qkv_proj, output_gate, norm, out_proj. With a state and T = 1 the recurrent decode step runs."""
 
     config: M1Config
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_index: jax.Array, segment_ids: jax.Array | None = None,
-                 state: jax.Array | None = None):
+                 state: jax.Array | None = None, token_mask: jax.Array | None = None):
         cfg = self.config
         batch, length, _ = x.shape
         heads, dim = cfg.num_heads, cfg.head_dim
-        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj")(x)).reshape(batch, length, heads, 3 * dim)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
+        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj")(x))
+        if token_mask is not None:
+            qkv = qkv * token_mask[..., None].astype(qkv.dtype)
+        q, k, v = jnp.split(qkv.reshape(batch, length, heads, 3 * dim), 3, axis=-1)
         slopes = jnp.asarray(cfg.lightning_slopes())[layer_index]
-        out, final_state = lightning_attention(q, k, v, slopes, initial_state=state, return_final_state=True,
-                                               segment_ids=segment_ids, block_size=cfg.block_size)
+        if state is not None and length == 1:
+            out, final_state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state)
+            out = out[:, None]
+        else:
+            out, final_state = lightning_attention(q, k, v, slopes, initial_state=state, return_final_state=True,
+                                                   segment_ids=segment_ids, block_size=cfg.block_size)
         out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(
             out.reshape(batch, length, heads * dim))
         out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate")(x)) * out
