@@ -1,0 +1,110 @@
+"""Expert-parallel MoE on 8 fake CPU devices: forward, gradients and statistics equal one device on several meshes."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from m1jax.config import M1Config
+from m1jax.layers.moe import MoE, expert_capacity, route
+from m1jax.sharding import activation_sharding, create_mesh, shard_params
+
+MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 8},
+          {"data": 2, "fsdp": 2, "expert": 2}]
+
+
+def setup(cfg, batch=8, length=13, uneven=False):
+    """Random tokens and parameters; uneven: expert 0 overloaded and the last expert never chosen."""
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((batch, length, cfg.hidden_size)), jnp.float32) + 1.0  # sum(x) > 0
+    params = jax.jit(MoE(cfg).init)(jax.random.key(int(rng.integers(1 << 30))), x)
+    gate = params["params"]["gate"] * 20  # a router with confident, varied choices
+    params["params"]["gate"] = gate.at[:, 0].add(0.3).at[:, -1].add(-100.0) if uneven else gate
+    return params, x
+
+
+def loss_and_grads(cfg):
+    def loss(params, x, mask):
+        out, stats = MoE(cfg).apply(params, x, mask)
+        return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1])), (out, stats)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def on_mesh(fn, mesh, params, x, mask):
+    placed = (shard_params(params, mesh), jax.device_put(x, activation_sharding(mesh, ("batch", None, None))), mask)
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(fn)(*placed))
+        assert "shard_map" in jaxpr  # the expert-parallel path ran, not XLA's own partitioning of the local one
+        return fn(*placed)
+
+
+def assert_same(got, want):
+    (got_loss, (got_out, got_stats)), got_grads = got
+    (want_loss, (want_out, want_stats)), want_grads = want
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_stats, want_stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+                 got_grads, want_grads)
+
+
+@pytest.fixture(scope="module")
+def uneven_problem():
+    """One random problem (drawn fresh each run) and its single-device result, shared by the mesh cases."""
+    cfg = M1Config.from_preset("tiny", num_experts=8)
+    params, x = setup(cfg, uneven=True)
+    mask = jnp.asarray(np.random.default_rng().random((8, 13)) > 0.2)
+    counts = np.bincount(np.asarray(route(x.reshape(-1, cfg.hidden_size), params["params"]["gate"], 2).experts)
+                         [np.asarray(mask).reshape(-1)].ravel(), minlength=8)
+    assert counts[-1] == 0 and counts[0] >= 0.9 * mask.sum()  # an empty expert, an overloaded one
+    fn = loss_and_grads(cfg)
+    return fn, (params, x, mask), fn(params, x, mask)
+
+
+@pytest.mark.parametrize("axes", MESHES, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_sharded_moe_equals_one_device_forward_and_gradients(axes, uneven_problem):
+    fn, args, want = uneven_problem
+    assert_same(on_mesh(fn, create_mesh(axes), *args), want)
+
+
+@pytest.mark.parametrize("axes", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
+                         ids=["data2-expert4", "fsdp2-expert2-tensor2"])
+def test_capacity_and_threshold_drop_the_same_calls_as_one_device(axes):
+    cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, capacity_factor=0.8, expert_threshold=0.1)
+    params, x = setup(cfg, length=9)
+    mask = jnp.ones((8, 9), bool).at[3, 4:].set(False)
+    fn = loss_and_grads(cfg)
+    want = fn(params, x, mask)
+    stats = want[0][1][1]
+    assert stats["dropped_fraction"] > 0 and stats["skipped_fraction"] > 0  # both options bite
+    assert stats["expert_calls"].max() <= expert_capacity(72, 3, 8, 0.8)
+    assert_same(on_mesh(fn, create_mesh(axes), params, x, mask), want)
+
+
+def test_expert_width_not_divisible_by_tensor_is_replicated_and_still_equal():
+    cfg = M1Config.from_preset("tiny", num_experts=4, expert_size=90)  # 90 % 4 != 0: width stays whole
+    params, x = setup(cfg, batch=2, length=5)
+    fn = loss_and_grads(cfg)
+    mask = jnp.ones((2, 5), bool)
+    assert_same(on_mesh(fn, create_mesh({"expert": 2, "tensor": 4}), params, x, mask), fn(params, x, mask))
+
+
+def test_bad_meshes_raise_before_compiling():
+    cfg = M1Config.from_preset("tiny", num_experts=4)
+    params, x = setup(cfg, batch=6, length=3)
+    apply = jax.jit(MoE(cfg).apply)
+    with jax.set_mesh(create_mesh({"data": 1, "expert": 8})):
+        with pytest.raises(ValueError, match=r"'experts' dimension has size 4.*'expert': 8"):
+            apply.trace(params, x)
+    with jax.set_mesh(create_mesh({"data": 4, "expert": 2})):
+        with pytest.raises(ValueError, match=r"'batch' dimension has size 6.*'data': 4.*'expert': 2.*product 8"):
+            apply.trace(params, x)
+
+
+def test_one_device_mesh_and_foreign_meshes_take_the_local_path():
+    cfg = M1Config.from_preset("tiny")
+    params, x = setup(cfg, batch=2, length=4)
+    foreign = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    for mesh in (create_mesh(devices=jax.devices()[:1]), foreign):
+        with jax.set_mesh(mesh):
+            assert "shard_map" not in str(jax.make_jaxpr(MoE(cfg).apply)(params, x))
