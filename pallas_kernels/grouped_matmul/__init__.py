@@ -1,6 +1,6 @@
 """Grouped matmul for the MoE layer: rows sorted by expert times each expert's weights.
 
-`grouped_matmul` is the op (Pallas kernels on GPU with a custom VJP, ragged_dot elsewhere);
+`grouped_matmul` is the op (Pallas kernels on GPU with a custom VJP, a tiled pure-JAX path elsewhere);
 `grouped_matmul_reference` is its obviously-correct twin.
 """
 from pallas_kernels.grouped_matmul.kernel import Tiling

@@ -8,8 +8,9 @@ import numpy as np
 
 from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
+from pallas_kernels.grouped_matmul.tiled import tiled_grouped_matmul
 
-IMPLS = ("auto", "pallas", "ragged_dot", "reference")
+IMPLS = ("auto", "pallas", "tiled", "ragged_dot", "reference")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -87,7 +88,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
     (rows past the sum are padding: their output is 0 and they get zero gradient). Returns (M, N) in lhs.dtype,
     accumulated in float32. Differentiable in lhs and rhs (custom_vjp: d_lhs = d_out @ rhs[g]^T grouped,
     d_rhs[e] = lhs_e^T d_out_e, a "transposed" grouped matmul; empty groups give zero d_rhs).
-    impl: "auto" (Pallas on GPU, ragged_dot elsewhere), "pallas", "ragged_dot" (jax.lax.ragged_dot), "reference".
+    impl: "auto" (Pallas on GPU, "tiled" elsewhere), "pallas", "tiled" (pure JAX: groups padded to whole row tiles,
+    one batched matmul), "ragged_dot" (jax.lax.ragged_dot: E times the work on the CPU), "reference".
 
     interpret=True runs the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
     tiling: None (defaults for the dtype), a Tiling for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
@@ -98,6 +100,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
     plan = _as_plan(tiling, lhs.dtype)
     if impl == "reference":
         return grouped_matmul_reference(lhs, rhs, group_sizes)
+    if impl == "tiled" or (impl == "auto" and not _uses_pallas(impl, interpret)):
+        return tiled_grouped_matmul(lhs, rhs, group_sizes)
     if not _uses_pallas(impl, interpret):
         precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision, preferred_element_type=jnp.float32)

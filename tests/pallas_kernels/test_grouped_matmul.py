@@ -90,11 +90,12 @@ def test_default_tiling_under_jit_with_traced_group_sizes():
     assert rel_err(got, grouped_matmul_reference(lhs, rhs, group_sizes)) < 1e-2
 
 
-def test_ragged_dot_and_auto_agree_with_reference_on_cpu():
-    sizes = CASES["padding_rows"]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tiled_ragged_dot_and_auto_agree_with_reference_on_cpu(case):
+    sizes = CASES[case]
     lhs, rhs, group_sizes, d_out = random_operands(21, sizes, jnp.float32)
     want = forward_and_grads("reference", lhs, rhs, group_sizes, d_out)
-    for impl in ("ragged_dot", "auto"):
+    for impl in ("tiled", "ragged_dot", "auto"):
         for g, w in zip(forward_and_grads(impl, lhs, rhs, group_sizes, d_out), want):
             assert rel_err(g, w) < 1e-5, impl
 
