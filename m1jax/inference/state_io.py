@@ -1,0 +1,75 @@
+"""Inference-state checkpoints with orbax: stop a long prefill (or a decode) part-way, resume later, same tokens.
+
+    directory/state   the InferenceState pytree (cache, padded prompt, drawn tokens, done flags, rng, routing counts)
+    directory/meta    JSON: the request (sampling, stop ids, chunk size, seed), the model config, the state's shapes
+
+`load_inference_state` rebuilds the restore target from meta, checks the saved config against the model's, and
+returns (state, request): pass both to `continue_generation` (or `engine.prefill` / `engine.decode`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from m1jax.config import M1Config
+from m1jax.inference.cache import cache_max_len
+from m1jax.inference.engine import InferenceState, Request, abstract_state
+from m1jax.inference.sampling import SamplingParams
+
+_CONFIG_FIELDS_THAT_MAY_DIFFER = ("expert_threshold", "capacity_factor", "param_dtype")
+
+
+def _request_to_json(request: Request) -> dict:
+    out = dataclasses.asdict(request)
+    out["stop_ids"] = list(request.stop_ids)
+    return out
+
+
+def _request_from_json(raw: dict) -> Request:
+    return Request(max_new_tokens=raw["max_new_tokens"], sampling=SamplingParams(**raw["sampling"]),
+                   stop_ids=tuple(raw["stop_ids"]), pad_id=raw["pad_id"], chunk_size=raw["chunk_size"],
+                   seed=raw["seed"])
+
+
+def save_inference_state(directory: str | os.PathLike, state: InferenceState, request: Request,
+                         config: M1Config) -> str:
+    """Write state + meta to a new directory (it must not exist yet). Returns its absolute path."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise ValueError(f"{directory} already exists; choose a new directory for the inference state")
+    cache_len = cache_max_len(state.cache)
+    meta = {"request": _request_to_json(request), "config": config.to_hf(),
+            "shapes": {"batch": state.cache.batch_size, "prompt_len": state.prompt_len,
+                       "max_len": cache_len if cache_len is not None else state.prompt_len + request.max_new_tokens}}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)))
+    return directory
+
+
+def load_inference_state(directory: str | os.PathLike, config: M1Config) -> tuple[InferenceState, Request]:
+    """Restore (state, request) saved by `save_inference_state` for a model of this config."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no inference state at {directory}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        saved = M1Config.from_hf(meta["config"])
+        differs = [f.name for f in dataclasses.fields(M1Config) if f.name not in _CONFIG_FIELDS_THAT_MAY_DIFFER
+                   and getattr(saved, f.name) != getattr(config, f.name)]
+        if differs:
+            raise ValueError(f"the inference state at {directory} was made by another model: config fields "
+                             f"{differs[:5]} differ; load it with the config it was saved with")
+        request = _request_from_json(meta["request"])
+        shapes = meta["shapes"]
+        target = abstract_state(config, shapes["batch"], shapes["prompt_len"], shapes["max_len"],
+                                request.max_new_tokens, len(request.stop_ids))
+        device = jax.devices()[0]
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=jax.sharding.SingleDeviceSharding(device)),
+                              target)
+        state = checkpointer.restore(directory, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return state, request

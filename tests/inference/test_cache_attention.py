@@ -1,0 +1,72 @@
+"""Attention over the inference cache: the blockwise and one-token paths against the dense float32 twin."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from m1jax.layers.softmax_attention import (blockwise_cache_attention, cached_attention, causal_attention,
+                                            decode_attention, reference_cache_attention)
+
+
+def random_cache(rng, batch, kv_heads, slots, dim, dtype=np.float32):
+    keys = rng.standard_normal((batch, kv_heads, slots, dim)).astype(dtype)
+    values = rng.standard_normal((batch, kv_heads, slots, dim)).astype(dtype)
+    return jnp.asarray(keys), jnp.asarray(values)
+
+
+@pytest.mark.parametrize("index,length,block", [(0, 13, 5), (37, 11, 8), (50, 29, 16), (0, 79, 32)])
+def test_blockwise_matches_dense(index, length, block):
+    rng = np.random.default_rng()
+    batch, heads, kv_heads, dim, slots = 3, 6, 2, 8, 81  # 81 slots: no block size divides it
+    keys, values = random_cache(rng, batch, kv_heads, slots, dim)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    start = jnp.asarray([0, 4, min(index + length - 1, 45)], jnp.int32)  # the last row is padding up to late
+    slots_of_queries = index + jnp.arange(length, dtype=jnp.int32)
+    got = jax.jit(blockwise_cache_attention, static_argnums=5)(q, keys, values, slots_of_queries, start, block)
+    want = reference_cache_attention(q, keys, values, slots_of_queries, start)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_matches_dense_and_ignores_later_slots():
+    rng = np.random.default_rng()
+    batch, heads, kv_heads, dim, slots = 4, 4, 1, 16, 45
+    keys, values = random_cache(rng, batch, kv_heads, slots, dim)
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), jnp.float32)
+    index, start = jnp.int32(30), jnp.asarray([0, 3, 17, 30], jnp.int32)
+    got = decode_attention(q, keys, values, index, start)
+    np.testing.assert_allclose(got, reference_cache_attention(q, keys, values, index[None], start), rtol=2e-5,
+                               atol=2e-5)
+    scrambled = keys.at[:, :, 31:].set(1e3).at[0, :, 0].set(1e3)  # later slots; row 0 sees slot 0
+    assert not np.allclose(decode_attention(q, scrambled, values, index, start)[0], got[0])
+    np.testing.assert_allclose(decode_attention(q, scrambled, values, index, start)[1:], got[1:], rtol=1e-6)
+    one_key = decode_attention(q, keys, values, index, start)[3, 0]  # start == index: only its own slot is visible
+    np.testing.assert_allclose(one_key, jnp.repeat(values[3, :, 30], heads // kv_heads, axis=0), rtol=1e-5)
+
+
+def test_first_unpadded_chunk_takes_the_causal_path_with_the_same_result():
+    rng = np.random.default_rng()
+    batch, length, heads, kv_heads, dim, slots = 2, 19, 4, 2, 8, 40
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
+    cache = {"key": jnp.zeros((batch, kv_heads, slots, dim)), "value": jnp.zeros((batch, kv_heads, slots, dim))}
+    out, new_cache = jax.jit(cached_attention)(q, k, v, cache, jnp.int32(0), jnp.zeros((batch,), jnp.int32))
+    np.testing.assert_allclose(out, causal_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_cache["key"][:, :, :length], k.transpose(0, 2, 1, 3))
+    assert not np.any(new_cache["key"][:, :, length:])
+    # the same chunk written at slot 5 of a row padded up to slot 5 gives the same attention
+    shifted, _ = jax.jit(cached_attention)(q, k, v, cache, jnp.int32(5), jnp.full((batch,), 5, jnp.int32))
+    np.testing.assert_allclose(shifted, out, rtol=2e-5, atol=2e-5)
+
+
+def test_bfloat16_cache_stays_close_to_float32():
+    rng = np.random.default_rng()
+    keys, values = random_cache(rng, 2, 2, 70, 16)
+    q = jnp.asarray(rng.standard_normal((2, 9, 4, 16)), jnp.float32)
+    start, slots = jnp.asarray([0, 7], jnp.int32), 40 + jnp.arange(9, dtype=jnp.int32)
+    got = blockwise_cache_attention(q.astype(jnp.bfloat16), keys.astype(jnp.bfloat16), values.astype(jnp.bfloat16),
+                                    slots, start, 16)
+    assert got.dtype == jnp.bfloat16
+    want = reference_cache_attention(q, keys, values, slots, start)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05, rtol=0.05)
