@@ -235,8 +235,8 @@ class MoE(nn.Module):
         matmul = self.grouped_matmul or default_grouped_matmul()
         mesh = moe_parallel.expert_parallel_mesh()
         if mesh is None:
-            out, dropped = dispatch_locally(flat, weights, calls, w1, w3, w2, matmul, capacity)
+            out, dropped = dispatch_locally(flat.astype(cdtype), weights, calls, w1, w3, w2, matmul, capacity)
         else:
             out, dropped = moe_parallel.dispatch_expert_parallel(
-                x, weights, calls, w1, w3, w2, mesh=mesh, grouped_matmul=matmul, capacity=capacity)
+                x.astype(cdtype), weights, calls, w1, w3, w2, mesh=mesh, grouped_matmul=matmul, capacity=capacity)
         return out.astype(x.dtype).reshape(x.shape), routing_stats(routing, mask, skipped, dropped)

@@ -109,6 +109,19 @@ def test_moe_module_shapes_and_dtypes():
     assert all(stats[name].shape == () for name in ("skipped_fraction", "dropped_fraction", "z_loss"))
 
 
+def test_float32_input_with_bfloat16_compute_feeds_the_experts_in_bfloat16():
+    from pallas_kernels.grouped_matmul import grouped_matmul  # checks that both operands share a dtype
+    cfg = M1Config.from_preset("tiny", compute_dtype="bfloat16")
+    x = jnp.asarray(np.random.default_rng().standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
+    moe = MoE(cfg, lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, impl="reference"))
+    params = jax.jit(moe.init)(jax.random.key(0), x)
+    out, _ = jax.jit(moe.apply)(params, x)
+    p = params["params"]
+    want = moe_dense_reference(x.reshape(-1, cfg.hidden_size), p["gate"], p["w1"], p["w3"], p["w2"], 2)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out.reshape(want.shape), want, rtol=5e-2, atol=5e-3)
+
+
 # ----- expert_threshold -----
 
 def test_skip_below_threshold_rule():
