@@ -18,6 +18,8 @@ reduce-scatter sends as many back; the grouped matmul works only on real calls (
 rows past the group sizes); the row buffer holds P N_d k rows (dropless) or E/P * C rows (capacity C). An all-to-all
 would move (P-1)/P N_d k rows each way instead: the same at P = k = 2, less only when P > k, and dropless it needs a
 worst-case receive buffer of P N_d k rows too. XLA:CPU has no ragged all-to-all, so this path is testable everywhere.
+Meshes with Auto axes (create_mesh) let XLA move the inputs into the shard_map's layout; with Explicit axes
+(jax.make_mesh's default) the inputs are resharded to it first.
 """
 import math
 
@@ -91,12 +93,12 @@ def dispatch_expert_parallel(x: jax.Array, weights: jax.Array, experts: jax.Arra
         return out, dropped
 
     tokens = PartitionSpec(batch_axes or None)
-    sharded = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(tokens, tokens, tokens, PartitionSpec(expert_axis, None, width_axis),
-                  PartitionSpec(expert_axis, None, width_axis), PartitionSpec(expert_axis, width_axis, None)),
-        out_specs=(tokens, tokens))
+    in_specs = (tokens, tokens, tokens, PartitionSpec(expert_axis, None, width_axis),
+                PartitionSpec(expert_axis, None, width_axis), PartitionSpec(expert_axis, width_axis, None))
     per_row = num_tokens // batch
-    out, dropped = sharded(x.reshape(batch, per_row, hidden), weights.reshape(batch, per_row * k),
-                           experts.reshape(batch, per_row * k), w1, w3, w2)
+    args = (x.reshape(batch, per_row, hidden), weights.reshape(batch, per_row * k),
+            experts.reshape(batch, per_row * k), w1, w3, w2)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):  # explicit shardings must match the specs exactly
+        args = tuple(jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs))
+    out, dropped = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tokens, tokens))(*args)
     return out.reshape(num_tokens, hidden), dropped.reshape(num_tokens, k)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from m1jax.config import M1Config
 from m1jax.layers.moe import MoE, expert_capacity, route
-from m1jax.sharding import activation_sharding, create_mesh, shard_params
+from m1jax.sharding import MESH_AXES, activation_sharding, create_mesh, shard_params
 
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 8},
           {"data": 2, "fsdp": 2, "expert": 2}]
@@ -65,6 +65,15 @@ def uneven_problem():
 def test_sharded_moe_equals_one_device_forward_and_gradients(axes, uneven_problem):
     fn, args, want = uneven_problem
     assert_same(on_mesh(fn, create_mesh(axes), *args), want)
+
+
+def test_explicit_axis_mesh_is_resharded_into_the_shard_map(uneven_problem):
+    fn, args, want = uneven_problem
+    mesh = jax.make_mesh((2, 1, 4, 1), MESH_AXES)  # jax.make_mesh's default axes are Explicit
+    assert jax.sharding.AxisType.Explicit in mesh.axis_types
+    with jax.set_mesh(mesh):
+        got = fn(*args)
+    assert_same(got, want)
 
 
 @pytest.mark.parametrize("axes", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
