@@ -1,0 +1,246 @@
+"""The training loop: data -> jitted sharded step -> metrics.jsonl, progress, checkpoints, exact resume.
+
+Rerunning the same command on the same output directory resumes from the latest complete checkpoint: the state,
+the optimizer, the RNG and the data position are restored, so the losses equal an uninterrupted run's bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m1jax.checkpoint.state import TrainCheckpoints
+from m1jax.config import M1Config
+from m1jax.flops import peak_flops_per_device, train_flops
+from m1jax.model import M1ForCausalLM
+from m1jax.train.data import make_data
+from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from m1jax.train.step import (BATCH_KEYS, LossConfig, TrainState, init_state, make_eval_step, make_train_step,
+                              state_shardings)
+
+MODEL_CONFIG_FILE = "model_config.json"
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: str
+    preset: str = "tiny"
+    data: str = "mqar"  # a built-in task ("mqar", "copy", "arith") or a tokens.bin path
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: never
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    eval_every: int = 0  # task accuracy on a held-out batch every N steps (0: only at the end)
+    microbatches: int = 1
+    remat: str = "none"
+    mesh: dict[str, int] | None = None
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    config: M1Config
+    state: TrainState
+    history: list[dict]
+    final_eval: dict
+    resumed_from: int | None
+
+
+def model_config_for(cfg: TrainConfig) -> M1Config:
+    return M1Config.from_preset(cfg.preset, **cfg.model_overrides)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled and sys.stderr.isatty(), time.perf_counter()
+        self.plain = enabled and not self.enabled
+
+    def update(self, step: int, metrics: dict, first_step: int):
+        done = step - first_step
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        mfu = metrics.get("mfu")
+        text = (f"step {step}/{self.total} loss {metrics['loss']:.4f} tok/s {metrics['tokens_per_s']:,.0f}"
+                f"{f' mfu {100 * mfu:.1f}%' if mfu is not None else ''} eta {eta:,.0f}s")
+        if self.enabled:
+            width = 24
+            filled = int(width * step / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}   ")
+            sys.stderr.flush()
+        elif self.plain and (step == self.total or step % max(self.total // 10, 1) == 0):
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _host_metrics(metrics: dict) -> dict:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def _rewrite_metrics(path: str, upto_step: int) -> None:
+    """Keep metrics lines of steps <= upto_step (a resumed run recomputes the later ones)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _shardings(model_config: M1Config, cfg: TrainConfig, abstract_state: TrainState, optimizer):
+    """(mesh, state shardings, batch sharding) or Nones on a single device without a mesh."""
+    if not cfg.mesh:
+        return None, None, None
+    from m1jax import sharding
+    mesh = sharding.create_mesh(cfg.mesh)
+    if cfg.batch_size % cfg.microbatches:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --microbatches {cfg.microbatches}")
+    sharding.check_mesh(mesh, num_experts=model_config.num_experts, batch_size=cfg.batch_size // cfg.microbatches)
+    return (mesh, state_shardings(abstract_state, optimizer, mesh),
+            sharding.batch_sharding(mesh, cfg.batch_size // cfg.microbatches))
+
+
+def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) a training run into cfg.out. callback(step, metrics) after each logged step."""
+    model_config = model_config_for(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    data = make_data(cfg.data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                     vocab_size=model_config.vocab_size, max_seq_len=model_config.max_position_embeddings,
+                     **cfg.task_options)
+    eval_data = make_data(cfg.data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1_000_003,
+                          vocab_size=model_config.vocab_size, **cfg.task_options)
+    opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps)
+    optimizer = make_optimizer(opt_cfg)
+    schedule = learning_rate_schedule(opt_cfg)
+    model = M1ForCausalLM(model_config, remat=cfg.remat)
+
+    abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, cfg.seed))
+    mesh, state_shardings, batch_sharding = _shardings(model_config, cfg, abstract_state, optimizer)
+    # Parameter shapes do not depend on the mesh: initialise (or restore) outside it, placed by the shardings.
+    _check_same_model(cfg.out, model_config)
+    checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
+    restored = checkpoints.restore_latest(_restore_target(abstract_state, state_shardings))
+    if restored is not None:
+        start, state, meta = restored
+        data.restore(meta["data"])
+    else:
+        init = jax.jit(lambda: init_state(model, optimizer, cfg.seed), out_shardings=state_shardings)
+        start, state = 0, init()
+    train_step = make_train_step(model, optimizer, loss_cfg=cfg.loss, microbatches=cfg.microbatches,
+                                 state_shardings=state_shardings, batch_sharding=batch_sharding)
+    evaluate = make_eval_step(model)
+    with _mesh_context(mesh):
+        _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
+        _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), _jsonable(dataclasses.asdict(cfg)))
+        metrics_path = os.path.join(cfg.out, METRICS_FILE)
+        _rewrite_metrics(metrics_path, start)
+
+        step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
+        peak = peak_flops_per_device(jax.devices()[0].device_kind)
+        peak = peak * jax.device_count() if peak else None
+        progress = _Progress(cfg.steps, cfg.progress)
+        history: list[dict] = []
+        last_time, last_step = time.perf_counter(), start
+        try:
+            with open(metrics_path, "a") as metrics_file:
+                for step in range(start, cfg.steps):
+                    batch = _to_device(next(data), batch_sharding)
+                    state, metrics = train_step(state, batch)
+                    done = step + 1
+                    if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                        checkpoints.save(done, state, {"data": data.state(), "step": done})
+                    if done % cfg.log_every and done != cfg.steps:
+                        continue
+                    record = _host_metrics(metrics)
+                    now = time.perf_counter()
+                    seconds = (now - last_time) / max(done - last_step, 1)
+                    last_time, last_step = now, done
+                    record.update(step=done, lr=float(schedule(step)), step_seconds=seconds,
+                                  tokens_per_s=cfg.batch_size * cfg.seq_len / seconds,
+                                  mfu=(step_flops / seconds / peak) if peak else None)
+                    if cfg.eval_every and done % cfg.eval_every == 0 and hasattr(data, "accuracy"):
+                        record.update(_evaluate(evaluate, state.params, eval_data))
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    history.append(record)
+                    progress.update(done, record, start)
+                    if callback is not None:
+                        callback(done, record)
+        finally:
+            progress.close()
+            checkpoints.close()
+        final_eval = _evaluate(evaluate, state.params, eval_data) if hasattr(eval_data, "accuracy") else {}
+    return TrainResult(model_config, state, history, final_eval, start if restored else None)
+
+
+def _restore_target(abstract_state, state_shardings):
+    if state_shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state_shardings = jax.tree.map(lambda _: device, abstract_state)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
+                        state_shardings)
+
+
+def _mesh_context(mesh):
+    """Under the mesh the MoE layers dispatch expert-parallel."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _to_device(batch: dict, batch_sharding) -> dict:
+    """Every process holds the same global batch (seekable, deterministic data); each materialises only the rows
+    of its own devices, so the same code runs on one device, a mesh, or several hosts."""
+    arrays = {k: np.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
+    if batch_sharding is None:
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda index, v=v: v[index])
+            for k, v in arrays.items()}
+
+
+def _evaluate(evaluate, params, eval_data) -> dict:
+    batch = eval_data.batch(0)
+    predictions = np.asarray(evaluate(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    return {f"eval_{k}": float(v) for k, v in eval_data.accuracy(predictions, batch).items()}
+
+
+def _check_same_model(out: str, model_config: M1Config) -> None:
+    path = os.path.join(out, MODEL_CONFIG_FILE)
+    if os.path.exists(path):
+        saved = M1Config.from_hf(path)
+        if saved != model_config:
+            raise ValueError(f"{out} holds a run of another model ({path} differs from this command's model); "
+                             "use a new --out directory or the same preset and options")
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
