@@ -29,14 +29,18 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.lightning_attention import lightning_attention, lightning_decode  # noqa: E402
 from pallas_kernels.lightning_attention.pallas_attention import pallas_lightning_attention  # noqa: E402
+from pallas_kernels.lightning_attention.pallas_decode import pallas_lightning_decode  # noqa: E402
 from pallas_kernels.lightning_attention.reference import reference_lightning_attention  # noqa: E402
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig, sweep  # noqa: E402
 
 SHAPES = [(1, 4096, 64, 128), (1, 16384, 64, 128), (1, 65536, 64, 128), (8, 8192, 8, 128), (8, 32768, 8, 128)]
 DECODE_BATCHES = [1, 16, 256]
-TUNE_CONFIGS = [SweepConfig(64, 32, 4, 2), SweepConfig(64, 64, 4, 2), SweepConfig(64, 64, 4, 3),
-                SweepConfig(64, 64, 8, 2), SweepConfig(64, 128, 8, 2), SweepConfig(128, 32, 4, 2),
-                SweepConfig(128, 64, 8, 2), SweepConfig(128, 128, 8, 2), SweepConfig(32, 64, 4, 3)]
+TUNE_CONFIGS = [SweepConfig(64, 64, 4, 3, target_programs=0), SweepConfig(64, 64, 4, 3, 512),
+                SweepConfig(64, 64, 4, 3, 1024), SweepConfig(64, 64, 4, 3, 2048), SweepConfig(64, 32, 4, 3, 1024),
+                SweepConfig(64, 64, 8, 3, 1024), SweepConfig(64, 128, 8, 3, 1024), SweepConfig(128, 64, 8, 3, 1024),
+                SweepConfig(64, 64, 4, 4, 1024)]
+DECODE_VARIANTS = [dict(block_v=32, num_warps=4), dict(block_v=64, num_warps=4), dict(block_v=128, num_warps=4),
+                   dict(block_v=128, num_warps=8)]
 LOG = []
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "lightning_attention.log")
 
@@ -126,28 +130,42 @@ def check_correctness(num_tokens=700, heads=4, head_dims=(64, 128), decode_shape
 
 
 def tune(shapes):
-    say("== tuning: ms per sweep (forward sweep | one reverse sweep), bf16")
+    """Times the whole forward and forward+backward per tiling; the backward tiling is picked by
+    (forward+backward - forward)."""
+    say("== tuning: ms forward | forward+backward (same tiling both ways), bf16")
     results = {}
     for shape in shapes:
         q, k, v, do, slopes = random_inputs(jax.random.PRNGKey(1), shape, jnp.bfloat16)
         for cfg in TUNE_CONFIGS:
-            if cfg.block_v > shape[3]:
-                continue
-            row = []
-            for reverse, args in ((False, (q, k, v)), (True, (k, q, do))):
-                fn = jax.jit(lambda a, b, c, r=reverse, cfg=cfg: sweep(
-                    a, b, c, slopes, None, None, num_tokens=shape[1], reverse=r, config=cfg, interpret=False))
-                try:
-                    row.append(time_jax(fn, *args) * 1e3)
-                except Exception as err:  # a tiling Triton cannot compile: report it, keep going
-                    say(f"  {shape} {cfg}: failed: {type(err).__name__}: {str(err)[:200]}")
-                    row.append(float("inf"))
-            results.setdefault(cfg, []).append(row)
-            say(f"  {shape} {cfg}: {row[0]:.3f} | {row[1]:.3f}")
+            f = lambda q, k, v, cfg=cfg: pallas_lightning_attention(q, k, v, slopes, config=cfg)[0]
+            try:
+                fwd = time_jax(jax.jit(f), q, k, v)
+                both = time_jax(jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do)), q, k, v, do)
+            except Exception as err:  # a tiling Triton cannot compile: report it, keep going
+                say(f"  {shape} {cfg}: failed: {type(err).__name__}: {str(err)[:200]}")
+                fwd = both = float("inf")
+            results.setdefault(cfg, []).append((fwd * 1e3, both * 1e3))
+            say(f"  {shape} {cfg}: {fwd * 1e3:.3f} | {both * 1e3:.3f}")
     best_fwd = min(results, key=lambda c: sum(r[0] for r in results[c]))
-    best_bwd = min(results, key=lambda c: sum(r[1] for r in results[c]))
+    best_bwd = min(results, key=lambda c: sum(r[1] - r[0] for r in results[c]))
     say(f"  best forward {best_fwd}; best backward {best_bwd}")
     return best_fwd, best_bwd
+
+
+def time_decode(batch, impl, steps=20, **kernel_args):
+    """Seconds per decode step, from `steps` steps chained inside one jit (no dispatch gaps)."""
+    q, k, v, _, slopes = random_inputs(jax.random.PRNGKey(3), (batch, steps, 64, 128), jnp.bfloat16)
+    state = jax.random.normal(jax.random.PRNGKey(4), (batch, 64, 128, 128), jnp.float32)
+
+    def one(t, carry):
+        state, acc = carry
+        args = (q[:, t], k[:, t], v[:, t], slopes, state)
+        o, state = (pallas_lightning_decode(*args, **kernel_args) if impl == "pallas"
+                    else lightning_decode(*args, impl="naive"))
+        return state, acc + o[:, 0, 0].astype(jnp.float32)
+
+    run = jax.jit(lambda state: jax.lax.fori_loop(0, steps, one, (state, jnp.zeros((batch,), jnp.float32))))
+    return time_jax(run, state) / steps
 
 
 def load_fla():
@@ -244,15 +262,12 @@ def bench(best_fwd, best_bwd, quick):
 
     decode_rows = []
     for batch in DECODE_BATCHES:
-        q, k, v, _, slopes = random_inputs(jax.random.PRNGKey(3), (batch, 1, 64, 128), jnp.bfloat16)
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]
-        state = jax.random.normal(jax.random.PRNGKey(4), (batch, 64, 128, 128), jnp.float32)
-        nbytes = 2 * state.nbytes + 4 * q.nbytes
-        row = {"batch": batch, "floor": nbytes / bandwidth}
-        for impl in ("pallas", "naive"):
-            step = jax.jit(lambda q, k, v, s, impl=impl: lightning_decode(q, k, v, slopes, s, impl=impl))
-            row[impl] = time_jax(step, q, k, v, state)
+        nbytes = 2 * batch * 64 * 128 * 128 * 4 + 4 * batch * 64 * 128 * 2
+        row = {"batch": batch, "floor": nbytes / bandwidth, "naive": time_decode(batch, "naive")}
+        for variant in DECODE_VARIANTS:
+            row[f"pallas bv={variant['block_v']} w={variant['num_warps']}"] = time_decode(batch, "pallas", **variant)
         decode_rows.append(row)
+        say(f"  decode B={batch}: " + " ".join(f"{n}={t * 1e3:.4f}ms" for n, t in row.items() if n != "batch"))
     return rows, decode_rows, bandwidth, matmul
 
 
@@ -272,11 +287,10 @@ def table(rows, decode_rows, bandwidth, matmul):
         say(f"{str(r['shape']):22s} | {ms(g('pallas_fwd'))} {ms(g('pallas_fwdbwd'))} | {ms(g('chunked_fwd'))} "
             f"{ms(g('chunked_fwdbwd'))} | {ms(g('fla_fwd'))} {ms(g('fla_fwdbwd'))} | {ratio_f:5.2f} {ratio_b:5.2f} | "
             f"{ms(g('cudnn_fwd'))} {ms(g('cudnn_fwdbwd'))} | {tflops:6.1f} {floor_f:5.1f}% {floor_b:5.1f}%")
-    say("decode step, H=64 D=128, float32 state: batch | pallas ms GB/s | jnp ms GB/s | floor ms")
+    say("decode step, H=64 D=128, float32 state (ms per step, GB/s against the byte floor):")
     for r in decode_rows:
-        gbs = lambda t: r["floor"] * bandwidth / t / 1e9
-        say(f"  {r['batch']:4d} | {ms(r['pallas'])} {gbs(r['pallas']):7.0f} | {ms(r['naive'])} {gbs(r['naive']):7.0f}"
-            f" | {ms(r['floor'])}")
+        say(f"  B={r['batch']:4d} floor {ms(r['floor'])} | " + " | ".join(
+            f"{n} {ms(t)} {r['floor'] * bandwidth / t / 1e9:6.0f}" for n, t in r.items() if n not in ("batch", "floor")))
 
 
 def main():

@@ -32,15 +32,53 @@ def _transpose_state(state):
     return None if state is None else jnp.swapaxes(state, -1, -2)
 
 
-def _run_sweep(a, b, c, *, slopes, state_in, runs, reverse, config, interpret):
-    """One sweep on (B, T, H, D) inputs: pads T up to whole blocks (zeros; runs repeat the last)."""
-    num_tokens = a.shape[1]
+def _segment_carries(slopes, runs, num_tokens, segment_len, num_segments):
+    """(B or 1, H, P): how much of the state entering a segment survives to its end (in either direction):
+    exp(-s * segment length), or 0 when a packed row starts a new document inside the segment."""
+    starts = jnp.arange(num_segments) * segment_len
+    ends = jnp.minimum(starts + segment_len, num_tokens) - 1
+    carries = jnp.exp(-slopes[None, :, None] * (ends - starts + 1).astype(jnp.float32)[None, None, :])
+    if runs is not None:
+        before = jnp.where(starts > 0, runs[:, jnp.maximum(starts - 1, 0)], 0)  # (B, P)
+        carries = jnp.where((runs[:, ends] == before)[:, None, :], carries, 0.0)
+    return carries
+
+
+def _chain_segments(local_states, carries, state_in, reverse):
+    """State entering each segment, in sweep order: entering[next] = carry * entering[this] + local[this].
+    local_states (B, H, P, D, D); carries (B or 1, H, P); state_in (B, H, D, D) or None (zeros)."""
+    local_states = jnp.moveaxis(local_states, 2, 0)
+    carries = jnp.broadcast_to(carries, local_states.shape[1:3] + carries.shape[2:])
+    first = jnp.zeros(local_states.shape[1:], jnp.float32) if state_in is None else state_in
+
+    def step(entering, segment):
+        local, carry = segment
+        return carry[..., None, None] * entering + local, entering
+
+    _, entering = jax.lax.scan(step, first, (local_states, jnp.moveaxis(carries, 2, 0)), reverse=reverse)
+    return jnp.moveaxis(entering, 0, 2)
+
+
+def _run_sweep(a, b, c, *, slopes, state_in, runs, reverse, config, interpret, entering=None):
+    """One sweep on (B, T, H, D) inputs: pads T up to whole blocks (zeros; runs repeat the last), cuts
+    rows into segments, finds the state entering each segment (or takes `entering`), sweeps.
+    Returns (y (B, T, H, D), state after the sweep (B, H, D, D), entering states (B, H, P, D, D) or None)."""
+    batch, num_tokens, heads, head_dim = a.shape
     padded = -(-num_tokens // config.block) * config.block
     a, b, c = (_pad_time(x, padded) for x in (a, b, c))
     runs = None if runs is None else _pad_time(runs, padded, mode="edge")
-    y, state_out = sweep(a, b, c, slopes, state_in, runs, num_tokens=num_tokens, reverse=reverse, config=config,
-                         interpret=interpret)
-    return y[:, :num_tokens], state_out
+    segment_blocks = config.blocks_per_segment(batch, heads, head_dim, num_tokens)
+    num_segments = -(-padded // (segment_blocks * config.block))
+    run = functools.partial(sweep, slopes=slopes, runs=runs, num_tokens=num_tokens, reverse=reverse, config=config,
+                            segment_blocks=segment_blocks, interpret=interpret)
+    if num_segments == 1:
+        entering = None if state_in is None else state_in[:, :, None]
+    elif entering is None:
+        local = run(None, b, c, state_in=None, states_only=True)
+        carries = _segment_carries(slopes, runs, num_tokens, segment_blocks * config.block, num_segments)
+        entering = _chain_segments(local, carries, state_in, reverse)
+    y, state_out = run(a, b, c, state_in=entering)
+    return y[:, :num_tokens], state_out, entering
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -49,19 +87,22 @@ def _attention(q, k, v, slopes, state0, runs, config, backward_config, interpret
 
 
 def _forward(q, k, v, slopes, state0, runs, config, backward_config, interpret):
-    o, final_state = _run_sweep(q, k, v, slopes=slopes, state_in=state0, runs=runs, reverse=False, config=config,
-                                interpret=interpret)
-    return (o, final_state), (q, k, v, slopes, state0, runs)
+    o, final_state, entering = _run_sweep(q, k, v, slopes=slopes, state_in=state0, runs=runs, reverse=False,
+                                          config=config, interpret=interpret)
+    if backward_config != config:  # the backward cuts rows differently: it finds its own entering states
+        entering = None
+    return (o, final_state), (q, k, v, slopes, state0, runs, entering)
 
 
 def _backward(config, backward_config, interpret, residuals, cotangents):
-    q, k, v, slopes, state0, runs = residuals
+    q, k, v, slopes, state0, runs, entering = residuals
     do, dfinal = cotangents
     do = do.astype(q.dtype)
     run = functools.partial(_run_sweep, slopes=slopes, runs=runs, config=backward_config, interpret=interpret)
-    dq, _ = run(do, v, k, state_in=_transpose_state(state0), reverse=False)
-    dv, dstate0 = run(k, q, do, state_in=dfinal, reverse=True)
-    dk, _ = run(v, do, q, state_in=_transpose_state(dfinal), reverse=True)
+    dq, _, _ = run(do, v, k, state_in=_transpose_state(state0), reverse=False, entering=_transpose_state(entering))
+    dv, dstate0, entering_grad = run(k, q, do, state_in=dfinal, reverse=True)
+    dk, _, _ = run(v, do, q, state_in=_transpose_state(dfinal), reverse=True,
+                   entering=_transpose_state(entering_grad))
 
     dslopes = _slope_gradient(q, k, v, slopes, state0, runs, do, dfinal)
     dstate0 = None if state0 is None else dstate0.astype(state0.dtype)
@@ -77,8 +118,9 @@ def _slope_gradient(q, k, v, slopes, state0, runs, do, dfinal):
     def attention(slopes):
         return chunked_lightning_attention(q, k, v, slopes, initial_state=state0, segment_ids=segment_ids)
 
-    _, pullback = jax.vjp(attention, slopes)
-    return pullback((do, dfinal))[0]
+    with jax.default_matmul_precision("highest"):  # float32 matmuls, not TF32, on GPUs
+        _, pullback = jax.vjp(attention, slopes)
+        return pullback((do, dfinal))[0]
 
 
 _attention.defvjp(_forward, _backward)

@@ -1,7 +1,9 @@
 """The Pallas kernels (interpret mode on the CPU) against the time recurrence.
 
 Small blocks (16) and head dims (16, 32) keep interpret mode fast; lengths cover one token, a block
-minus/plus one and several blocks with a remainder. The real head dims 64 and 128 run at tiny T.
+minus/plus one and several blocks with a remainder. Rows are cut into one-block segments by default
+(the most sequence-parallel layout); other tests use uneven segments and a single segment. The real
+head dims 64 and 128 run at tiny T.
 """
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from pallas_kernels.lightning_attention.reference import reference_lightning_att
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig
 
 BLOCK = 16
-CONFIG = SweepConfig(block=BLOCK, block_v=16)
+CONFIG = SweepConfig(block=BLOCK, block_v=16, min_segment_blocks=1)
 
 
 def rel_err(got, want):
@@ -37,37 +39,38 @@ def random_case(seed, batch, num_tokens, heads, head_dim, dtype, packed):
     return q, k, v, slopes, state0, segment_ids, do, dfinal
 
 
-def value_and_grads(attention, q, k, v, slopes, state0, do, dfinal):
+def value_and_grads(attention, argnums, q, k, v, slopes, state0, do, dfinal):
     def loss(q, k, v, slopes, state0):
         o, final = attention(q, k, v, slopes, state0)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dfinal), (o, final)
-    (_, (o, final)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
-        q, k, v, slopes, state0)
+    (_, (o, final)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(q, k, v, slopes, state0)
     return o, final, grads
 
 
-def compare(case, tol, config=CONFIG):
+def compare(case, tol, config=CONFIG, with_slopes=False):
+    """Output, final state and the gradients wrt q, k, v, the initial state (and the slopes)."""
     q, k, v, slopes, state0, segment_ids, do, dfinal = case
     pallas = lambda q, k, v, s, s0: pallas_lightning_attention(q, k, v, s, initial_state=s0, segment_ids=segment_ids,
                                                                config=config, interpret=True)
     reference = lambda q, k, v, s, s0: reference_lightning_attention(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s, initial_state=s0,
         segment_ids=segment_ids)
-    got = value_and_grads(jax.jit(pallas), q, k, v, slopes, state0, do, dfinal)
-    want = value_and_grads(reference, q, k, v, slopes, state0, do, dfinal)
+    argnums = (0, 1, 2, 4, 3) if with_slopes else (0, 1, 2, 4)
+    run = jax.jit(value_and_grads, static_argnums=(0, 1))
+    got = run(pallas, argnums, q, k, v, slopes, state0, do, dfinal)
+    want = run(reference, argnums, q, k, v, slopes, state0, do, dfinal)
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
-    names = ("o", "final state", "dq", "dk", "dv", "dslopes", "dstate0")
+    names = ("o", "final state", "dq", "dk", "dv", "dstate0", "dslopes")
     for name, g, w in zip(names, got[:2] + tuple(got[2]), want[:2] + tuple(want[2])):
-        # d/dslopes sums many large terms of both signs: rounding the cotangent of a bf16 output to bf16
-        # alone moves it by a few percent, so it is compared in float32 only.
-        if name == "dslopes" and q.dtype != jnp.float32:
-            continue
         assert rel_err(g, w) < tol, (name, rel_err(g, w))
 
 
 @pytest.mark.parametrize("num_tokens", [1, BLOCK - 1, BLOCK + 1, 3 * BLOCK + 5])
 def test_pallas_float32_packed_with_initial_state(num_tokens):
-    compare(random_case(num_tokens, 2, num_tokens, 2, 16, jnp.float32, packed=True), tol=1e-4)
+    # The slope gradient (taken through the chunked path) sums large terms of both signs; it is checked
+    # in float32 only: rounding a bf16 output's cotangent to bf16 alone moves it by a few percent.
+    compare(random_case(num_tokens, 2, num_tokens, 2, 16, jnp.float32, packed=True), tol=1e-4,
+            with_slopes=num_tokens > BLOCK)
 
 
 @pytest.mark.parametrize("num_tokens,heads,head_dim", [(2 * BLOCK, 3, 32), (2 * BLOCK + 7, 1, 16)])
@@ -83,6 +86,30 @@ def test_pallas_column_tiles_and_long_blocks():
     """Several output-column tiles per head (block_v < D) and a block longer than T."""
     case = random_case(5, 1, 21, 2, 32, jnp.float32, packed=True)
     compare(case, tol=1e-4, config=SweepConfig(block=32, block_v=16))
+
+
+@pytest.mark.parametrize("config", [
+    SweepConfig(block=BLOCK, block_v=16, min_segment_blocks=2),  # segments of 2, 2 and 1 blocks
+    SweepConfig(block=BLOCK, block_v=16, target_programs=0),  # one segment per row
+])
+def test_pallas_segment_layouts(config):
+    case = random_case(9, 1, 4 * BLOCK + 3, 2, 16, jnp.float32, packed=True)
+    compare(case, tol=1e-4, config=config)
+
+
+def test_pallas_separate_backward_tiling():
+    q, k, v, slopes, state0, segment_ids, do, dfinal = random_case(13, 1, 3 * BLOCK + 2, 2, 32, jnp.float32, True)
+    attention = lambda config, backward: lambda q, k, v: pallas_lightning_attention(
+        q, k, v, slopes, initial_state=state0, segment_ids=segment_ids, config=config, backward_config=backward,
+        interpret=True)
+    same = attention(CONFIG, CONFIG)
+    other = attention(CONFIG, SweepConfig(block=32, block_v=32, target_programs=0))
+    run = jax.jit(lambda f, *args: (f(*args), jax.vjp(f, *args)[1]((do, dfinal))), static_argnums=0)
+    (o, final), grads = run(same, q, k, v)
+    (o2, final2), grads2 = run(other, q, k, v)
+    assert rel_err(o2, o) < 1e-6 and rel_err(final2, final) < 1e-6
+    for g, g2 in zip(grads, grads2):
+        assert rel_err(g2, g) < 1e-5
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
