@@ -76,26 +76,26 @@ def test_explicit_axis_mesh_is_resharded_into_the_shard_map(uneven_problem):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("axes", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
-                         ids=["data2-expert4", "fsdp2-expert2-tensor2"])
-def test_capacity_and_threshold_drop_the_same_calls_as_one_device(axes):
-    cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, capacity_factor=0.8, expert_threshold=0.1)
+@pytest.fixture(scope="module")
+def capacity_problem():
+    """Capacity and threshold both biting, some padding, an expert width (90) that "tensor" = 4 does not divide."""
+    cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, expert_size=90, capacity_factor=0.8,
+                               expert_threshold=0.1)
     params, x = setup(cfg, length=9)
     mask = jnp.ones((8, 9), bool).at[3, 4:].set(False)
     fn = loss_and_grads(cfg)
     want = fn(params, x, mask)
     stats = want[0][1][1]
-    assert stats["dropped_fraction"] > 0 and stats["skipped_fraction"] > 0  # both options bite
+    assert stats["dropped_fraction"] > 0 and stats["skipped_fraction"] > 0
     assert stats["expert_calls"].max() <= expert_capacity(72, 3, 8, 0.8)
-    assert_same(on_mesh(fn, create_mesh(axes), params, x, mask), want)
+    return fn, (params, x, mask), want
 
 
-def test_expert_width_not_divisible_by_tensor_is_replicated_and_still_equal():
-    cfg = M1Config.from_preset("tiny", num_experts=4, expert_size=90)  # 90 % 4 != 0: width stays whole
-    params, x = setup(cfg, batch=2, length=5)
-    fn = loss_and_grads(cfg)
-    mask = jnp.ones((2, 5), bool)
-    assert_same(on_mesh(fn, create_mesh({"expert": 2, "tensor": 4}), params, x, mask), fn(params, x, mask))
+@pytest.mark.parametrize("axes", [{"data": 2, "expert": 4}, {"expert": 2, "tensor": 4}],
+                         ids=["data2-expert4", "expert2-tensor4-width-whole"])
+def test_capacity_and_threshold_drop_the_same_calls_as_one_device(axes, capacity_problem):
+    fn, args, want = capacity_problem
+    assert_same(on_mesh(fn, create_mesh(axes), *args), want)
 
 
 def test_bad_meshes_raise_before_compiling():
