@@ -92,7 +92,8 @@ def routing_stats(routing: Routing, token_mask: jax.Array | None = None, skipped
     (E,): mean router probability; load_balancing_loss: Switch's E * sum_e load_e * importance_e (1.0 when perfectly
     balanced); z_loss: mean logsumexp(logits)^2; router_entropy: mean entropy of the softmax (nats);
     expert_calls (E,): assignments actually computed (neither skipped by expert_threshold nor dropped over capacity);
-    skipped_fraction, dropped_fraction: skipped (N, k) and dropped (N, k) assignments over all N*k.
+    skipped_fraction, dropped_fraction: the real tokens' skipped (N, k) and dropped (N, k) assignments over all of
+    their assignments.
     """
     num_tokens, k = routing.experts.shape
     num_experts = routing.probs.shape[-1]
