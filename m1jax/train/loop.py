@@ -150,15 +150,17 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                                  state_shardings=state_shardings, batch_sharding=batch_sharding)
     evaluate = make_eval_step(model)
     with _mesh_context(mesh):
-        _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
-        _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), _jsonable(dataclasses.asdict(cfg)))
-        metrics_path = os.path.join(cfg.out, METRICS_FILE)
+        lead = jax.process_index() == 0  # on several hosts, one writes the run's files
+        metrics_path = os.path.join(cfg.out, METRICS_FILE if lead else f"{METRICS_FILE}.{jax.process_index()}")
+        if lead:
+            _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
+            _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), _jsonable(dataclasses.asdict(cfg)))
         _rewrite_metrics(metrics_path, start)
 
         step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
         peak = peak * jax.device_count() if peak else None
-        progress = _Progress(cfg.steps, cfg.progress)
+        progress = _Progress(cfg.steps, cfg.progress and lead)
         history: list[dict] = []
         last_time, last_step = time.perf_counter(), start
         try:
@@ -218,7 +220,11 @@ def _to_device(batch: dict, batch_sharding) -> dict:
 
 def _evaluate(evaluate, params, eval_data) -> dict:
     batch = eval_data.batch(0)
-    predictions = np.asarray(evaluate(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    predictions = evaluate(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        predictions = multihost_utils.process_allgather(predictions, tiled=True)
+    predictions = np.asarray(predictions)
     return {f"eval_{k}": float(v) for k, v in eval_data.accuracy(predictions, batch).items()}
 
 
