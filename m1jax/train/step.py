@@ -86,12 +86,17 @@ def make_train_step(model: M1ForCausalLM, optimizer: optax.GradientTransformatio
         grad_fn = jax.value_and_grad(lambda p, b: _objective(model, loss_cfg, p, b, total_tokens, microbatches),
                                      has_aux=True)
 
+        def like_params(tree):  # gradients take their parameters' shardings (FSDP-sharded, not replicated)
+            if state_shardings is None:
+                return tree
+            return jax.lax.with_sharding_constraint(tree, state_shardings.params)
+
         def accumulate(carry, mb):
             grads, sums = carry
             (_, s), g = grad_fn(state.params, mb)
-            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+            return (jax.tree.map(jnp.add, grads, like_params(g)), jax.tree.map(jnp.add, sums, s)), None
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        zero_grads = like_params(jax.tree.map(jnp.zeros_like, state.params))
         zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             lambda: _sums(model, state.params, jax.tree.map(lambda x: x[0], micro), loss_cfg)))
         (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
