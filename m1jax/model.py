@@ -4,6 +4,13 @@ M1's 80 layers repeat a group of 7 lightning + 1 softmax layers 10 times; the gr
 model traces and compiles as one group. Schedules without a period scan one group of all layers. Parameters of a
 group position are stacked with a leading axis G (number of groups): params["groups"]["layer_j"][...] has shape
 (G, ...), holding global layers j, p + j, 2p + j, ... for period p.
+
+Inference passes a cache (`m1jax.inference.cache.Cache`) with one entry per layer (cache.layers[l], global layer
+l). Its `index` () is the next cache slot (all rows advance together) and `start` (B,) the first real slot of each
+left-padded row; positions then count from each row's start, and the output carries the updated cache. With a
+cache the groups run unrolled (a Python loop over g with the stacked parameters sliced at g) rather than scanned:
+each layer's cache is then its own buffer, updated in place, where a scan would copy every layer's cache through
+its stacked inputs and outputs on every step.
 """
 from typing import Any
 
@@ -80,8 +87,12 @@ class M1ForCausalLM(nn.Module):
         cfg = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        layer_caches = cache_slots = None
         if cache is not None:
+            if self.is_initializing():
+                raise ValueError("initialise the model without a cache; pass one to apply()")
+            if len(cache.layers) != cfg.num_layers:
+                raise ValueError(f"cache has {len(cache.layers)} layer entries, the config {cfg.num_layers}; build it "
+                                 "with m1jax.inference.init_cache(config, ...)")
             slots = cache.index + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
             real = slots[None, :] >= cache.start[:, None]
             if segment_ids is not None:
@@ -89,7 +100,6 @@ class M1ForCausalLM(nn.Module):
             segment_ids = real.astype(jnp.int32)
             if positions is None:
                 positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
-            layer_caches, cache_slots = cache.layers, (cache.index, cache.start)
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
@@ -99,13 +109,17 @@ class M1ForCausalLM(nn.Module):
                          name="embed")
         h = embed(input_ids)
 
-        group = LayerGroup
-        if self.remat != "none":
-            group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_groups)
-        h, (stats, new_layer_caches) = scanned(cfg, self.grouped_matmul, name="groups")(
-            h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids, layer_caches, cache_slots)
+        if cache is None:
+            group = LayerGroup
+            if self.remat != "none":
+                group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups)
+            h, (stats, _) = scanned(cfg, self.grouped_matmul, name="groups")(
+                h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
+            new_layers = None
+        else:
+            h, stats, new_layers = self._groups_unrolled(h, positions, segment_ids, cache)
         # (G, p, ...) -> (L, ...): global layer l = g * p + j
         routing = jax.tree.map(lambda x: x.reshape((cfg.num_layers,) + x.shape[2:]), stats)
 
@@ -117,12 +131,29 @@ class M1ForCausalLM(nn.Module):
                           name="lm_head")(h.astype(head_dtype))
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(layers=new_layer_caches, index=cache.index + input_ids.shape[1])
+            new_cache = cache.replace(layers=new_layers, index=cache.index + input_ids.shape[1])
         return M1Output(logits=logits.astype(jnp.float32),
                         aux_loss=jnp.mean(routing["load_balancing_loss"]),
                         z_loss=jnp.mean(routing["z_loss"]),
                         routing=routing,
                         cache=new_cache)
+
+    def _groups_unrolled(self, h, positions, segment_ids, cache):
+        """The layer groups one after another, each with its slice of the stacked parameters and its layers' caches.
+        Returns (h, stats (G, p, ...), new per-layer caches)."""
+        cfg = self.config
+        period = cfg.layer_period
+        stacked = self.variables["params"]["groups"]
+        group = LayerGroup(cfg, self.grouped_matmul, parent=None)
+        stats, new_layers = [], []
+        for g in range(cfg.num_groups):
+            group_params = jax.tree.map(lambda x, g=g: x[g], stacked)
+            layer_caches = {f"layer_{j}": cache.layers[g * period + j] for j in range(period)}
+            h, (group_stats, new_caches) = group.apply({"params": group_params}, h, g, positions,
+                                                       segment_ids, layer_caches, (cache.index, cache.start))
+            stats.append(group_stats)
+            new_layers += [new_caches[f"layer_{j}"] for j in range(period)]
+        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats), tuple(new_layers)
 
 
 def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:

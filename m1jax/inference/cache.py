@@ -1,14 +1,15 @@
-"""The inference cache: what each layer remembers between calls, stacked like the parameters.
+"""The inference cache: what each layer remembers between calls.
 
-    lightning layer   {"state": (G, B, H, D, D) float32}         the decayed sum of k^T v; its size never grows
-    softmax layer     {"key", "value": (G, B, K, S, D)}          compute dtype, S = max_len slots
+    layers[l]         one entry per layer l (global index):
+      lightning         {"state": (B, H, D, D) float32}         the decayed sum of k^T v; its size never grows
+      softmax           {"key", "value": (B, K, S, D)}          compute dtype, S = max_len slots
     index             () int32    the next slot to write; every row advances together
     start             (B,) int32  first real slot of each row (prompts are left-padded: slots before it are padding)
 
-G is the number of layer groups and "layer_j" the group position, exactly as in params["groups"], so the cache
-flows through the model's nn.scan beside the parameters. A row's token at slot s has position s - start[b]
-(0 at its first real token, as transformers does with left padding). The cache holds (B, K, S, D), not
-(B, S, K, D): see m1jax/layers/softmax_attention.py.
+A row's token at slot s has position s - start[b] (0 at its first real token, as transformers does with left
+padding). Each layer's entry is its own buffer (not stacked by layer group like the parameters), so a decode step
+updates it in place: see m1jax/model.py. The cache holds (B, K, S, D), not (B, S, K, D): see
+m1jax/layers/softmax_attention.py.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from m1jax.config import LIGHTNING, M1Config
 
 @flax.struct.dataclass
 class Cache:
-    """layers: {"layer_j": {"state"} | {"key", "value"}} (leading axis G); index () int32; start (B,) int32."""
-    layers: dict[str, dict[str, jax.Array]]
+    """layers: one {"state"} or {"key", "value"} dict per layer; index () int32; start (B,) int32."""
+    layers: tuple[dict[str, jax.Array], ...]
     index: jax.Array
     start: jax.Array
 
@@ -34,17 +35,11 @@ class Cache:
         return self.start.shape[0]
 
 
-def _layer_shapes(config: M1Config, batch: int, max_len: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    groups, heads, dim = config.num_groups, config.num_heads, config.head_dim
-    kv = (groups, batch, config.num_kv_heads, max_len, dim)
-    out = {}
-    for j, kind in enumerate(config.layer_types[:config.layer_period]):
-        if kind == LIGHTNING:
-            out[f"layer_{j}"] = {"state": jax.ShapeDtypeStruct((groups, batch, heads, dim, dim), jnp.float32)}
-        else:
-            dtype = jnp.dtype(config.compute_dtype)
-            out[f"layer_{j}"] = {"key": jax.ShapeDtypeStruct(kv, dtype), "value": jax.ShapeDtypeStruct(kv, dtype)}
-    return out
+def _layer_shapes(config: M1Config, batch: int, max_len: int) -> tuple[dict[str, jax.ShapeDtypeStruct], ...]:
+    heads, dim = config.num_heads, config.head_dim
+    state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
+    kv = jax.ShapeDtypeStruct((batch, config.num_kv_heads, max_len, dim), jnp.dtype(config.compute_dtype))
+    return tuple({"state": state} if kind == LIGHTNING else {"key": kv, "value": kv} for kind in config.layer_types)
 
 
 def _check_sizes(batch: int, max_len: int) -> None:
@@ -80,7 +75,7 @@ def cache_bytes(config: M1Config, batch: int, max_len: int) -> int:
 
 def cache_max_len(cache: Cache) -> int | None:
     """The number of slots S of a cache (None when the model has no softmax layer: then nothing bounds it)."""
-    for entry in cache.layers.values():
+    for entry in cache.layers:
         if "key" in entry:
-            return entry["key"].shape[3]
+            return entry["key"].shape[2]
     return None

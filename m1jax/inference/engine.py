@@ -64,9 +64,9 @@ class InferenceState:
     cache: the model's cache (cache.index = prompt slots prefilled so far, then + decoded tokens);
     prompt (B, P) int32 left-padded prompts; last_logits (B, V) float32 after the last prefilled token;
     tokens (B, N) int32 drawn tokens (pad_id where not drawn or after a stop); num_generated () int32;
-    done (B,) bool; stop_ids (S,) int32; pad_id () int32; rng (2,) uint32 key data of the base key; expert_counts (L, E) float32: the routers' (token,
-    expert) choices for the real tokens run so far; expert_calls (L, E) float32: those an expert computed (fewer
-    with expert_threshold or a capacity).
+    done (B,) bool; stop_ids (S,) int32; pad_id () int32; rng (2,) uint32 key data of the base key;
+    expert_counts (L, E) float32: the routers' (token, expert) choices for the real tokens run so far;
+    expert_calls (L, E) float32: those an expert computed (fewer with expert_threshold or a capacity).
     """
     cache: Cache
     prompt: jax.Array
@@ -184,8 +184,8 @@ class Timings:
 
 def _run(name: str, statics: tuple, args: tuple, timings: Timings):
     """Call a jitted step through an ahead-of-time compiled executable (compiled once per shapes and statics)."""
-    signature = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    key = (name, statics, jax.tree.structure(signature), tuple(jax.tree.leaves(signature)))
+    leaves = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args))
+    key = (name, statics, jax.tree.structure(args), leaves)
     if key not in _COMPILED:
         begin = time.perf_counter()
         _COMPILED[key] = _JITTED[name].lower(*statics, *args).compile()

@@ -12,6 +12,7 @@ stopped), as transformers' generate returns them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -86,10 +87,15 @@ class GenerateOutput:
         return [row[width:width + n].tolist() for row, n in zip(self.tokens, self.completion_lengths)]
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: M1Config) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))}
+
+
 def check_params(config: M1Config, params: Any) -> None:
     """Raise ValueError naming the first parameter whose presence or shape does not match the config."""
-    want = {jax.tree_util.keystr(path): leaf.shape
-            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))}
+    want = _param_shapes(config)
     got = {jax.tree_util.keystr(path): np.shape(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or unexpected:

@@ -120,7 +120,9 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array):
     length = q.shape[1]
     write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index,
                                                              axis=2)
-    key_cache, value_cache = write(cache["key"], k), write(cache["value"], v)
+    # The barrier keeps each update one in-place write that attention and the returned cache share; without it XLA
+    # may fuse the write into both users and copy the whole cache for each of them on every step.
+    key_cache, value_cache = jax.lax.optimization_barrier((write(cache["key"], k), write(cache["value"], v)))
     if length == 1:
         out = decode_attention(q, key_cache, value_cache, index, start)
     else:

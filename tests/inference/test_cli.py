@@ -23,7 +23,8 @@ def test_json_then_streamed_text_agree(checkpoint, tmp_path):
     result = json.loads(out.getvalue())
     assert result["prompt_ids"] == ByteTokenizer().encode("héllo")
     assert len(result["completion_ids"]) == 5 or result["stopped"]
-    assert result["usage"]["prompt_tokens"] == 6 and result["usage"]["completion_tokens"] == len(result["completion_ids"])
+    usage = result["usage"]
+    assert usage["prompt_tokens"] == 6 and usage["completion_tokens"] == len(result["completion_ids"])
     assert len(result["routing"]["tokens_per_expert"]) == 4
 
     prompt_file = tmp_path / "prompt.txt"

@@ -61,7 +61,8 @@ def test_draws_follow_the_filtered_distribution():
     params = SamplingParams(temperature=0.7, top_k=8, top_p=0.8)
     draws = 40_000
     logits = jnp.broadcast_to(jnp.asarray(row), (draws, 12))
-    tokens = np.asarray(jax.jit(sample_tokens, static_argnums=1)(logits, params, jax.random.key(int(rng.integers(1e9)))))
+    key = jax.random.key(int(rng.integers(1e9)))
+    tokens = np.asarray(jax.jit(sample_tokens, static_argnums=1)(logits, params, key))
     kept = numpy_top_p(numpy_top_k(row[None] / 0.7, 8), 0.8)[0]
     probs = np.where(np.isfinite(kept), np.exp(kept - kept[np.isfinite(kept)].max()), 0.0)
     probs /= probs.sum()
