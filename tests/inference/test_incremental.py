@@ -44,3 +44,17 @@ def test_chunked_prefill_then_steps_match_a_full_forward_at_every_position(tiny_
     state = cache.layers[2]["state"]
     assert state.shape == (2, cfg.num_heads, cfg.head_dim, cfg.head_dim) and state.dtype == jnp.float32
     assert cache.layers[3]["key"].shape == (2, cfg.num_kv_heads, 45, cfg.head_dim)
+
+
+def test_decode_loop_updates_the_cache_in_place(tiny_config, tiny_params):
+    """No step of the compiled decode loop copies a layer's key/value cache (it would cost a full read and write
+    of the cache per token: at 1M context, more than the attention itself)."""
+    from m1jax.inference.engine import _JITTED, Request, start
+    request = Request(max_new_tokens=4)
+    state = start(tiny_config, [[1] * 200], request)
+    cache_shape = ",".join(map(str, state.cache.layers[1]["key"].shape))  # (B, K, S, D)
+    compiled = _JITTED["decode"].lower(M1ForCausalLM(tiny_config), request.sampling, tiny_params, state,
+                                       jnp.int32(4)).compile()
+    copies = [line for line in compiled.as_text().splitlines()
+              if " copy(" in line and (f"[{cache_shape}]" in line or f"[{cache_shape.split(',', 2)[2]}]" in line)]
+    assert not copies, copies[:3]
