@@ -103,7 +103,7 @@ def abstract_state(config: M1Config, batch: int, prompt_len: int, max_len: int, 
         cache=abstract_cache(config, batch, max_len), prompt=sds((batch, prompt_len), jnp.int32),
         last_logits=sds((batch, config.vocab_size), jnp.float32), tokens=sds((batch, max_new_tokens), jnp.int32),
         num_generated=sds((), jnp.int32), done=sds((batch,), jnp.bool_), stop_ids=sds((num_stop_ids,), jnp.int32),
-        pad_id=sds((), jnp.int32), rng=sds((2,), jnp.uint32),
+        pad_id=sds((), jnp.int32), rng=sds(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
         expert_counts=sds((config.num_layers, config.num_experts), jnp.float32),
         expert_calls=sds((config.num_layers, config.num_experts), jnp.float32))
 
