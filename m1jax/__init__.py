@@ -4,11 +4,14 @@ from m1jax.model import M1ForCausalLM, M1Output, abstract_params, init_params
 from m1jax.params import count_params
 
 __all__ = ["M1Config", "PRESETS", "M1ForCausalLM", "M1Output", "init_params", "abstract_params", "count_params",
-           "load_pretrained", "save_pretrained"]
+           "load_pretrained", "save_pretrained", "generate"]
 
 
-def __getattr__(name):  # checkpoint I/O imports safetensors lazily
+def __getattr__(name):  # checkpoint I/O and generation are imported on first use
     if name in ("load_pretrained", "save_pretrained"):
         from m1jax.checkpoint import hf
         return getattr(hf, name)
+    if name == "generate":
+        from m1jax.inference import generate
+        return generate
     raise AttributeError(name)

@@ -176,19 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt")
-    prompt.add_argument("--prompt-file")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--expert-threshold", type=float, default=0.0)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else byte-level)")
-    p.add_argument("--json", action="store_true")
+    from m1jax.inference.cli import add_generate_arguments  # one definition of generate's options
+    p = add_generate_arguments(sub.add_parser("generate", help="generate text from a checkpoint"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="write a checkpoint (training output or HF) as a Hugging Face directory")
