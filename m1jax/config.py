@@ -60,7 +60,7 @@ class M1Config:
     mlp_alpha: float = 1.0
     mlp_beta: float = 1.0
     rms_norm_eps: float = 1e-5
-    block_size: int = 256
+    block_size: int = 256  # the reference's lightning block (a config.json fact); our kernels pick their own block
     max_position_embeddings: int = 10_240_000
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0

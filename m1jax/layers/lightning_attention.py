@@ -44,7 +44,7 @@ class LightningAttention(nn.Module):
             out = out[:, None]
         else:
             out, final_state = lightning_attention(q, k, v, slopes, initial_state=state, return_final_state=True,
-                                                   segment_ids=segment_ids, block_size=cfg.block_size)
+                                                   segment_ids=segment_ids)
         out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(
             out.reshape(batch, length, heads * dim))
         out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate")(x)) * out
