@@ -2,13 +2,14 @@
 
 impl: "naive" (the time recurrence in reference.py), "chunked" (pure-JAX blocks in chunked.py),
 "pallas" (the Triton-backend kernels; on the CPU only with interpret=True), "auto" (Pallas on a GPU
-when the head dim suits the kernel, the chunked path otherwise).
+when the head dim suits the kernel, the chunked path otherwise). The Pallas forward is picked per shape
+by pallas_attention.choose_forward_config; the backward is always the sweeps.
 """
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
-from pallas_kernels.lightning_attention.pallas_attention import pallas_lightning_attention
+from pallas_kernels.lightning_attention.pallas_attention import choose_forward_config, pallas_lightning_attention
 from pallas_kernels.lightning_attention.pallas_decode import pallas_lightning_decode
 from pallas_kernels.lightning_attention.reference import (reference_lightning_attention,
                                                           reference_lightning_decode)
@@ -74,12 +75,13 @@ def _resolve_impl(impl, head_dim, interpret, fallback):
     return impl
 
 
-def _sweep_config(block_size):
+def _pallas_configs(block_size, shape, dtype):
+    """(forward config, backward SweepConfig); None, None: the defaults."""
     if block_size is None:
-        return SweepConfig()
+        return None, None
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16 for impl='pallas', got {block_size}")
-    return SweepConfig(block=block_size)
+    return choose_forward_config(shape, dtype, block=block_size), SweepConfig(block=block_size)
 
 
 def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_state=False, segment_ids=None,
@@ -116,9 +118,10 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_sta
     impl = _resolve_impl(impl, head_dim, interpret, fallback="chunked")
 
     if impl == "pallas":
+        config, backward_config = _pallas_configs(block_size, q.shape, q.dtype)
         o, final_state = pallas_lightning_attention(q, k, v, slopes, initial_state=initial_state,
-                                                    segment_ids=segment_ids, config=_sweep_config(block_size),
-                                                    interpret=interpret)
+                                                    segment_ids=segment_ids, config=config,
+                                                    backward_config=backward_config, interpret=interpret)
     elif impl == "naive":
         o, final_state = reference_lightning_attention(q, k, v, slopes, initial_state=initial_state,
                                                        segment_ids=segment_ids)

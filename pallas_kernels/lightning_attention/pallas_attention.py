@@ -1,6 +1,8 @@
-"""Lightning attention through the Pallas sweep kernel, differentiable with `jax.custom_vjp`.
+"""Lightning attention through the Pallas kernels, differentiable with `jax.custom_vjp`.
 
-Forward: one forward sweep over (q, k, v) gives o and the final state. Backward, with o_i = q_i S_i
+Forward: the chunk-parallel kernels (chunk_kernel.py: states at chunk starts, then every output block
+at once), or one forward sweep over (q, k, v) (sweep_kernel.py); both give o and the final state.
+`choose_forward_config` picks one per shape (measurements in benchmarks/notes_lightning.md). Backward, with o_i = q_i S_i
 and S_i the state after token i, G_i the gradient reaching S_i (from later queries and the final
 state):
 
@@ -18,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig, chunk_forward
 from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
 from pallas_kernels.lightning_attention.reference import segment_starts
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig, sweep
@@ -86,7 +89,24 @@ def _attention(q, k, v, slopes, state0, runs, config, backward_config, interpret
     return _forward(q, k, v, slopes, state0, runs, config, backward_config, interpret)[0]
 
 
+def _run_chunk_forward(q, k, v, *, slopes, state_in, runs, config, interpret):
+    """The chunk-parallel forward on (B, T, H, D) inputs: pads T up to whole chunks (zeros; runs repeat
+    the last). Returns (o (B, T, H, D), final state (B, H, D, D))."""
+    num_tokens = q.shape[1]
+    chunk = config.chunk_len(num_tokens)
+    padded = -(-num_tokens // chunk) * chunk
+    q, k, v = (_pad_time(x, padded) for x in (q, k, v))
+    runs = None if runs is None else _pad_time(runs, padded, mode="edge")
+    o, final_state = chunk_forward(q, k, v, slopes, state_in, runs, num_tokens=num_tokens, config=config,
+                                   interpret=interpret)
+    return o[:, :num_tokens], final_state
+
+
 def _forward(q, k, v, slopes, state0, runs, config, backward_config, interpret):
+    if isinstance(config, ChunkConfig):
+        o, final_state = _run_chunk_forward(q, k, v, slopes=slopes, state_in=state0, runs=runs, config=config,
+                                            interpret=interpret)
+        return (o, final_state), (q, k, v, slopes, state0, runs, None)
     o, final_state, entering = _run_sweep(q, k, v, slopes=slopes, state_in=state0, runs=runs, reverse=False,
                                           config=config, interpret=interpret)
     if backward_config != config:  # the backward cuts rows differently: it finds its own entering states
@@ -126,14 +146,26 @@ def _slope_gradient(q, k, v, slopes, state0, runs, do, dfinal):
 _attention.defvjp(_forward, _backward)
 
 
+def choose_forward_config(shape, dtype, block=None):
+    """The forward's tiling for q of `shape` (B, T, H, D): the chunk-parallel kernels, with float32 tiles
+    small enough for shared memory."""
+    del shape  # one tiling for every shape until measurements say otherwise
+    block = block or ChunkConfig.block
+    if dtype == jnp.float32:
+        return ChunkConfig(block=block, state_tile=32, block_v=64, num_stages=1, states_num_stages=1)
+    return ChunkConfig(block=block)
+
+
 def pallas_lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, config=None,
                                backward_config=None, interpret=False):
     """Lightning attention on the Pallas kernels (arguments as in ops.lightning_attention, already checked).
 
-    config / backward_config: SweepConfig of the forward sweep / the three backward sweeps.
+    config: the forward's tiling, a ChunkConfig (chunk-parallel kernels) or a SweepConfig (one sweep);
+      None: choose_forward_config. backward_config: SweepConfig of the three backward sweeps (None: config
+      when that is a SweepConfig, else the default SweepConfig).
     Returns (o (B, T, H, D) in q.dtype, final state (B, H, D, D) float32)."""
-    config = config or SweepConfig()
-    backward_config = backward_config or config
+    config = config or choose_forward_config(q.shape, q.dtype)
+    backward_config = backward_config or (config if isinstance(config, SweepConfig) else SweepConfig())
     batch, num_tokens = q.shape[:2]
     runs = None
     if segment_ids is not None:  # run index: how many segment starts up to each token

@@ -1,0 +1,227 @@
+"""Chunk-parallel lightning attention forward (Pallas, Triton backend): chunk states, then every block at once.
+
+The sweep (sweep_kernel.py) carries the state through the blocks of a row inside one program: its
+forward has B*H*(D/BV) programs, each walking T/64 blocks one after the other with four matmuls on
+the serial path. Here a row is cut into chunks of C = chunk_blocks * block tokens and the forward
+runs as two kernels:
+
+  1. chunk_states: one program per (row, head, BK x BV tile of the D x D state) walks the chunks and
+     stores the state entering each one, with one matmul per chunk on the serial path:
+         S_0 = S0 (or zeros),   S_{c+1} = exp(-s C) S_c + sum_{j in chunk c} exp(-s (C-1-j)) k_j^T v_j
+     and the state after the last token (float32).
+  2. chunk_output: one program per (query block of `block` tokens, BV output columns, head, row), all
+     independent. With p the position of a token inside its chunk and S_c the state entering the chunk:
+         o_i = exp(-s (p_i + 1)) q_i S_c + sum_{j <= i, j in the chunk} exp(-s (p_i - p_j)) (q_i . k_j) v_j
+     the sum taken one key block at a time, causal inside the chunk (flash attention without a softmax).
+     A key block before the query block weighs pair (r, c) by exp(-s (r+1)) exp(-s (block*(i-j) - 1 - c)):
+     both exponents are >= 0, so no decay is ever formed from exp(+s t).
+
+Bytes: q, k, v and o once, k and v again in kernel 1, and one D x D state per chunk written and read
+once. The states are stored in the input dtype (the sweep also rounds its state to the input dtype
+as a matmul operand); at C = 256 and D = 128 they are half a q-sized tensor each way.
+
+Packed rows follow the sweep's rules: run indices (segment number of each token) mask pairs from
+different runs; the state entering a chunk reaches only tokens in the run of the token before the
+chunk; a chunk's contributions to the outgoing state keep only the run of its last real token.
+Inputs are padded to whole chunks (zeros; runs repeat the last); the last chunk's decays end at the
+last real token, so padding never changes the final state.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """Tiling of the chunk-parallel forward: `block` tokens per output program (and per key step),
+    chunks of `chunk_blocks` blocks (states are stored at chunk starts), the states kernel's square
+    tile `state_tile` of the D x D state, and `block_v` output columns per output program."""
+    block: int = 64
+    chunk_blocks: int = 4
+    state_tile: int = 64
+    block_v: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+    states_num_warps: int = 4
+    states_num_stages: int = 2
+
+    def chunk_len(self, num_tokens):
+        """Tokens per chunk for a row of `num_tokens` (never more blocks than the row has)."""
+        return self.block * max(1, min(self.chunk_blocks, -(-num_tokens // self.block)))
+
+
+def _dot(x, y, precision, contract=((1,), (0,))):
+    """x @ y (or x^T y, x y^T by `contract`) with float32 accumulation."""
+    return jax.lax.dot_general(x, y, (contract, ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
+    refs = list(refs)
+    slope_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    state_in_ref = refs.pop(0) if has_state else None
+    runs_ref = refs.pop(0) if packed else None
+    states_ref, final_ref = refs
+
+    dtype = k_ref.dtype
+    neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
+    pos = jnp.arange(chunk, dtype=jnp.int32)
+
+    def to_last(last):  # exp(-s (e-j)) for j <= e, else 0
+        gap = last - pos
+        return jnp.where(gap >= 0, jnp.exp(neg_s * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
+
+    full_to_last, full_carry = to_last(chunk - 1), jnp.exp(neg_s * float(chunk))
+
+    def body(c, state):
+        states_ref[c] = state.astype(states_ref.dtype)  # the state entering chunk c
+        rows = pl.ds(c * chunk, chunk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        if last_in_tail != chunk - 1:  # padded last chunk: decays end at its last real token
+            is_tail = c == num_chunks - 1
+            last = (chunk - 1) - is_tail.astype(jnp.int32) * (chunk - 1 - last_in_tail)
+            key_decay = to_last(last)
+            carry = jnp.where(is_tail, jnp.exp(neg_s * float(last_in_tail + 1)), full_carry)
+        else:
+            last, key_decay, carry = chunk - 1, full_to_last, full_carry
+        if packed:
+            runs = runs_ref[rows]
+            run_before = jnp.where(c == 0, 0, runs_ref[pl.ds(jnp.maximum(c * chunk - 1, 0), 1)])
+            run_last = runs_ref[pl.ds(c * chunk + last, 1)]
+            key_decay = jnp.where(runs == run_last, key_decay, 0.0)
+            carry = jnp.where(run_last == run_before, carry, 0.0)
+        update = _dot((k * key_decay[:, None]).astype(dtype), v, _precision(dtype), ((0,), (0,)))  # (BK, BV)
+        return carry * state + update
+
+    state = (state_in_ref[...].astype(jnp.float32) if has_state
+             else jnp.zeros(final_ref.shape, jnp.float32))
+    final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, state)
+
+
+def _output_kernel(*refs, block, chunk_blocks, col_tiles, packed):
+    refs = list(refs)
+    slope_ref, q_ref, k_ref, v_ref, states_ref = (refs.pop(0) for _ in range(5))
+    runs_ref = refs.pop(0) if packed else None
+    (o_ref,) = refs
+
+    dtype = q_ref.dtype
+    precision = _precision(dtype)
+    query_block = pl.program_id(0) // col_tiles
+    first = (query_block // chunk_blocks) * chunk_blocks  # first block of this chunk
+    neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
+    pos = jnp.arange(block, dtype=jnp.int32)
+    from_start = jnp.exp(neg_s * (pos + 1).astype(jnp.float32))  # exp(-s (r+1))
+    q = q_ref[...]  # (block, D)
+    if packed:
+        query_runs = runs_ref[pl.ds(query_block * block, block)]
+
+    # the state entering the chunk reaches query row r at chunk position p = block*(i-first) + r
+    query_decay = from_start * jnp.exp(neg_s * (block * (query_block - first)).astype(jnp.float32))
+    if packed:
+        run_before = jnp.where(first == 0, 0, runs_ref[pl.ds(jnp.maximum(first * block - 1, 0), 1)])
+        query_decay = jnp.where(query_runs == run_before, query_decay, 0.0)
+    acc = _dot((q * query_decay[:, None]).astype(dtype), states_ref[...].astype(dtype), precision)  # (block, BV)
+
+    def add_block(key_block, weights, acc):
+        rows = pl.ds(key_block * block, block)
+        if packed:
+            weights = jnp.where(query_runs[:, None] == runs_ref[rows][None, :], weights, 0.0)
+        scores = _dot(q, k_ref[rows, :], precision, ((1,), (1,)))  # (block, block)
+        return acc + _dot((scores * weights).astype(dtype), v_ref[rows, :], precision)
+
+    def earlier_block(key_block, acc):  # every pair is causal; decay exp(-s (r+1)) exp(-s (block*(i-j) - 1 - c))
+        key_decay = jnp.exp(neg_s * (block * (query_block - key_block) - 1 - pos).astype(jnp.float32))
+        return add_block(key_block, from_start[:, None] * key_decay[None, :], acc)
+
+    acc = jax.lax.fori_loop(first, query_block, earlier_block, acc)
+    distance = pos[:, None] - pos[None, :]
+    same_block = jnp.where(distance >= 0, jnp.exp(neg_s * jnp.maximum(distance, 0).astype(jnp.float32)), 0.0)
+    acc = add_block(query_block, same_block, acc)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def chunk_forward(q, k, v, slopes, state_in, runs, *, num_tokens, config, interpret):
+    """The chunk-parallel forward on padded inputs.
+
+    q, k, v: (B, Tp, H, D), Tp a multiple of the chunk length config.chunk_len(num_tokens) (zero padded);
+    num_tokens: the real length T <= Tp; slopes (H,) f32; state_in (B, H, D, D) f32 or None (zeros);
+    runs (B, Tp) int32 run index of each token, or None.
+    Returns (o (B, ceil(T / block) * block, H, D) in q.dtype, final state (B, H, D, D) f32).
+    """
+    batch, padded, heads, head_dim = q.shape
+    block, chunk = config.block, config.chunk_len(num_tokens)
+    if padded % chunk:
+        raise ValueError(f"the padded length {padded} must be a multiple of the chunk length {chunk}")
+    num_chunks = padded // chunk
+    dtype = q.dtype
+    slopes = slopes.astype(jnp.float32)
+    tile = min(config.state_tile, head_dim)
+    state_tiles = head_dim // tile
+    slope_spec = pl.BlockSpec((1,), lambda g, h, b: (h,))
+    runs_spec = pl.BlockSpec((None, padded), lambda g, h, b: (b, 0))
+    key_tile = lambda g: g // state_tiles
+
+    # 1. the state entering each chunk, and the final state
+    state_spec = pl.BlockSpec((None, None, tile, tile), lambda g, h, b: (b, h, key_tile(g), g % state_tiles))
+    in_specs = [slope_spec,
+                pl.BlockSpec((None, padded, None, tile), lambda g, h, b: (b, 0, h, key_tile(g))),
+                pl.BlockSpec((None, padded, None, tile), lambda g, h, b: (b, 0, h, g % state_tiles))]
+    operands = [slopes, k, v]
+    if state_in is not None:
+        in_specs.append(state_spec)
+        operands.append(state_in.astype(jnp.float32))
+    if runs is not None:
+        in_specs.append(runs_spec)
+        operands.append(runs)
+    states, final_state = pl.pallas_call(
+        functools.partial(_states_kernel, chunk=chunk, num_chunks=num_chunks,
+                          last_in_tail=num_tokens - 1 - (num_chunks - 1) * chunk,
+                          has_state=state_in is not None, packed=runs is not None),
+        grid=(state_tiles * state_tiles, heads, batch),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, num_chunks, tile, tile),
+                                lambda g, h, b: (b, h, 0, key_tile(g), g % state_tiles)),
+                   state_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, head_dim, head_dim), dtype),
+                   jax.ShapeDtypeStruct((batch, heads, head_dim, head_dim), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=config.states_num_warps,
+                                             num_stages=config.states_num_stages),
+        interpret=interpret,
+        name="lightning_chunk_states",
+    )(*operands)
+
+    # 2. every output block from its chunk's entering state and the keys of its chunk up to itself
+    block_v = min(config.block_v, head_dim)
+    col_tiles = head_dim // block_v
+    query_blocks = -(-num_tokens // block)
+    chunk_blocks = chunk // block
+    in_specs = [slope_spec,
+                pl.BlockSpec((None, block, None, head_dim), lambda g, h, b: (b, g // col_tiles, h, 0)),
+                pl.BlockSpec((None, padded, None, head_dim), lambda g, h, b: (b, 0, h, 0)),
+                pl.BlockSpec((None, padded, None, block_v), lambda g, h, b: (b, 0, h, g % col_tiles)),
+                pl.BlockSpec((None, None, None, head_dim, block_v),
+                             lambda g, h, b: (b, h, (g // col_tiles) // chunk_blocks, 0, g % col_tiles))]
+    operands = [slopes, q, k, v, states]
+    if runs is not None:
+        in_specs.append(runs_spec)
+        operands.append(runs)
+    o = pl.pallas_call(
+        functools.partial(_output_kernel, block=block, chunk_blocks=chunk_blocks, col_tiles=col_tiles,
+                          packed=runs is not None),
+        grid=(query_blocks * col_tiles, heads, batch),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, block, None, block_v), lambda g, h, b: (b, g // col_tiles, h, g % col_tiles)),
+        out_shape=jax.ShapeDtypeStruct((batch, query_blocks * block, heads, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="lightning_chunk_output",
+    )(*operands)
+    return o, final_state
