@@ -8,7 +8,9 @@ the sweeps, then times at the issue's shapes: the forward three ways (chunk-para
 with segments, the sweep with one segment per row), the chunk kernels' states pass alone, forward+backward
 through the default op, flash-linear-attention's chunk_simple_gla (when importable) and, unless --fast,
 the chunked pure-JAX path and cuDNN causal softmax attention; then the one-token decode step. Prints a
-table last; full logs go to --out.
+table last; full logs go to --out. "ours" is what the op runs (pallas_attention.choose_forward_config).
+Time it: with --fast the checks and tuning take ~95 s on an H200, and FLA's first call autotunes its
+kernels for ~2 minutes (its autotune keys exclude T and H, so only once); --shapes picks a subset.
 
 Counting: forward FLOPs = B*T*H*(4*C*D + 4*D^2) with C = 64 (intra-block QK^T and PV, inter-block
 Q S and the state update), forward+backward = 3x that; softmax causal = 2*B*H*T^2*D forward.
@@ -53,8 +55,11 @@ DECODE_VARIANTS = [dict(block_v=32, num_warps=4), dict(block_v=64, num_warps=4),
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "lightning_attention.log")
 
 
+START = time.perf_counter()
+
+
 def say(*parts):
-    line = " ".join(str(p) for p in parts)
+    line = f"[{time.perf_counter() - START:4.0f}s] " + " ".join(str(p) for p in parts)
     print(line, flush=True)
     with open(LOG_PATH, "a") as f:
         f.write(line + "\n")
@@ -260,15 +265,22 @@ def bench(chunk_config, sweep_config, backward_config, shapes, fast):
         unit = q.nbytes
         row = {"shape": shape, "flops": batch * tokens * heads * (4 * 64 * head_dim + 4 * head_dim ** 2),
                "fwd_floor": 4 * unit / bandwidth, "fwdbwd_floor": 11 * unit / bandwidth}
-        chunk = forward_fn(slopes, chunk_config, backward_config)
-        measure(row, "chunk_fwd", jax.jit(chunk), q, k, v)
+        measure(row, "chunk_fwd", jax.jit(forward_fn(slopes, chunk_config)), q, k, v)
         states_only = lambda q, k, v: pallas_lightning_attention(q, k, v, slopes, config=chunk_config)[1]
         measure(row, "states_fwd", jax.jit(states_only), q, k, v)
-        for name, cfg in dict(SWEEP_FORWARDS, sweep=sweep_config).items():
+        forwards = dict(SWEEP_FORWARDS, sweep=sweep_config)
+        for name, cfg in forwards.items():
             measure(row, f"{name}_fwd", jax.jit(forward_fn(slopes, cfg)), q, k, v)
-        measure(row, "ours_fwdbwd", fwd_bwd_fn(chunk), q, k, v, do)
+        shipped = choose_forward_config(shape, jnp.bfloat16)  # what the op runs: "ours"
+        same = {chunk_config: "chunk_fwd", **{cfg: f"{name}_fwd" for name, cfg in forwards.items()}}.get(shipped)
+        ours_fn = forward_fn(slopes, shipped, backward_config)
+        if same in row:
+            row["ours_fwd"] = row[same]
+        else:
+            measure(row, "ours_fwd", jax.jit(ours_fn), q, k, v)
+        measure(row, "ours_fwdbwd", fwd_bwd_fn(ours_fn), q, k, v, do)
         try:
-            ours = np.asarray(jax.jit(chunk)(q, k, v)[:, :256].astype(jnp.float32))
+            ours = np.asarray(jax.jit(ours_fn)(q, k, v)[:, :256].astype(jnp.float32))
             fla = peers(torch, chunk_simple_gla, slopes, q, k, v, do)
             if "fla_o" in fla:
                 say(f"  {shape}: ours vs FLA on the first 256 tokens: rel err {rel_err(ours, fla.pop('fla_o')):.1e}")
@@ -306,22 +318,25 @@ def table(rows, decode_rows, bandwidth, matmul):
     ratio = lambda a, b: f"{a / b:5.2f}" if a and b else "    -"
     say(f"\n== lightning attention, bf16, {jax.devices()[0].device_kind}; copy {bandwidth / 1e12:.2f} TB/s, "
         f"matmul {matmul / 1e12:.0f} TFLOP/s")
-    say("shape (B,T,H,D)      | fwd: chunk (states) sweep sweep1seg |  FLA  | FLA/chunk FLA/sweep | f+b: ours   FLA "
-        "FLA/ours | chunk TFLOP/s, % floor fwd f+b | chunked JAX fwd f+b | cuDNN fwd f+b")
+    say("shape (B,T,H,D)      | fwd: chunk (states) sweep sweep1seg  ours |  FLA  | FLA/chunk FLA/sweep FLA/ours | "
+        "f+b: ours   FLA FLA/ours | ours TFLOP/s, % floor fwd f+b | chunked JAX fwd f+b | cuDNN fwd f+b")
     for r in rows:
         g = r.get
-        tflops = r["flops"] / g("chunk_fwd") / 1e12 if g("chunk_fwd") else 0
-        floor_f = 100 * r["fwd_floor"] / g("chunk_fwd") if g("chunk_fwd") else 0
+        tflops = r["flops"] / g("ours_fwd") / 1e12 if g("ours_fwd") else 0
+        floor_f = 100 * r["fwd_floor"] / g("ours_fwd") if g("ours_fwd") else 0
         floor_b = 100 * r["fwdbwd_floor"] / g("ours_fwdbwd") if g("ours_fwdbwd") else 0
         say(f"{str(r['shape']):20s} | {ms(g('chunk_fwd'))} ({ms(g('states_fwd'))}) {ms(g('sweep_fwd'))} "
-            f"{ms(g('sweep_1seg_fwd'))} | {ms(g('fla_fwd'))} | {ratio(g('fla_fwd'), g('chunk_fwd'))} "
-            f"{ratio(g('fla_fwd'), g('sweep_fwd'))} | {ms(g('ours_fwdbwd'))} {ms(g('fla_fwdbwd'))} "
-            f"{ratio(g('fla_fwdbwd'), g('ours_fwdbwd'))} | {tflops:5.1f} {floor_f:4.0f}% {floor_b:4.0f}% | "
+            f"{ms(g('sweep_1seg_fwd'))} {ms(g('ours_fwd'))} | {ms(g('fla_fwd'))} | "
+            f"{ratio(g('fla_fwd'), g('chunk_fwd'))} {ratio(g('fla_fwd'), g('sweep_fwd'))} "
+            f"{ratio(g('fla_fwd'), g('ours_fwd'))} | {ms(g('ours_fwdbwd'))} "
+            f"{ms(g('fla_fwdbwd'))} {ratio(g('fla_fwdbwd'), g('ours_fwdbwd'))} | "
+            f"{tflops:5.1f} {floor_f:4.0f}% {floor_b:4.0f}% | "
             f"{ms(g('chunked_fwd'))} {ms(g('chunked_fwdbwd'))} | {ms(g('cudnn_fwd'))} {ms(g('cudnn_fwdbwd'))}")
     say("decode step, H=64 D=128, float32 state (ms per step, GB/s against the byte floor):")
     for r in decode_rows:
         say(f"  B={r['batch']:4d} floor {ms(r['floor'])} | " + " | ".join(
-            f"{n} {ms(t)} {r['floor'] * bandwidth / t / 1e9:6.0f}" for n, t in r.items() if n not in ("batch", "floor")))
+            f"{n} {ms(t)} {r['floor'] * bandwidth / t / 1e9:6.0f}" for n, t in r.items()
+            if n not in ("batch", "floor")))
 
 
 def main():
@@ -329,6 +344,7 @@ def main():
     parser.add_argument("--out", default=os.path.dirname(LOG_PATH))
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--no-tune", action="store_true", help="use the default tilings")
+    parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     parser.add_argument("--fast", action="store_true",
                         help="fewer correctness cases, no sweep tuning, no chunked JAX / cuDNN, default decode only")
     args = parser.parse_args()
@@ -339,14 +355,16 @@ def main():
         say(f"correctness check crashed: {type(err).__name__}: {err}")
         traceback.print_exc()
         ok = False
-    chunk_config = choose_forward_config(SHAPES[1], jnp.bfloat16)
+    chunk_config = choose_forward_config(SHAPES[0], jnp.bfloat16)
     sweep_config = backward_config = SweepConfig()
     if not args.no_tune:
         chunk_config, _ = tune(TUNE_SHAPES, CHUNK_TUNE, with_backward=False)
         if not args.fast:
             sweep_config, backward_config = tune(TUNE_SHAPES, SWEEP_TUNE, with_backward=True)
-    rows, decode_rows, bandwidth, matmul = bench(chunk_config, sweep_config, backward_config,
-                                                 SHAPES[:2] if args.quick else SHAPES, args.fast)
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    rows, decode_rows, bandwidth, matmul = bench(chunk_config, sweep_config, backward_config, shapes, args.fast)
     table(rows, decode_rows, bandwidth, matmul)
     with open(os.path.join(args.out, "lightning_attention.json"), "w") as f:
         json.dump({"rows": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],

@@ -18,7 +18,7 @@ runs as two kernels:
 
 Bytes: q, k, v and o once, k and v again in kernel 1, and one D x D state per chunk written and read
 once. The states are stored in the input dtype (the sweep also rounds its state to the input dtype
-as a matmul operand); at C = 256 and D = 128 they are half a q-sized tensor each way.
+as a matmul operand); at C = 128 and D = 128 they are one q-sized tensor each way (8 tensors in all).
 
 Packed rows follow the sweep's rules: run indices (segment number of each token) mask pairs from
 different runs; the state entering a chunk reaches only tokens in the run of the token before the
@@ -41,7 +41,7 @@ class ChunkConfig:
     chunks of `chunk_blocks` blocks (states are stored at chunk starts), the states kernel's square
     tile `state_tile` of the D x D state, and `block_v` output columns per output program."""
     block: int = 64
-    chunk_blocks: int = 4
+    chunk_blocks: int = 2
     state_tile: int = 64
     block_v: int = 128
     num_warps: int = 4

@@ -2,9 +2,10 @@
 
 Forward: the chunk-parallel kernels (chunk_kernel.py: states at chunk starts, then every output block
 at once), or one forward sweep over (q, k, v) (sweep_kernel.py); both give o and the final state.
-`choose_forward_config` picks one per shape (measurements in benchmarks/notes_lightning.md). Backward, with o_i = q_i S_i
-and S_i the state after token i, G_i the gradient reaching S_i (from later queries and the final
-state):
+`choose_forward_config` picks one per shape (measurements in benchmarks/notes_lightning.md).
+
+Backward, with o_i = q_i S_i and S_i the state after token i, G_i the gradient reaching S_i (from later
+queries and the final state):
 
   dq_i = do_i S_i^T   forward sweep over (do, v, k), state S^T       (starts from S0^T)
   dv_j = k_j G_j      reverse sweep over (k, q, do), state G         (starts from dS_final; ends at dS0)
@@ -146,13 +147,22 @@ def _slope_gradient(q, k, v, slopes, state0, runs, do, dfinal):
 _attention.defvjp(_forward, _backward)
 
 
+# Measured on an H200 (bf16, D 128; benchmarks/notes_lightning.md): the chunk-parallel forward took
+# 0.195 / 0.732 ms at T 4K / 16K (H 64) against the sweep's 0.256 / 0.740, but 3.207 ms at 64K against
+# the sweep's 2.733: rows longer than this many tokens take the sweep.
+CHUNK_FORWARD_MAX_TOKENS = 16384
+
+
 def choose_forward_config(shape, dtype, block=None):
-    """The forward's tiling for q of `shape` (B, T, H, D): the chunk-parallel kernels, with float32 tiles
-    small enough for shared memory."""
-    del shape  # one tiling for every shape until measurements say otherwise
+    """The forward's tiling for q of `shape` (B, T, H, D): the chunk-parallel kernels up to
+    CHUNK_FORWARD_MAX_TOKENS tokens per row, the sweep (with segments) for longer rows. Float32 chunk
+    tiles are smaller, to fit shared memory (the tiling that passed the float32 checks on the GPU)."""
     block = block or ChunkConfig.block
+    if shape[1] > CHUNK_FORWARD_MAX_TOKENS:
+        return SweepConfig(block=block)
     if dtype == jnp.float32:
-        return ChunkConfig(block=block, state_tile=32, block_v=64, num_stages=1, states_num_stages=1)
+        return ChunkConfig(block=block, chunk_blocks=4, state_tile=32, block_v=64, num_stages=1,
+                           states_num_stages=1)
     return ChunkConfig(block=block)
 
 

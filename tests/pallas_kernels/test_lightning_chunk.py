@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig
-from pallas_kernels.lightning_attention.pallas_attention import choose_forward_config, pallas_lightning_attention
+from pallas_kernels.lightning_attention.pallas_attention import (CHUNK_FORWARD_MAX_TOKENS, choose_forward_config,
+                                                                 pallas_lightning_attention)
 from pallas_kernels.lightning_attention.reference import reference_lightning_attention
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig
 
@@ -70,7 +71,7 @@ def test_chunk_forward_bfloat16_packed():
 
 
 def test_chunk_forward_model_head_dim_default_tiling():
-    """D = 128 with the shipped bf16 tiling (64-token blocks, 256-token chunks) on a ragged length."""
+    """D = 128 with the shipped bf16 tiling (64-token blocks, 128-token chunks) on a ragged length."""
     config = choose_forward_config((1, 300, 1, 128), jnp.bfloat16)
     assert isinstance(config, ChunkConfig)
     check_forward(random_case(11, 1, 300, 1, 128, jnp.bfloat16, packed=True), config, tol=1e-2)
@@ -109,3 +110,15 @@ def test_chunk_forward_large_slopes_stay_finite():
     want_o, want_final = reference_lightning_attention(q, k, v, slopes, initial_state=state0)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(final)).all()
     assert rel_err(o, want_o) < 1e-4 and rel_err(final, want_final) < 1e-4
+
+
+def test_forward_rule_chunks_short_rows_and_sweeps_long_ones():
+    """The measured dispatch: chunk-parallel up to CHUNK_FORWARD_MAX_TOKENS per row, the sweep beyond;
+    float32 gets smaller chunk tiles; a block size passes through to either."""
+    short, long = (8, CHUNK_FORWARD_MAX_TOKENS, 8, 128), (1, CHUNK_FORWARD_MAX_TOKENS + 1, 64, 128)
+    assert choose_forward_config(short, jnp.bfloat16) == ChunkConfig()
+    f32 = choose_forward_config(short, jnp.float32)
+    assert isinstance(f32, ChunkConfig) and f32.block_v < ChunkConfig().block_v
+    assert choose_forward_config(long, jnp.bfloat16) == SweepConfig()
+    assert choose_forward_config(short, jnp.bfloat16, block=32).block == 32
+    assert choose_forward_config(long, jnp.float32, block=32) == SweepConfig(block=32)
