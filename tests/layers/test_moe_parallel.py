@@ -117,3 +117,17 @@ def test_one_device_mesh_and_foreign_meshes_take_the_local_path():
     for mesh in (create_mesh(devices=jax.devices()[:1]), foreign):
         with jax.set_mesh(mesh):
             assert "shard_map" not in str(jax.make_jaxpr(MoE(cfg).apply)(params, x))
+
+
+def test_pallas_grouped_matmul_runs_inside_the_shard_map(uneven_problem):
+    """The GPU path: the Pallas kernel (interpret mode here) inside the expert-parallel shard_map."""
+    from pallas_kernels.grouped_matmul import grouped_matmul
+    cfg = M1Config.from_preset("tiny", num_experts=8)
+    pallas = lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, impl="pallas", interpret=True)
+
+    def loss(params, x, mask):
+        out, stats = MoE(cfg, pallas).apply(params, x, mask)
+        return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1])), (out, stats)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    _, args, want = uneven_problem
+    assert_same(on_mesh(fn, create_mesh({"data": 2, "expert": 4}), *args), want)
