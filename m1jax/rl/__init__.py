@@ -1,4 +1,5 @@
-"""RL on verifiable rewards: CISPO and its baselines (losses), group advantages, rule-based rewards."""
+"""RL on verifiable rewards: CISPO and its baselines (losses), group advantages, rule-based rewards, rollouts through
+the inference engine, and the trainer (`train_rl`; the `m1jax rl` command)."""
 from m1jax.rl.advantages import group_advantages, sequence_advantages
 from m1jax.rl.losses import (
     cispo_loss,
@@ -25,9 +26,36 @@ from m1jax.rl.rewards import (
     score_batch,
     weighted_reward,
 )
+from m1jax.rl.rollout import (
+    ArithPrompts,
+    Rollout,
+    RolloutConfig,
+    collect_rollout,
+    get_rl_task,
+    probability_mismatch,
+    replay_logprobs,
+    sampler_config,
+    score_responses,
+)
+from m1jax.rl.trainer import LossConfig, RLConfig, RLResult, make_update_step, policy_loss, train_rl
 
 __all__ = [
+    "ArithPrompts",
     "ExecutionResult",
+    "LossConfig",
+    "RLConfig",
+    "RLResult",
+    "Rollout",
+    "RolloutConfig",
+    "collect_rollout",
+    "get_rl_task",
+    "make_update_step",
+    "policy_loss",
+    "probability_mismatch",
+    "replay_logprobs",
+    "sampler_config",
+    "score_responses",
+    "train_rl",
     "ProgramError",
     "ProgramMemoryError",
     "RewardFn",

@@ -1,0 +1,406 @@
+"""The RL trainer: generation batches of G responses per prompt, each feeding several off-policy updates.
+
+    for step in range(steps):                                   one generation batch per step
+        examples = task.examples(step, prompts_per_step)        a pure function of (seed, step)
+        rollout = collect_rollout(model, state.params, ...)     B = N * G responses, rewards, advantages, pi_old
+        for minibatch in split(shuffle(rollout), updates_per_batch):
+            state = update(state, minibatch)                    one optimizer step; pi_old stays the rollout's
+
+M1 fed each generation batch into 16 such updates; the later ones are off-policy (pi_theta has moved away from the
+pi_old that sampled the tokens), which is what the importance ratio r = pi_theta / pi_old and its clipping handle.
+
+The update is one jitted step `(TrainState, minibatch) -> (TrainState, metrics)`, sharded like pretraining's
+(`m1jax.train.step.state_shardings`, `m1jax.sharding.batch_sharding`): a forward over prompt + response with the
+current parameters, the log-probabilities of the response tokens, the chosen loss (CISPO, GRPO, DAPO or PPO-clip
+from `m1jax.rl.losses`) plus the MoE auxiliary losses, and AdamW (`make_optimizer`).
+
+DAPO's dynamic sampling drops groups whose G rewards are all equal (they have zero advantage, so they only dilute
+the token-level mean). DAPO over-samples to refill the batch; here the dropped groups are not replaced, so every
+algorithm gets the same generation budget. GRPO's KL term (the GRPO paper's beta 0.04 by default) takes the
+initial parameters as the reference policy.
+
+Each step appends one line to metrics.jsonl (reward, accuracy, response length, clip fractions, entropy, mismatch,
+approx_kl, loss, grad_norm, lr, ...); checkpoints hold the TrainState and the data position, and rerunning the same
+command resumes from the latest one with the same metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from m1jax.checkpoint.state import TrainCheckpoints, load_any
+from m1jax.config import M1Config
+from m1jax.inference.generate import generate
+from m1jax.model import M1ForCausalLM
+from m1jax.rl import losses
+from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, collect_rollout, decode_completion,
+                              get_rl_task, response_terms, score_responses)
+from m1jax.tokenizer import ByteTokenizer
+from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from m1jax.train.step import TrainState, state_shardings
+
+ALGOS = ("cispo", "grpo", "dapo", "ppo")
+METRICS_FILE = "metrics.jsonl"
+MODEL_CONFIG_FILE = "model_config.json"
+RUN_CONFIG_FILE = "rl_config.json"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: the task's generator under another seed
+UPDATE_KEYS = ("tokens", "segment_ids", "response_mask", "old_logprobs", "advantages", "ref_logprobs")
+
+
+# ------------------------------------------------------------------------------------------------ losses
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """algo: "cispo" | "grpo" | "dapo" | "ppo". eps_high: CISPO's and DAPO's upper clip bound. eps: the symmetric
+    band of PPO and GRPO, and DAPO's lower bound. kl_beta: GRPO's KL coefficient towards the initial policy
+    (None: the GRPO paper's 0.04 for GRPO, no KL term for the others; 0: GRPO without a reference model)."""
+
+    algo: str = "cispo"
+    eps_high: float = losses.CISPO_EPS_HIGH
+    eps: float = losses.PPO_EPS
+    kl_beta: float | None = None
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo={self.algo!r}; choose one of {ALGOS}")
+        for name in ("eps_high", "eps", "kl_beta"):
+            value = getattr(self, name)
+            if name == "kl_beta" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r}: pass a float >= 0")
+        if self.kl_beta and self.algo != "grpo":
+            raise ValueError(f"kl_beta={self.kl_beta} is GRPO's KL coefficient; algo {self.algo!r} has no KL term "
+                             "(pass kl_beta=None or 0)")
+
+    @property
+    def beta(self) -> float:
+        """The KL coefficient in effect."""
+        if self.kl_beta is None:
+            return losses.GRPO_BETA if self.algo == "grpo" else 0.0
+        return float(self.kl_beta)
+
+
+def policy_loss(cfg: LossConfig, logprobs, old_logprobs, advantages, mask, ref_logprobs=None):
+    """(loss, metrics) of the configured algorithm on (B, T) log-probs (see m1jax.rl.losses)."""
+    if cfg.algo == "cispo":
+        return losses.cispo_loss(logprobs, old_logprobs, advantages, mask, eps_high=cfg.eps_high)
+    if cfg.algo == "dapo":
+        return losses.dapo_loss(logprobs, old_logprobs, advantages, mask, eps_low=cfg.eps, eps_high=cfg.eps_high)
+    if cfg.algo == "ppo":
+        return losses.ppo_clip_loss(logprobs, old_logprobs, advantages, mask, eps=cfg.eps)
+    return losses.grpo_loss(logprobs, old_logprobs, advantages, mask, eps=cfg.eps,
+                            ref_logprobs=ref_logprobs if cfg.beta else None, beta=cfg.beta)
+
+
+# ------------------------------------------------------------------------------------------------ the update
+def update_objective(model: M1ForCausalLM, loss_cfg: LossConfig, temperature: float, params, batch: dict):
+    """(objective, metrics) of one minibatch: the policy loss + the MoE auxiliary losses, entropy as a metric."""
+    response_len = batch["response_mask"].shape[1]
+    logprobs, entropy, out = response_terms(model, params, batch["tokens"], batch["segment_ids"], response_len,
+                                            temperature)
+    mask = batch["response_mask"]
+    loss, metrics = policy_loss(loss_cfg, logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                batch.get("ref_logprobs"))
+    cfg = model.config
+    aux = cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
+    metrics = dict(metrics, entropy=jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+                   aux_loss=out.aux_loss)
+    return loss + aux, metrics
+
+
+def make_update_step(model: M1ForCausalLM, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
+                     temperature: float = 1.0, state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
+    """Jitted `update(state, minibatch) -> (state, metrics)`; the state is donated.
+
+    minibatch: tokens, segment_ids (B, W + T) int32; response_mask, old_logprobs (B, T); advantages (B,); and
+    ref_logprobs (B, T) for GRPO with a KL term. batch_shardings: a dict of shardings with the same keys.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(update_objective, model, loss_cfg, float(temperature)),
+                                 has_aux=True)
+
+    def update(state: TrainState, batch: dict):
+        (objective, metrics), grads = grad_fn(state.params, batch)
+        if state_shardings is not None:  # gradients take their parameters' shardings, as in pretraining
+            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, objective=objective, grad_norm=optax.tree.norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+    if state_shardings is None:
+        return jax.jit(update, donate_argnums=0)
+    return jax.jit(update, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                   donate_argnums=0)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class RLConfig:
+    """A run. steps counts generation batches; each feeds updates_per_batch optimizer steps of
+    prompts_per_step * group_size / updates_per_batch responses."""
+
+    out: str
+    init: str | None = None  # a training output or Hugging Face directory (load_any)
+    task: str = "arith"
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 20
+    prompts_per_step: int = 8
+    updates_per_batch: int = 4
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    dynamic_sampling: bool | None = None  # None: on for DAPO only
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        learning_rate=1e-4, warmup_steps=0, schedule="constant", eps=1e-15, weight_decay=0.0))
+    seed: int = 0
+    checkpoint_every: int = 0  # generation batches; 0: only at the end
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # greedy accuracy on held-out prompts every N steps (0: at the start and the end only)
+    eval_prompts: int = 128  # 0: no evaluation
+    mesh: dict[str, int] | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "updates_per_batch", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: pass a positive integer")
+        for name in ("checkpoint_every", "eval_every", "eval_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: pass an integer >= 0 (0: off)")
+        rows = self.prompts_per_step * self.rollout.group_size
+        if rows % self.updates_per_batch:
+            raise ValueError(f"prompts_per_step * group_size = {rows} responses do not split into updates_per_batch="
+                             f"{self.updates_per_batch} equal minibatches; pick sizes where it divides")
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.prompts_per_step * self.rollout.group_size // self.updates_per_batch
+
+    @property
+    def uses_dynamic_sampling(self) -> bool:
+        return self.loss.algo == "dapo" if self.dynamic_sampling is None else self.dynamic_sampling
+
+
+@dataclasses.dataclass
+class RLResult:
+    config: M1Config
+    state: TrainState
+    history: list[dict]
+    final_eval: dict
+    resumed_from: int | None
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of generation batch `step`: a pure function of (seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def greedy_accuracy(model: M1ForCausalLM, params, task, count: int, max_new_tokens: int,
+                    tokenizer=ByteTokenizer()) -> float:
+    """Fraction of `count` held-out prompts (the task under another seed) answered exactly by greedy decoding."""
+    held_out = dataclasses.replace(task, seed=task.seed + EVAL_SEED_OFFSET)
+    examples = held_out.examples(0, count)
+    out = generate(model, params, [tokenizer.encode(e["prompt"]) for e in examples], max_new_tokens=max_new_tokens,
+                   stop_ids=(NEWLINE_ID, tokenizer.eos_id), pad_id=tokenizer.pad_id)
+    texts = [decode_completion(tokenizer, c) for c in out.completions]
+    return float(np.mean([task.is_correct(t, e) for t, e in zip(texts, examples)]))
+
+
+def _update_batch(rollout: Rollout, keep_rows: np.ndarray, ref_logprobs) -> dict[str, np.ndarray]:
+    batch = rollout.batch()
+    batch["response_mask"] = batch["response_mask"] * keep_rows[:, None].astype(np.float32)
+    if ref_logprobs is not None:
+        batch["ref_logprobs"] = ref_logprobs
+    return batch
+
+
+def _rewrite_metrics(path: str, upto_step: int) -> None:
+    """Keep the lines of steps <= upto_step (a resumed run recomputes the later ones)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _place(batch: dict, shardings: dict | None) -> dict:
+    if shardings is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
+
+
+def _load_policy(cfg: RLConfig, policy) -> tuple[M1Config, Any]:
+    if policy is not None:
+        return policy
+    if cfg.init is None:
+        raise ValueError("no initial policy: pass RLConfig.init (a training output or Hugging Face directory)")
+    return load_any(cfg.init)
+
+
+def _check_model(out: str, config: M1Config, tokenizer, max_len: int) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the task's tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{config.vocab_size}; start from a model trained on the task's tokens")
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}; lower max_new_tokens")
+    path = os.path.join(out, MODEL_CONFIG_FILE)
+    if os.path.exists(path) and M1Config.from_hf(path) != config:
+        raise ValueError(f"{out} holds a run of another model ({path} differs from --init's); use a new --out")
+
+
+@functools.lru_cache(maxsize=8)
+def _single_device_update(model: M1ForCausalLM, opt_cfg: OptimizerConfig, loss_cfg: LossConfig,
+                          temperature: float) -> Callable:
+    """One compiled update per (model, optimizer, loss, temperature): runs in one process (an experiment's seeds
+    and algorithms, a resumed run) share it."""
+    return make_update_step(model, make_optimizer(opt_cfg), loss_cfg, temperature=temperature)
+
+
+def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task: Any = None,
+             callback: Callable[[int, dict], None] | None = None) -> RLResult:
+    """Run (or resume) RL into cfg.out. callback(step, record) after each generation batch's metrics line.
+
+    policy: (config, params) instead of loading cfg.init. task: an object like `ArithPrompts` (name, seed,
+    max_prompt_len, examples(step, count), reward_fn, is_correct, options()) instead of cfg.task.
+    """
+    task = get_rl_task(cfg.task, seed=cfg.seed, **cfg.task_options) if task is None else task
+    config, init_params = _load_policy(cfg, policy)
+    tokenizer = ByteTokenizer()
+    _check_model(cfg.out, config, tokenizer, task.max_prompt_len + cfg.rollout.max_new_tokens)
+    os.makedirs(cfg.out, exist_ok=True)
+    model = M1ForCausalLM(config)
+    opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps * cfg.updates_per_batch)
+    optimizer, schedule = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
+
+    def fresh_state():  # the update donates the state: copy parameters the caller still holds
+        params = init_params if policy is None else jax.tree.map(jnp.copy, init_params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(jax.random.key(cfg.seed)))
+
+    abstract = jax.eval_shape(fresh_state)
+    mesh = shardings = batch_shardings = None
+    if cfg.mesh:
+        from m1jax import sharding
+        mesh = sharding.create_mesh(cfg.mesh)
+        sharding.check_mesh(mesh, num_experts=config.num_experts, batch_size=cfg.minibatch_size)
+        shardings = state_shardings(abstract, optimizer, mesh)
+        batch_shardings = {k: sharding.batch_sharding(mesh, cfg.minibatch_size, ndim=1 if k == "advantages" else 2)
+                           for k in UPDATE_KEYS}
+    data_key = {"task": task.name, **task.options(), "prompts_per_step": cfg.prompts_per_step}
+    checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
+    # Every array is placed explicitly (committed), so each jitted step compiles once, whatever produced its input.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None:
+        shardings_or_device = jax.tree.map(lambda _: device, abstract)
+    else:
+        shardings_or_device = shardings
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract,
+                          shardings_or_device)
+    restored = checkpoints.restore_latest(target)
+    if restored is not None:
+        start, state, meta = restored
+        if meta.get("data") != data_key:
+            raise ValueError(f"{cfg.out} was trained on other prompts ({meta.get('data')}), not {data_key}; "
+                             "use a new --out or the same task options and seed")
+    else:
+        start, state = 0, jax.device_put(fresh_state(), shardings_or_device)
+    reference = None  # GRPO's KL term: the initial policy, in buffers of its own (the state's are donated)
+    if cfg.loss.beta:
+        reference = jax.device_put(jax.tree.map(jnp.copy, init_params), shardings_or_device.params)
+    if shardings is None:
+        update = _single_device_update(model, opt_cfg, cfg.loss, float(cfg.rollout.temperature))
+    else:
+        update = make_update_step(model, optimizer, cfg.loss, temperature=cfg.rollout.temperature,
+                                  state_shardings=shardings, batch_shardings=batch_shardings)
+    metrics_path = os.path.join(cfg.out, METRICS_FILE)
+    _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
+    _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+    _rewrite_metrics(metrics_path, start)
+    history: list[dict] = []
+
+    def evaluate(params) -> float:
+        return greedy_accuracy(model, params, task, cfg.eval_prompts, cfg.rollout.max_new_tokens, tokenizer)
+
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for step in range(start, cfg.steps):
+                begin = time.perf_counter()
+                record = {"step": step + 1}
+                if step == 0 and cfg.eval_prompts:
+                    record["eval_accuracy_initial"] = evaluate(state.params)
+                rollout = collect_rollout(model, state.params, task.examples(step, cfg.prompts_per_step),
+                                          config=cfg.rollout, seed=step_seed(cfg.seed, step),
+                                          reward_fn=task.reward_fn, tokenizer=tokenizer,
+                                          prompt_width=task.max_prompt_len)
+                group = cfg.rollout.group_size
+                grouped = rollout.rewards.reshape(-1, group)
+                keep_groups = (np.asarray(losses.dynamic_sampling_filter(grouped)) if cfg.uses_dynamic_sampling
+                               else np.ones(len(grouped), bool))
+                ref_logprobs = None
+                if reference is not None:
+                    ref_logprobs = np.asarray(score_responses(
+                        model, reference, jnp.asarray(rollout.tokens), jnp.asarray(rollout.segment_ids),
+                        cfg.rollout.max_new_tokens, float(cfg.rollout.temperature))[0])
+                batch = _update_batch(rollout, np.repeat(keep_groups, group), ref_logprobs)
+                rollout_seconds = time.perf_counter() - begin
+                order = np.random.default_rng([cfg.seed, step]).permutation(len(rollout.rewards))
+                update_metrics = []
+                with (contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)):
+                    for rows in np.split(order, cfg.updates_per_batch):
+                        state, metrics = update(state, _place({k: v[rows] for k, v in batch.items()},
+                                                              batch_shardings))
+                        update_metrics.append(metrics)
+                update_metrics = jax.device_get(update_metrics)
+                means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+                record.update(
+                    reward_mean=float(rollout.rewards.mean()), accuracy=accuracy(rollout, task.is_correct),
+                    response_length=float(rollout.response_lengths.mean()),
+                    entropy_rollout=float(rollout.entropy.sum() / max(rollout.response_mask.sum(), 1.0)),
+                    kept_groups_frac=float(keep_groups.mean()),
+                    solved_groups_frac=float(np.mean(grouped.min(axis=1) > 0)),
+                    reward_errors=rollout.reward_stats["errors"], **rollout.mismatch,
+                    **{k: v for k, v in means.items() if k != "num_tokens"},
+                    loss_first_update=float(update_metrics[0]["loss"]),
+                    lr=float(schedule(step * cfg.updates_per_batch)),
+                    updates=int(state.step), rollout_seconds=rollout_seconds,
+                    step_seconds=time.perf_counter() - begin)
+                done = step + 1
+                if cfg.eval_prompts and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                    record["eval_accuracy"] = evaluate(state.params)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                    checkpoints.save(done, state, {"step": done, "data": data_key})
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                history.append(record)
+                if cfg.progress:
+                    print(f"rl step {done}/{cfg.steps} reward {record['reward_mean']:.3f} "
+                          f"acc {record['accuracy']:.3f} loss {record['loss']:.4f} "
+                          f"clip_high {record['clip_high_frac']:.3f} ({record['step_seconds']:.1f}s)",
+                          file=sys.stderr, flush=True)
+                if callback is not None:
+                    callback(done, record)
+    finally:
+        checkpoints.close()
+    final_eval = {"eval_accuracy": history[-1]["eval_accuracy"]} if history and cfg.eval_prompts else {}
+    return RLResult(config, state, history, final_eval, start if restored is not None else None)
