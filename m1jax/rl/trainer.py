@@ -145,6 +145,19 @@ def make_update_step(model: M1ForCausalLM, optimizer: optax.GradientTransformati
                    donate_argnums=0)
 
 
+def mesh_shardings(axes: dict[str, int], config: M1Config, abstract_state: TrainState,
+                   optimizer: optax.GradientTransformation, minibatch_size: int, with_reference: bool = False):
+    """(mesh, TrainState shardings, minibatch shardings by key) for a mesh like {"data": 2, "expert": 4}: the
+    parameters and moments by the project's rules (as in pretraining), the minibatch's rows over the batch axes.
+    with_reference: the minibatch carries ref_logprobs (GRPO's KL term)."""
+    from m1jax import sharding
+    mesh = sharding.create_mesh(axes)
+    sharding.check_mesh(mesh, num_experts=config.num_experts, batch_size=minibatch_size)
+    keys = UPDATE_KEYS if with_reference else tuple(k for k in UPDATE_KEYS if k != "ref_logprobs")
+    batch = {k: sharding.batch_sharding(mesh, minibatch_size, ndim=1 if k == "advantages" else 2) for k in keys}
+    return mesh, state_shardings(abstract_state, optimizer, mesh), batch
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclasses.dataclass
 class RLConfig:
@@ -301,12 +314,8 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
     abstract = jax.eval_shape(fresh_state)
     mesh = shardings = batch_shardings = None
     if cfg.mesh:
-        from m1jax import sharding
-        mesh = sharding.create_mesh(cfg.mesh)
-        sharding.check_mesh(mesh, num_experts=config.num_experts, batch_size=cfg.minibatch_size)
-        shardings = state_shardings(abstract, optimizer, mesh)
-        batch_shardings = {k: sharding.batch_sharding(mesh, cfg.minibatch_size, ndim=1 if k == "advantages" else 2)
-                           for k in UPDATE_KEYS}
+        mesh, shardings, batch_shardings = mesh_shardings(cfg.mesh, config, abstract, optimizer, cfg.minibatch_size,
+                                                          with_reference=bool(cfg.loss.beta))
     data_key = {"task": task.name, **task.options(), "prompts_per_step": cfg.prompts_per_step}
     checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
     # Every array is placed explicitly (committed), so each jitted step compiles once, whatever produced its input.

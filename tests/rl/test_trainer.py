@@ -16,7 +16,7 @@ from m1jax.config import M1Config
 from m1jax.model import M1ForCausalLM, init_params
 from m1jax.rl import losses
 from m1jax.rl.rollout import RolloutConfig
-from m1jax.rl.trainer import LossConfig, RLConfig, make_update_step, train_rl
+from m1jax.rl.trainer import LossConfig, RLConfig, make_update_step, mesh_shardings, train_rl
 from m1jax.train.step import TrainState
 
 PAD = 256
@@ -85,6 +85,39 @@ def test_one_update_equals_the_loss_gradient_of_the_plain_layout(tiny, algo):
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(moved)) > 1e-4, "the update left params unchanged"
     jax.tree.map(lambda m, g: np.testing.assert_allclose(m, g, rtol=2e-4, atol=2e-7), moved, expected_grads)
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(expected_grads), rtol=1e-4)
+
+
+def test_the_update_on_a_mesh_equals_one_device(tiny):
+    """Parameters and moments sharded by the pretraining rules, the minibatch over data x fsdp x expert."""
+    config, params = tiny
+    model = M1ForCausalLM(config)
+    rng = np.random.default_rng(2)
+    rows, width, horizon = 8, 4, 4
+    tokens = rng.integers(0, 256, (rows, width + horizon)).astype(np.int32)
+    segment_ids = np.ones_like(tokens)
+    segment_ids[:3, :2] = 0  # left padding
+    mask = (np.arange(horizon)[None] < rng.integers(0, horizon + 1, rows)[:, None]).astype(np.float32)
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "response_mask": mask,
+             "old_logprobs": -rng.exponential(1.0, (rows, horizon)).astype(np.float32),
+             "advantages": rng.normal(0, 1, rows).astype(np.float32)}
+    optimizer = optax.adamw(1e-3)
+    loss_cfg = LossConfig(algo="dapo")
+
+    def fresh():
+        return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),
+                          opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(0)))
+
+    single, single_metrics = make_update_step(model, optimizer, loss_cfg)(fresh(), {k: jnp.asarray(v)
+                                                                                   for k, v in batch.items()})
+    mesh, shardings, batch_shardings = mesh_shardings({"data": 2, "fsdp": 2, "expert": 2}, config,
+                                                      jax.eval_shape(fresh), optimizer, rows)
+    update = make_update_step(model, optimizer, loss_cfg, state_shardings=shardings, batch_shardings=batch_shardings)
+    with jax.set_mesh(mesh):
+        sharded, metrics = update(jax.device_put(fresh(), shardings),
+                                  {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()})
+    assert sharded.params["lm_head"]["kernel"].sharding.spec == shardings.params["lm_head"]["kernel"].spec
+    np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded.params, single.params)
 
 
 # ------------------------------------------------------------------------------------------------ the run
