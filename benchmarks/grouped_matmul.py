@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import json_logger, rel_err, timed
 from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul, grouped_matmul_reference
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
@@ -37,25 +37,7 @@ LOG_PATH = os.path.join(os.environ.get("OUT", "."), "grouped_matmul.jsonl")
 FAILURES = []
 
 
-def log(**record):
-    line = json.dumps(record)
-    print(line, flush=True)
-    with open(LOG_PATH, "a") as f:  # written as we go: a run cut short still leaves its numbers
-        f.write(line + "\n")
-
-
-def timed(fn, *args, reps, inner):
-    """Median seconds per call: warm up (compiles), then reps x (inner back-to-back calls, one sync)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+log = json_logger(LOG_PATH)
 
 
 def routing_sizes(kind, rows, experts, seed=0):
@@ -64,11 +46,6 @@ def routing_sizes(kind, rows, experts, seed=0):
         return np.full(experts, rows // experts, np.int32)
     probs = np.ones(experts) if kind == "random" else np.exp(rng.normal(0.0, 1.0, experts))  # skewed: lognormal
     return rng.multinomial(rows, probs / probs.sum()).astype(np.int32)
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def check_correctness(interpret):

@@ -17,7 +17,6 @@ Writes JSON lines to $OUT/moe.jsonl (or ./moe.jsonl) as it goes; prints a table 
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import json_logger, rel_err, timed  # noqa: E402
 from m1jax.config import M1Config  # noqa: E402
 from m1jax.layers.moe import MoE, expert_capacity, moe_dense_reference  # noqa: E402
 from m1jax.sharding import activation_sharding, create_mesh, shard_params  # noqa: E402
@@ -39,34 +39,7 @@ LOG_PATH = os.path.join(os.environ.get("OUT", "."), "moe.jsonl")
 FAILURES = []
 
 
-def log(**record):
-    line = json.dumps(record)
-    print(line, flush=True)
-    with open(LOG_PATH, "a") as f:  # written as we go: a run cut short still leaves its numbers
-        f.write(line + "\n")
-
-
-def timed(fn, *args, reps, inner):
-    """Median seconds per call: warm up (compiles), then reps x (inner back-to-back calls, one sync). Calls slower
-    than 50 ms (XLA's ragged_dot on the GPU) get 3 x 1."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    if time.perf_counter() - start > 0.05:
-        reps, inner = 3, 1
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+log = json_logger(LOG_PATH)
 
 
 def layer_config(sizes, dtype="bfloat16", **options):
@@ -145,7 +118,7 @@ def time_variants(sizes, smoke, table):
 
     def add(variant, devices, run, note=""):
         try:
-            seconds = timed(run, reps=reps, inner=inner)
+            seconds = timed(run, reps=reps, inner=inner, slow_seconds=0.05)
         except Exception as error:  # one failing variant does not stop the others
             log(event="time", variant=variant, devices=devices, error=repr(error)[:400])
             table.append((variant, devices, None, note + " FAILED"))
