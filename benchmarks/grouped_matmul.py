@@ -13,7 +13,6 @@ Writes JSON lines to $OUT/grouped_matmul.jsonl (or ./grouped_matmul.jsonl) as it
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time

@@ -15,7 +15,6 @@ FLOPs counted: 3 expert matmuls of 2 N k hidden F each forward, twice that backw
 Writes JSON lines to $OUT/moe.jsonl (or ./moe.jsonl) as it goes; prints a table last.
 """
 import argparse
-import json
 import os
 import sys
 import time
