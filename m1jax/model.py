@@ -24,6 +24,7 @@ from m1jax.layers.block import DecoderLayer
 from m1jax.layers.moe import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.rope import segment_positions
+from m1jax.sharding import constrain
 
 REMAT_POLICIES = {
     "none": None,
@@ -107,7 +108,7 @@ class M1ForCausalLM(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cdtype, param_dtype=pdtype, embedding_init=init,
                          name="embed")
-        h = embed(input_ids)
+        h = constrain(embed(input_ids), "batch", "length", "act_embed")  # a no-op without a mesh
 
         if cache is None:
             group = LayerGroup
