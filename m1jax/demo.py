@@ -76,25 +76,20 @@ def _routing_summary(result) -> None:
 
 
 def _samples(result) -> None:
-    try:
-        from m1jax.inference.engine import generate
-    except ImportError:
-        return
-    import jax.numpy as jnp
-
+    from m1jax.inference import generate
+    from m1jax.model import M1ForCausalLM
     from m1jax.train.data import make_data
+
     data = make_data("mqar", batch_size=2, seq_len=64, seed=11, vocab_size=result.config.vocab_size,
                      num_pairs=PAIRS)
     batch = data.batch(0)
-    graded = np.flatnonzero(batch["loss_mask"][0])
-    if graded.size == 0:
-        return
-    cut = int(graded[0]) + 1  # prompt: the pairs and the first query key
-    prompt = jnp.asarray(batch["inputs"][:, :cut])
-    out = generate(result.config, result.state.params, prompt, max_new_tokens=1)
-    print("\n== greedy recall of the first query (model vs answer) ==")
-    for row in range(prompt.shape[0]):
-        print(f"query key {int(prompt[row, -1])}: model says {int(out.tokens[row, -1])}, "
+    print("\n== greedy recall of each row's first query (the prompt is the pairs and the query key) ==")
+    for row in range(2):
+        graded = np.flatnonzero(batch["loss_mask"][row])
+        cut = int(graded[0]) + 1
+        out = generate(M1ForCausalLM(result.config), result.state.params, [batch["inputs"][row, :cut].tolist()],
+                       max_new_tokens=1)
+        print(f"query key {int(batch['inputs'][row, cut - 1])}: model says {int(out.tokens[0, -1])}, "
               f"answer {int(batch['targets'][row, cut - 1])}")
 
 
