@@ -9,16 +9,8 @@ import sys
 
 
 def _mesh_arg(text: str | None) -> dict[str, int] | None:
-    """"data=2,fsdp=2,expert=2" -> {"data": 2, "fsdp": 2, "expert": 2}."""
-    if not text:
-        return None
-    mesh = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not size.isdigit() or int(size) < 1:
-            raise argparse.ArgumentTypeError(f"--mesh part {part!r}: write axis=size, e.g. data=2,expert=4")
-        mesh[name.strip()] = int(size)
-    return mesh
+    from m1jax.sharding import parse_mesh
+    return parse_mesh(text)
 
 
 def _overrides(args) -> dict:
@@ -195,21 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("rl", help="reinforcement learning (CISPO and baselines) on a verifiable task")
-    p.add_argument("--init", required=True, help="a training output or HF checkpoint to start from")
-    p.add_argument("--task", default="arith")
-    p.add_argument("--algo", default="cispo", choices=["cispo", "grpo", "dapo", "ppo"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--out", required=True)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--updates-per-batch", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--eps-high", type=float, default=0.28)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    from m1jax.rl.cli import add_rl_arguments
+    p = add_rl_arguments(sub.add_parser("rl", help="reinforcement learning (CISPO and baselines) on a verifiable task"))
     p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("bench", help="run a GPU benchmark script from benchmarks/")

@@ -89,6 +89,19 @@ def create_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Dev
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """"data=2,fsdp=2,expert=2" (the command line's --mesh) -> {"data": 2, "fsdp": 2, "expert": 2}; None/"" -> None."""
+    if not text:
+        return None
+    axes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh part {part!r}: write axis=size, e.g. data=2,expert=4")
+        axes[name.strip()] = int(size)
+    return axes
+
+
 def axis_size(mesh: Mesh | jax.sharding.AbstractMesh, name: str) -> int:
     """Size of mesh axis `name`; 1 when the mesh does not have it."""
     return dict(mesh.shape).get(name, 1)

@@ -4,30 +4,20 @@
              [--prompts-per-step N] [--updates-per-batch U] [--max-new-tokens T] [--lr LR] [--eps-high E]
              [--temperature T] [--seed S] [--checkpoint-every K]
 
-Options read when the parser defines them (defaults otherwise): --digits, --ops (arith), --eval-every,
---eval-prompts, --mesh, --kl-beta (GRPO; default 0.04), --dynamic-sampling on|off, --sampler-dtype, --sampler-lm-head
-float32|compute, --sampler-logprobs decode|forward, --old-logprobs trainer|sampler, --weight-decay, --adam-eps,
---keep. Rerunning the same command on the same --out resumes from the latest checkpoint. Prints one JSON summary.
+Also: --digits, --ops (arith), --eval-every, --eval-prompts, --mesh, --kl-beta (GRPO; default 0.04),
+--dynamic-sampling on|off, --sampler-dtype, --sampler-lm-head float32|compute, --sampler-logprobs decode|forward,
+--old-logprobs trainer|sampler, --warmup, --weight-decay, --adam-eps, --keep. Rerunning the same command on the same
+--out resumes from the latest checkpoint. Prints one JSON summary.
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 from m1jax.rl.rollout import RolloutConfig
+from m1jax.sharding import parse_mesh
 from m1jax.rl.trainer import LossConfig, RLConfig, train_rl
 from m1jax.train.optimizer import OptimizerConfig
-
-
-def _mesh(text: str | None) -> dict[str, int] | None:
-    if not text:
-        return None
-    mesh = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not size.strip().isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh part {part!r}: write axis=size, e.g. data=2,expert=4")
-        mesh[name.strip()] = int(size)
-    return mesh
 
 
 def _on_off(value, name: str) -> bool | None:
@@ -46,6 +36,39 @@ def _lm_head(value) -> bool | None:
     return value == "float32"
 
 
+def add_rl_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--init", required=True, help="a training output or HF checkpoint to start from")
+    p.add_argument("--task", default="arith")
+    p.add_argument("--algo", default="cispo", choices=["cispo", "grpo", "dapo", "ppo"])
+    p.add_argument("--steps", type=int, default=20, help="generation batches")
+    p.add_argument("--out", required=True)
+    p.add_argument("--group-size", type=int, default=8, help="samples per prompt (G >= 2)")
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--updates-per-batch", type=int, default=4, help="off-policy updates per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eps-high", type=float, default=0.28)
+    p.add_argument("--kl-beta", type=float, help="GRPO's KL coefficient (default 0.04; none for the others)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--digits", type=int, help="arith: operand digits")
+    p.add_argument("--ops", help="arith: operators, e.g. '+-*'")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-prompts", type=int, default=128)
+    p.add_argument("--mesh", help="e.g. data=2,expert=2")
+    p.add_argument("--dynamic-sampling", choices=["on", "off"], help="DAPO's filter (default: on for dapo)")
+    p.add_argument("--sampler-dtype", choices=["float32", "bfloat16"], help="the rollout engine's compute dtype")
+    p.add_argument("--sampler-lm-head", choices=["float32", "compute"], help="float32: the paper's mismatch fix")
+    p.add_argument("--sampler-logprobs", choices=["decode", "forward"], default="decode")
+    p.add_argument("--old-logprobs", choices=["trainer", "sampler"], default="trainer")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--adam-eps", type=float, default=1e-15, help="the paper's AdamW eps")
+    return p
+
+
 def config_from_args(args) -> RLConfig:
     """An RLConfig from parsed `m1jax rl` arguments (options the parser lacks take their defaults)."""
     opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
@@ -62,7 +85,7 @@ def config_from_args(args) -> RLConfig:
         prompts_per_step=args.prompts_per_step, updates_per_batch=args.updates_per_batch, rollout=rollout, loss=loss,
         dynamic_sampling=_on_off(opt("dynamic_sampling"), "--dynamic-sampling"), optimizer=optimizer,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=opt("keep", 3),
-        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=_mesh(opt("mesh")))
+        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=parse_mesh(opt("mesh")))
 
 
 def rl_main(args) -> int:
