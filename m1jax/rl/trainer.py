@@ -47,12 +47,11 @@ from m1jax.rl import losses
 from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, collect_rollout, decode_completion,
                               get_rl_task, response_terms, score_responses)
 from m1jax.tokenizer import ByteTokenizer
+from m1jax.train.loop import METRICS_FILE, MODEL_CONFIG_FILE, truncate_metrics, write_json
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.step import TrainState, state_shardings
 
 ALGOS = ("cispo", "grpo", "dapo", "ppo")
-METRICS_FILE = "metrics.jsonl"
-MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "rl_config.json"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: the task's generator under another seed
@@ -240,22 +239,6 @@ def _update_batch(rollout: Rollout, keep_rows: np.ndarray, ref_logprobs) -> dict
     return batch
 
 
-def _rewrite_metrics(path: str, upto_step: int) -> None:
-    """Keep the lines of steps <= upto_step (a resumed run recomputes the later ones)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def _write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-
-
 def _place(batch: dict, shardings: dict | None) -> dict:
     if shardings is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -343,9 +326,9 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
         update = make_update_step(model, optimizer, cfg.loss, temperature=cfg.rollout.temperature,
                                   state_shardings=shardings, batch_shardings=batch_shardings)
     metrics_path = os.path.join(cfg.out, METRICS_FILE)
-    _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
-    _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
-    _rewrite_metrics(metrics_path, start)
+    write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
+    write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+    truncate_metrics(metrics_path, start)
     history: list[dict] = []
 
     def evaluate(params) -> float:

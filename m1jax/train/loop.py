@@ -97,7 +97,7 @@ def _host_metrics(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-def _rewrite_metrics(path: str, upto_step: int) -> None:
+def truncate_metrics(path: str, upto_step: int) -> None:
     """Keep metrics lines of steps <= upto_step (a resumed run recomputes the later ones)."""
     if not os.path.exists(path):
         return
@@ -153,9 +153,9 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
         lead = jax.process_index() == 0  # on several hosts, one writes the run's files
         metrics_path = os.path.join(cfg.out, METRICS_FILE if lead else f"{METRICS_FILE}.{jax.process_index()}")
         if lead:
-            _write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
-            _write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), _jsonable(dataclasses.asdict(cfg)))
-        _rewrite_metrics(metrics_path, start)
+            write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
+            write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+        truncate_metrics(metrics_path, start)
 
         step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
@@ -237,16 +237,8 @@ def _check_same_model(out: str, model_config: M1Config) -> None:
                              "use a new --out directory or the same preset and options")
 
 
-def _write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+def write_json(path: str, value: dict) -> None:
+    """Write JSON atomically (temporary file, then rename); values JSON cannot hold are written as strings."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
