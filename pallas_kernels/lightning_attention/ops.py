@@ -75,12 +75,16 @@ def _resolve_impl(impl, head_dim, interpret, fallback):
     return impl
 
 
+PALLAS_BLOCK_SIZES = (16, 32, 64, 128)  # 256 failed to compile on an H200 (shared memory), 128 ran
+
+
 def _pallas_configs(block_size, shape, dtype):
     """(forward config, backward SweepConfig); None, None: the defaults."""
     if block_size is None:
         return None, None
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 for impl='pallas', got {block_size}")
+    if block_size not in PALLAS_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {PALLAS_BLOCK_SIZES} for impl='pallas', got {block_size} "
+                         "(larger blocks need more shared memory than a Hopper SM has; None picks the tuned 64)")
     return choose_forward_config(shape, dtype, block=block_size), SweepConfig(block=block_size)
 
 

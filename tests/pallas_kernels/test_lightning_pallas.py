@@ -145,8 +145,9 @@ def test_pallas_bad_inputs():
     q16 = jnp.zeros((1, 4, 2, 16))
     with pytest.raises(ValueError, match="needs a GPU"):
         lightning_attention(q16, q16, q16, slopes, impl="pallas")
-    with pytest.raises(ValueError, match="block_size must be a power of two"):
-        lightning_attention(q16, q16, q16, slopes, impl="pallas", block_size=24, interpret=True)
+    for block in (24, 256):
+        with pytest.raises(ValueError, match=r"block_size must be one of \(16, 32, 64, 128\)"):
+            lightning_attention(q16, q16, q16, slopes, impl="pallas", block_size=block, interpret=True)
     with pytest.raises(ValueError, match="slopes must have shape"):
         lightning_attention(q16, q16, q16, slopes[:1], impl="pallas", interpret=True)
     with pytest.raises(ValueError, match="k must have q's dtype"):
