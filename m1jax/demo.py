@@ -2,8 +2,8 @@
 multi-query associative recall on the CPU for about two minutes; then its recall accuracy against chance, routing
 statistics, a checkpoint and greedy samples.
 
-Everything is built in (no downloads). Output lands in runs/demo (rerunning resumes from its checkpoint, so a
-second `make demo` continues training where the first stopped). Two minutes on two cores is ~60 steps of 512
+Everything is built in (no downloads). Output lands in runs/demo; a rerun resumes from its checkpoint
+(M1JAX_DEMO_STEPS=200 make demo trains on to step 200). Two minutes on two cores is ~60 steps of 512
 tokens: enough to learn the task's token statistics, not yet recall (that takes hundreds of steps: see
 experiments/hybrid_ablation).
 """
