@@ -43,7 +43,7 @@ from m1jax.model import M1ForCausalLM
 from m1jax.rl.advantages import sequence_advantages
 from m1jax.rl.rewards import RewardFn, arith_reward, example_checker, score_batch
 from m1jax.tokenizer import ByteTokenizer
-from m1jax.train.tasks import TASKS, Arith, arith_problem, row_rng, score_arith
+from m1jax.train.tasks import TASKS, Arith, arith_problem, build_task, row_rng, score_arith
 
 SAMPLER_PATHS = ("decode", "forward")
 OLD_LOGPROBS = ("trainer", "sampler")
@@ -99,11 +99,7 @@ def get_rl_task(name: str, **options) -> ArithPrompts:
             raise ValueError(f"task {name!r} has no verifiable answer (its rows are token sequences graded by teacher "
                              f"forcing, not prompts with an answer to check); RL needs one of {sorted(RL_TASKS)}")
         raise ValueError(f"unknown RL task {name!r}; choose one of {sorted(RL_TASKS)}")
-    allowed = {f.name for f in dataclasses.fields(RL_TASKS[name])}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
-    return RL_TASKS[name](**options)
+    return build_task(RL_TASKS, name, options)
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -318,12 +318,17 @@ class Arith(Task):
 TASKS = {"mqar": MQAR, "copy": Copy, "arith": Arith}
 
 
+def build_task(registry: dict, name: str, options: dict):
+    """registry[name](**options), refusing options the task's dataclass does not have (named in the error)."""
+    allowed = {f.name for f in dataclasses.fields(registry[name])}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
+    return registry[name](**options)
+
+
 def get_task(name: str, **options) -> Task:
     """A task by name with its options, e.g. get_task("mqar", num_pairs=16, vocab=128)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    allowed = {f.name for f in dataclasses.fields(TASKS[name])}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
-    return TASKS[name](**options)
+    return build_task(TASKS, name, options)
