@@ -6,16 +6,19 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.layers.norms import RMSNorm
-from m1jax.layers.rope import apply_rope, segment_positions
+from m1jax.layers.rope import apply_rope, rope_inverse_frequencies, segment_positions
 
 
-def explicit_rotation(positions, head_dim, rotary_dim, theta):
-    """(B, T, D, D) float64 matrices: pair (i, i + r/2) rotated by pos * theta^(-2i/r); other dims identity."""
+def explicit_rotation(positions, head_dim, rotary_dim, freqs):
+    """(B, T, D, D) float64 matrices: pair (i, i + r/2) rotated by the float32 angle pos * freqs[i]; others identity.
+
+    The angle is formed in float32, as the released code does: at positions in the thousands one ulp of a frequency
+    moves the angle by ~1e-4 rad, so a float64 angle would measure float32 rounding, not the rotation.
+    """
     half = rotary_dim // 2
-    freqs = theta ** (-np.arange(half) * 2.0 / rotary_dim)
     mats = np.broadcast_to(np.eye(head_dim), positions.shape + (head_dim, head_dim)).copy()
     for i in range(half):
-        angle = positions * freqs[i]
+        angle = (positions.astype(np.float32) * np.float32(freqs[i])).astype(np.float64)
         c, s = np.cos(angle), np.sin(angle)
         mats[..., i, i], mats[..., i, i + half] = c, -s
         mats[..., i + half, i], mats[..., i + half, i + half] = s, c
@@ -28,9 +31,16 @@ def test_partial_rope_is_a_rotation_of_the_first_dims(head_dim, rotary_dim, thet
     x = rng.standard_normal((2, 13, 3, head_dim)).astype(np.float32)
     positions = rng.integers(0, 5000, size=(2, 13))
     got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), rotary_dim, theta))
-    want = np.einsum("btij,btnj->btni", explicit_rotation(positions, head_dim, rotary_dim, theta), x)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    freqs = np.asarray(rope_inverse_frequencies(rotary_dim, theta))
+    want = np.einsum("btij,btnj->btni", explicit_rotation(positions, head_dim, rotary_dim, freqs), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("rotary_dim, theta", [(8, 1e4), (32, 1e7), (64, 1e7), (4, 500.0)])
+def test_inverse_frequencies_are_theta_to_the_minus_2i_over_r(rotary_dim, theta):
+    want = theta ** (-np.arange(rotary_dim // 2) * 2.0 / rotary_dim)
+    np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(rotary_dim, theta)), want, rtol=3e-7, atol=0)
 
 
 def test_rope_preserves_relative_positions():
