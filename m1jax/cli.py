@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
         microbatches=args.microbatches, remat=args.remat, mesh=_mesh_arg(args.mesh),
         optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
                                   eps=args.eps, weight_decay=args.weight_decay),
-        loss=LossConfig(logit_z_loss_coef=args.z_loss), model_overrides=_overrides(args))
+        loss=LossConfig(logit_z_loss_coef=args.z_loss), model_overrides=_overrides(args),
+        tensorboard=args.tensorboard)
     result = train(cfg)
     summary = {"steps": cfg.steps, "resumed_from": result.resumed_from,
                "final_loss": result.history[-1]["loss"] if result.history else None, **result.final_eval}
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)

@@ -66,6 +66,7 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--adam-eps", type=float, default=1e-15, help="the paper's AdamW eps")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
     return p
 
 
@@ -85,7 +86,8 @@ def config_from_args(args) -> RLConfig:
         prompts_per_step=args.prompts_per_step, updates_per_batch=args.updates_per_batch, rollout=rollout, loss=loss,
         dynamic_sampling=_on_off(opt("dynamic_sampling"), "--dynamic-sampling"), optimizer=optimizer,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=opt("keep", 3),
-        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=parse_mesh(opt("mesh")))
+        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=parse_mesh(opt("mesh")),
+        tensorboard=bool(opt("tensorboard", False)))
 
 
 def rl_main(args) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -47,7 +46,8 @@ from m1jax.rl import losses
 from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, collect_rollout, decode_completion,
                               get_rl_task, response_terms, score_responses)
 from m1jax.tokenizer import ByteTokenizer
-from m1jax.train.loop import METRICS_FILE, MODEL_CONFIG_FILE, truncate_metrics, write_json
+from m1jax.train.loop import MODEL_CONFIG_FILE, write_json
+from m1jax.train.run_log import RunLog
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.step import TrainState, state_shardings
 
@@ -182,6 +182,7 @@ class RLConfig:
     eval_prompts: int = 128  # 0: no evaluation
     mesh: dict[str, int] | None = None
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "updates_per_batch", "keep_checkpoints"):
@@ -325,17 +326,15 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
     else:
         update = make_update_step(model, optimizer, cfg.loss, temperature=cfg.rollout.temperature,
                                   state_shardings=shardings, batch_shardings=batch_shardings)
-    metrics_path = os.path.join(cfg.out, METRICS_FILE)
     write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
     write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
-    truncate_metrics(metrics_path, start)
     history: list[dict] = []
 
     def evaluate(params) -> float:
         return greedy_accuracy(model, params, task, cfg.eval_prompts, cfg.rollout.max_new_tokens, tokenizer)
 
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with RunLog(cfg.out, start, tensorboard=cfg.tensorboard) as run_log:
             for step in range(start, cfg.steps):
                 begin = time.perf_counter()
                 record = {"step": step + 1}
@@ -382,8 +381,7 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
                     record["eval_accuracy"] = evaluate(state.params)
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                     checkpoints.save(done, state, {"step": done, "data": data_key})
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                run_log.write(record)
                 history.append(record)
                 if cfg.progress:
                     print(f"rl step {done}/{cfg.steps} reward {record['reward_mean']:.3f} "

@@ -23,12 +23,12 @@ from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
 from m1jax.train.data import make_data
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from m1jax.train.run_log import RunLog
 from m1jax.train.step import (BATCH_KEYS, LossConfig, TrainState, init_state, make_eval_step, make_train_step,
                               state_shardings)
 
 MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "run_config.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -53,6 +53,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
 
 
 @dataclasses.dataclass
@@ -95,16 +96,6 @@ class _Progress:
 
 def _host_metrics(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-
-
-def truncate_metrics(path: str, upto_step: int) -> None:
-    """Keep metrics lines of steps <= upto_step (a resumed run recomputes the later ones)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 def _shardings(model_config: M1Config, cfg: TrainConfig, abstract_state: TrainState, optimizer):
@@ -151,11 +142,9 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
     evaluate = make_eval_step(model)
     with _mesh_context(mesh):
         lead = jax.process_index() == 0  # on several hosts, one writes the run's files
-        metrics_path = os.path.join(cfg.out, METRICS_FILE if lead else f"{METRICS_FILE}.{jax.process_index()}")
         if lead:
             write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
             write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
-        truncate_metrics(metrics_path, start)
 
         step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
@@ -164,7 +153,8 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
         history: list[dict] = []
         last_time, last_step = time.perf_counter(), start
         try:
-            with open(metrics_path, "a") as metrics_file:
+            with RunLog(cfg.out, start, tensorboard=cfg.tensorboard,
+                        suffix="" if lead else f".{jax.process_index()}") as run_log:
                 for step in range(start, cfg.steps):
                     batch = _to_device(next(data), batch_sharding)
                     state, metrics = train_step(state, batch)
@@ -182,8 +172,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                                   mfu=(step_flops / seconds / peak) if peak else None)
                     if cfg.eval_every and done % cfg.eval_every == 0 and hasattr(data, "accuracy"):
                         record.update(_evaluate(evaluate, state.params, eval_data))
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    run_log.write(record)
                     history.append(record)
                     progress.update(done, record, start)
                     if callback is not None:

@@ -17,6 +17,7 @@ from m1jax.model import M1ForCausalLM, init_params
 from m1jax.rl import losses
 from m1jax.rl.rollout import RolloutConfig
 from m1jax.rl.trainer import LossConfig, RLConfig, make_update_step, mesh_shardings, train_rl
+from m1jax.train.run_log import read_tensorboard_scalars
 from m1jax.train.step import TrainState
 
 PAD = 256
@@ -190,7 +191,7 @@ def test_cli_runs_two_steps_end_to_end(tiny, tmp_path, capsys):
     save_pretrained(tmp_path / "init", config, params)
     argv = ["rl", "--init", str(tmp_path / "init"), "--task", "arith", "--algo", "grpo", "--steps", "2",
             "--out", str(tmp_path / "run"), "--group-size", "2", "--prompts-per-step", "2",
-            "--updates-per-batch", "2", "--max-new-tokens", "4", "--checkpoint-every", "1"]
+            "--updates-per-batch", "2", "--max-new-tokens", "4", "--checkpoint-every", "1", "--tensorboard"]
     run_cli(argv, digits=1, eval_prompts=4, dynamic_sampling="on")
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["algo"] == "grpo" and "eval_accuracy" in summary
@@ -200,6 +201,9 @@ def test_cli_runs_two_steps_end_to_end(tiny, tmp_path, capsys):
                 "entropy", "mismatch_corr", "mismatch_max_gap", "approx_kl", "loss", "grad_norm", "lr"):
         assert all(np.isfinite(r[key]) or key == "mismatch_corr" for r in lines), key
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+    board = read_tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [step for step, _ in board["reward_mean"]] == [1, 2]
+    np.testing.assert_array_equal([v for _, v in board["loss"]], np.float32([r["loss"] for r in lines]))
     run_cli(argv, digits=1, eval_prompts=4, dynamic_sampling="on")  # finished: a rerun resumes at the end
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
 

@@ -15,6 +15,7 @@ from m1jax.config import M1Config
 from m1jax.model import M1ForCausalLM
 from m1jax.train.loop import TrainConfig, train
 from m1jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer
+from m1jax.train.run_log import read_tensorboard_scalars
 from m1jax.train.step import init_state, make_train_step
 from m1jax.train.data import make_data
 
@@ -68,13 +69,18 @@ def test_kill_and_resume_is_bit_exact_and_torn_checkpoints_are_skipped(tmp_path)
         if step == 5:
             raise Crash
     with pytest.raises(Crash):
-        train(tiny_run(tmp_path / "b"), callback=crash_at_5)
-    resumed = train(tiny_run(tmp_path / "b"))
+        train(tiny_run(tmp_path / "b", tensorboard=True), callback=crash_at_5)
+    resumed = train(tiny_run(tmp_path / "b", tensorboard=True))
     assert resumed.resumed_from == 4
     assert [r["loss"] for r in resumed.history] == losses[4:]
     lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
     assert [l["loss"] for l in lines] == losses
+    # TensorBoard, as its reader sees it: the crashed run's step 5 purged, each step once, the same losses.
+    board = read_tensorboard_scalars(tmp_path / "b" / "tensorboard")
+    assert [step for step, _ in board["loss"]] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal([value for _, value in board["loss"]], np.float32(losses))
+    assert {"grad_norm", "lr", "tokens_per_s"} <= set(board)
 
     # Tear the newest checkpoint (6): a resume must warn, fall back to 4, and recompute 5 and 6 identically.
     shutil.rmtree(tmp_path / "c", ignore_errors=True)
