@@ -16,20 +16,27 @@ def numpy_top_k(logits, k):
     return out
 
 
-def numpy_top_p(logits, p):
-    """Walk the tokens from most to least probable, keeping them until the kept mass reaches p; keep ties."""
+def numpy_top_p(logits, p, with_borderline=False):
+    """Walk the tokens from most to least probable, keeping them until the kept mass reaches p; keep ties.
+    p = 1 keeps every token (as transformers): in float64 a dominant token's mass can round to 1 before the tail.
+    with_borderline also returns the tokens whose more-likely mass lies within 1e-6 of p, where float32 rounding
+    may decide either way."""
     out = np.full_like(logits, -np.inf)
+    borderline = np.zeros(logits.shape, bool)
     for b, row in enumerate(logits.astype(np.float64)):
         probs = np.exp(row - row.max())
         probs /= probs.sum()
         mass, last = 0.0, None
         for i in np.argsort(-probs, kind="stable"):
+            borderline[b, i] = abs(mass - p) < 1e-6
             if mass >= p:
                 break
             mass, last = mass + probs[i], probs[i]
         keep = probs >= last * (1 - 1e-6)
         out[b, keep] = logits[b, keep]
-    return out
+    if p >= 1:
+        out, borderline = logits.copy(), np.zeros(logits.shape, bool)
+    return (out, borderline) if with_borderline else out
 
 
 def awkward_logits(rng, batch=7, vocab=37):
@@ -50,9 +57,10 @@ def test_top_k_matches_numpy(k):
 def test_top_p_matches_numpy(p):
     logits = awkward_logits(np.random.default_rng())
     got = np.asarray(top_p_filter(jnp.asarray(logits), p))
-    want = numpy_top_p(logits, p)
-    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
-    np.testing.assert_array_equal(got[np.isfinite(got)], want[np.isfinite(want)])
+    want, borderline = numpy_top_p(logits, p, with_borderline=True)
+    decided = ~borderline
+    np.testing.assert_array_equal(np.isfinite(got)[decided], np.isfinite(want)[decided])
+    np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
 
 
 def test_draws_follow_the_filtered_distribution():
