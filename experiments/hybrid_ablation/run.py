@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=256, help="task ids: (vocab-1)//2 keys, the rest values")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=os.path.join("runs", "hybrid_ablation"))
@@ -41,7 +42,7 @@ def main():
                 seq_len=args.seq_len, seed=seed, log_every=max(args.steps // 20, 1),
                 eval_every=max(args.steps // 10, 1), progress=False,
                 optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 10),
-                model_overrides=dict(MODEL, layer_types=schedule), task_options={"num_pairs": args.pairs}))
+                model_overrides=dict(MODEL, layer_types=schedule), task_options={"num_pairs": args.pairs, "vocab": args.vocab}))
             rows.append({"schedule": name, "seed": seed, "seconds": time.perf_counter() - start,
                          "final_loss": result.history[-1]["loss"], **result.final_eval,
                          "curve": [(r["step"], r.get("eval_accuracy")) for r in result.history
@@ -55,7 +56,8 @@ def write_results(rows, args):
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "hybrid_ablation.json"), "w") as f:
         json.dump({"args": vars(args), "runs": rows}, f, indent=1)
-    lines = [f"mqar, {args.pairs} pairs, T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
+    lines = [f"mqar, {args.pairs} pairs, task vocab {args.vocab}, T={args.seq_len}, batch {args.batch_size}, "
+             f"{args.steps} steps, "
              f"seeds {args.seeds}; held-out recall accuracy", "",
              "| schedule | recall accuracy (mean over seeds) | per seed | final train loss |", "|---|---|---|---|"]
     for name in SCHEDULES:
