@@ -39,8 +39,8 @@ def main() -> int:
                       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=STEPS // 10),
                       task_options=TASK,
                       model_overrides={"router_aux_loss_coef": 0.01})  # Switch's 0.01: small routers collapse at 0.001
-    print(f"\n== training on mqar (multi-query associative recall, {TASK['num_pairs']} key-value pairs), {STEPS} steps, "
-          f"batch {BATCH} x {SEQ_LEN} tokens ==")
+    print(f"\n== training on mqar (multi-query associative recall, {TASK['num_pairs']} key-value pairs), "
+          f"{STEPS} steps, batch {BATCH} x {SEQ_LEN} tokens ==")
     start = time.perf_counter()
     result = train(cfg)
     elapsed = time.perf_counter() - start

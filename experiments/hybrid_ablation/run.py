@@ -42,7 +42,8 @@ def main():
                 seq_len=args.seq_len, seed=seed, log_every=max(args.steps // 20, 1),
                 eval_every=max(args.steps // 10, 1), progress=False,
                 optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 10),
-                model_overrides=dict(MODEL, layer_types=schedule), task_options={"num_pairs": args.pairs, "vocab": args.vocab}))
+                model_overrides=dict(MODEL, layer_types=schedule),
+                task_options={"num_pairs": args.pairs, "vocab": args.vocab}))
             rows.append({"schedule": name, "seed": seed, "seconds": time.perf_counter() - start,
                          "final_loss": result.history[-1]["loss"], **result.final_eval,
                          "curve": [(r["step"], r.get("eval_accuracy")) for r in result.history
@@ -57,8 +58,7 @@ def write_results(rows, args):
     with open(os.path.join(results, "hybrid_ablation.json"), "w") as f:
         json.dump({"args": vars(args), "runs": rows}, f, indent=1)
     lines = [f"mqar, {args.pairs} pairs, task vocab {args.vocab}, T={args.seq_len}, batch {args.batch_size}, "
-             f"{args.steps} steps, "
-             f"seeds {args.seeds}; held-out recall accuracy", "",
+             f"{args.steps} steps, seeds {args.seeds}; held-out recall accuracy", "",
              "| schedule | recall accuracy (mean over seeds) | per seed | final train loss |", "|---|---|---|---|"]
     for name in SCHEDULES:
         runs = [r for r in rows if r["schedule"] == name]
