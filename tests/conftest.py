@@ -7,3 +7,36 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _draw_seed() -> int:
+    """A fresh seed per test, or the one in M1JAX_TEST_SEED to replay a failure."""
+    fixed = os.environ.get("M1JAX_TEST_SEED")
+    return int(fixed) if fixed else int(np.random.SeedSequence().entropy % (2**31))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """The test's seed: printed in the report of a failing test (replay with M1JAX_TEST_SEED=<seed>)."""
+    value = _draw_seed()
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """The one source of test randomness: a numpy Generator seeded by `seed`."""
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("seed", f"M1JAX_TEST_SEED={value} reproduces this draw"))
