@@ -1,4 +1,4 @@
-"""`m1jax` command line: params | plan | train | generate | convert | data tokenize | rl | bench."""
+"""`m1jax` command line: params | plan | train | generate | convert | data tokenize | rl | serve | eval | bench."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +107,16 @@ def cmd_rl(args) -> int:
     return rl_main(args)
 
 
+def cmd_serve(args) -> int:
+    from m1jax.serve.cli import serve_main
+    return serve_main(args)
+
+
+def cmd_eval(args) -> int:
+    from m1jax.eval.cli import eval_main
+    return eval_main(args)
+
+
 def cmd_bench(args) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", f"{args.name}.py")
@@ -192,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     from m1jax.rl.cli import add_rl_arguments
     p = add_rl_arguments(sub.add_parser("rl", help="reinforcement learning (CISPO and baselines) on a verifiable task"))
     p.set_defaults(func=cmd_rl)
+
+    from m1jax.serve.cli import add_serve_arguments
+    p = add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint over HTTP (seed API + OpenAI-compatible)"))
+    p.set_defaults(func=cmd_serve)
+
+    from m1jax.eval.cli import add_eval_arguments
+    p = add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on a benchmark suite (math, code, long)"))
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="run a GPU benchmark script from benchmarks/")
     p.add_argument("name")

@@ -1,0 +1,1 @@
+"""m1jax.eval (being built)."""

@@ -1,0 +1,1 @@
+"""m1jax.serve (being built)."""
