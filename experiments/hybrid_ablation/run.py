@@ -1,91 +1,223 @@
-"""The canonical hybrid ablation on multi-query associative recall (mqar): pure lightning attention vs M1's 7:1
-hybrid vs pure softmax attention, same widths and parameter counts, same data and optimizer.
+"""The hybrid ablation that binds the lightning state, with the length-extrapolation probe in the same run.
 
-    python experiments/hybrid_ablation/run.py [--steps 300] [--seeds 0 1] [--out runs/hybrid_ablation]
+    python experiments/hybrid_ablation/run.py --size cpu|gpu [--out DIR] [--arms 0,1,8] [--deadline-s 480]
+    python experiments/hybrid_ablation/run.py --report DIR/hybrid_gpu.jsonl     # summaries + figures
 
-Linear attention with a fixed-size state is expected to fail recall once the pairs outgrow its state; one softmax
-layer in eight is expected to recover it. Results: experiments/results/hybrid_ablation.{json,md,png}.
+Arms (same width, vocab, MLP, norms): 8 layers with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers, and lightning-only
+at a second head dim (state H*D*D). Every arm trains a population of learning rates x seeds in one compiled loop
+(recall.Population) on MQAR with P pairs drawn per row (Zoology's regime: T=256, P in {16, 32, 64}, 1023 keys),
+then is evaluated at the training length per P, and at 2x..32x that length (MQAR with the same pairs spread over
+the row, and a needle) for the extrapolation probe. Raw rows are appended to DIR/hybrid_<size>.jsonl as they come;
+a rerun with the same DIR skips the arms already finished there (resume at arm granularity).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
+import sys
 import time
 
-from m1jax.config import LIGHTNING, SOFTMAX, m1_schedule
-from m1jax.train.loop import TrainConfig, train
-from m1jax.train.optimizer import OptimizerConfig
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCHEDULES = {"lightning only": (LIGHTNING,) * 8, "hybrid 7:1 (M1)": m1_schedule(8), "softmax only": (SOFTMAX,) * 8}
-MODEL = dict(vocab_size=512, hidden_size=128, num_heads=4, num_kv_heads=4, head_dim=32, num_experts=4,
-             experts_per_token=2, expert_size=256, rotary_dim=32, rope_theta=10_000.0, block_size=64,
-             max_position_embeddings=4096)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import recall  # noqa: E402
+
+SIZES = {
+    # every code path of "gpu", tiny numbers: CI runs it in seconds
+    "cpu": dict(num_layers=2, width=32, heads=2, head_dim=16, arm_order=("0", "1", "2", "L-D32"),
+                recipe=dict(seq_len=32, pair_choices=(2, 4, 8), vocab=64, batch_size=8, steps=4, chunk=2,
+                            warmup=1),
+                lrs=(1e-3, 3e-3), seeds=(0,), eval_rows=4, eval_every=1, lengths=(64,), long_rows=2,
+                compute_dtype="float32"),
+    # does the trainer learn MQAR at all? 2 layers, 600 steps on the CPU (a few minutes on 2 idle cores)
+    "sanity": dict(num_layers=2, width=64, heads=4, head_dim=16, arm_order=("2", "0"),
+                   recipe=dict(seq_len=64, pair_choices=(4, 8), vocab=64, batch_size=32, steps=600, chunk=50,
+                               warmup=50),
+                   lrs=(1e-3, 3e-3), seeds=(0,), eval_rows=64, eval_every=3, lengths=(128,), long_rows=8,
+                   compute_dtype="float32"),
+    "gpu": dict(num_layers=8, width=128, heads=4, head_dim=32, arm_order=("0", "1", "8", "2", "4", "L-D64"),
+                recipe=dict(seq_len=256, pair_choices=(16, 32, 64), vocab=2048, batch_size=64, steps=1500,
+                            chunk=100, warmup=150),
+                lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), eval_rows=128, eval_every=3, lengths=(512, 2048, 8192),
+                long_rows=8, compute_dtype="bfloat16"),
+}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=256, help="task ids: (vocab-1)//2 keys, the rest values")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
+def make_arms(size: dict) -> dict[str, recall.Arm]:
+    """Names: "<n>" = n softmax layers of num_layers; "L-D<d>" = lightning only with head dim d (same H*D)."""
+    layers, heads, dim = size["num_layers"], size["heads"], size["head_dim"]
+    arms = {}
+    for name in size["arm_order"]:
+        if name.startswith("L-D"):
+            d = int(name[3:])
+            arms[name] = recall.Arm(name, layers, 0, heads * dim // d, d)
+        else:
+            arms[name] = recall.Arm(name, layers, int(name), heads, dim)
+    return arms
+
+
+def append(path: str, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k not in ("curve",)})[:400], flush=True)
+
+
+def done_arms(path: str) -> set:
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)["arm"] for line in f if line.strip() and '"final"' in line}
+
+
+def long_batch(seed: int, length: int, size: dict) -> tuple[dict, np.ndarray]:
+    """MQAR rows at the smallest and largest P spread over `length`, then needle rows: one (B, length) batch.
+    Returns (batch, group label per row: "mqar-P<p>" or "needle")."""
+    recipe = size["recipe"]
+    rows, vocab = size["long_rows"], recipe["vocab"]
+    pair_values = (min(recipe["pair_choices"]), max(recipe["pair_choices"]))
+    mq = recall.eval_batch(seed + 1000 * length, pair_values, rows, length, vocab)
+    nd = recall.needle_batch(jax.random.fold_in(jax.random.key(seed), 4 + length), 2 * rows, length, vocab)
+    batch = {k: jnp.concatenate([mq[k], nd[k]]) for k in ("inputs", "targets", "mask")}
+    groups = np.array([f"mqar-P{int(p)}" for p in np.asarray(mq["pairs"])] + ["needle"] * (2 * rows))
+    batch["group"] = groups
+    depth_bin = np.concatenate([np.full(len(np.asarray(mq["pairs"])), -1),
+                                np.minimum(4 * np.asarray(nd["depth"]) // length, 3)])
+    batch["depth_bin"] = depth_bin
+    return batch, groups
+
+
+MODES = [("vmap", "auto"), ("vmap", "chunked"), ("map", "chunked")]  # (population, lightning impl), in order
+
+
+def first_chunk(config, recipe, lrs, seeds):
+    """Build the population and run its first chunk in the first mode of MODES that compiles and runs; a mode that
+    fails is dropped for the rest of the run (and said so)."""
+    import dataclasses
+    while MODES:
+        population, impl = MODES[0]
+        try:
+            recall.use_lightning_impl(impl)
+            pop = recall.Population(config, dataclasses.replace(recipe, population=population), lrs, seeds)
+            params, opt_state = pop.init()
+            params, opt_state, loss = pop.train_chunk(params, opt_state, 0)
+            loss.block_until_ready()
+            print(f"  mode: population={population}, lightning impl={impl}", flush=True)
+            return pop, params, opt_state, loss
+        except Exception as err:  # noqa: BLE001 - any compile/run failure moves to the next mode
+            print(f"  mode population={population} impl={impl} failed: {type(err).__name__}: {str(err)[:500]}",
+                  flush=True)
+            if len(MODES) == 1:
+                raise
+            MODES.pop(0)
+    raise RuntimeError("no population mode left")
+
+
+def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budget_s: float | None = None):
+    recipe = recall.Recipe(population=MODES[0][0], **size["recipe"])
+    config = recall.arm_config(arm, size["width"], recipe.vocab, size["compute_dtype"])
+    lrs = [lr for lr in size["lrs"] for _ in size["seeds"]]
+    seeds = [s for _ in size["lrs"] for s in size["seeds"]]
+    start = time.perf_counter()
+    held_out = recall.eval_batch(12345, recipe.pair_choices, size["eval_rows"], recipe.seq_len, recipe.vocab)
+    curve, step, cut_short = [], 0, False
+    compile_s, total = None, recipe.steps
+    while step < total:
+        t0 = time.perf_counter()
+        if compile_s is None:  # the first chunk compiles: fall back to slower modes if a kernel refuses the vmap
+            pop, params, opt_state, loss = first_chunk(config, recipe, lrs, seeds)
+            recipe = pop.recipe
+        else:
+            params, opt_state, loss = pop.train_chunk(params, opt_state, step, total)
+        loss = np.asarray(loss)
+        if compile_s is None:
+            compile_s = time.perf_counter() - t0
+        elif step == recipe.chunk and train_budget_s:  # the second chunk timed: fit the plan to the budget
+            chunks = max(3, int((train_budget_s - compile_s) / (time.perf_counter() - t0)))
+            total = min(recipe.steps, recipe.chunk * chunks)
+            print(f"  arm {arm.name}: {time.perf_counter() - t0:.2f} s per {recipe.chunk} steps: plan {total} "
+                  "steps", flush=True)
+        step += recipe.chunk
+        point = {"step": step, "loss": loss.tolist(), "seconds": time.perf_counter() - start}
+        if (step // recipe.chunk) % size["eval_every"] == 0 or step >= total:
+            point["accuracy"] = recall.accuracy_by(pop.evaluate(params, held_out), held_out, "pairs")
+        curve.append(point)
+        print(f"  arm {arm.name} step {step} loss {np.round(loss, 3).tolist()} ({point['seconds']:.0f} s)",
+              flush=True)
+        if time.perf_counter() > deadline and step < total:
+            cut_short = True
+            break
+    train_s = time.perf_counter() - start
+    final = recall.accuracy_by(pop.evaluate(params, held_out), held_out, "pairs")
+    row = {"arm": arm.name, "kind": "final", "layer_types": list(arm.layer_types), "heads": arm.num_heads,
+           "head_dim": arm.head_dim, "state_floats": arm.state_floats, "params": recall.count_params(config),
+           "lrs": lrs, "seeds": seeds, "steps_done": step, "steps_planned": total, "cut_short": cut_short,
+           "train_seconds": train_s,
+           "first_chunk_seconds": compile_s, "accuracy_by_pairs": final, "curve": curve,
+           "recipe": {k: getattr(recipe, k) for k in ("seq_len", "pair_choices", "vocab", "batch_size", "steps",
+                                                      "chunk", "warmup", "weight_decay", "population")},
+           "lightning_impl": MODES[0][1],
+           "width": size["width"], "device": jax.devices()[0].device_kind}
+    append(path, row)
+    for length in size["lengths"]:
+        if time.perf_counter() > deadline + 60:
+            print(f"  arm {arm.name}: past the deadline, length {length} not evaluated", flush=True)
+            break
+        t0 = time.perf_counter()
+        batch, groups = long_batch(7, length, size)
+        correct = pop.evaluate(params, batch)
+        result = recall.accuracy_by(correct, batch, "group")
+        needle = {int(b): v for b, v in recall.accuracy_by(
+            correct[:, groups == "needle"], {"mask": np.asarray(batch["mask"])[groups == "needle"],
+                                             "bin": batch["depth_bin"][groups == "needle"]}, "bin").items()}
+        append(path, {"arm": arm.name, "kind": "length", "length": length, "train_length": recipe.seq_len,
+                      "accuracy_by_group": {str(k): v for k, v in result.items()}, "needle_by_depth_quarter": needle,
+                      "rows_per_group": int(size["long_rows"]), "seconds": time.perf_counter() - t0})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--out", default=os.path.join("runs", "hybrid_ablation"))
-    args = parser.parse_args()
-    rows = []
-    for name, schedule in SCHEDULES.items():
-        for seed in args.seeds:
-            out = os.path.join(args.out, f"{name.split()[0]}-seed{seed}")
-            start = time.perf_counter()
-            result = train(TrainConfig(
-                out=out, preset="tiny", data="mqar", steps=args.steps, batch_size=args.batch_size,
-                seq_len=args.seq_len, seed=seed, log_every=max(args.steps // 20, 1),
-                eval_every=max(args.steps // 10, 1), progress=False,
-                optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 10),
-                model_overrides=dict(MODEL, layer_types=schedule),
-                task_options={"num_pairs": args.pairs, "vocab": args.vocab}))
-            rows.append({"schedule": name, "seed": seed, "seconds": time.perf_counter() - start,
-                         "final_loss": result.history[-1]["loss"], **result.final_eval,
-                         "curve": [(r["step"], r.get("eval_accuracy")) for r in result.history
-                                   if "eval_accuracy" in r]})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
-    write_results(rows, args)
-
-
-def write_results(rows, args):
-    results = os.path.join(ROOT, "results")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "hybrid_ablation.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": rows}, f, indent=1)
-    lines = [f"mqar, {args.pairs} pairs, task vocab {args.vocab}, T={args.seq_len}, batch {args.batch_size}, "
-             f"{args.steps} steps, seeds {args.seeds}; held-out recall accuracy", "",
-             "| schedule | recall accuracy (mean over seeds) | per seed | final train loss |", "|---|---|---|---|"]
-    for name in SCHEDULES:
-        runs = [r for r in rows if r["schedule"] == name]
-        accs = [r["eval_accuracy"] for r in runs]
-        lines.append(f"| {name} | {100 * sum(accs) / len(accs):.1f}% | "
-                     f"{', '.join(f'{100 * a:.1f}%' for a in accs)} | "
-                     f"{sum(r['final_loss'] for r in runs) / len(runs):.3f} |")
-    with open(os.path.join(results, "hybrid_ablation.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        steps, accs = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(steps, [100 * a for a in accs], marker="o", label=f"{r['schedule']} (seed {r['seed']})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out recall accuracy (%)")
-    ax.set_title(f"mqar, {args.pairs} key-value pairs")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(results, "hybrid_ablation.png"), dpi=120)
+    parser.add_argument("--arms", default=None, help="comma-separated arm names (default: the size's order)")
+    parser.add_argument("--steps", type=int, default=None, help="override the size's training steps")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="stop training arms after this many seconds")
+    parser.add_argument("--train-budget-s", type=float, default=None,
+                        help="per arm: shorten the planned steps (the cosine too) to fit this many seconds")
+    parser.add_argument("--mode", type=int, default=0, help="start at this entry of MODES (0: vmap + Pallas)")
+    parser.add_argument("--report", default=None, help="a hybrid_*.jsonl: write summaries and figures, no training")
+    parser.add_argument("--results-dir", default=os.path.join(os.path.dirname(HERE), "results"))
+    args = parser.parse_args(argv)
+    if args.report:
+        import report
+        return report.write_all([args.report], args.results_dir)
+    size = dict(SIZES[args.size])
+    if args.steps is not None:
+        size["recipe"] = dict(size["recipe"], steps=args.steps)
+    arms = make_arms(size)
+    del MODES[:args.mode]
+    names = args.arms.split(",") if args.arms else list(arms)
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(arms)}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"hybrid_{args.size}.jsonl")
+    finished = done_arms(path)
+    deadline = time.perf_counter() + args.deadline_s
+    for name in names:
+        if name in finished:
+            print(f"arm {name}: already in {path}, skipped", flush=True)
+            continue
+        if time.perf_counter() > deadline:
+            print(f"arm {name}: deadline reached, not run", flush=True)
+            continue
+        print(f"arm {name}: {arms[name]}", flush=True)
+        run_arm(arms[name], size, path, deadline, args.train_budget_s)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The hybrid ablation, the length probe and the scaling figure (GPU results)
+#
+# This notebook trains nothing: it loads the results files that the GPU runs of issue 15 wrote to
+# `experiments/results/` and draws them with the experiments' own plotting code.
+#
+# - `hybrid_ablation_gpu.json`: MQAR recall of 8-layer models with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers and
+#   lightning-only at a second head dim; a 3 learning rates x 3 seeds population per arm
+#   (`experiments/hybrid_ablation/run.py --size gpu`).
+# - `length_extrapolation_gpu.json`: the same trained models at 2x-32x their training length.
+# - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
+#
+# Read each figure with its experiment's README: the first H200 run left every recall arm at chance.
+# budget: 30 s
+
+# %%
+import json
+import os
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.getcwd(), ".."))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+sys.path.insert(0, os.path.join(ROOT, "experiments", "hybrid_ablation"))
+import report  # noqa: E402  (experiments/hybrid_ablation/report.py)
+
+hybrid = json.load(open(os.path.join(RESULTS, "hybrid_ablation_gpu.json")))
+lengths = json.load(open(os.path.join(RESULTS, "length_extrapolation_gpu.json")))
+scaling = json.load(open(os.path.join(RESULTS, "scaling_gpu.json")))
+summary = {"arms": hybrid["summary"], "lengths": lengths["summary"]}
+for name, arm in summary["arms"].items():
+    cells = ", ".join(f"P={p}: {100 * v['mean']:.2f}±{100 * v['std']:.2f}%"
+                      for p, v in arm["accuracy_by_pairs"].items())
+    print(f"arm {name:6s} best lr {arm['best_lr']:<7g} steps {arm['steps']:4d} params {arm['params']:,} "
+          f"state {arm['state_floats']:5d} floats | {cells}")
+
+# %% [markdown]
+# ## Recall against the number of pairs (left) and against the lightning state size (right)
+# The dotted line is chance (one of 1024 value ids). Each point: the arm's best learning rate, mean ± sd over
+# 3 seeds.
+
+# %%
+recipe = next(iter(summary["arms"].values()))["recipe"]
+fig = report.plot_hybrid(summary, None, f"MQAR, T={recipe['seq_len']}, vocab {recipe['vocab']}, "
+                                        f"P per row from {recipe['pair_choices']}")
+
+# %% [markdown]
+# ## Length extrapolation: recall at 2x, 8x and 32x the training length
+
+# %%
+fig = report.plot_lengths(summary, None, f"trained at T={recipe['seq_len']}")
+
+# %% [markdown]
+# ## The scaling figure
+# Left and middle: one attention op at 1,048,576 tokens per call (B = 2^20 / T rows), H=8, D=128, bf16, against T.
+# Right: one forward+backward step of an 8-layer, width-1024 model at 65,536 tokens per step, per token.
+
+# %%
+sys.path.insert(0, os.path.join(ROOT, "experiments", "scaling"))
+import importlib.util  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("scaling_run", os.path.join(ROOT, "experiments", "scaling", "run.py"))
+scaling_run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scaling_run)
+print(json.dumps(scaling["summary"]))
+fig = scaling_run.plot(scaling["rows"], scaling["summary"], None)

@@ -1,0 +1,146 @@
+"""Issue 15's research scripts: the on-device MQAR / needle generators against a plain-Python reading of the rows,
+and the CPU smoke runs of the hybrid ablation (with its length probe) and the scaling figure."""
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "experiments", "hybrid_ablation"))
+
+import recall  # noqa: E402
+
+
+def load(name, *parts):
+    """An experiment script as a module under a unique name (several experiments have a run.py)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", *parts))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_row(tokens, graded, num_keys):
+    """The slow twin: walk one row (T+1,) left to right as a dictionary would. Returns (pairs stored, answers
+    expected at graded positions, positions of graded tokens)."""
+    tokens = [int(t) for t in tokens]
+    stored, position = {}, 0
+    while position + 1 < len(tokens) and 1 <= tokens[position] <= num_keys and tokens[position + 1] > num_keys \
+            and tokens[position] not in stored:
+        stored[tokens[position]] = tokens[position + 1]
+        position += 2
+    expected = {}
+    for i in range(position, len(tokens) - 1):
+        if 1 <= tokens[i] <= num_keys:
+            expected[i + 1] = stored.get(tokens[i])
+    return stored, expected, [i for i, g in enumerate(graded) if g]
+
+
+@pytest.mark.parametrize("seq_len,max_pairs,vocab", [(37, 9, 41), (101, 3, 9)])
+def test_mqar_rows_recall_their_pairs(seq_len, max_pairs, vocab, seed, rng):
+    batch = 8
+    pairs = rng.integers(1, max_pairs + 1, size=batch).astype(np.int32)
+    pairs[0] = max_pairs  # the fullest row: queries fill every free slot when 4 * max_pairs is near seq_len
+    out = recall.mqar_batch(jax.random.key(seed), jnp.asarray(pairs), max_pairs, seq_len, vocab)
+    inputs, targets, mask = (np.asarray(out[k]) for k in ("inputs", "targets", "mask"))
+    assert inputs.shape == targets.shape == mask.shape == (batch, seq_len)
+    num_keys = (vocab - 1) // 2
+    for b in range(batch):
+        tokens = np.concatenate([inputs[b], targets[b, -1:]])
+        assert np.array_equal(tokens[1:], targets[b])
+        graded = np.concatenate([[False], mask[b] > 0])
+        stored, expected, graded_at = read_row(tokens, graded, num_keys)
+        assert len(stored) == pairs[b]  # distinct keys, each with a value
+        assert sorted(expected) == graded_at  # every query key, and nothing else, is graded
+        assert len(graded_at) == pairs[b]
+        assert all(expected[i] == tokens[i] for i in graded_at)  # the answer is the stored value
+        asked = sorted(int(tokens[i - 1]) for i in graded_at)
+        assert asked == sorted(stored)  # each stored key asked exactly once
+        rest = np.delete(tokens, [2 * i for i in range(pairs[b])] + [2 * i + 1 for i in range(pairs[b])]
+                         + graded_at + [i - 1 for i in graded_at])
+        assert np.all(rest == recall.FILLER)
+
+
+def test_mqar_layout_errors():
+    with pytest.raises(ValueError, match="seq_len"):
+        recall.mqar_batch(jax.random.key(0), jnp.ones((1,), jnp.int32), 9, 35, 64)
+    with pytest.raises(ValueError, match="max_pairs"):
+        recall.mqar_batch(jax.random.key(0), jnp.ones((1,), jnp.int32), 40, 200, 64)
+
+
+def test_needle_rows(seed):
+    seq_len, vocab = 50, 21
+    out = recall.needle_batch(jax.random.key(seed), 16, seq_len, vocab)
+    inputs, targets, mask = (np.asarray(out[k]) for k in ("inputs", "targets", "mask"))
+    depth = np.asarray(out["depth"])
+    for b in range(16):
+        tokens = np.concatenate([inputs[b], targets[b, -1:]])
+        assert depth[b] % 2 == 0 and 0 <= depth[b] <= seq_len - 4
+        key, value = tokens[depth[b]], tokens[depth[b] + 1]
+        assert 1 <= key <= 10 < value < vocab
+        assert tokens[seq_len - 1] == key and tokens[seq_len] == value
+        assert np.flatnonzero(mask[b]).tolist() == [seq_len - 1]
+        assert np.count_nonzero(tokens) == 4
+
+
+def test_schedule_and_arms():
+    total, warmup = 1000.0, 100
+    values = [float(recall.schedule(jnp.int32(s), total, warmup)) for s in (0, 99, 550, 1000, 5000)]
+    assert values[0] == pytest.approx(0.01) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(0.55, abs=1e-6) and values[3] == pytest.approx(0.1) == values[4]
+    assert recall.Arm("1", 8, 1, 4, 32).layer_types == ("lightning",) * 7 + ("softmax",)
+    assert recall.Arm("4", 8, 4, 4, 32).layer_types == ("lightning", "softmax") * 4
+    assert recall.Arm("L", 8, 0, 2, 64).state_floats == 2 * 64 * 64
+    with pytest.raises(ValueError, match="softmax_layers"):
+        _ = recall.Arm("3", 8, 3, 4, 32).layer_types
+
+
+def test_hybrid_ablation_cpu_smoke(tmp_path):
+    """One arm with both layer kinds through every step of the GPU run: population training with the step plan
+    fitted to a budget, held-out recall per P, the length probe (MQAR spread + needle), then the report."""
+    hybrid = load("hybrid_ablation_run", "hybrid_ablation", "run.py")
+    path = hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "1", "--steps", "4",
+                        "--train-budget-s", "1e6"])
+    rows = [json.loads(line) for line in open(path)]
+    final = [r for r in rows if r["kind"] == "final"]
+    lengths = [r for r in rows if r["kind"] == "length"]
+    assert len(final) == 1 and final[0]["steps_done"] == 4 and not final[0]["cut_short"]
+    assert set(final[0]["accuracy_by_pairs"]) == {"2", "4", "8"}
+    assert all(len(v) == 2 for v in final[0]["accuracy_by_pairs"].values())  # 2 LRs x 1 seed
+    assert [r["length"] for r in lengths] == [64]
+    assert set(lengths[0]["accuracy_by_group"]) == {"mqar-P2", "mqar-P8", "needle"}
+    # a rerun resumes: the finished arm is skipped
+    assert hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "1"]) == path
+    assert len(open(path).readlines()) == len(rows)
+    results = tmp_path / "results"
+    hybrid.main(["--report", path, "--results-dir", str(results)])
+    summary = json.loads((results / "hybrid_ablation_cpu.json").read_text())
+    assert summary["summary"]["1"]["best_lr"] in (1e-3, 3e-3)
+    assert (results / "hybrid_ablation_cpu.png").exists() and (results / "length_extrapolation_cpu.png").exists()
+
+
+def test_scaling_cpu_smoke(tmp_path):
+    """The scaling script's op and whole-model timings at one tiny length each, then its report and figure."""
+    scaling = load("scaling_run", "scaling", "run.py")
+    path = scaling.main(["--size", "cpu", "--out", str(tmp_path), "--op-lengths", "64",
+                         "--model-lengths", "64"])
+    rows = [json.loads(line) for line in open(path)]
+    ops = [r for r in rows if r["kind"] == "op"]
+    models = [r for r in rows if r["kind"] == "model"]
+    assert len(ops) == 1 and all(ops[0][k] > 0 for k in ("ours_fwd", "ours_fwdbwd", "softmax_fwd", "softmax_fwdbwd"))
+    assert {r["schedule"] for r in models} == {"hybrid 7:1", "softmax only"}
+    summary = scaling.main(["--report", path, "--results-dir", str(tmp_path / "results")])
+    assert (tmp_path / "results" / "scaling_cpu.png").exists() and "softmax_longest_T" in summary
+
+
+def test_crossover_interpolates_in_log_space():
+    scaling = load("scaling_run_crossover", "scaling", "run.py")
+    rows = [{"T": 1024, "a": 2.0, "b": 1.0}, {"T": 4096, "a": 2.0, "b": 4.0}]
+    # log(b/a) goes from -log 2 to +log 2: zero halfway in log T, at 2048
+    assert scaling.crossover(rows, "a", "b") == pytest.approx(2048.0)
+    assert scaling.crossover(rows[1:], "a", "b") == "<4096"
+    assert scaling.crossover(rows[:1], "a", "b") is None
