@@ -1,0 +1,358 @@
+"""CISPO vs DAPO vs GRPO on long reasoning chains (issue 16), and the training-inference mismatch at this size.
+
+MiniMax-M1 (section 3.1): in zero-RL, CISPO matched DAPO with half the steps and beat GRPO, because PPO-style
+clipping drops the gradient of rare low-probability "fork" tokens whose ratio grows over 16 off-policy updates.
+Here the responses are worked long additions (`m1jax.tasks.chains`, 40-130 bytes) whose fork is the carry
+decision after each "x+y" ("+1" or "="), so the mechanism has room to act.
+
+    python experiments/cispo_long_chains/run.py --size cpu                      # every code path, ~10 min of compiling
+    python experiments/cispo_long_chains/run.py --size gpu --phase pretrain --export DIR   # GPU call 1
+    python experiments/cispo_long_chains/run.py --size gpu --phase compare --export DIR    # GPU call 2
+
+Phase "pretrain": supervised training on worked chains of 1..max digits, stopped (or picked among its snapshots)
+where the sampled accuracy on RL prompts is moderate (15-50%); the mismatch of a bf16 engine (bf16 and float32
+lm_head) against the float32 trainer; an RL smoke that is also the learning-rate sweep (two rates per algorithm,
+one seed apart from the comparison's). The checkpoint is one float32 .npz (model config inside).
+Phase "compare": from that checkpoint, every algorithm with its swept rate, seeds paired (a seed gives every
+algorithm the same prompts and the same first batch), the same generation batches, group size and 16 updates per
+batch. Records (every step, tagged) and clipped-token summaries are appended to --export as they come.
+Results: experiments/results/cispo_long_chains[_cpu].{json,md,png} (or --results DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from chains_analysis import summarise, write_results  # noqa: E402
+from m1jax.config import M1Config, deepnorm_alpha, m1_schedule  # noqa: E402
+from m1jax.inference.generate import generate  # noqa: E402
+from m1jax.model import M1ForCausalLM  # noqa: E402
+from m1jax.rl.rollout import NEWLINE_ID, RolloutConfig, collect_rollout, decode_completion, get_rl_task  # noqa: E402
+from m1jax.rl.trainer import LossConfig, RLConfig, train_rl  # noqa: E402
+from m1jax.tasks.chains import Chains, chain_consistent  # noqa: E402
+from m1jax.tokenizer import ByteTokenizer  # noqa: E402
+from m1jax.train.data import TaskData  # noqa: E402
+from m1jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from m1jax.train.step import init_state, make_train_step  # noqa: E402
+
+# name -> (loss, dynamic sampling): the three algorithms as published
+VARIANTS = {"cispo": ("cispo", False), "dapo": ("dapo", True), "grpo": ("grpo", False)}
+ALGOS = tuple(VARIANTS)
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+CHECKPOINT = os.path.join(HERE, "checkpoint", "pretrained.npz")  # ignored by git; carried to the GPU
+PRETRAIN_LOG = os.path.join(RESULTS, "cispo_long_chains_pretrain.jsonl")  # the GPU pretraining's evaluations
+SWEEP_SEED = 100  # the learning-rate sweep's prompts: apart from the comparison's seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    model: dict  # M1Config fields (a small M1: lightning/softmax hybrid, top-2 MoE)
+    pretrain_digits: int  # pretraining chains have 1..pretrain_digits digits per operand
+    pretrain_steps: int
+    pretrain_batch: int
+    seq_len: int
+    pretrain_lr: float
+    pretrain_eval_every: int
+    pretrain_seconds: float  # time box of the pretraining loop
+    target_accuracy: tuple[float, float]  # sampled accuracy band to stop pretraining in
+    min_digits: int  # RL prompts
+    max_digits: int
+    rl_steps: int
+    prompts: int
+    group: int
+    updates: int
+    max_new_tokens: int
+    sweep_lrs: tuple[float, ...]
+    sweep_steps: int
+    eval_prompts: int
+    eval_every: int
+    mismatch_prompts: int
+
+
+def _model(hidden: int, layers: int, period: int, heads: int, head_dim: int, experts: int, expert_size: int) -> dict:
+    alpha = deepnorm_alpha(layers)
+    return dict(vocab_size=512, hidden_size=hidden, num_heads=heads, num_kv_heads=max(heads // 2, 1),
+                head_dim=head_dim, num_experts=experts, experts_per_token=2, expert_size=expert_size,
+                layer_types=m1_schedule(layers, period=period), rope_theta=10_000.0, rotary_dim=head_dim // 2,
+                block_size=64, max_position_embeddings=8192, lightning_alpha=alpha, softmax_alpha=alpha,
+                mlp_alpha=alpha)
+
+
+SIZES = {
+    # every code path of "gpu" with tiny numbers (2-3 digit chains, a 32-wide model): ~10 min on 2 busy CPU cores
+    "cpu": Size(model=_model(32, 2, 2, 2, 16, 4, 32), pretrain_digits=3, pretrain_steps=12, pretrain_batch=8,
+                seq_len=96, pretrain_lr=3e-3, pretrain_eval_every=6, pretrain_seconds=120.0,
+                target_accuracy=(0.15, 0.5), min_digits=2, max_digits=3, rl_steps=3, prompts=4, group=4,
+                updates=4, max_new_tokens=32, sweep_lrs=(1e-4, 3e-4), sweep_steps=2, eval_prompts=8, eval_every=2,
+                mismatch_prompts=4),
+    # one H200: ~2M parameters (128 wide, 4 layers at 1:1 lightning/softmax, 8 experts top-2), chains of 5-12 digits
+    # (46-123 bytes), 32 prompts x 16 samples, 16 updates of 32 responses per batch
+    "gpu": Size(model=_model(128, 4, 2, 4, 32, 8, 128), pretrain_digits=12, pretrain_steps=6000, pretrain_batch=64,
+                seq_len=512, pretrain_lr=2e-3, pretrain_eval_every=250, pretrain_seconds=150.0,
+                target_accuracy=(0.15, 0.5), min_digits=5, max_digits=12, rl_steps=50, prompts=32, group=16,
+                updates=16, max_new_tokens=230, sweep_lrs=(1e-4, 3e-4), sweep_steps=4, eval_prompts=256,
+                eval_every=10, mismatch_prompts=64),
+}
+
+
+class Export:
+    """Appends tagged JSON lines to DIR/<name>.jsonl as results come (DIR: the device call's $OUT)."""
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def write(self, name: str, record: dict, show: tuple[str, ...] | None = None) -> None:
+        if show is None or show:
+            shown = record if show is None else {k: record.get(k) for k in show}
+            print(json.dumps({"log": name, **shown}, default=float), flush=True)
+        if self.directory:  # records and tokens in files of their own, the rest in events.jsonl
+            file = name if name in ("records", "tokens") else "events"
+            with open(os.path.join(self.directory, file + ".jsonl"), "a") as f:
+                f.write(json.dumps({"log": name, **record} if file == "events" else record, default=float) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def save_policy(path: str, config: M1Config, params) -> None:
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, __config__=np.array(json.dumps(config.to_hf())),
+             **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def load_policy(path: str) -> tuple[M1Config, dict]:
+    from flax import traverse_util
+    with np.load(path) as data:
+        config = M1Config.from_hf(json.loads(str(data["__config__"])))
+        flat = {k: jnp.asarray(data[k]) for k in data.files if k != "__config__"}
+    return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+def sampled_accuracy(model, params, task, count: int, max_new_tokens: int, temperature: float, seed: int = 0):
+    """(accuracy, consistent-chain fraction, mean response bytes) of one sample per held-out prompt."""
+    tokenizer = ByteTokenizer()
+    examples = dataclasses.replace(task, seed=task.seed + 1_000_003).examples(0, count)
+    out = generate(model, params, [tokenizer.encode(e["prompt"]) for e in examples], max_new_tokens=max_new_tokens,
+                   temperature=temperature, seed=seed, stop_ids=(NEWLINE_ID, tokenizer.eos_id),
+                   pad_id=tokenizer.pad_id)
+    texts = [decode_completion(tokenizer, c) for c in out.completions]
+    correct = [task.is_correct(t, e) for t, e in zip(texts, examples)]
+    chains = [chain_consistent(t, e["prompt"]) for t, e in zip(texts, examples)]
+    return float(np.mean(correct)), float(np.mean(chains)), float(np.mean([len(t) for t in texts]))
+
+
+def pretrain(size: Size, export: Export) -> tuple[M1Config, dict, dict]:
+    """Supervised chains until the sampled accuracy on RL prompts enters the target band (or the time box ends);
+    returns (config, params, summary) of the snapshot whose sampled accuracy is nearest the band's middle."""
+    config = M1Config(**size.model)
+    model = M1ForCausalLM(config)
+    warmup = min(100, size.pretrain_steps // 4)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=size.pretrain_lr, warmup_steps=warmup,
+                                               total_steps=size.pretrain_steps, schedule="constant", weight_decay=0.0))
+    state = jax.jit(lambda: init_state(model, optimizer, 0))()
+    step_fn = make_train_step(model, optimizer)
+    data = TaskData(Chains(1, size.pretrain_digits), size.pretrain_batch, size.seq_len, seed=0)
+    task = get_rl_task("chains", min_digits=size.min_digits, max_digits=size.max_digits, seed=0)
+    low, high = size.target_accuracy
+    begin, snapshots = time.perf_counter(), []
+    params_count = sum(x.size for x in jax.tree.leaves(state.params))
+    for step in range(1, size.pretrain_steps + 1):
+        state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in data.batch(step).items()})
+        last = step == size.pretrain_steps or time.perf_counter() - begin > size.pretrain_seconds
+        if step % size.pretrain_eval_every and not last:
+            continue
+        greedy, _, _ = sampled_accuracy(model, state.params, task, size.eval_prompts, size.max_new_tokens, 0.0)
+        sampled, consistent, length = sampled_accuracy(model, state.params, task, size.eval_prompts,
+                                                       size.max_new_tokens, 1.0)
+        record = {"step": step, "loss": float(metrics["loss"]), "greedy_accuracy": greedy,
+                  "sampled_accuracy": sampled, "sampled_consistent_chain": consistent, "response_bytes": length,
+                  "seconds": time.perf_counter() - begin, "params": int(params_count)}
+        export.write("pretrain", record)
+        snapshots.append((record, jax.device_get(state.params)))
+        if sampled >= (low + high) / 2 or last:
+            break
+    in_band = [s for s in snapshots if low <= s[0]["sampled_accuracy"] <= high]
+    record, params = min(in_band or snapshots[-1:], key=lambda s: abs(s[0]["sampled_accuracy"] - (low + high) / 2))
+    return config, params, {"chosen": record, "snapshots": [s[0] for s in snapshots], "params": int(params_count)}
+
+
+ENGINES = (("float32 engine (control)", "float32", True), ("bfloat16 engine, bf16 lm_head", "bfloat16", False),
+           ("bfloat16 engine, float32 lm_head", "bfloat16", True))
+
+
+def measure_mismatch(config: M1Config, params, size: Size, engines=ENGINES) -> list[dict]:
+    """Token probabilities of a bfloat16 engine (bf16 or float32 lm_head; float32 as the control) against the
+    float32 trainer, on sampled chains of the pretrained model."""
+    model = M1ForCausalLM(config.replace(compute_dtype="float32", float32_lm_head=True))
+    task = get_rl_task("chains", min_digits=size.min_digits, max_digits=size.max_digits, seed=12345)
+    rows = []
+    for name, dtype, head in engines:
+        rollout = collect_rollout(model, params, task.examples(0, size.mismatch_prompts), seed=7,
+                                  prompt_width=task.max_prompt_len, reward_fn=task.reward_fn,
+                                  config=RolloutConfig(group_size=size.group, max_new_tokens=size.max_new_tokens,
+                                                       sampler_compute_dtype=dtype, sampler_float32_lm_head=head))
+        rows.append({"engine": name, **rollout.mismatch, "tokens": int(rollout.response_mask.sum())})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ RL
+def rl_config(size: Size, out: str, variant: str, seed: int, lr: float, steps: int, eval_every: int) -> RLConfig:
+    algo, dynamic_sampling = VARIANTS[variant]
+    return RLConfig(
+        out=out, task="chains", task_options={"min_digits": size.min_digits, "max_digits": size.max_digits},
+        steps=steps, prompts_per_step=size.prompts, updates_per_batch=size.updates, seed=seed,
+        rollout=RolloutConfig(group_size=size.group, max_new_tokens=size.max_new_tokens,
+                              sampler_compute_dtype="bfloat16", sampler_float32_lm_head=True),
+        loss=LossConfig(algo=algo), dynamic_sampling=dynamic_sampling,  # GRPO with its paper's KL (beta 0.04)
+        optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=0, schedule="constant", eps=1e-15, weight_decay=0.0),
+        eval_prompts=size.eval_prompts, eval_every=eval_every, checkpoint_every=steps, progress=False,
+        token_stats=True)
+
+
+def run_one(size: Size, policy, out: str, variant: str, seed: int, lr: float, steps: int, eval_every: int,
+            export: Export, phase: str) -> list[dict]:
+    tags = {"phase": phase, "algo": variant, "seed": seed, "lr": lr}
+    cfg = rl_config(size, out, variant, seed, lr, steps, eval_every)
+    show = ("phase", "algo", "seed", "step", "reward_mean", "eval_accuracy", "clip_high_frac", "dropped_frac",
+            "entropy_rollout", "response_length", "grad_norm", "step_seconds", "rollout_seconds")
+    train_rl(cfg, policy=policy, callback=lambda step, record: export.write("records", {**tags, **record}, show))
+    with open(os.path.join(out, "tokens.jsonl")) as f:
+        for line in f:
+            export.write("tokens", {**tags, **json.loads(line)}, show=())
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sweep(size: Size, policy, out: str, export: Export, lrs=None, before: dict | None = None) -> dict:
+    """Each algorithm at each of `lrs` (default size.sweep_lrs) for sweep_steps batches on SWEEP_SEED; the rate with
+    the highest mean training reward over the second half wins (ties: the smaller rate). before: an earlier sweep's
+    result, whose rates join the comparison (a sweep grown by a later call)."""
+    chosen, table, timing = {}, {}, list(before["step_seconds"]) if before else []
+    for variant in ALGOS:
+        scores = {float(k): v for k, v in before["second_half_reward"][variant].items()} if before else {}
+        for lr in lrs or size.sweep_lrs:
+            history = run_one(size, policy, os.path.join(out, f"sweep-{variant}-lr{lr:g}"), variant, SWEEP_SEED, lr,
+                              size.sweep_steps, 0, export, "sweep")
+            timing.append([r["step_seconds"] for r in history])
+            half = history[len(history) // 2:]
+            scores[lr] = float(np.mean([r["reward_mean"] for r in half]))
+        table[variant] = {f"{lr:g}": v for lr, v in scores.items()}
+        chosen[variant] = max(sorted(scores), key=lambda lr: scores[lr])
+    return {"chosen": chosen, "second_half_reward": table, "steps": size.sweep_steps, "seed": SWEEP_SEED,
+            "step_seconds": timing}
+
+
+def fitting_steps(swept: dict, runs: int, seconds_left: float, most: int) -> int:
+    """RL steps per run that fit `runs` runs into seconds_left, from the sweep's timings: a run costs its first
+    step (compilation) plus 1.2x the median later step per step (evaluation and slack); at least 5."""
+    first = float(np.median([t[0] for t in swept["step_seconds"]]))
+    later = float(np.median([x for t in swept["step_seconds"] for x in t[1:]]))
+    return int(max(5, min(most, (seconds_left / runs - first) / (1.2 * later))))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--phase", choices=("pretrain", "compare", "all", "rl"), default="all",
+                        help="rl: all but the pretraining (the checkpoint and PRETRAIN_LOG exist)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's)")
+    parser.add_argument("--out", default=os.path.join("runs", "cispo_long_chains"))
+    parser.add_argument("--export", default=None, help="also append raw JSON lines here (a device call's $OUT)")
+    parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--sweep-more", type=float, nargs="*", default=None,
+                        help="with --phase compare: sweep these rates too before comparing (the setup is updated)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole invocation: with --phase all, cut the RL steps to fit")
+    parser.add_argument("--checkpoint", default=None, help=f"the pretrained .npz (default {CHECKPOINT}, cpu: --out)")
+    args = parser.parse_args()
+    size, out = SIZES[args.size], os.path.join(args.out, args.size)
+    steps = args.steps or size.rl_steps
+    export = Export(args.export)
+    checkpoint = args.checkpoint or (CHECKPOINT if args.size == "gpu" else os.path.join(out, "pretrained.npz"))
+    stem = os.path.join(args.results, "cispo_long_chains" + ("" if args.size == "gpu" else f"_{args.size}"))
+    start = time.perf_counter()
+    print(json.dumps({"devices": [str(d) for d in jax.devices()], "size": args.size, "phase": args.phase}), flush=True)
+    setup_path = stem + "_setup.json"
+    if args.phase in ("pretrain", "all", "rl"):
+        if args.phase == "rl":
+            config, params = load_policy(checkpoint)
+            with open(PRETRAIN_LOG) as f:
+                snapshots = [json.loads(line) for line in f if line.strip()]
+            pre = {"chosen": snapshots[-1], "snapshots": snapshots, "params": snapshots[-1]["params"]}
+        else:
+            config, params, pre = pretrain(size, export)
+            save_policy(checkpoint, config, params)
+            if args.export:
+                shutil.copy(checkpoint, os.path.join(args.export, "pretrained.npz"))
+        mismatch = measure_mismatch(config, params, size)
+        for row in mismatch:
+            export.write("mismatch", row)
+        policy = (config, params)
+        begin = time.perf_counter()
+        swept = sweep(size, policy, out, export)
+        swept["seconds"] = time.perf_counter() - begin
+        setup = {"size": args.size, "settings": dataclasses.asdict(size), "pretrain": pre, "mismatch": mismatch,
+                 "sweep": swept, "devices": [d.device_kind for d in jax.devices()]}
+        os.makedirs(args.results, exist_ok=True)
+        with open(setup_path, "w") as f:
+            json.dump(setup, f, indent=1)
+        if args.export and os.path.abspath(args.export) != os.path.abspath(args.results):
+            shutil.copy(setup_path, os.path.join(args.export, os.path.basename(setup_path)))
+        print(json.dumps({"pretrain_chosen": pre["chosen"], "sweep": swept}), flush=True)
+    if args.phase in ("compare", "all", "rl"):
+        with open(setup_path) as f:
+            setup = json.load(f)
+        policy = load_policy(checkpoint)
+        if args.sweep_more:
+            begin = time.perf_counter()
+            setup["sweep"] = sweep(size, policy, out, export, args.sweep_more, setup["sweep"])
+            setup["sweep"]["seconds_more"] = time.perf_counter() - begin
+            with open(setup_path, "w") as f:
+                json.dump(setup, f, indent=1)
+            export.write("sweep", setup["sweep"])
+        lrs = {k: float(v) for k, v in setup["sweep"]["chosen"].items()}
+        if args.deadline and not args.steps and "step_seconds" in setup["sweep"]:
+            left = args.deadline - (time.perf_counter() - start) - 30.0
+            steps = fitting_steps(setup["sweep"], len(args.seeds) * len(ALGOS), left, size.rl_steps)
+            export.write("plan", {"steps": steps, "seconds_left": left})
+        runs = {}
+        for seed in args.seeds:  # seed-major: a cut run still leaves paired seeds
+            for variant in ALGOS:
+                begin = time.perf_counter()
+                runs[(variant, seed)] = run_one(size, policy, os.path.join(out, f"{variant}-seed{seed}"), variant,
+                                                seed, lrs[variant], steps, size.eval_every, export, "compare")
+                export.write("timing", {"algo": variant, "seed": seed, "seconds": time.perf_counter() - begin})
+        tokens = []
+        for variant in ALGOS:
+            for seed in args.seeds:
+                with open(os.path.join(out, f"{variant}-seed{seed}", "tokens.jsonl")) as f:
+                    tokens += [{"algo": variant, "seed": seed, **json.loads(line)} for line in f]
+        summary = summarise(runs, tokens, ALGOS)
+        write_results(stem, args, size, setup, lrs, summary, runs, time.perf_counter() - start)
+        if args.export and os.path.abspath(args.export) != os.path.abspath(args.results):
+            for ext in (".json", ".md", ".png"):
+                if os.path.exists(stem + ext):
+                    shutil.copy(stem + ext, os.path.join(args.export, os.path.basename(stem + ext)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Smoke test of experiments/cispo_long_chains: the checkpoint round trip and one RL step with its token statistics
+(the --size cpu numbers cut further), then the summaries, tables and plot on records of every algorithm."""
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments",
+                    "cispo_long_chains")
+sys.path.insert(0, HERE)
+
+
+def load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, file))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load("cispo_long_chains_run", "run.py")
+analysis = load("cispo_long_chains_analysis", "chains_analysis.py")
+
+SMOKE = dataclasses.replace(run.SIZES["cpu"], prompts=2, group=2, updates=2, max_new_tokens=16)
+
+
+def test_checkpoint_round_trip_and_one_rl_step(tmp_path):
+    """The pretraining loop and the mismatch are exercised by `run.py --size cpu` (minutes); here, in CI's budget:
+    the .npz checkpoint round trip and one RL step of DAPO with its token statistics and exported lines."""
+    import jax
+    from m1jax.config import M1Config
+    from m1jax.model import init_params
+
+    config = M1Config(**SMOKE.model)
+    params = init_params(config, jax.random.key(0))
+    path = str(tmp_path / "policy.npz")
+    run.save_policy(path, config, params)
+    loaded_config, loaded = run.load_policy(path)
+    assert loaded_config == config
+    before, after = jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_flatten_with_path(loaded)[0]
+    assert [k for k, _ in before] == [k for k, _ in after]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(before, after))
+    export = run.Export(str(tmp_path / "export"))
+    rl = dataclasses.replace(SMOKE, eval_prompts=0)
+    history = run.run_one(rl, (loaded_config, loaded), str(tmp_path / "dapo"), "dapo", 0, 1e-4, 1, 0, export,
+                          "compare")
+    assert len(history) == 1 and 0.0 <= history[0]["reward_mean"] <= 1.0 and "grad_norm_max" in history[0]
+    with open(tmp_path / "export" / "tokens.jsonl") as f:
+        tokens = [json.loads(line) for line in f]
+    assert len(tokens) == 1 and tokens[0]["algo"] == "dapo"
+    assert tokens[0]["counts"]["tokens"] == sum(v[0] for v in tokens[0]["by_role"].values())
+    with open(tmp_path / "export" / "records.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1]
+
+
+def fake_records(rng, steps: int) -> list[dict]:
+    rows = []
+    for step in range(1, steps + 1):
+        rows.append({"step": step, "reward_mean": float(rng.uniform()), "clip_high_frac": 0.01, "clip_low_frac": 0.02,
+                     "dropped_frac": 0.005, "kept_groups_frac": 0.8, "mismatch_corr": 0.999, "grad_norm": 0.5,
+                     "grad_norm_max": 0.9, "entropy_rollout": 0.3, "response_length": 80.0,
+                     **({"eval_accuracy_initial": 0.4} if step == 1 else {}),
+                     **({"eval_accuracy": float(rng.uniform())} if step % 2 == 0 or step == steps else {})})
+    return rows
+
+
+def fake_tokens(rng) -> dict:
+    hist = rng.integers(0, 5, size=len(analysis._bins())).tolist()
+    return {"counts": {"tokens": 100, "high": 4, "low": 3, "dropped": 2}, "high_positive": 2,
+            "by_role": {role: [20, 1, 1, 0] for role in ("operand", "carry_decision", "sum", "separator", "answer")},
+            "by_byte": {"+": [10, 2, 0, 1], "=": [10, 2, 3, 1]}, "prob_hist": {k: hist for k in
+                                                                                ("tokens", "high", "low", "dropped")},
+            "top_high": [{"context": "1+2", "token": "+", "role": "carry_decision", "old_prob": 0.01,
+                          "ratio": float(rng.uniform(1.3, 3)), "advantage": 1.0}]}
+
+
+def test_summary_tables_and_plot(tmp_path, rng):
+    runs = {(a, s): fake_records(rng, 7) for a in run.ALGOS for s in (0, 1, 2)}
+    tokens = [{"algo": a, "seed": s, "step": 1, **fake_tokens(rng)} for a, s in runs]
+    summary = analysis.summarise(runs, tokens, run.ALGOS)
+    dapo = [analysis.smoothed([r["reward_mean"] for r in runs[("dapo", s)]])[-1] for s in (0, 1, 2)]
+    assert summary["dapo_final_level"] == pytest.approx(np.mean(dapo))
+    pair = summary["paired"]["cispo - dapo"]["mean_reward"]
+    expected = [np.mean([r["reward_mean"] for r in runs[("cispo", s)]]) - np.mean([r["reward_mean"]
+                for r in runs[("dapo", s)]]) for s in (0, 1, 2)]
+    assert pair["per_seed"] == pytest.approx(expected)
+    assert summary["algorithms"]["grpo"]["tokens"]["counts"]["high"] == 12
+    setup = {"mismatch": [{"engine": "e", "mismatch_corr": 0.99, "mismatch_max_gap": 0.1, "tokens": 5}],
+             "pretrain": {"chosen": {"step": 1, "greedy_accuracy": 0.5, "sampled_accuracy": 0.3,
+                                     "response_bytes": 80.0}, "params": 10}}
+    args = types.SimpleNamespace(size="cpu", seeds=[0, 1, 2])
+    stem = str(tmp_path / "out")
+    analysis.write_results(stem, args, run.SIZES["cpu"], setup, {"cispo": 1e-4}, summary, runs, 1.0)
+    with open(stem + ".json") as f:
+        payload = json.load(f)
+    assert set(payload["curves"]) == {f"{a}-seed{s}" for a, s in runs}
+    text = open(stem + ".md").read()
+    assert "| cispo - dapo |" in text and "carry_decision" in text
+    assert os.path.getsize(stem + ".png") > 0
+
+
+def test_steps_to_and_fitting_steps():
+    assert analysis.steps_to(np.array([0.1, 0.2, 0.3]), 0.2) == 2 and analysis.steps_to(np.array([0.1]), 0.5) is None
+    swept = {"step_seconds": [[20.0, 1.0, 1.0], [10.0, 1.0, 1.0]]}
+    assert run.fitting_steps(swept, 9, 9 * (15.0 + 1.2 * 30), most=40) == 30
+    assert run.fitting_steps(swept, 9, 1.0, most=40) == 5
