@@ -79,3 +79,40 @@ def cache_max_len(cache: Cache) -> int | None:
         if "key" in entry:
             return entry["key"].shape[2]
     return None
+
+
+# ----- slots for continuous batching (m1jax.serve): move a row's slots, copy one row into another cache -----
+def shift_slots(cache: Cache, delta: jax.Array) -> Cache:
+    """Every row's softmax keys/values move `delta` slots later (earlier if negative); index and start follow.
+
+    Slot s goes to (s + delta) mod S: what wraps around lands at or beyond the new index or before a row's new start,
+    where it is never visible. Positions (slot - start) and lightning states are unchanged, so the rows' outputs are
+    too. jit-friendly: delta may be traced.
+    """
+    delta = jnp.asarray(delta, jnp.int32)
+
+    def move(entry):
+        if "key" not in entry:
+            return entry
+        slots = entry["key"].shape[2]
+        source = (jnp.arange(slots, dtype=jnp.int32) - delta) % slots
+        return {name: jnp.take(x, source, axis=2) for name, x in entry.items()}
+
+    return cache.replace(layers=tuple(move(e) for e in cache.layers), index=cache.index + delta,
+                         start=cache.start + delta)
+
+
+def insert_row(cache: Cache, row: Cache, slot: jax.Array) -> Cache:
+    """Copy the one-row cache `row` into row `slot` of `cache`, aligned on their indices (same S and layer kinds).
+
+    row's slot s lands at slot s + (cache.index - row.index) of cache, so the prefilled prompt ends right before
+    cache.index; the row's start moves the same way. Lightning states are copied as they are.
+    """
+    if row.batch_size != 1:
+        raise ValueError(f"row must be a one-row cache, got batch {row.batch_size}")
+    delta = cache.index - row.index
+    moved = shift_slots(row, delta)
+    layers = tuple({name: jax.lax.dynamic_update_index_in_dim(big[name], small[name][0], slot, axis=0)
+                    for name in big} for big, small in zip(cache.layers, moved.layers))
+    start = jax.lax.dynamic_update_index_in_dim(cache.start, moved.start[0], slot, axis=0)
+    return cache.replace(layers=layers, start=start)

@@ -1,0 +1,339 @@
+"""Serving on one GPU: continuous batching (m1jax.serve) at 1, 16 and 64 concurrent clients, against the static
+batch-64 decode of m1jax.generate and transformers' static batched generate, in the same call.
+
+Run on the GPU machine (one call, one card, ~5-8 minutes):
+    PYTHONPATH=. python3 benchmarks/serve.py [--out DIR] [--http]
+    PYTHONPATH=. python3 benchmarks/serve.py --smoke       # tiny sizes on the CPU, no torch needed
+
+Workload: the "hf-bench" shape (bf16, random weights N(0, 0.02)), prompts of 512 random tokens, 256 output tokens
+each, greedy, no eos (every request runs its full length). Each client sends its requests one after another;
+at concurrency c there are max(2c, 8) requests in all.
+  engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed)
+  http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
+                 route, streamed, from asyncio clients on loopback
+  static         m1jax.generate on 64 prompts at once (decode tokens/s of its jitted while-loop)
+  transformers   MiniMaxForCausalLM (random weights, bf16) static batched generate on the same 64 requests; and
+                 whether its continuous batching (`generate_batch`) accepts the model (it raised
+                 "ValueError: Invalid group type: linear_attention" with transformers 5.17, 2026-11-29)
+Figures: output tokens/s (all output tokens / wall time of the run), time to first token and inter-token latency
+p50/p99 (per token, from the batcher's token events). Target: engine at 64 clients >= 80% of static.
+Writes $OUT/serve.jsonl as it goes, $OUT/serve_table.md and $OUT/serve_latency_throughput.png (matplotlib) and
+prints the table last.
+"""
+import argparse
+import json
+import os
+import threading
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch on the same card
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m1jax import M1Config, M1ForCausalLM, abstract_params  # noqa: E402
+from m1jax.config import m1_schedule  # noqa: E402
+from m1jax.inference.generate import generate  # noqa: E402
+from m1jax.serve.batcher import Batcher, Job  # noqa: E402
+
+SIZES = {
+    "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512),
+    "smoke": dict(model="smoke", prompt=24, output=6, concurrency=(1, 2, 4), static_batch=4, chunk=16),
+}
+SMOKE_CONFIG = M1Config(vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=2,
+                        experts_per_token=1, expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8,
+                        block_size=16, max_position_embeddings=4096)
+RESULTS: list[dict] = []
+LOG_PATH = os.path.join(os.environ.get("OUT", "."), "serve.jsonl")
+
+
+def say(*parts):
+    print(" ".join(str(p) for p in parts), flush=True)
+
+
+def record(**row):
+    RESULTS.append(row)
+    say(json.dumps(row))
+    with open(LOG_PATH, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def config_for(name: str) -> M1Config:
+    if name == "smoke":
+        return SMOKE_CONFIG
+    return M1Config.from_preset(name, param_dtype="bfloat16", compute_dtype="bfloat16")
+
+
+def random_params(config: M1Config, seed: int = 0):
+    """N(0, 0.02) matrices, unit norm scales, drawn on the device in one jitted call."""
+    leaves, treedef = jax.tree.flatten_with_path(abstract_params(config))
+
+    @jax.jit
+    def draw(key):
+        return [jnp.ones(leaf.shape, leaf.dtype) if "scale" in jax.tree_util.keystr(path) else
+                (0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(leaf.dtype)
+                for i, (path, leaf) in enumerate(leaves)]
+
+    return jax.tree.unflatten(treedef, draw(jax.random.key(seed)))
+
+
+def prompts_for(config: M1Config, count: int, length: int, seed: int = 1) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(0, config.vocab_size, (count, length)).tolist()
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None}
+    array = np.asarray(values) * 1e3
+    return {"p50": round(float(np.percentile(array, 50)), 3), "p99": round(float(np.percentile(array, 99)), 3)}
+
+
+# ----- ours: the batcher in-process -----
+def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
+    """`concurrency` client threads share the prompts; each sends its requests one after another."""
+    ttft, itl, tokens = [], [], [0]
+    lock = threading.Lock()
+
+    def client(mine):
+        for prompt in mine:
+            stamps = []
+            job = Job(prompt, output, on_event=lambda kind, data: stamps.append(time.perf_counter())
+                      if kind == "token" and data["token_id"] is not None else None)
+            batcher.submit(job)
+            job.done.wait()
+            if job.error is not None:
+                raise RuntimeError(job.error)
+            with lock:
+                ttft.append(stamps[0] - job.arrival)
+                itl.extend(np.diff(stamps).tolist())
+                tokens[0] += len(job.token_ids)
+
+    groups = [prompts[i::concurrency] for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(g,)) for g in groups]
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - begin
+    return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
+            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+
+
+def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
+    """The same through HTTP (/v1/completions, streamed), when fastapi, uvicorn and httpx are installed."""
+    import asyncio
+
+    import httpx
+    import uvicorn
+
+    from m1jax.serve.app import Server, build_app
+    from m1jax.tokenizer import ByteTokenizer
+
+    class Ids(ByteTokenizer):  # the prompts are ids already; text is not needed
+        vocab_size = batcher.config.vocab_size
+
+        def decode(self, ids):
+            return ""
+    server = Server(batcher, Ids(), model_name="bench", request_timeout=None)
+    server.ready = True
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning",
+                                        lifespan="off"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    while not web.started:
+        time.sleep(0.05)
+    ttft, itl, tokens = [], [], [0]
+
+    async def client(http, mine):
+        for prompt in mine:
+            begin, stamps = time.perf_counter(), []
+            async with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": output,
+                                                                    "temperature": 0, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"finish_reason": null' in line:
+                        stamps.append(time.perf_counter())
+            ttft.append(stamps[0] - begin)
+            itl.extend(np.diff(stamps).tolist())
+            tokens[0] += len(stamps)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                                     limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+            await asyncio.gather(*[client(http, prompts[i::concurrency]) for i in range(concurrency)])
+
+    begin = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - begin
+    web.should_exit = True
+    thread.join(10)
+    return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
+            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+
+
+def section_ours(size: dict, config: M1Config, params, http: bool) -> None:
+    model = M1ForCausalLM(config)
+    context = -(-(size["prompt"] + size["output"]) // 64) * 64
+    batcher = Batcher(model, params, lambda ids: "", max_batch=max(size["concurrency"]), max_context=context,
+                      chunk_size=size["chunk"], max_queue=4096)
+    begin = time.perf_counter()
+    batcher.submit(Job(prompts_for(config, 1, size["prompt"], seed=99)[0], 3))
+    batcher.run_until_idle()
+    record(section="engine", what="compile", seconds=time.perf_counter() - begin)
+    batcher.start_thread()
+    try:
+        for c in size["concurrency"]:
+            prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
+            record(section="engine", what="serve", concurrency=c, **run_engine(batcher, prompts, size["output"], c))
+        if http:
+            try:
+                import fastapi  # noqa: F401
+                import httpx  # noqa: F401
+                import uvicorn  # noqa: F401
+            except ImportError as err:
+                record(section="http", what="skipped", reason=f"{type(err).__name__}: {err}")
+                return
+            for c in size["concurrency"]:
+                prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
+                record(section="http", what="serve", concurrency=c, **run_http(batcher, prompts, size["output"], c))
+    finally:
+        batcher.stop(timeout=60)
+
+
+def section_static(size: dict, config: M1Config, params) -> None:
+    model = M1ForCausalLM(config)
+    batch = size["static_batch"]
+    prompts = prompts_for(config, batch, size["prompt"], seed=7)
+    generate(model, params, prompts, max_new_tokens=size["output"])  # compiles
+    samples = []
+    for _ in range(2):
+        out = generate(model, params, prompts, max_new_tokens=size["output"])
+        samples.append(out.usage)
+    usage = min(samples, key=lambda u: u.decode_seconds)
+    total = usage.prefill_seconds + usage.decode_seconds
+    record(section="static", what="generate", batch=batch, decode_tokens_per_s=usage.decode_tokens_per_second,
+           output_tokens_per_s=usage.completion_tokens / total, prefill_seconds=usage.prefill_seconds,
+           decode_seconds=usage.decode_seconds)
+
+
+def section_transformers(size: dict, config: M1Config) -> None:
+    try:
+        import torch
+        from transformers import MiniMaxConfig, MiniMaxForCausalLM
+    except ImportError as err:
+        record(section="transformers", what="skipped", reason=f"{type(err).__name__}: {err}")
+        return
+    import transformers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = {k: v for k, v in config.to_hf().items() if k not in ("m1jax", "dtype")}
+    model = MiniMaxForCausalLM(MiniMaxConfig(**raw)).to(device=device, dtype=torch.bfloat16).eval()
+    batch, output = size["static_batch"], size["output"]
+    prompt = torch.tensor(prompts_for(config, batch, size["prompt"], seed=7), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0,
+                  max_new_tokens=output, min_new_tokens=output)
+    with torch.no_grad():
+        model.generate(prompt, **kwargs)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - begin
+    new = int(out.shape[1] - prompt.shape[1]) * batch
+    record(section="transformers", what="static generate", version=transformers.__version__, batch=batch,
+           output_tokens_per_s=new / seconds, seconds=seconds)
+    try:  # continuous batching: does it take a lightning/softmax hybrid?
+        with torch.no_grad():
+            model.generate_batch(inputs=prompt[:2].tolist(), generation_config=model.generation_config)
+        record(section="transformers", what="generate_batch", result="ran")
+    except Exception as err:
+        record(section="transformers", what="generate_batch", result=f"{type(err).__name__}: {str(err)[:200]}")
+
+
+def table() -> str:
+    rows = ["| what | concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+            "|---|---|---|---|---|---|"]
+    static = next((r for r in RESULTS if r["section"] == "static"), None)
+    for r in RESULTS:
+        if r.get("what") == "serve":
+            ttft, itl = r["ttft_ms"], r["itl_ms"]
+            rows.append(f"| {r['section']} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
+                        f"{ttft['p50']} / {ttft['p99']} | {itl['p50']} / {itl['p99']} |")
+    if static:
+        rows.append(f"| m1jax.generate static batch {static['batch']} | - | {static['batch']} | "
+                    f"{static['output_tokens_per_s']:.0f} (decode only {static['decode_tokens_per_s']:.0f}) | | |")
+    for r in RESULTS:
+        if r["section"] == "transformers" and r.get("what") == "static generate":
+            rows.append(f"| transformers {r['version']} static generate | - | {r['batch']} | "
+                        f"{r['output_tokens_per_s']:.0f} | | |")
+        if r["section"] == "transformers" and r.get("what") == "generate_batch":
+            rows.append(f"| transformers generate_batch | | | {r['result']} | | |")
+    top = max((r for r in RESULTS if r.get("what") == "serve" and r["section"] == "engine"),
+              key=lambda r: r["concurrency"], default=None)
+    if static and top:
+        rows.append(f"\nengine at {top['concurrency']} clients / static decode: "
+                    f"{top['output_tokens_per_s'] / static['decode_tokens_per_s']:.1%} (target >= 80%)")
+    return "\n".join(rows)
+
+
+def plot(out_dir: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for section in ("engine", "http"):
+        rows = [r for r in RESULTS if r["section"] == section and r.get("what") == "serve"]
+        if rows:
+            ax.plot([r["output_tokens_per_s"] for r in rows], [r["itl_ms"]["p50"] for r in rows], "o-", label=section)
+            for r in rows:
+                ax.annotate(str(r["concurrency"]), (r["output_tokens_per_s"], r["itl_ms"]["p50"]))
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("inter-token latency p50 (ms)")
+    ax.set_title("m1jax serve: latency vs throughput (labels: clients)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "serve_latency_throughput.png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--http", action="store_true", help="also through HTTP (needs fastapi, uvicorn, httpx)")
+    parser.add_argument("--sections", default="ours,static,transformers")
+    args = parser.parse_args()
+    global LOG_PATH
+    os.makedirs(args.out, exist_ok=True)
+    LOG_PATH = os.path.join(args.out, "serve.jsonl")
+    size = SIZES["smoke" if args.smoke else "full"]
+    config = config_for(size["model"])
+    params = random_params(config)
+    record(section="setup", what="device", device=str(jax.devices()[0].device_kind), jax=jax.__version__, **{
+        k: v for k, v in size.items() if k != "concurrency"})
+    sections = {"ours": lambda: section_ours(size, config, params, args.http),
+                "static": lambda: section_static(size, config, params),
+                "transformers": lambda: section_transformers(size, config)}
+    for name in args.sections.split(","):
+        try:
+            sections[name]()
+        except Exception as err:  # a failing section is logged; the others still run
+            record(section=name, what="failed", error=f"{type(err).__name__}: {err}", trace=traceback.format_exc())
+    text = table()
+    with open(os.path.join(args.out, "serve_table.md"), "w") as f:
+        f.write(text + "\n")
+    plot(args.out)
+    say(text)
+
+
+if __name__ == "__main__":
+    main()
