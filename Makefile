@@ -10,7 +10,7 @@ PY_CANDIDATES := python3.13 python3.12 python3 python \
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 REF_PY_CANDIDATES := python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python)
 
-.PHONY: demo test bench fixtures clean
+.PHONY: demo test bench fixtures clean notebooks
 
 $(STAMP): setup.cfg pyproject.toml
 	@set -e; found=""; \
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# Re-execute every notebook (notebooks/NN_*.py, jupytext percent format) and refresh the committed .ipynb outputs.
+notebooks: $(STAMP)
+	$(PY) notebooks/render.py
 
 # GPU benchmarks (run on the device machine with its own python: `python3 benchmarks/NAME.py`)
 bench:

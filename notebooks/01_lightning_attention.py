@@ -18,10 +18,12 @@
 # It equals a recurrence over a $D \times D$ state, $S_i = e^{-s} S_{i-1} + k_i^\top v_i$, $o_i = q_i S_i$,
 # so decoding costs the same at every context length. Training uses the blocked form: exact attention inside a
 # block, the carried state across blocks. This notebook checks the three agree and looks at M1's slopes.
+# budget: 30 s
 
 # %%
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 
 from m1jax.config import M1Config
@@ -73,15 +75,10 @@ for layer in (0, 39, 78):
     print(f"layer {layer:2d}: 1/e memory from {memory.min():8.1f} to {memory.max():12.1f} tokens")
 
 # %%
-try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lightning = [l for l, kind in enumerate(m1.layer_types) if kind == "lightning"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for head in (0, 15, 31, 63):
-        ax.semilogy(lightning, 1.0 / table[lightning, head], label=f"head {head}")
-    ax.set_xlabel("layer"), ax.set_ylabel("1/e memory (tokens)"), ax.legend()
-    fig.tight_layout()
-except ImportError:
-    pass
+lightning = [l for l, kind in enumerate(m1.layer_types) if kind == "lightning"]
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for head in (0, 15, 31, 63):
+    ax.semilogy(lightning, 1.0 / table[lightning, head], label=f"head {head}")
+ax.set_xlabel("layer"), ax.set_ylabel("1/e memory (tokens)"), ax.legend()
+fig.tight_layout()
+plt.show()

@@ -15,6 +15,7 @@
 #
 # A tour of a tiny M1-style model: its parameter table next to the real M1's, one forward pass with the
 # routing statistics it returns, and how packing documents into one row keeps them apart.
+# budget: 60 s
 
 # %%
 import jax
@@ -35,7 +36,7 @@ print(params_table(m1jax.M1Config.from_preset("minimax-m1-80k")))
 # expert received, the router's entropy and the Switch load-balancing loss (1.0 is perfectly balanced).
 
 # %%
-params = m1jax.init_params(config, jax.random.key(0))
+params = jax.jit(m1jax.init_params, static_argnums=0)(config, jax.random.key(0))  # jit: one compile, not op by op
 model = m1jax.M1ForCausalLM(config)
 ids = jax.random.randint(jax.random.key(1), (2, 40), 0, config.vocab_size)
 out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)
