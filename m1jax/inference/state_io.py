@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from m1jax.config import M1Config
@@ -34,6 +35,19 @@ def _request_from_json(raw: dict) -> Request:
                    seed=raw["seed"])
 
 
+def _split_empty(tree):
+    """Orbax refuses zero-size arrays (e.g. the stop ids of a request that has none): save the others as a flat
+    list and rebuild the empty ones from the restore target's shapes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return [x for x in leaves if x.size], treedef
+
+
+def _join_empty(kept, target):
+    leaves, treedef = jax.tree.flatten(target)
+    kept = iter(kept)
+    return jax.tree.unflatten(treedef, [next(kept) if x.size else jnp.zeros(x.shape, x.dtype) for x in leaves])
+
+
 def save_inference_state(directory: str | os.PathLike, state: InferenceState, request: Request,
                          config: M1Config) -> str:
     """Write state + meta to a new directory (it must not exist yet). Returns its absolute path."""
@@ -45,7 +59,8 @@ def save_inference_state(directory: str | os.PathLike, state: InferenceState, re
             "shapes": {"batch": state.cache.batch_size, "prompt_len": state.prompt_len,
                        "max_len": cache_len if cache_len is not None else state.prompt_len + request.max_new_tokens}}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(directory, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        kept, _ = _split_empty(state)
+        checkpointer.save(directory, args=ocp.args.Composite(state=ocp.args.StandardSave(kept),
                                                              meta=ocp.args.JsonSave(meta)))
     return directory
 
@@ -71,5 +86,7 @@ def load_inference_state(directory: str | os.PathLike, config: M1Config) -> tupl
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                              sharding=jax.sharding.SingleDeviceSharding(device)),
                               target)
-        state = checkpointer.restore(directory, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    return state, request
+        kept_target, _ = _split_empty(target)
+        kept = checkpointer.restore(directory, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(kept_target))).state
+    return _join_empty(kept, target), request

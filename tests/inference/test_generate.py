@@ -62,10 +62,11 @@ def test_streaming_sees_every_step_in_order(tiny_config, tiny_params, prompts):
     assert np.any(other.tokens != whole.tokens)
 
 
+@pytest.mark.parametrize("eos_id", [7, None])  # None: no stop ids, a zero-size array in the state
 def test_save_part_way_through_prefill_then_resume_gives_the_same_tokens(tiny_config, tiny_params, prompts,
-                                                                         tmp_path):
+                                                                         tmp_path, eos_id):
     model = M1ForCausalLM(tiny_config)
-    settings = dict(max_new_tokens=NEW, temperature=1.0, top_k=20, seed=11, eos_id=7, chunk_size=CHUNK)
+    settings = dict(max_new_tokens=NEW, temperature=1.0, top_k=20, seed=11, eos_id=eos_id, chunk_size=CHUNK)
     whole = generate(model, tiny_params, prompts, **settings)
 
     request = make_request(tiny_config, 30, **settings)
