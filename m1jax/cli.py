@@ -1,16 +1,97 @@
-"""`m1jax` command line: params | plan | train | generate | convert | data tokenize | rl | serve | eval | bench."""
+"""`m1jax` command line: params | plan | train | generate | convert | data tokenize | rl | serve | eval | bench.
+
+Every number on the command line is checked where it is parsed (an argparse type that names the flag and the
+range); checks that need the model (--seq-len against its position limit) run right after parsing. Both end in
+`m1jax CMD: error: ...` and exit status 2, like any usage error. Errors of the run itself (a missing or damaged
+checkpoint, bad data) print one line on stderr and exit 2; --verbose prints the traceback too.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import runpy
 import sys
+import traceback
+
+SEED_MAX = 2**31 - 1
 
 
-def _mesh_arg(text: str | None) -> dict[str, int] | None:
-    from m1jax.sharding import parse_mesh
-    return parse_mesh(text)
+# ----------------------------------------------------------------------------------------------- argument types
+def count(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; the message names the range."""
+    span = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {value}")
+        return value
+
+    parse.__name__ = f"integer {span}"
+    return parse
+
+
+def real(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite float in the interval (low, high) with open or closed ends as given."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    span = " and ".join(parts) or "finite"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number {span}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number {span}, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"expected a number {span}, got {value:g}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"expected a number {span}, got {value:g}")
+        return value
+
+    parse.__name__ = f"number {span}"
+    return parse
+
+
+def mesh_spec(text: str) -> dict[str, int]:
+    """An argparse type for --mesh: "data=2,fsdp=2,expert=2" with the known axis names, sizes >= 1."""
+    from m1jax.sharding import MESH_AXES
+    axes: dict[str, int] = {}
+    for part in str(text).split(","):
+        name, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or name not in MESH_AXES or not size.isdecimal() or not size.isascii() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"part {part!r}: write axis=size with an axis of {list(MESH_AXES)} "
+                                             "and a size >= 1, e.g. data=2,expert=4")
+        if name in axes:
+            raise argparse.ArgumentTypeError(f"axis {name!r} given twice in {text!r}")
+        axes[name] = int(size)
+    return axes
+
+
+mesh_spec.__name__ = "mesh"
+SEED = count(0, SEED_MAX)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (none for flags and options without one) and keeps epilogs' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or isinstance(action, argparse._HelpAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class UsageError(ValueError):
+    """A command line that parsed but cannot run (e.g. --seq-len past the model's limit); exit status 2."""
 
 
 def _overrides(args) -> dict:
@@ -28,6 +109,24 @@ def _config(args):
     return M1Config.from_preset(args.preset, **_overrides(args))
 
 
+def _check_out_dir(path: str, flag: str = "--out") -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file; pass a directory (new or an earlier run's)")
+
+
+def _check_exists(path: str | None, flag: str) -> None:
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r} does not exist")
+
+
+def _check_seq_len(args, config) -> None:
+    limit = config.max_position_embeddings
+    if args.seq_len > limit:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's limit of {limit} positions "
+                         f"(max_position_embeddings of {getattr(args, 'config', None) or args.preset}); "
+                         f"pass --seq-len <= {limit}")
+
+
 def cmd_params(args) -> int:
     from m1jax.params import count_params, params_table
     cfg = _config(args)
@@ -40,9 +139,13 @@ def cmd_params(args) -> int:
     return 0
 
 
+def check_plan(args) -> None:
+    _check_seq_len(args, _config(args))
+
+
 def cmd_plan(args) -> int:
     from m1jax.plan import plan_table
-    print(plan_table(_config(args), _mesh_arg(args.mesh) or {}, batch_size=args.batch_size, seq_len=args.seq_len,
+    print(plan_table(_config(args), args.mesh or {}, batch_size=args.batch_size, seq_len=args.seq_len,
                      remat=args.remat, training=not args.inference))
     return 0
 
@@ -59,34 +162,63 @@ def _maybe_distributed(args) -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
-def cmd_train(args) -> int:
-    _maybe_distributed(args)
-    from m1jax.train.loop import TrainConfig, train
+def train_config(args):
+    """The TrainConfig of parsed `m1jax train` arguments, checked against the model (UsageError names the flag)."""
+    from m1jax.train.loop import TrainConfig
     from m1jax.train.optimizer import OptimizerConfig
     from m1jax.train.step import LossConfig
-    cfg = TrainConfig(
+    _check_out_dir(args.out)
+    _check_exists(args.data, "--data")
+    _check_seq_len(args, _config(args))
+    if args.batch_size % args.microbatches:
+        raise UsageError(f"--batch-size {args.batch_size} does not split into --microbatches {args.microbatches}; "
+                         "pick a batch size divisible by it")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
+    return TrainConfig(
         out=args.out, preset=args.preset, data=args.data or args.task, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep, log_every=args.log_every, eval_every=args.eval_every,
-        microbatches=args.microbatches, remat=args.remat, mesh=_mesh_arg(args.mesh),
+        microbatches=args.microbatches, remat=args.remat, mesh=args.mesh,
         optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
                                   eps=args.eps, weight_decay=args.weight_decay),
         loss=LossConfig(logit_z_loss_coef=args.z_loss), model_overrides=_overrides(args),
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, progress=not args.quiet)
+
+
+def cmd_train(args) -> int:
+    _maybe_distributed(args)
+    from m1jax.train.loop import train
+    cfg = train_config(args)
     result = train(cfg)
-    summary = {"steps": cfg.steps, "resumed_from": result.resumed_from,
+    summary = {"steps": cfg.steps, "resumed_from": result.resumed_from, "out": cfg.out,
                "final_loss": result.history[-1]["loss"] if result.history else None, **result.final_eval}
     print(json.dumps(summary))
     return 0
 
 
+def check_convert(args) -> None:
+    _check_exists(args.checkpoint, "--checkpoint")
+    _check_out_dir(args.out)
+
+
 def cmd_convert(args) -> int:
     from m1jax.checkpoint.hf import save_pretrained
     from m1jax.checkpoint.state import load_any
+    from m1jax.progress import status
+    status(f"loading {args.checkpoint} ...", quiet=args.quiet)
     config, params = load_any(args.checkpoint, dtype=args.dtype)
+    status(f"writing {args.out} ...", quiet=args.quiet)
     files = save_pretrained(args.out, config, params, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {len(files)} files to {args.out}")
     return 0
+
+
+def check_data(args) -> None:
+    for path in args.input:
+        _check_exists(path, "--input")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a directory; pass the tokens file to write, e.g. OUT/tokens.bin")
 
 
 def cmd_data(args) -> int:
@@ -97,9 +229,31 @@ def cmd_data(args) -> int:
     return 0
 
 
+def check_generate(args) -> None:
+    _check_exists(args.checkpoint, "--checkpoint")
+    _check_exists(args.prompt_file, "--prompt-file")
+
+
 def cmd_generate(args) -> int:
     from m1jax.inference.cli import generate_main
     return generate_main(args)
+
+
+def check_rl(args) -> None:
+    from m1jax.rl.cli import config_from_args
+    _check_exists(args.init, "--init")
+    _check_out_dir(args.out)
+    rows = args.prompts_per_step * args.group_size
+    if rows % args.updates_per_batch:
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step} x --group-size {args.group_size} = {rows} "
+                         f"responses do not split into --updates-per-batch {args.updates_per_batch} equal minibatches")
+    from m1jax.rl.rollout import get_rl_task
+    options = {k: getattr(args, k) for k in ("digits", "ops") if getattr(args, k, None) is not None}
+    try:
+        get_rl_task(args.task, seed=args.seed, **options)
+    except ValueError as err:
+        raise UsageError(" ".join(f"--{k} {v!r}" for k, v in options.items()) + f": {err}") from None
+    config_from_args(args)  # the RLConfig's own checks
 
 
 def cmd_rl(args) -> int:
@@ -117,114 +271,175 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def _benchmarks_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def check_bench(args) -> None:
+    if not os.path.exists(os.path.join(_benchmarks_dir(), f"{args.name}.py")):
+        names = os.listdir(_benchmarks_dir()) if os.path.isdir(_benchmarks_dir()) else []
+        available = sorted(n[:-3] for n in names if n.endswith(".py"))
+        raise UsageError(f"no benchmark {args.name!r}; available: {available}")
+
+
 def cmd_bench(args) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "benchmarks", f"{args.name}.py")
-    if not os.path.exists(script):
-        available = sorted(n[:-3] for n in os.listdir(os.path.join(root, "benchmarks")) if n.endswith(".py"))
-        raise SystemExit(f"no benchmark {args.name!r}; available: {available}")
+    script = os.path.join(_benchmarks_dir(), f"{args.name}.py")
     sys.argv = [script] + args.rest
     runpy.run_path(script, run_name="__main__")
     return 0
 
 
+def _epilog() -> str:
+    from m1jax.config import PRESETS
+    from m1jax.tasks import TASKS
+    return (f"presets (--preset): {', '.join(sorted(PRESETS))}\n"
+            f"tasks (--task): {', '.join(sorted(TASKS))} (built in, no downloads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m1jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from m1jax.config import PRESETS
+    from m1jax.tasks import TASKS
+    epilog = _epilog()
+    parser = argparse.ArgumentParser(prog="m1jax", description=__doc__, formatter_class=HelpFormatter, epilog=epilog)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines on stderr")
+    common.add_argument("--verbose", "-v", action="store_true", help="print the full traceback of an error")
 
-    def model_args(p, preset="tiny"):
-        p.add_argument("--preset", default=preset, help="named config (see m1jax.PRESETS)")
-        p.add_argument("--config", help="a config.json (either flavour) instead of --preset")
-        p.add_argument("--compute-dtype", dest="compute_dtype", choices=["float32", "bfloat16"])
-        p.add_argument("--param-dtype", dest="param_dtype", choices=["float32", "bfloat16"])
+    def command(name: str, help_text: str, func, check=None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common], formatter_class=HelpFormatter,
+                           epilog=epilog, conflict_handler="resolve")  # a command may define --quiet itself
+        p.set_defaults(func=func, check=check, command_parser=p)
+        return p
 
-    p = sub.add_parser("params", help="parameter counts per component")
+    def model_args(p, preset="tiny", with_config=True):
+        p.add_argument("--preset", default=preset, choices=sorted(PRESETS), metavar="PRESET",
+                       help="named model config (listed below)")
+        if with_config:
+            p.add_argument("--config", help="a config.json (either flavour) instead of --preset")
+        p.add_argument("--compute-dtype", dest="compute_dtype", choices=["float32", "bfloat16"],
+                       help="default: the preset's")
+        p.add_argument("--param-dtype", dest="param_dtype", choices=["float32", "bfloat16"],
+                       help="default: the preset's")
+
+    p = command("params", "parameter counts per component", cmd_params)
     model_args(p, "minimax-m1-80k")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_params)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
 
-    p = sub.add_parser("plan", help="per-device memory for a mesh, from abstract shapes")
+    p = command("plan", "per-device memory for a mesh, from abstract shapes", cmd_plan, check_plan)
     model_args(p, "minimax-m1-80k")
-    p.add_argument("--mesh", help="e.g. data=8,fsdp=8,expert=2")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    p.add_argument("--mesh", type=mesh_spec, help="e.g. data=8,fsdp=8,expert=2 (default: one device)")
+    p.add_argument("--batch-size", type=count(1), default=8, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=count(1), default=8192, help="tokens per sequence")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="activation recomputation")
     p.add_argument("--inference", action="store_true", help="plan inference (bf16 weights + cache), not training")
-    p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("train", help="train (or resume) a model")
-    model_args(p)
-    p.add_argument("--task", default="mqar", help="built-in task: mqar, copy, arith")
+    p = command("train", "train (or resume) a model; rerunning on the same --out resumes", cmd_train)
+    model_args(p, with_config=False)
+    p.add_argument("--task", default="mqar", choices=sorted(TASKS), help="built-in task")
     p.add_argument("--data", help="a tokens.bin from `m1jax data tokenize` (instead of --task)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="0 = never")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--mesh", help="e.g. data=2,fsdp=2,expert=2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--eps", type=float, default=1e-8, help="AdamW eps (the paper used 1e-15)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--z-loss", type=float, default=0.0, help="logit z-loss coefficient")
-    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--steps", type=count(1), default=100, help="optimizer steps in all (a resumed run trains on)")
+    p.add_argument("--out", required=True, help="the run directory (checkpoints/, metrics.jsonl, run_config.json)")
+    p.add_argument("--checkpoint-every", type=count(0), default=100,
+                   help="steps between checkpoints; the final step is always saved (0: only the final step)")
+    p.add_argument("--keep", type=count(1), default=3, help="newest checkpoints kept")
+    p.add_argument("--mesh", type=mesh_spec, help="e.g. data=2,fsdp=2,expert=2 (default: one device)")
+    p.add_argument("--seed", type=SEED, default=0, help="initialisation and data seed")
+    p.add_argument("--batch-size", type=count(1), default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=count(1), default=128, help="tokens per sequence (at most the model's limit)")
+    p.add_argument("--lr", type=real(0, 10, low_open=True), default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=count(0), default=20, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup")
+    p.add_argument("--eps", type=real(0, 1, low_open=True), default=1e-8, help="AdamW eps (the paper used 1e-15)")
+    p.add_argument("--weight-decay", type=real(0, 10), default=0.1, help="AdamW weight decay")
+    p.add_argument("--z-loss", type=real(0, 10), default=0.0, help="logit z-loss coefficient")
+    p.add_argument("--microbatches", type=count(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"], help="activation recomputation")
+    p.add_argument("--log-every", type=count(1), default=1, help="steps between metrics.jsonl lines")
+    p.add_argument("--eval-every", type=count(0), default=0, help="steps between held-out evaluations (0: at the end)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--num-processes", type=count(1), help="multi-host: processes in all")
+    p.add_argument("--process-id", type=count(0), help="multi-host: this process's index")
+    p.set_defaults(check=train_config)
 
     from m1jax.inference.cli import add_generate_arguments  # one definition of generate's options
-    p = add_generate_arguments(sub.add_parser("generate", help="generate text from a checkpoint"))
-    p.set_defaults(func=cmd_generate)
+    add_generate_arguments(command("generate", "generate text from a checkpoint", cmd_generate, check_generate))
 
-    p = sub.add_parser("convert", help="write a checkpoint (training output or HF) as a Hugging Face directory")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
-    p.set_defaults(func=cmd_convert)
+    p = command("convert", "write a checkpoint (training output or HF) as a Hugging Face directory", cmd_convert,
+                check_convert)
+    p.add_argument("--checkpoint", required=True, help="a training output or Hugging Face directory")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
+    p.add_argument("--max-shard-gb", type=real(0, 1024, low_open=True), default=5.0, help="safetensors shard size")
 
-    p = sub.add_parser("data", help="data preparation")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    t = data_sub.add_parser("tokenize", help="text or .jsonl files -> tokens.bin (+ .json sidecar)")
+    p = command("data", "data preparation", None)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    t = data_sub.add_parser("tokenize", help="text or .jsonl files -> tokens.bin (+ .json sidecar)",
+                            parents=[common], formatter_class=HelpFormatter)
     t.add_argument("--tokenizer", required=True, help="tokenizer.json, a checkpoint directory, or 'byte'")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_data)
+    t.add_argument("--input", nargs="+", required=True, help="UTF-8 text or .jsonl files")
+    t.add_argument("--out", required=True, help="the tokens file to write")
+    t.set_defaults(func=cmd_data, check=check_data, command_parser=t)
 
     from m1jax.rl.cli import add_rl_arguments
-    p = add_rl_arguments(sub.add_parser("rl", help="reinforcement learning (CISPO and baselines) on a verifiable task"))
-    p.set_defaults(func=cmd_rl)
+    add_rl_arguments(command("rl", "reinforcement learning (CISPO and baselines) on a verifiable task", cmd_rl,
+                             check_rl))
 
     from m1jax.serve.cli import add_serve_arguments
-    p = add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint over HTTP (seed API + OpenAI-compatible)"))
-    p.set_defaults(func=cmd_serve)
+    add_serve_arguments(command("serve", "serve a checkpoint over HTTP (seed API + OpenAI-compatible)", cmd_serve))
 
     from m1jax.eval.cli import add_eval_arguments
-    p = add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on a benchmark suite (math, code, long)"))
-    p.set_defaults(func=cmd_eval)
+    add_eval_arguments(command("eval", "score a checkpoint on a benchmark suite (math, code, long)", cmd_eval))
 
-    p = sub.add_parser("bench", help="run a GPU benchmark script from benchmarks/")
-    p.add_argument("name")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
+    p = command("bench", "run a GPU benchmark script from benchmarks/", cmd_bench, check_bench)
+    p.add_argument("name", help="a script name in benchmarks/ (without .py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's own arguments")
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check a command line; a bad one exits with status 2 and a message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_parser = getattr(args, "command_parser", parser)
+    for action in command_parser._actions:  # Python 3.12's argparse turns `--flag=--` into [] past the type check
+        if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
+            command_parser.error(f"argument {'/'.join(action.option_strings)}: expected one value, got '--'")
+    check = getattr(args, "check", None)
+    if check is not None:
+        try:
+            check(args)
+        except (ValueError, FileNotFoundError) as err:  # UsageError, or a config's own check
+            args.command_parser.error(_one_line(err))
+    return args
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault: one line, no traceback (unless --verbose). They include the checkpoint
+    loaders' CheckpointError (a ValueError naming the step or file)."""
+    return ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"m1jax {args.command}: error: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"m1jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        if not args.verbose:
+            print("(--verbose shows where it happened)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"m1jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

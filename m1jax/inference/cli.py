@@ -22,18 +22,20 @@ from m1jax.model import M1ForCausalLM
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from m1jax.cli import SEED, count, real  # the command line's checked number types
     parser.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--expert-threshold", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=count(1), default=64, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=real(0, 100), default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=count(1), help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--top-p", type=real(0, 1, low_open=True), help="nucleus sampling mass (default: 1, off)")
+    parser.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    parser.add_argument("--expert-threshold", type=real(0, 1, high_open=True), default=0.0,
+                        help="skip lower-ranked experts whose routing weight is below this (0: never)")
     parser.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: the checkpoint's, else byte-level)")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="prompt tokens per prefill call")
+    parser.add_argument("--chunk-size", type=count(1), default=4096, help="prompt tokens per prefill call")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser
 
@@ -106,20 +108,32 @@ def _summary_lines(out: GenerateOutput) -> list[str]:
 def generate_main(args: argparse.Namespace | Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run `m1jax generate` (args: parsed by the m1jax CLI, or a list of strings). Returns the exit code."""
     if args is None or not isinstance(args, argparse.Namespace):
-        args = add_generate_arguments(argparse.ArgumentParser(prog="m1jax generate")).parse_args(args)
+        from m1jax.cli import parse_args
+        args = parse_args(["generate", *(sys.argv[1:] if args is None else args)])
     out = out or sys.stdout
+    quiet = bool(getattr(args, "quiet", False))
     from m1jax.checkpoint.state import load_any
+    from m1jax.progress import progress_bar, stderr_is_terminal, status
+    status(f"loading {args.checkpoint} ...", quiet=quiet)
     config, params = load_any(args.checkpoint)
     tokenizer = _tokenizer_for(args, args.checkpoint, config.vocab_size)
     prompt_ids = tokenizer.encode(_prompt_text(args))
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt or --prompt-file")
     eos_id = tokenizer.eos_id
-    stream = None if args.json else _TextStream(tokenizer, {eos_id} if eos_id is not None else set(), out)
-    result = generate(M1ForCausalLM(config), params, [prompt_ids], max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      eos_id=eos_id, expert_threshold=args.expert_threshold,
-                      chunk_size=getattr(args, "chunk_size", 4096), stream=stream)
+    text_stream = None if args.json else _TextStream(tokenizer, {eos_id} if eos_id is not None else set(), out)
+    # A bar on stderr only where it does not garble text streaming to the same terminal.
+    streaming_to_terminal = text_stream is not None and stderr_is_terminal(out)
+    with progress_bar(args.max_new_tokens, desc="generate", unit="tok", quiet=quiet or streaming_to_terminal) as bar:
+        def stream(step: int, tokens: np.ndarray) -> None:
+            bar.update(1)
+            if text_stream is not None:
+                text_stream(step, tokens)
+
+        result = generate(M1ForCausalLM(config), params, [prompt_ids], max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          eos_id=eos_id, expert_threshold=args.expert_threshold,
+                          chunk_size=getattr(args, "chunk_size", 4096), stream=stream)
     completion = result.completions[0]
     if args.json:
         json.dump({"text": _decode(tokenizer, completion), "prompt_ids": prompt_ids, "completion_ids": completion,

@@ -12,9 +12,11 @@ Also: --digits, --ops (arith), --eval-every, --eval-prompts, --mesh, --kl-beta (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 
-from m1jax.rl.rollout import RolloutConfig
+from m1jax.rl.rollout import RL_TASKS, RolloutConfig
 from m1jax.sharding import parse_mesh
 from m1jax.rl.trainer import LossConfig, RLConfig, train_rl
 from m1jax.train.optimizer import OptimizerConfig
@@ -37,35 +39,42 @@ def _lm_head(value) -> bool | None:
 
 
 def add_rl_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from m1jax.cli import SEED, count, mesh_spec, real  # the command line's checked number types
     p.add_argument("--init", required=True, help="a training output or HF checkpoint to start from")
-    p.add_argument("--task", default="arith")
-    p.add_argument("--algo", default="cispo", choices=["cispo", "grpo", "dapo", "ppo"])
-    p.add_argument("--steps", type=int, default=20, help="generation batches")
-    p.add_argument("--out", required=True)
-    p.add_argument("--group-size", type=int, default=8, help="samples per prompt (G >= 2)")
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--updates-per-batch", type=int, default=4, help="off-policy updates per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--eps-high", type=float, default=0.28)
-    p.add_argument("--kl-beta", type=float, help="GRPO's KL coefficient (default 0.04; none for the others)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--keep", type=int, default=3)
-    p.add_argument("--digits", type=int, help="arith: operand digits")
-    p.add_argument("--ops", help="arith: operators, e.g. '+-*'")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--eval-prompts", type=int, default=128)
-    p.add_argument("--mesh", help="e.g. data=2,expert=2")
+    p.add_argument("--task", default="arith", choices=sorted(RL_TASKS), help="a task with verifiable answers")
+    p.add_argument("--algo", default="cispo", choices=["cispo", "grpo", "dapo", "ppo"], help="the policy loss")
+    p.add_argument("--steps", type=count(1), default=20, help="generation batches")
+    p.add_argument("--out", required=True, help="the run directory; rerunning on it resumes")
+    p.add_argument("--group-size", type=count(2), default=8, help="samples per prompt")
+    p.add_argument("--prompts-per-step", type=count(1), default=8, help="prompts per generation batch")
+    p.add_argument("--updates-per-batch", type=count(1), default=4, help="off-policy updates per generation batch")
+    p.add_argument("--max-new-tokens", type=count(1), default=16, help="response length limit")
+    p.add_argument("--lr", type=real(0, 10, low_open=True), default=1e-4, help="learning rate")
+    p.add_argument("--eps-high", type=real(0, 100), default=0.28, help="upper clip of the IS weight (CISPO) / ratio")
+    p.add_argument("--kl-beta", type=real(0, 100), help="GRPO's KL coefficient (default 0.04; none for the others)")
+    p.add_argument("--temperature", type=real(0, 100, low_open=True), default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=SEED, default=0, help="prompt and sampling seed")
+    p.add_argument("--checkpoint-every", type=count(0), default=0,
+                   help="generation batches between checkpoints; the final step is always saved (0: final only)")
+    p.add_argument("--keep", type=count(1), default=3, help="newest checkpoints kept")
+    p.add_argument("--digits", type=count(1), help="arith: operand digits (default: the task's)")
+    p.add_argument("--ops", help="arith: operators, e.g. '+-*' (default: the task's)")
+    p.add_argument("--eval-every", type=count(0), default=0,
+                   help="steps between held-out evaluations (0: at the start and the end)")
+    p.add_argument("--eval-prompts", type=count(0), default=128, help="held-out prompts per evaluation (0: none)")
+    p.add_argument("--mesh", type=mesh_spec, help="e.g. data=2,expert=2 (default: one device)")
     p.add_argument("--dynamic-sampling", choices=["on", "off"], help="DAPO's filter (default: on for dapo)")
-    p.add_argument("--sampler-dtype", choices=["float32", "bfloat16"], help="the rollout engine's compute dtype")
-    p.add_argument("--sampler-lm-head", choices=["float32", "compute"], help="float32: the paper's mismatch fix")
-    p.add_argument("--sampler-logprobs", choices=["decode", "forward"], default="decode")
-    p.add_argument("--old-logprobs", choices=["trainer", "sampler"], default="trainer")
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-eps", type=float, default=1e-15, help="the paper's AdamW eps")
+    p.add_argument("--sampler-dtype", choices=["float32", "bfloat16"],
+                   help="the rollout engine's compute dtype (default: the model's)")
+    p.add_argument("--sampler-lm-head", choices=["float32", "compute"],
+                   help="float32: the paper's mismatch fix (default: the model's)")
+    p.add_argument("--sampler-logprobs", choices=["decode", "forward"], default="decode",
+                   help="where the sampler's log-probabilities come from")
+    p.add_argument("--old-logprobs", choices=["trainer", "sampler"], default="trainer",
+                   help="which log-probabilities the importance weights divide by")
+    p.add_argument("--warmup", type=count(0), default=0, help="linear warmup (optimizer updates)")
+    p.add_argument("--weight-decay", type=real(0, 10), default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-eps", type=real(0, 1, low_open=True), default=1e-15, help="the paper's AdamW eps")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
     return p
 
@@ -86,13 +95,39 @@ def config_from_args(args) -> RLConfig:
         prompts_per_step=args.prompts_per_step, updates_per_batch=args.updates_per_batch, rollout=rollout, loss=loss,
         dynamic_sampling=_on_off(opt("dynamic_sampling"), "--dynamic-sampling"), optimizer=optimizer,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=opt("keep", 3),
-        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=parse_mesh(opt("mesh")),
+        eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=_mesh(opt("mesh")),
         tensorboard=bool(opt("tensorboard", False)))
 
 
+def _mesh(value) -> dict[str, int] | None:
+    return value if isinstance(value, dict) else parse_mesh(value)
+
+
+def _newest_step(out: str) -> int | None:
+    """The newest checkpoint step under OUT/checkpoints (None: a new run)."""
+    directory = os.path.join(out, "checkpoints")
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps) if steps else None
+
+
 def rl_main(args) -> int:
+    from m1jax.progress import progress_bar, status, stderr_is_terminal
     cfg = config_from_args(args)
-    result = train_rl(cfg)
+    quiet = bool(getattr(args, "quiet", False))
+    newest = _newest_step(cfg.out)
+    if newest is not None:
+        status(f"resuming from step {newest} of {cfg.out}", quiet=quiet)
+    # On a terminal the bar replaces the trainer's per-step lines; in a log the lines stay (unless --quiet).
+    drawing = not quiet and stderr_is_terminal()
+    cfg = dataclasses.replace(cfg, progress=not quiet and not drawing)
+    status(f"loading {cfg.init} and compiling the sampler and the update (the first step takes longer) ...",
+           quiet=quiet)
+    with progress_bar(cfg.steps, desc=f"rl {cfg.loss.algo}", unit="step", initial=min(newest or 0, cfg.steps),
+                      quiet=not drawing) as bar:
+        def callback(step: int, record: dict) -> None:
+            bar.update(1, reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}")
+
+        result = train_rl(cfg, callback=callback)
     last = result.history[-1] if result.history else {}
     summary = {"steps": cfg.steps, "algo": cfg.loss.algo, "resumed_from": result.resumed_from,
                "out": cfg.out, **{k: last[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if k in last}}

@@ -2,6 +2,9 @@
 
 Rerunning the same command on the same output directory resumes from the latest complete checkpoint: the state,
 the optimizer, the RNG and the data position are restored, so the losses equal an uninterrupted run's bit for bit.
+A checkpoint is written every `checkpoint_every` steps and always at the final step, so every finished run can be
+loaded (generate, convert, rl) and resumed. With `progress` on, the loop says on stderr what it is doing
+("resuming from step N of OUT", "compiling ...") and draws a tqdm bar with an ETA on a terminal.
 """
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -21,6 +23,7 @@ from m1jax.checkpoint.state import TrainCheckpoints
 from m1jax.config import M1Config
 from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
+from m1jax.progress import progress_bar, status
 from m1jax.train.data import make_data
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.run_log import RunLog
@@ -41,8 +44,8 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 128
     seed: int = 0
-    checkpoint_every: int = 0  # 0: never
-    keep_checkpoints: int = 3
+    checkpoint_every: int = 100  # steps between checkpoints; the final step is always saved (0: only the final step)
+    keep_checkpoints: int = 3  # >= 1: the newest checkpoints kept
     log_every: int = 1
     eval_every: int = 0  # task accuracy on a held-out batch every N steps (0: only at the end)
     microbatches: int = 1
@@ -54,6 +57,19 @@ class TrainConfig:
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "keep_checkpoints", "log_every", "microbatches"):
+            _check_count(getattr(self, name), name, 1)
+        for name in ("checkpoint_every", "eval_every", "seed"):
+            _check_count(getattr(self, name), name, 0)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"out={self.out!r} is a file, not a directory; pass a new or existing directory")
+
+
+def _check_count(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r}: pass an integer >= {minimum}")
 
 
 @dataclasses.dataclass
@@ -67,31 +83,6 @@ class TrainResult:
 
 def model_config_for(cfg: TrainConfig) -> M1Config:
     return M1Config.from_preset(cfg.preset, **cfg.model_overrides)
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start = total, enabled and sys.stderr.isatty(), time.perf_counter()
-        self.plain = enabled and not self.enabled
-
-    def update(self, step: int, metrics: dict, first_step: int):
-        done = step - first_step
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - step)
-        mfu = metrics.get("mfu")
-        text = (f"step {step}/{self.total} loss {metrics['loss']:.4f} tok/s {metrics['tokens_per_s']:,.0f}"
-                f"{f' mfu {100 * mfu:.1f}%' if mfu is not None else ''} eta {eta:,.0f}s")
-        if self.enabled:
-            width = 24
-            filled = int(width * step / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}   ")
-            sys.stderr.flush()
-        elif self.plain and (step == self.total or step % max(self.total // 10, 1) == 0):
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _host_metrics(metrics: dict) -> dict:
@@ -127,13 +118,21 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
 
     abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, cfg.seed))
     mesh, state_shardings, batch_sharding = _shardings(model_config, cfg, abstract_state, optimizer)
+    model = model.clone(mesh=mesh)  # its MoE layers dispatch expert-parallel over the mesh (None: one device)
     # Parameter shapes do not depend on the mesh: initialise (or restore) outside it, placed by the shardings.
     _check_same_model(cfg.out, model_config)
+    from m1jax.plan import check_fits  # MemoryError with the plan's figures, before anything compiles
+    check_fits(model_config, cfg.mesh or {}, batch_size=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len,
+               remat=cfg.remat)
     checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
     restored = checkpoints.restore_latest(_restore_target(abstract_state, state_shardings))
     if restored is not None:
         start, state, meta = restored
         data.restore(meta["data"])
+        status(f"resuming from step {start} of {cfg.out}"
+               + (f" (the run asks for {cfg.steps} steps: nothing to train)" if start >= cfg.steps
+                  else f"; training on to step {cfg.steps}"),
+               quiet=not cfg.progress)
     else:
         init = jax.jit(lambda: init_state(model, optimizer, cfg.seed), out_shardings=state_shardings)
         start, state = 0, init()
@@ -144,12 +143,15 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
         lead = jax.process_index() == 0  # on several hosts, one writes the run's files
         if lead:
             write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
-            write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+            # What the run really used: the schedule's total_steps is the run's steps.
+            used = dataclasses.replace(cfg, optimizer=opt_cfg)
+            write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(used))
 
         step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
         peak = peak * jax.device_count() if peak else None
-        progress = _Progress(cfg.steps, cfg.progress and lead)
+        progress = progress_bar(cfg.steps, desc="train", unit="step", initial=min(start, cfg.steps),
+                                quiet=not (cfg.progress and lead), plain_every=max(cfg.steps // 10, 1))
         history: list[dict] = []
         last_time, last_step = time.perf_counter(), start
         try:
@@ -157,11 +159,20 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                         suffix="" if lead else f".{jax.process_index()}") as run_log:
                 for step in range(start, cfg.steps):
                     batch = _to_device(next(data), batch_sharding)
+                    if step == start:
+                        progress.write(f"compiling the train step ({model_config.num_layers} layers, batch "
+                                       f"{cfg.batch_size} x {cfg.seq_len} tokens); the first step takes longer ...")
+                        compile_start = time.perf_counter()
                     state, metrics = train_step(state, batch)
                     done = step + 1
-                    if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    if step == start:
+                        jax.block_until_ready(metrics)
+                        progress.write(f"first step done in {time.perf_counter() - compile_start:.1f}s "
+                                       "(compilation included)")
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                         checkpoints.save(done, state, {"data": data.state(), "step": done})
                     if done % cfg.log_every and done != cfg.steps:
+                        progress.update(1)
                         continue
                     record = _host_metrics(metrics)
                     now = time.perf_counter()
@@ -174,7 +185,8 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                         record.update(_evaluate(evaluate, state.params, eval_data))
                     run_log.write(record)
                     history.append(record)
-                    progress.update(done, record, start)
+                    progress.update(1, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                    **({"mfu": f"{100 * record['mfu']:.1f}%"} if record["mfu"] is not None else {}))
                     if callback is not None:
                         callback(done, record)
         finally:

@@ -36,10 +36,16 @@ def test_json_then_streamed_text_agree(checkpoint, tmp_path):
     assert summary.startswith("usage: prompt 6 tokens") and "routing:" in summary and "layer   3 softmax" in summary
 
 
-def test_cli_errors_are_clear(checkpoint, tmp_path):
+def test_cli_errors_are_clear(checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="empty"):
         generate_main(["--checkpoint", checkpoint, "--prompt", ""], out=io.StringIO())
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit status 2, the flag named
         generate_main(["--checkpoint", checkpoint, "--prompt-file", str(tmp_path / "missing.txt")], out=io.StringIO())
+    assert exit_info.value.code == 2
+    assert "--prompt-file" in capsys.readouterr().err
+    for flag, value in (("--max-new-tokens", "0"), ("--top-p", "0"), ("--top-k", "-2"), ("--chunk-size", "0")):
+        with pytest.raises(SystemExit):
+            generate_main(["--checkpoint", checkpoint, "--prompt", "x", flag, value], out=io.StringIO())
+        assert f"argument {flag}: expected" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate_main(["--checkpoint", checkpoint, "--prompt", "x", "--max-new-tokens", "70000"], out=io.StringIO())

@@ -60,7 +60,7 @@ class Crash(Exception):
     pass
 
 
-def test_kill_and_resume_is_bit_exact_and_torn_checkpoints_are_skipped(tmp_path):
+def test_kill_and_resume_is_bit_exact_and_torn_checkpoints_are_skipped(tmp_path, capsys):
     uninterrupted = train(tiny_run(tmp_path / "a"))
     losses = [r["loss"] for r in uninterrupted.history]
     assert len(losses) == 6
@@ -91,8 +91,10 @@ def test_kill_and_resume_is_bit_exact_and_torn_checkpoints_are_skipped(tmp_path)
             if not name.startswith("_"):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"torn")
-    with pytest.warns(UserWarning, match="step 6 .* could not be restored"):
-        again = train(tiny_run(tmp_path / "c", steps=6))
+    capsys.readouterr()
+    again = train(tiny_run(tmp_path / "c", steps=6))
+    notice = [line for line in capsys.readouterr().err.split("\n") if "step 6" in line]
+    assert len(notice) == 1 and "falling back to step 4" in notice[0]  # one line, no traceback
     assert again.resumed_from == 4
     assert [r["loss"] for r in again.history] == losses[4:]
 
@@ -103,6 +105,10 @@ def test_loss_falls_on_mqar(tmp_path):
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
     assert last < first - 0.5, (first, last)
     assert "eval_accuracy" in result.final_eval
+    # checkpoint_every=0 still saves the final step, and run_config.json records the schedule really used.
+    assert os.listdir(tmp_path / "checkpoints") == ["40"]
+    with open(tmp_path / "run_config.json") as f:
+        assert json.load(f)["optimizer"]["total_steps"] == 40
 
 
 def test_bad_runs_fail_before_compiling(tmp_path):
