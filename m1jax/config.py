@@ -81,6 +81,15 @@ class M1Config:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"M1Config.{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "lightning_alpha", "lightning_beta", "softmax_alpha", "softmax_beta", "mlp_alpha",
+                     "mlp_beta", "rms_norm_eps", "router_aux_loss_coef", "router_z_loss_coef", "initializer_range",
+                     "expert_threshold") + (("capacity_factor",) if self.capacity_factor is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value):
+                raise ValueError(f"M1Config.{name} must be a finite number, got {value!r}")
+        if not isinstance(self.float32_lm_head, bool):
+            raise ValueError(f"M1Config.float32_lm_head must be true or false, got {self.float32_lm_head!r}")
         if not self.layer_types:
             raise ValueError("M1Config.layer_types is empty: give one 'lightning' or 'softmax' entry per layer")
         bad = sorted({t for t in self.layer_types if t not in LAYER_KINDS})
@@ -157,6 +166,7 @@ class M1Config:
     @classmethod
     def from_hf(cls, path: str | os.PathLike | dict, **overrides) -> "M1Config":
         """Read a config.json (file, directory holding one, or an already parsed dict), either flavour."""
+        source = "config.json"
         if isinstance(path, dict):
             raw = dict(path)
         else:
@@ -165,9 +175,20 @@ class M1Config:
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                raw = json.load(f)
-        return dataclasses.replace(_from_hf_dict(raw), **overrides)
+            source = path
+            try:
+                with open(path) as f:
+                    raw = json.load(f)
+            except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+        try:
+            config = _from_hf_dict(raw)
+        except (ValueError, TypeError) as err:
+            message = str(err) if str(err).startswith("config.json") else f"config.json: {err}"
+            raise ValueError(message.replace("config.json", source, 1)) from None
+        return dataclasses.replace(config, **overrides)
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers flavour (MiniMaxConfig), loadable by transformers' MiniMaxForCausalLM."""
@@ -217,17 +238,36 @@ class M1Config:
         return path
 
 
-def _require(raw: dict, key: str, flavour: str):
-    if key not in raw:
-        raise ValueError(f"config.json ({flavour} flavour) lacks '{key}'")
+def _require(raw: dict, key: str, flavour: str, why: str = ""):
+    if key not in raw or raw[key] is None:
+        raise ValueError(f"config.json ({flavour} flavour) lacks '{key}'{why}")
     return raw[key]
+
+
+def _number(raw: dict, key: str, kind: type, default=None, *, flavour: str, why: str = ""):
+    """raw[key] as int or float (a required field when default is None), naming the field when it is not one."""
+    value = raw.get(key, default) if default is not None else _require(raw, key, flavour, why)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ValueError(f"config.json field '{key}' must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+    return kind(value)
+
+
+_ROPE_WHY = (": M1 rotates only part of each head with a specific base, and a default would silently change the "
+             "model; the released checkpoint has rotary_dim 64 and rope_theta 10000000")
+_KV_WHY = ": the number of key/value heads defines the attention weights (transformers' default is 8)"
 
 
 def _from_hf_dict(raw: dict) -> M1Config:
     if "attn_type_list" in raw:
         flavour = "original"
+        if not isinstance(raw["attn_type_list"], list) or not all(t in (0, 1) for t in raw["attn_type_list"]):
+            raise ValueError(f"config.json attn_type_list must be a list of 0 (lightning) and 1 (softmax), got "
+                             f"{raw['attn_type_list']!r}")
         layer_types = tuple(SOFTMAX if int(t) == 1 else LIGHTNING for t in raw["attn_type_list"])
-        scales = {f"{ours}_{ab}": float(raw.get(f"layernorm_{theirs}_{ab}", 1.0))
+        scales = {f"{ours}_{ab}": _number(raw, f"layernorm_{theirs}_{ab}", float, 1.0, flavour=flavour)
                   for ours, theirs in (("lightning", "linear_attention"), ("softmax", "full_attention"),
                                        ("mlp", "mlp"))
                   for ab in ("alpha", "beta")}
@@ -237,35 +277,39 @@ def _from_hf_dict(raw: dict) -> M1Config:
         if raw.get("shared_intermediate_size", 0):
             raise ValueError("config.json has a shared expert (shared_intermediate_size > 0): M1 has none and it "
                              "is not implemented")
-        head_dim = raw.get("head_dim") or (_require(raw, "hidden_size", flavour)
-                                           // _require(raw, "num_attention_heads", flavour))
-        rotary_dim = raw.get("rotary_dim", head_dim)
-        rope_theta = raw.get("rope_theta", 10_000.0)
+        head_dim = _head_dim(raw, flavour)
+        rotary_dim = _number(raw, "rotary_dim", int, flavour=flavour, why=_ROPE_WHY)
+        rope_theta = _number(raw, "rope_theta", float, flavour=flavour, why=_ROPE_WHY)
     elif "layer_types" in raw:
         flavour = "transformers"
+        if not isinstance(raw["layer_types"], list) or not all(isinstance(t, str) for t in raw["layer_types"]):
+            raise ValueError(f"config.json layer_types must be a list of names, got {raw['layer_types']!r}")
         unknown = sorted(set(raw["layer_types"]) - set(_OURS_FROM_HF_LAYER))
         if unknown:
             raise ValueError(f"config.json layer_types has unknown kinds {unknown}; expected "
                              f"{sorted(_OURS_FROM_HF_LAYER)}")
         layer_types = tuple(_OURS_FROM_HF_LAYER[t] for t in raw["layer_types"])
-        scales = {f"{ours}_{ab}": float(raw.get(f"{theirs}_{ab}_factor", 1.0))
+        scales = {f"{ours}_{ab}": _number(raw, f"{theirs}_{ab}_factor", float, 1.0, flavour=flavour)
                   for ours, theirs in (("lightning", "linear_attn"), ("softmax", "full_attn"), ("mlp", "mlp"))
                   for ab in ("alpha", "beta")}
-        head_dim = raw.get("head_dim") or (_require(raw, "hidden_size", flavour)
-                                           // _require(raw, "num_attention_heads", flavour))
+        head_dim = _head_dim(raw, flavour)
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json rope_parameters must be an object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"config.json rope_parameters.rope_type={rope.get('rope_type')!r}: only the default "
                              "(unscaled) RoPE of M1 is implemented")
-        factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-        rotary_dim = int(round(head_dim * float(factor)))
-        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+        merged = {**{k: raw[k] for k in ("rope_theta", "partial_rotary_factor") if k in raw}, **rope}
+        factor = _number(merged, "partial_rotary_factor", float, flavour=flavour,
+                         why=" (in rope_parameters)" + _ROPE_WHY)
+        rope_theta = _number(merged, "rope_theta", float, flavour=flavour, why=" (in rope_parameters)" + _ROPE_WHY)
+        rotary_dim = int(round(head_dim * factor))
     else:
         raise ValueError("config.json has neither 'attn_type_list' (original MiniMax flavour) nor 'layer_types' "
                          "(transformers flavour): not a MiniMax config")
-    if len(layer_types) != _require(raw, "num_hidden_layers", flavour):
-        raise ValueError(f"config.json: {len(layer_types)} layer types for num_hidden_layers="
-                         f"{raw['num_hidden_layers']}")
+    num_layers = _number(raw, "num_hidden_layers", int, flavour=flavour)
+    if len(layer_types) != num_layers:
+        raise ValueError(f"config.json: {len(layer_types)} layer types for num_hidden_layers={num_layers}")
     if raw.get("tie_word_embeddings", False):
         raise ValueError("config.json ties embeddings and lm_head: M1 does not, and it is not implemented")
     if raw.get("hidden_act", "silu") != "silu":
@@ -273,27 +317,43 @@ def _from_hf_dict(raw: dict) -> M1Config:
     if raw.get("sliding_window") is not None:
         raise ValueError("config.json sets sliding_window: M1's softmax layers attend to the whole context")
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    extra = raw.get("m1jax", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"config.json field 'm1jax' must be an object, got {extra!r}")
+    integer = lambda key, default=None, why="": _number(raw, key, int, default, flavour=flavour, why=why)
+    real = lambda key, default: _number(raw, key, float, default, flavour=flavour)
     return M1Config(
-        vocab_size=_require(raw, "vocab_size", flavour),
-        hidden_size=_require(raw, "hidden_size", flavour),
-        num_heads=_require(raw, "num_attention_heads", flavour),
-        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        vocab_size=integer("vocab_size"),
+        hidden_size=integer("hidden_size"),
+        num_heads=integer("num_attention_heads"),
+        num_kv_heads=integer("num_key_value_heads", why=_KV_WHY),
         head_dim=head_dim,
-        num_experts=_require(raw, "num_local_experts", flavour),
-        experts_per_token=_require(raw, "num_experts_per_tok", flavour),
-        expert_size=_require(raw, "intermediate_size", flavour),
+        num_experts=integer("num_local_experts"),
+        experts_per_token=integer("num_experts_per_tok"),
+        expert_size=integer("intermediate_size"),
         layer_types=layer_types,
-        rope_theta=float(rope_theta),
-        rotary_dim=int(rotary_dim),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        block_size=int(raw.get("block_size", 256)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 10_240_000)),
-        router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
-        initializer_range=float(raw.get("initializer_range", 0.02)),
+        rope_theta=rope_theta,
+        rotary_dim=rotary_dim,
+        rms_norm_eps=real("rms_norm_eps", 1e-5),
+        block_size=integer("block_size", 256),
+        max_position_embeddings=integer("max_position_embeddings", 10_240_000),
+        router_aux_loss_coef=real("router_aux_loss_coef", 0.001),
+        initializer_range=real("initializer_range", 0.02),
         param_dtype=dtype if dtype in DTYPES else "float32",
         **scales,
-        **{k: v for k, v in raw.get("m1jax", {}).items() if k in _M1JAX_ONLY_FIELDS},
+        **{k: v for k, v in extra.items() if k in _M1JAX_ONLY_FIELDS},
     )
+
+
+def _head_dim(raw: dict, flavour: str) -> int:
+    if raw.get("head_dim"):
+        return _number(raw, "head_dim", int, flavour=flavour)
+    hidden = _number(raw, "hidden_size", int, flavour=flavour)
+    heads = _number(raw, "num_attention_heads", int, flavour=flavour)
+    if heads <= 0 or hidden % heads:
+        raise ValueError(f"config.json has no head_dim and hidden_size={hidden} is not a multiple of "
+                         f"num_attention_heads={heads}; give head_dim")
+    return hidden // heads
 
 
 def _m1_full(**overrides) -> M1Config:

@@ -18,10 +18,11 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m1jax.config import M1Config
 from m1jax.layers.block import DecoderLayer
-from m1jax.layers.moe import GroupedMatmul
+from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.rope import segment_positions
 from m1jax.sharding import constrain
@@ -45,6 +46,28 @@ class M1Output:
     cache: Any = None
 
 
+class Embed(nn.Module):
+    """Token embedding: ids (B, T) -> (B, T, hidden) in the compute dtype; parameter `embedding` (V, hidden).
+
+    Under a mesh the table's hidden dim is FSDP-sharded; it is gathered (constrained to ("vocab", None)) before the
+    lookup, as FSDP gathers every weight just in time. Gathering rows from the sharded table instead leaves the output
+    split over hidden, and XLA can only reach the activations' batch sharding from there by replicating the whole
+    activation (its "[SPMD] Involuntary full rematerialization" warnings, forward and backward).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    dtype: Any
+    param_dtype: Any
+    init: Any
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        table = self.param("embedding", self.init, (self.vocab_size, self.hidden_size), self.param_dtype)
+        table = constrain(table.astype(self.dtype), "vocab", None)
+        return constrain(jnp.take(table, input_ids, axis=0), "batch", "length", "act_embed")
+
+
 class LayerGroup(nn.Module):
     """One period of the layer schedule (M1: 7 lightning + 1 softmax). Carry h: (B, T, hidden).
 
@@ -52,6 +75,7 @@ class LayerGroup(nn.Module):
 
     config: M1Config
     grouped_matmul: GroupedMatmul | None = None
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
 
     @nn.compact
     def __call__(self, h, group_index, positions, segment_ids, layer_caches=None, cache_slots=None):
@@ -60,7 +84,7 @@ class LayerGroup(nn.Module):
         stats, new_caches = [], {}
         for j, kind in enumerate(cfg.layer_types[:period]):
             name = f"layer_{j}"
-            layer = DecoderLayer(cfg, kind, self.grouped_matmul, name=name)
+            layer = DecoderLayer(cfg, kind, self.grouped_matmul, self.mesh, name=name)
             layer_cache = None if layer_caches is None else layer_caches[name]
             h, layer_stats, new_caches[name] = layer(h, group_index * period + j, positions, segment_ids,
                                                      layer_cache, cache_slots)
@@ -76,16 +100,19 @@ class M1ForCausalLM(nn.Module):
     With `cache`, input_ids fill cache slots index .. index+T-1: positions default to slot - start (0 at each row's
     first real token), slots before a row's start are padding, and segment_ids, if given, is a token mask (0 marks
     more padding, e.g. finished rows). last_logits_only: compute the lm_head for the last position only (B, 1, V).
+    Concrete input_ids outside [0, vocab_size) raise ValueError; traced ones give NaN logits (see check_token_ids).
     """
 
     config: M1Config
     remat: str = "none"
     grouped_matmul: GroupedMatmul | None = None
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None  # MoE layers dispatch expert-parallel over it
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: Any = None, last_logits_only: bool = False) -> M1Output:
         cfg = self.config
+        check_token_ids(input_ids, cfg.vocab_size)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if cache is not None:
@@ -106,9 +133,10 @@ class M1ForCausalLM(nn.Module):
                          else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
         pdtype, cdtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cdtype, param_dtype=pdtype, embedding_init=init,
-                         name="embed")
-        h = constrain(embed(input_ids), "batch", "length", "act_embed")  # a no-op without a mesh
+        # Traced ids cannot raise: a negative id is sent out of range too, so every bad id embeds as NaN (the gather's
+        # fill value) instead of wrapping to the last row; checkify.index_checks turns it into an error.
+        input_ids = jnp.where(input_ids < 0, cfg.vocab_size, input_ids)
+        h = Embed(cfg.vocab_size, cfg.hidden_size, cdtype, pdtype, init, name="embed")(input_ids)
 
         if cache is None:
             group = LayerGroup
@@ -116,7 +144,7 @@ class M1ForCausalLM(nn.Module):
                 group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups)
-            h, (stats, _) = scanned(cfg, self.grouped_matmul, name="groups")(
+            h, (stats, _) = scanned(cfg, self.grouped_matmul, self.mesh, name="groups")(
                 h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
             new_layers = None
         else:
@@ -145,7 +173,7 @@ class M1ForCausalLM(nn.Module):
         cfg = self.config
         period = cfg.layer_period
         stacked = self.variables["params"]["groups"]
-        group = LayerGroup(cfg, self.grouped_matmul, parent=None)
+        group = LayerGroup(cfg, self.grouped_matmul, self.mesh, parent=None)
         stats, new_layers = [], []
         for g in range(cfg.num_groups):
             group_params = jax.tree.map(lambda x, g=g: x[g], stacked)
@@ -155,6 +183,31 @@ class M1ForCausalLM(nn.Module):
             stats.append(group_stats)
             new_layers += [new_caches[f"layer_{j}"] for j in range(period)]
         return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats), tuple(new_layers)
+
+
+def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise ValueError naming the first id outside [0, vocab_size) of concrete (B, T) integer ids.
+
+    Traced ids (inside jit) are not checked here: the model then embeds an out-of-range id, negative or not, as NaN,
+    so its logits are NaN rather than a plausible number; `jax.experimental.checkify.checkify(f,
+    errors=checkify.index_checks)` around the jitted function reports it as an error.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    if not hasattr(input_ids, "dtype") or not hasattr(input_ids, "ndim"):
+        raise ValueError(f"{name} must be a (B, T) integer array, got {type(input_ids).__name__}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, T), got {tuple(input_ids.shape)}")
+    if not getattr(input_ids, "is_fully_addressable", True):
+        return  # spread over several hosts: each host checks its own batch before building the global array
+    ids = np.asarray(input_ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}{list(first)} = {int(ids[first])} is outside [0, vocab_size={vocab_size}) "
+                         f"({int(bad.sum())} such ids); the tokenizer or data does not match the model")
 
 
 def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:

@@ -11,10 +11,17 @@ Activation estimate (bytes per token per layer, compute dtype c, no rematerialis
   MoE                                         k * (2 * hidden + 3 * F)   (dispatched rows, w1/w3 outputs, product)
 With remat="full" only each layer group's input is kept, plus one group's activations during its backward;
 "dots" keeps matmul outputs (estimated as 60% of the no-remat figure). Logits: float32 (B, T, V) and their gradient.
+
+Softmax attention workspace: what the path `causal_attention` takes on this platform needs (exact formulas in
+`m1jax.layers.softmax_attention.attention_workspace_bytes`): the dense path's float32 (B, H, T, T) scores and
+probabilities, the blocked path's tiles and (B, H, T) statistics, cuDNN's log-sum-exp. One layer's worth with
+remat="full" (layers run one at a time), every softmax layer's otherwise. Inference counts the first prefill chunk.
+`check_fits` compares the total with this machine's memory before anything compiles.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -40,9 +47,25 @@ def _abstract_mesh(axes: dict[str, int]):
     return AbstractMesh(sizes, MESH_AXES)
 
 
+def attention_path(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
+                   platform: str | None = None) -> tuple[str, int]:
+    """(path, workspace bytes per device) of one softmax layer's causal attention over seq_len tokens."""
+    from m1jax.layers.softmax_attention import attention_impl, attention_workspace_bytes
+    from m1jax.sharding import BATCH_AXES
+    sizes = {name: int(mesh_axes.get(name, 1)) for name in ("data", "fsdp", "expert", "tensor")}
+    local_batch = max(batch_size // math.prod(sizes[a] for a in BATCH_AXES), 1)
+    heads = config.num_heads // sizes["tensor"] if config.num_heads % sizes["tensor"] == 0 else config.num_heads
+    impl = attention_impl(local_batch, seq_len, heads, config.compute_dtype, masked=False, platform=platform)
+    return impl, attention_workspace_bytes(impl, local_batch, seq_len, heads, config.head_dim)
+
+
 def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int, remat: str = "full",
-         training: bool = True) -> dict[str, float]:
-    """Per-device bytes by component, plus "devices" and "total"."""
+         training: bool = True, platform: str | None = None, prefill_chunk: int = 4096) -> dict[str, float]:
+    """Per-device bytes by component, plus "devices" and "total". platform: where it runs ("cpu", "gpu"; default
+    this process's backend), which decides the softmax attention path."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("prefill_chunk", prefill_chunk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     from m1jax.sharding import BATCH_AXES, check_mesh, param_shardings
     mesh = _abstract_mesh(mesh_axes)
     check_mesh(mesh, num_experts=config.num_experts, batch_size=batch_size)
@@ -72,6 +95,9 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
             act = sum(layers) * (0.6 if remat == "dots" else 1.0)
         out["activations (estimate)"] = local_tokens * act * c
         out["logits + grad (float32)"] = local_tokens * config.vocab_size / vocab_shards * 4 * 2
+        _, workspace = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, platform=platform)
+        held = 1 if remat == "full" else config.layer_types.count("softmax")
+        out["softmax attention workspace"] = workspace * min(held, config.layer_types.count("softmax"))
     else:
         out["weights"] = elements * c
         softmax_layers = config.layer_types.count("softmax")
@@ -81,17 +107,23 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
         out["kv cache (softmax layers)"] = softmax_layers * 2 * sequences * seq_len * kd / kv_shards * c
         out["lightning state (float32)"] = (lightning_layers * sequences * config.num_heads * config.head_dim ** 2
                                             * 4)
+        _, workspace = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=min(seq_len, prefill_chunk),
+                                      platform=platform)
+        out["softmax attention workspace"] = workspace if softmax_layers else 0
     out["total"] = sum(v for k, v in out.items() if k != "devices")
     return out
 
 
 def plan_table(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
-               remat: str = "full", training: bool = True) -> str:
-    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, remat=remat, training=training)
+               remat: str = "full", training: bool = True, platform: str | None = None) -> str:
+    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, remat=remat, training=training,
+                  platform=platform)
+    platform = platform or jax.default_backend()
+    impl, _ = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, platform=platform)
     mesh_text = ",".join(f"{k}={v}" for k, v in mesh_axes.items()) or "one device"
     mode = f"training, remat={remat}" if training else "inference"
     lines = [f"{mode}: mesh {mesh_text} ({int(result['devices'])} devices), global batch {batch_size} x "
-             f"{seq_len} tokens; per device:"]
+             f"{seq_len} tokens; softmax attention on {platform}: {impl}; per device:"]
     for name, value in result.items():
         if name != "devices":
             lines.append(f"  {name:<28} {value / GIB:10.2f} GiB")
@@ -99,3 +131,34 @@ def plan_table(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, 
             for kind, gib in DEVICE_MEMORY_GIB.items()]
     lines.append("  " + "; ".join(fits) + " (90% usable)")
     return "\n".join(lines)
+
+
+def host_memory_bytes(platform: str | None = None) -> int | None:
+    """Memory one device can use: the accelerator's limit, or the host's physical memory on the CPU; None if unknown."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int, remat: str = "full",
+               training: bool = True, platform: str | None = None, available: int | None = None) -> dict[str, float]:
+    """Raise MemoryError with the plan's figures when a run cannot fit this machine (checked before compiling);
+    returns the plan. available: bytes per device (default: `host_memory_bytes`)."""
+    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, remat=remat, training=training,
+                  platform=platform)
+    available = host_memory_bytes(platform) if available is None else available
+    devices_here = 1 if (platform or jax.default_backend()) != "cpu" else int(result["devices"])
+    if available and result["total"] * devices_here > available:
+        worst = max((k for k in result if k not in ("devices", "total")), key=result.get)
+        need = result["total"] * devices_here / GIB
+        raise MemoryError(f"batch {batch_size} x {seq_len} tokens needs about {need:.1f} GiB "
+                          f"({worst}: {result[worst] * devices_here / GIB:.1f} GiB) but this machine has "
+                          f"{available / GIB:.1f} GiB; lower the batch size or sequence length"
+                          + (", or use remat=full" if training and remat != "full" else "")
+                          + f" (see `m1jax plan --seq-len {seq_len} --batch-size {batch_size}`)")
+    return result

@@ -89,7 +89,8 @@ def test_inconsistent_configs_fail_at_construction(changes, message):
 def test_bad_original_configs(edit, message):
     raw = {"attn_type_list": [0, 1], "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
            "head_dim": 16, "vocab_size": 50, "num_local_experts": 2, "num_experts_per_tok": 1,
-           "intermediate_size": 16, "postnorm": True}
+           "intermediate_size": 16, "postnorm": True, "num_key_value_heads": 1, "rotary_dim": 8,
+           "rope_theta": 10000.0}
     edit(raw)
     with pytest.raises(ValueError, match=message):
         M1Config.from_hf(raw)
@@ -114,3 +115,51 @@ def test_layer_period_and_slopes():
     assert slopes[40, 63] == pytest.approx(2 ** -8.0 * (1 - 40 / (79 + 1e-5) + 1e-5), rel=1e-6)
     assert (slopes[:-1] > slopes[1:]).all()  # earlier layers decay faster
     assert deepnorm_alpha(80) == pytest.approx(3.5565588200778455)
+
+
+@pytest.mark.parametrize("flavour", ["original", "transformers"])
+@pytest.mark.parametrize("field", ["rotary", "theta", "num_key_value_heads"])
+def test_fields_that_define_the_model_are_required(flavour, field, tmp_path):
+    """No silent default that changes the model: a missing rotary dimension, RoPE base or kv-head count is an error
+    naming the field (it used to become the whole head, 1e6 or num_heads without a word)."""
+    cfg = M1Config.from_preset("tiny")
+    raw = cfg.to_hf()
+    if flavour == "original":
+        raw.pop("layer_types")
+        raw.pop("rope_parameters")
+        raw.update(attn_type_list=[int(t == "softmax") for t in cfg.layer_types], postnorm=True,
+                   rotary_dim=cfg.rotary_dim, rope_theta=cfg.rope_theta,
+                   **{f"layernorm_{theirs}_{ab}": raw.pop(f"{short}_{ab}_factor")
+                      for theirs, short in (("linear_attention", "linear_attn"), ("full_attention", "full_attn"),
+                                            ("mlp", "mlp")) for ab in ("alpha", "beta")})
+    assert M1Config.from_hf(raw) == cfg
+    name = {"rotary": "rotary_dim" if flavour == "original" else "partial_rotary_factor",
+            "theta": "rope_theta", "num_key_value_heads": "num_key_value_heads"}[field]
+    if field == "num_key_value_heads":
+        raw.pop(name)
+    elif flavour == "original":
+        raw.pop(name)
+    else:
+        raw["rope_parameters"].pop(name)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"{tmp_path}/config.json .*lacks '{name}'"):
+        M1Config.from_hf(tmp_path)
+    if flavour == "transformers" and field != "num_key_value_heads":
+        raw.pop("rope_parameters")
+        with pytest.raises(ValueError, match="lacks '(partial_rotary_factor|rope_theta)'"):
+            M1Config.from_hf(raw)
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"layer_types": [')
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        M1Config.from_hf(tmp_path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{path} must hold a JSON object"):
+        M1Config.from_hf(path)
+    raw = M1Config.from_preset("tiny").to_hf()
+    raw["hidden_size"] = "64"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"{path} field 'hidden_size' must be an integer, got '64'"):
+        M1Config.from_hf(path)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from m1jax.checkpoint.names import DERIVED_BUFFERS, TensorMap, packed_source, tensor_maps
+from m1jax.checkpoint.state import CheckpointError
 from m1jax.config import M1Config
 from m1jax.model import abstract_params
 
@@ -32,15 +33,26 @@ class _Tensors:
     def __init__(self, directory: str):
         index_path, single_path = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path} is not a safetensors index (a JSON object with a 'weight_map'): "
+                                      f"{type(err).__name__}: {err}") from None
             self.file_of = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
         elif os.path.exists(single_path):
-            with safe_open(single_path, "flax") as f:
-                self.file_of = {name: single_path for name in f.keys()}
+            self.file_of = {name: single_path for name in self._open_file(single_path, "its tensor list").keys()}
         else:
             raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}")
         self._open: dict[str, Any] = {}
+
+    @staticmethod
+    def _open_file(path: str, name: str):
+        try:
+            return safe_open(path, "flax")
+        except Exception as err:  # safetensors' own errors do not name the file
+            raise CheckpointError(f"safetensors file {path} is damaged (reading {name}): {err}; "
+                                  "download or convert it again") from None
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -50,8 +62,11 @@ class _Tensors:
         if path not in self._open:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"shard {path} (holding {name}) is missing")
-            self._open[path] = safe_open(path, "flax")
-        return self._open[path].get_slice(name)
+            self._open[path] = self._open_file(path, f"tensor {name}")
+        try:
+            return self._open[path].get_slice(name)
+        except Exception as err:
+            raise CheckpointError(f"safetensors file {path}: cannot read tensor {name}: {err}") from None
 
 
 def _expected_hf_shape(leaf_shape: tuple[int, ...], m: TensorMap) -> tuple[int, ...]:
@@ -85,7 +100,13 @@ class _Source:
             rows, first = index.pop(), hf_block[0]
             start, stop, _ = first.indices(rows.stop - rows.start)
             hf_block = (slice(rows.start + start, rows.start + stop),) + hf_block[1:]
-        value = self.tensors.slice(self.name)[tuple(index) + hf_block]
+        try:
+            value = self.tensors.slice(self.name)[tuple(index) + hf_block]
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"safetensors file {self.tensors.file_of[self.name]}: cannot read tensor "
+                                  f"{self.name}: {err}") from None
         value = jnp.asarray(value).astype(dtype)
         return np.asarray(value.T if self.map.transpose else value)
 

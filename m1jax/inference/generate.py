@@ -131,7 +131,7 @@ def check_prompts(prompt_ids: Any, vocab_size: int) -> list[list[int]]:
     for b, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {b} is empty; every prompt needs at least one token (e.g. a bos id)")
-        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in row):
+        if not all(_is_int(i) for i in row):
             raise ValueError(f"prompt {b} holds non-integer entries; pass token ids")
         bad = [int(i) for i in row if not 0 <= i < vocab_size]
         if bad:
@@ -140,19 +140,43 @@ def check_prompts(prompt_ids: Any, vocab_size: int) -> list[list[int]]:
     return [[int(i) for i in row] for row in rows]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_id(name: str, value: int | None, vocab_size: int) -> None:
-    if value is not None and (not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size):
+    if value is not None and (not _is_int(value) or not 0 <= value < vocab_size):
         raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={vocab_size})")
 
 
 def make_request(config: M1Config, longest_prompt: int, *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
                  stop_ids: Sequence[int] = (), pad_id: int = 0, chunk_size: int = 4096) -> Request:
-    """Check the settings against the config and bundle them."""
+    """Check the settings against the config and bundle them (ValueError naming the argument and its range)."""
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         _check_id(name, value, config.vocab_size)
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
+        raise ValueError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
     for i in stop_ids:
         _check_id("stop_ids entry", i, config.vocab_size)
+    for name, value in (("max_new_tokens", max_new_tokens), ("chunk_size", chunk_size), ("seed", seed)):
+        if not _is_int(value) or not (-2 ** 63 <= value < 2 ** 63 if name == "seed" else value >= 1):
+            raise ValueError(f"{name} must be {'an integer in [-2^63, 2^63)' if name == 'seed' else 'an integer >= 1'},"
+                             f" got {value!r}")
+    if not _is_real(temperature) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    max_new_tokens, chunk_size, seed = int(max_new_tokens), int(chunk_size), int(seed)
+    temperature = float(temperature)
+    top_k = None if top_k is None else int(top_k)
+    top_p = None if top_p is None else float(top_p)
     request = Request(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_k, top_p),
                       stop_ids=tuple(stop_ids) + (() if eos_id is None else (eos_id,)), pad_id=pad_id,
                       chunk_size=chunk_size, seed=seed)

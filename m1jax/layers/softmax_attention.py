@@ -1,7 +1,9 @@
 """Softmax attention layer of M1: grouped-query attention with partial RoPE, no biases, no qk-norm, scale 1/sqrt(D).
 
 On GPU with bf16/fp16 activations and no packing mask it runs cuDNN's flash attention through
-`jax.nn.dot_product_attention(implementation="cudnn")`; elsewhere XLA's implementation.
+`jax.nn.dot_product_attention(implementation="cudnn")`; elsewhere XLA's dense implementation while its float32
+(B, H, T, T) scores stay under DENSE_SCORES_MAX_BYTES, and beyond that a blocked online-softmax path
+(`blocked_causal_attention`, FlashAttention's algorithm in plain JAX) whose memory grows linearly in T.
 
 Inference keeps a key/value cache per layer, (B, K, S, D) for S cache slots. Every row of a batch writes slot
 `index` at the same step (prompts are left-padded); slots before a row's `start` hold padding. A query at slot i
@@ -9,6 +11,8 @@ sees the keys at slots j with start <= j <= i (and always its own slot, so a pad
 key). The cache keeps (B, K, S, D) rather than (B, S, K, D): attention is then a matmul batched over (B, K), the
 leading axes, and a decode step reads the cache in place instead of transposing it.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,19 +22,187 @@ from m1jax.layers.projection import projection
 from m1jax.layers.rope import apply_rope
 
 CACHE_BLOCK = 1024  # key slots per step of the blockwise (online-softmax) attention over a cache
+ATTENTION_BLOCK = 512  # query and key rows per step of the blocked (flash-style) causal attention
+DENSE_SCORES_MAX_BYTES = 2 ** 28  # above this many bytes of float32 scores (B, H, T, T), the blocked path is used
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+def attention_impl(batch: int, length: int, heads: int, dtype, masked: bool, platform: str | None = None) -> str:
+    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16, no packing mask), "dense" (XLA's, builds the
+    (B, H, T, T) scores), or "blocked" (online softmax over key blocks, memory O(B H T D)) when the dense scores would
+    exceed DENSE_SCORES_MAX_BYTES."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not masked:
+        return "cudnn"
+    return "blocked" if batch * heads * length * length * 4 > DENSE_SCORES_MAX_BYTES else "dense"
+
+
+def attention_workspace_bytes(impl: str, batch: int, length: int, heads: int, head_dim: int) -> int:
+    """Bytes one softmax layer's attention needs beyond q, k, v and its output, forward and backward: the dense
+    path holds four float32 (B, H, T, T) arrays (scores, probabilities and their gradients; XLA's CPU compilation
+    of a gradient step measures exactly that); the blocked path a few (B, H, block, block) tiles and the float32
+    log-sum-exp and accumulators (B, H, T) / (B, H, T, D); cuDNN the log-sum-exp."""
+    if impl == "dense":
+        return 4 * batch * heads * length * length * 4
+    if impl == "blocked":
+        block = min(ATTENTION_BLOCK, length)
+        return 4 * batch * heads * block * block * 4 + batch * heads * length * (2 + 2 * head_dim) * 4
+    return batch * heads * length * 4
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+                     impl: str = "auto") -> jax.Array:
     """q: (B, T, H, D); k, v: (B, T, K, D); segment_ids: (B, T) or None. Returns (B, T, H, D).
 
     Token i attends to tokens j <= i of its own segment (packed documents never see each other).
+    impl: "auto" (see `attention_impl`), "dense" or "blocked".
     """
+    batch, length, heads, _ = q.shape
+    if impl == "auto":
+        impl = attention_impl(batch, length, heads, q.dtype, segment_ids is not None)
+    if impl == "blocked":
+        return blocked_causal_attention(q, k, v, segment_ids)
+    if impl not in ("dense", "cudnn"):
+        raise ValueError(f"impl={impl!r}; use 'auto', 'dense' or 'blocked'")
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
-    use_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and mask is None)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=q.shape[-1] ** -0.5,
-                                        implementation="cudnn" if use_cudnn else None)
+                                        implementation="cudnn" if impl == "cudnn" else None)
+
+
+# ----- blocked causal attention: online softmax forward, recomputing backward (FlashAttention's algorithm) -----
+# Per query block i and key block j <= i: s = q_i k_j^T / sqrt(D) (float32), masked to j' <= i' and equal segments;
+# running max m, sum l and accumulator acc give out_i = acc / l and lse_i = m + log l. The backward recomputes
+# p = exp(s - lse_i) block by block: dv_j = sum_i p^T do_i, ds = p * (do_i v_j^T - rowsum(do_i * out_i)),
+# dq_i = sum_j ds k_j / sqrt(D), dk_j = sum_i ds^T q_i / sqrt(D). Nothing of size T x T is ever held.
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """(B, T, ...) with T a multiple of block -> (n, B, block, ...)."""
+    n = x.shape[1] // block
+    return jnp.moveaxis(x.reshape((x.shape[0], n, block) + x.shape[2:]), 1, 0)
+
+
+def _from_blocks(x: jax.Array, length: int) -> jax.Array:
+    """(n, B, block, ...) -> (B, length, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+def _tile(qi, kj, seg_q, seg_k, i, j, block):
+    """float32 scores (B, K, G, block_q, block_k) of query block i against key block j, and their mask."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * qi.shape[-1] ** -0.5
+    rows = i * block + jnp.arange(block)
+    cols = j * block + jnp.arange(block)
+    mask = (rows[:, None] >= cols[None, :])[None] & (seg_q[:, :, None] == seg_k[:, None, :])  # (B, q, s)
+    return scores, mask[:, None, None]
+
+
+def _blocked_forward(q, k, v, seg, block):
+    """q: (n, B, block, K, G, D); k, v: (n, B, block, K, D); seg: (n, B, block).
+    Returns out (n, B, block, K, G, D) float32 and lse (n, B, K, G, block) float32."""
+    n, batch, _, kv_heads, groups, dim = q.shape
+
+    def query_block(i):
+        qi, seg_q = q[i], seg[i]
+
+        def visit(j, carry):
+            m, l, acc = carry
+            scores, mask = _tile(qi, k[j], seg_q, seg[j], i, j, block)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))
+            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+            rescale = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            return m_new, rescale * l + p.sum(-1), rescale[..., None] * acc + pv
+
+        shape = (batch, kv_heads, groups, block)
+        init = (jnp.full(shape, -1e30, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (dim,), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, i + 1, visit, init)  # every row sees its own position: l > 0
+        out = acc / l[..., None]
+        return out.transpose(0, 3, 1, 2, 4), m + jnp.log(l)
+
+    return jax.lax.map(query_block, jnp.arange(n))
+
+
+def _blocked_backward(q, k, v, seg, out, lse, dout, block):
+    """Gradients (dq, dk, dv) in the block layout of `_blocked_forward`, float32."""
+    n = q.shape[0]
+    scale = q.shape[-1] ** -0.5
+    delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", dout, out)  # rowsum(do * out)
+
+    def grads(i, j):
+        scores, mask = _tile(q[i], k[j], seg[i], seg[j], i, j, block)
+        p = jnp.where(mask, jnp.exp(scores - lse[i][..., None]), 0.0)
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", dout[i], v[j], preferred_element_type=jnp.float32)
+        return p, p * (dp - delta[i][..., None])
+
+    def dq_block(i):
+        def visit(j, dq):
+            _, ds = grads(i, j)
+            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k[j].astype(jnp.float32)) * scale
+        return jax.lax.fori_loop(0, i + 1, visit, jnp.zeros(q.shape[1:], jnp.float32))
+
+    def dkv_block(j):
+        def visit(i, carry):
+            dk, dv = carry
+            p, ds = grads(i, j)
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, dout[i])
+            return dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q[i].astype(jnp.float32)) * scale, dv
+        zeros = jnp.zeros(k.shape[1:], jnp.float32)
+        return jax.lax.fori_loop(j, n, visit, (zeros, zeros))
+
+    dq = jax.lax.map(dq_block, jnp.arange(n))
+    dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
+    return dq, dk, dv
+
+
+def _to_blocks(q, k, v, segment_ids, block):
+    """Pad T up to a multiple of block (padding rows get segment -1: they see only padding) and split."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    padded = -(-length // block) * block
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+    seg = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    seg = jnp.pad(seg, [(0, 0), (0, padded - length)], constant_values=-1)
+    q = pad(q).reshape(batch, padded, kv_heads, heads // kv_heads, dim)
+    return _blocks(q, block), _blocks(pad(k), block), _blocks(pad(v), block), _blocks(seg, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q, k, v, segment_ids, block):
+    return _blocked_fwd(q, k, v, segment_ids, block)[0]
+
+
+def _blocked_fwd(q, k, v, segment_ids, block):
+    qb, kb, vb, seg = _to_blocks(q, k, v, segment_ids, block)
+    out, lse = _blocked_forward(qb, kb, vb, seg, block)
+    result = _from_blocks(out, q.shape[1]).reshape(q.shape).astype(q.dtype)
+    return result, (q, k, v, segment_ids, out, lse)
+
+
+def _blocked_bwd(block, residuals, dresult):
+    q, k, v, segment_ids, out, lse = residuals
+    qb, kb, vb, seg = _to_blocks(q, k, v, segment_ids, block)
+    dout = _to_blocks(dresult.astype(jnp.float32), k, v, None, block)[0]
+    dq, dk, dv = _blocked_backward(qb, kb, vb, seg, out, lse, dout, block)
+    length = q.shape[1]
+    return (_from_blocks(dq, length).reshape(q.shape).astype(q.dtype), _from_blocks(dk, length).astype(k.dtype),
+            _from_blocks(dv, length).astype(v.dtype), None)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+                             block: int = ATTENTION_BLOCK) -> jax.Array:
+    """`causal_attention` without the (T, T) matrix: q (B, T, H, D); k, v (B, T, K, D); segment_ids (B, T) or None.
+
+    Query block i visits key blocks 0..i only (causal), about half the dense flops; T is padded up to a multiple of
+    the block (the padding rows are dropped). Differentiable (a custom VJP recomputing the tiles).
+    """
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block={block!r} must be a positive integer")
+    return _blocked(q, k, v, segment_ids, min(block, q.shape[1]))
 
 
 def _visible(query_slots: jax.Array, key_slots: jax.Array, start: jax.Array) -> jax.Array:
