@@ -423,11 +423,14 @@ def _one_line(err: BaseException) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: one line, no traceback (unless --verbose). They include the checkpoint
     loaders' CheckpointError (a ValueError naming the step or file)."""
-    return ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+    return ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, MemoryError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    saved_verbose = os.environ.get("M1JAX_VERBOSE")
+    if args.verbose:  # the checkpoint loaders then keep the libraries' own logs and tracebacks
+        os.environ["M1JAX_VERBOSE"] = "1"
     try:
         return args.func(args)
     except _user_errors() as err:
@@ -440,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"m1jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if saved_verbose is None:
+            os.environ.pop("M1JAX_VERBOSE", None)
+        else:
+            os.environ["M1JAX_VERBOSE"] = saved_verbose
 
 
 if __name__ == "__main__":

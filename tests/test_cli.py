@@ -94,6 +94,17 @@ def test_run_errors_are_one_line_unless_verbose(capsys, tmp_path):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_run_the_machine_cannot_hold_fails_in_one_line_before_compiling(capsys, tmp_path, monkeypatch):
+    # The case: --seq-len 65536 died with a signal (exit 136). Now: exit 2 and a line naming the fix.
+    monkeypatch.delenv("M1JAX_VERBOSE", raising=False)
+    argv = ["train", "--preset", "tiny", "--seq-len", "65536", "--batch-size", "64", "--steps", "2",
+            "--out", str(tmp_path / "big"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "GiB" in err and "lower the batch size or sequence length" in err
+    assert not (tmp_path / "big" / "checkpoints").exists()
+
+
 def test_train_checkpoints_by_default_resumes_and_chains(capsys, tmp_path):
     out = str(tmp_path / "run")
     train = ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--out", out]
