@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from m1jax.tokenizer import ByteTokenizer
-from m1jax.train.tasks import TASKS, arith_problem, get_task, score_arith
+from m1jax.tasks import TASKS, arith_problem, get_task, score_arith
 
 TASK_CONFIGS = [
     ("mqar", {}),
@@ -20,15 +20,11 @@ TASK_CONFIGS = [
 SEQ_LENS = (37, 61)  # odd lengths, not multiples of anything
 
 
-def fresh_seed():
-    return int(np.random.default_rng().integers(0, 2**31))
-
-
 @pytest.mark.parametrize("name,options", TASK_CONFIGS)
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
-def test_layout_and_shifted_targets(name, options, seq_len):
+def test_layout_and_shifted_targets(name, options, seq_len, seed):
     task = get_task(name, **options)
-    batch = task.batch(fresh_seed(), 3, 4, seq_len)
+    batch = task.batch(seed, 3, 4, seq_len)
     assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids"}
     for key, dtype in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
                        ("segment_ids", np.int32)):
@@ -45,9 +41,8 @@ def test_layout_and_shifted_targets(name, options, seq_len):
 
 
 @pytest.mark.parametrize("name,options", TASK_CONFIGS[::2])
-def test_batches_are_pure_functions_of_seed_step_and_row(name, options):
+def test_batches_are_pure_functions_of_seed_step_and_row(name, options, seed):
     task = get_task(name, **options)
-    seed = fresh_seed()
     first = task.batch(seed, 5, 3, 45)
     again = task.batch(seed, 5, 3, 45)
     wider = task.batch(seed, 5, 6, 45)  # row b does not depend on the batch size
@@ -59,12 +54,11 @@ def test_batches_are_pure_functions_of_seed_step_and_row(name, options):
 
 
 @pytest.mark.parametrize("name,options", TASK_CONFIGS)
-def test_accuracy_is_one_on_targets_and_drops_on_a_corruption(name, options):
+def test_accuracy_is_one_on_targets_and_drops_on_a_corruption(name, options, seed, rng):
     task = get_task(name, **options)
-    batch = task.batch(fresh_seed(), 0, 3, 53)
+    batch = task.batch(seed, 0, 3, 53)
     perfect = task.accuracy(batch["targets"], batch)
     assert perfect["accuracy"] == 1.0 and perfect["token_accuracy"] == 1.0
-    rng = np.random.default_rng()
     graded = np.argwhere(batch["loss_mask"] > 0)
     b, t = graded[rng.integers(len(graded))]
     corrupted = batch["targets"].copy()
@@ -81,11 +75,11 @@ def test_accuracy_is_one_on_targets_and_drops_on_a_corruption(name, options):
 
 
 @pytest.mark.parametrize("options", [{}, {"num_pairs": 6, "num_queries": 6, "vocab": 30}, {"num_queries": 2}])
-def test_mqar_answers_match_the_stored_pairs(options):
+def test_mqar_answers_match_the_stored_pairs(options, seed):
     task = get_task("mqar", **options)
     seq_len = 47
     pairs, queries = task.sizes(seq_len)
-    batch = task.batch(fresh_seed(), 1, 5, seq_len)
+    batch = task.batch(seed, 1, 5, seq_len)
     for b in range(5):
         row = np.concatenate([batch["inputs"][b], batch["targets"][b, -1:]])
         keys, values = row[0:2 * pairs:2], row[1:2 * pairs:2]
@@ -109,9 +103,9 @@ def test_mqar_defaults_fill_the_row():
     assert get_task("mqar", num_queries=4).sizes(63) == (28, 4)
 
 
-def test_copy_second_half_repeats_the_first():
+def test_copy_second_half_repeats_the_first(seed):
     task = get_task("copy", vocab=9)
-    batch = task.batch(fresh_seed(), 0, 4, 30)
+    batch = task.batch(seed, 0, 4, 30)
     row = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
     np.testing.assert_array_equal(row[:, :15], row[:, 16:])
     assert np.all(row[:, 15] == task.sep_id) and np.all(row[:, :15] >= 2)
@@ -137,10 +131,10 @@ def slow_arith_accuracy(predictions, batch):
 
 
 @pytest.mark.parametrize("ops", ["+", "-", "*", "+-*"])
-def test_arith_rows_are_right_and_graded_on_answers(ops):
+def test_arith_rows_are_right_and_graded_on_answers(ops, seed, rng):
     task = get_task("arith", digits=3, ops=ops)
     tok = ByteTokenizer()
-    batch = task.batch(fresh_seed(), 2, 3, 71)
+    batch = task.batch(seed, 2, 3, 71)
     for b in range(3):
         n = int(batch["segment_ids"][b].sum())
         text = tok.decode(np.append(batch["inputs"][b, :n], batch["targets"][b, n - 1]))
@@ -152,13 +146,11 @@ def test_arith_rows_are_right_and_graded_on_answers(ops):
             a, op, c, answer = re.fullmatch(r"(\d+)([-+*])(\d+)=(-?\d+)", line).groups()
             assert op in ops and len(a) <= 3 and len(c) <= 3
             assert int(answer) == {"+": int(a) + int(c), "-": int(a) - int(c), "*": int(a) * int(c)}[op]
-    rng = np.random.default_rng()
     noisy = np.where(rng.random(batch["targets"].shape) < 0.05, 48, batch["targets"])
     assert task.accuracy(noisy, batch)["accuracy"] == pytest.approx(slow_arith_accuracy(noisy, batch))
 
 
-def test_arith_problem_and_score():
-    rng = np.random.default_rng()
+def test_arith_problem_and_score(rng):
     for _ in range(50):
         prompt, answer = arith_problem(rng, 5, "+-*")
         a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", prompt).groups()
@@ -197,4 +189,4 @@ def test_bad_options_raise_naming_the_argument():
         get_task("copy").batch(-1, 0, 1, 8)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         get_task("copy").batch(0, 0, 0, 8)
-    assert set(TASKS) == {"mqar", "copy", "arith"}
+    assert set(TASKS) == {"mqar", "copy", "arith", "chains"}

@@ -118,6 +118,13 @@ def arith_reward(completion: str, example: Mapping[str, Any]) -> float:
     return float(parse_last_number(answer_text(completion, _stops(example))) == expected)
 
 
+def chain_reward(completion: str, example: Mapping[str, Any]) -> float:
+    """The chain task's outcome reward (``m1jax.tasks.chains``): 1.0 if the text after the last "#" of the
+    completion's first line is exactly ``example["answer"]``, else 0.0. The steps are not graded."""
+    from m1jax.tasks.chains import score_chain
+    return float(score_chain(completion, str(example["answer"])))
+
+
 _BARE_NUMBER = re.compile(r"\s*[+-]?\d+(?:\.\d+)?\s*")
 
 
@@ -319,6 +326,7 @@ def _check_nothing(example: Mapping[str, Any]) -> None:
 
 
 arith_reward.check_example = _expected_number
+chain_reward.check_example = _expected_number
 code_reward.check_example = _tests_source
 format_reward.check_example = _check_nothing
 

@@ -41,9 +41,10 @@ from m1jax.inference import engine
 from m1jax.inference.generate import generate, make_request
 from m1jax.model import M1ForCausalLM
 from m1jax.rl.advantages import sequence_advantages
-from m1jax.rl.rewards import RewardFn, arith_reward, example_checker, score_batch
+from m1jax.rl.rewards import RewardFn, arith_reward, chain_reward, example_checker, score_batch
 from m1jax.tokenizer import ByteTokenizer
-from m1jax.train.tasks import TASKS, Arith, arith_problem, build_task, row_rng, score_arith
+from m1jax.tasks import TASKS, Arith, arith_problem, build_task, row_rng, score_arith
+from m1jax.tasks.chains import Chains, chain_problem, score_chain
 
 SAMPLER_PATHS = ("decode", "forward")
 OLD_LOGPROBS = ("trainer", "sampler")
@@ -89,10 +90,40 @@ class ArithPrompts:
         return {"digits": self.digits, "ops": "".join(self.ops), "seed": self.seed}
 
 
-RL_TASKS = {"arith": ArithPrompts}
+@dataclasses.dataclass(frozen=True)
+class ChainPrompts:
+    """The chains task (long addition with its carries written out, `m1jax.tasks.chains`) as prompts with verifiable
+    answers: {"prompt": "4837+956=", "answer": "5793", "solution": "7+6=13,...#5793"}; the reward grades the
+    answer after "#" only. Example i of step s is drawn from row_rng(seed, s, i)."""
+
+    min_digits: int = 4
+    max_digits: int = 12
+    seed: int = 0
+    name = "chains"
+    reward_fn = staticmethod(chain_reward)
+
+    def __post_init__(self):
+        Chains(self.min_digits, self.max_digits)  # checks the digit range
+
+    @property
+    def max_prompt_len(self) -> int:
+        return 2 * self.max_digits + 2
+
+    def examples(self, step: int, count: int) -> list[dict]:
+        return [chain_problem(row_rng(self.seed, step, i), self.min_digits, self.max_digits) for i in range(count)]
+
+    @staticmethod
+    def is_correct(completion: str, example: Mapping[str, Any]) -> bool:
+        return score_chain(completion, example["answer"])
+
+    def options(self) -> dict:
+        return {"min_digits": self.min_digits, "max_digits": self.max_digits, "seed": self.seed}
 
 
-def get_rl_task(name: str, **options) -> ArithPrompts:
+RL_TASKS = {"arith": ArithPrompts, "chains": ChainPrompts}
+
+
+def get_rl_task(name: str, **options) -> ArithPrompts | ChainPrompts:
     """An RL task by name: one whose prompts come with an answer a program can verify."""
     if name not in RL_TASKS:
         if name in TASKS:

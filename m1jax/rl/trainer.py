@@ -20,14 +20,18 @@ algorithm gets the same generation budget. GRPO's KL term (the GRPO paper's beta
 initial parameters as the reference policy.
 
 Each step appends one line to metrics.jsonl (reward, accuracy, response length, clip fractions, entropy, mismatch,
-approx_kl, loss, grad_norm, lr, ...); checkpoints hold the TrainState and the data position, and rerunning the same
-command resumes from the latest one with the same metrics as an uninterrupted run.
+approx_kl, loss, grad_norm and grad_norm_max over the batch's updates, lr, ...); checkpoints hold the TrainState and
+the data position, and rerunning the same command resumes from the latest one with the same metrics as an
+uninterrupted run. With `token_stats`, each step also appends to tokens.jsonl which tokens left the clip band at their
+update (`clip_token_stats`: counts by role and byte, old-policy probabilities, the largest ratios with their text),
+the mechanism CISPO is about: PPO-style clipping drops exactly those tokens' gradients.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -45,6 +49,7 @@ from m1jax.model import M1ForCausalLM
 from m1jax.rl import losses
 from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, collect_rollout, decode_completion,
                               get_rl_task, response_terms, score_responses)
+from m1jax.tasks.chains import ANSWER_MARK
 from m1jax.tokenizer import ByteTokenizer
 from m1jax.train.loop import MODEL_CONFIG_FILE, write_json
 from m1jax.train.run_log import RunLog
@@ -55,6 +60,7 @@ ALGOS = ("cispo", "grpo", "dapo", "ppo")
 RUN_CONFIG_FILE = "rl_config.json"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: the task's generator under another seed
+TOKENS_FILE = "tokens.jsonl"
 UPDATE_KEYS = ("tokens", "segment_ids", "response_mask", "old_logprobs", "advantages", "ref_logprobs")
 
 
@@ -104,8 +110,10 @@ def policy_loss(cfg: LossConfig, logprobs, old_logprobs, advantages, mask, ref_l
 
 
 # ------------------------------------------------------------------------------------------------ the update
-def update_objective(model: M1ForCausalLM, loss_cfg: LossConfig, temperature: float, params, batch: dict):
-    """(objective, metrics) of one minibatch: the policy loss + the MoE auxiliary losses, entropy as a metric."""
+def update_objective(model: M1ForCausalLM, loss_cfg: LossConfig, temperature: float, params, batch: dict,
+                     token_stats: bool = False):
+    """(objective, metrics) of one minibatch: the policy loss + the MoE auxiliary losses, entropy as a metric.
+    token_stats: metrics also hold "token_ratio" (B, T), r = pi_theta / pi_old per token (1 on padding)."""
     response_len = batch["response_mask"].shape[1]
     logprobs, entropy, out = response_terms(model, params, batch["tokens"], batch["segment_ids"], response_len,
                                             temperature)
@@ -116,18 +124,22 @@ def update_objective(model: M1ForCausalLM, loss_cfg: LossConfig, temperature: fl
     aux = cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
     metrics = dict(metrics, entropy=jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
                    aux_loss=out.aux_loss)
+    if token_stats:
+        log_ratio = jnp.where(mask > 0, logprobs - batch["old_logprobs"], 0.0)
+        metrics["token_ratio"] = jax.lax.stop_gradient(jnp.exp(log_ratio))
     return loss + aux, metrics
 
 
 def make_update_step(model: M1ForCausalLM, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
-                     temperature: float = 1.0, state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
+                     temperature: float = 1.0, state_shardings: Any = None, batch_shardings: Any = None,
+                     token_stats: bool = False) -> Callable:
     """Jitted `update(state, minibatch) -> (state, metrics)`; the state is donated.
 
     minibatch: tokens, segment_ids (B, W + T) int32; response_mask, old_logprobs (B, T); advantages (B,); and
     ref_logprobs (B, T) for GRPO with a KL term. batch_shardings: a dict of shardings with the same keys.
     """
-    grad_fn = jax.value_and_grad(functools.partial(update_objective, model, loss_cfg, float(temperature)),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(update_objective, model, loss_cfg, float(temperature),
+                                                   token_stats=token_stats), has_aux=True)
 
     def update(state: TrainState, batch: dict):
         (objective, metrics), grads = grad_fn(state.params, batch)
@@ -157,6 +169,101 @@ def mesh_shardings(axes: dict[str, int], config: M1Config, abstract_state: Train
     return mesh, state_shardings(abstract_state, optimizer, mesh), batch
 
 
+# ------------------------------------------------------------------------------------------------ the mechanism
+REFERENCE_BAND = (losses.DAPO_EPS_LOW, losses.DAPO_EPS_HIGH)  # "outside the band": r < 0.8 or r > 1.28, every algo
+PROB_BINS = (0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0 + 1e-6)  # old-policy probability bins of the histograms
+TOKEN_ROLES = ("operand", "carry_decision", "sum", "separator", "answer")
+_COUNTS = ("tokens", "high", "low", "dropped")
+
+
+def token_roles(ids: np.ndarray) -> np.ndarray:
+    """(B, T) response byte ids of the chains task -> (B, T) index into TOKEN_ROLES.
+
+    carry_decision: the byte right after a step's "x+y" ("+" opens the carry "+1", "=" says there is none), the
+    chain's fork; sum: the digits after "="; separator: "," "#" newline; answer: everything after "#"; operand: the
+    rest (operand digits, "+", the carry's "1"). For other tasks the roles are meaningless but harmless.
+    """
+    ids = np.asarray(ids)
+
+    def back(k):  # ids shifted right by k (-1 before the start)
+        return np.pad(ids, ((0, 0), (k, 0)), constant_values=-1)[:, :ids.shape[1]]
+
+    digit = lambda a: (a >= 48) & (a <= 57)  # noqa: E731
+    step_start = (back(4) == ord(",")) | (back(4) == -1)
+    decision = digit(back(1)) & (back(2) == ord("+")) & digit(back(3)) & step_start & (back(3) != -1)
+    sums = digit(ids) & ((back(1) == ord("=")) | (digit(back(1)) & (back(2) == ord("="))))
+    hash_ = ids == ord(ANSWER_MARK)
+    answer = (np.cumsum(hash_, axis=1) - hash_) > 0
+    separator = (ids == ord(",")) | hash_ | (ids == ord("\n"))
+    roles = np.zeros(ids.shape, np.int64)
+    roles[sums] = 2
+    roles[decision] = 1
+    roles[separator] = 3
+    roles[answer] = 4
+    return roles
+
+
+def _token_text(token: int) -> str:
+    return chr(token) if 32 <= token < 127 else "\\n" if token == 10 else f"<{token}>"
+
+
+def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, loss_cfg: LossConfig,
+                     examples: int = 12) -> dict:
+    """Which response tokens left the clip band in their update, for one generation batch (host numpy).
+
+    ratios (B, T): r = pi_theta / pi_old of each token at the update that used it; mask (B, T): the tokens that
+    entered the loss. "high" r > 1 + 0.28, "low" r < 1 - 0.2 (REFERENCE_BAND, the same for every algorithm);
+    "dropped": tokens whose gradient the algorithm's own clipping zeroes (none for CISPO). Counts by role
+    (`token_roles`) and by byte, histograms of the old-policy probability pi_old(o_t) over PROB_BINS, and the
+    `examples` tokens with the largest ratios (their preceding text, pi_old, r, advantage).
+    """
+    valid = np.asarray(mask) > 0
+    ratios = np.asarray(ratios, np.float64)
+    old_prob = np.exp(np.asarray(rollout.old_logprobs, np.float64))
+    advantages = np.broadcast_to(np.asarray(rollout.advantages, np.float64)[:, None], ratios.shape)
+    low_eps, high_eps = REFERENCE_BAND
+    high = valid & (ratios > 1.0 + high_eps)
+    low = valid & (ratios < 1.0 - low_eps)
+    if loss_cfg.algo == "cispo":
+        dropped = np.zeros_like(valid)
+    else:
+        upper = loss_cfg.eps_high if loss_cfg.algo == "dapo" else loss_cfg.eps
+        dropped = valid & (((advantages > 0) & (ratios > 1.0 + upper))
+                           | ((advantages < 0) & (ratios < 1.0 - loss_cfg.eps)))
+    width = rollout.prompt_width
+    ids = np.asarray(rollout.tokens)[:, width:]
+    roles = token_roles(ids)
+    sets = dict(zip(_COUNTS, (valid, high, low, dropped)))
+    by_role = {role: [int((m & (roles == i)).sum()) for m in sets.values()] for i, role in enumerate(TOKEN_ROLES)}
+    present = np.unique(ids[valid])
+    by_byte = {_token_text(int(t)): [int((m & (ids == t)).sum()) for m in sets.values()] for t in present}
+    hist = {name: np.histogram(old_prob[m], bins=PROB_BINS)[0].tolist() for name, m in sets.items()}
+    order = np.argsort(-np.where(high, ratios, -np.inf), axis=None)[:examples]
+    top = []
+    for flat in order:
+        b, t = np.unravel_index(flat, ratios.shape)
+        if not high[b, t]:
+            break
+        top.append({"context": "".join(_token_text(int(x)) for x in ids[b, max(0, t - 16):t]),
+                    "token": _token_text(int(ids[b, t])), "role": TOKEN_ROLES[roles[b, t]],
+                    "old_prob": float(old_prob[b, t]), "ratio": float(ratios[b, t]),
+                    "advantage": float(advantages[b, t])})
+    return {"counts": {name: int(m.sum()) for name, m in sets.items()},
+            "high_positive": int((high & (advantages > 0)).sum()), "by_role": by_role, "by_byte": by_byte,
+            "prob_hist": hist, "top_high": top}
+
+
+def _tokens_log(path: str, start: int):
+    """tokens.jsonl opened for appending after the lines of steps <= start (a resumed run rewrites the rest)."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclasses.dataclass
 class RLConfig:
@@ -183,6 +290,7 @@ class RLConfig:
     mesh: dict[str, int] | None = None
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
+    token_stats: bool = False  # write out/tokens.jsonl: which tokens left the clip band (`clip_token_stats`)
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "updates_per_batch", "keep_checkpoints"):
@@ -268,10 +376,11 @@ def _check_model(out: str, config: M1Config, tokenizer, max_len: int) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _single_device_update(model: M1ForCausalLM, opt_cfg: OptimizerConfig, loss_cfg: LossConfig,
-                          temperature: float) -> Callable:
+                          temperature: float, token_stats: bool = False) -> Callable:
     """One compiled update per (model, optimizer, loss, temperature): runs in one process (an experiment's seeds
     and algorithms, a resumed run) share it."""
-    return make_update_step(model, make_optimizer(opt_cfg), loss_cfg, temperature=temperature)
+    return make_update_step(model, make_optimizer(opt_cfg), loss_cfg, temperature=temperature,
+                            token_stats=token_stats)
 
 
 def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task: Any = None,
@@ -322,10 +431,11 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
     if cfg.loss.beta:
         reference = jax.device_put(jax.tree.map(jnp.copy, init_params), shardings_or_device.params)
     if shardings is None:
-        update = _single_device_update(model, opt_cfg, cfg.loss, float(cfg.rollout.temperature))
+        update = _single_device_update(model, opt_cfg, cfg.loss, float(cfg.rollout.temperature), cfg.token_stats)
     else:
-        update = make_update_step(model, optimizer, cfg.loss, temperature=cfg.rollout.temperature,
-                                  state_shardings=shardings, batch_shardings=batch_shardings)
+        update = make_update_step(model.clone(mesh=mesh), optimizer, cfg.loss, temperature=cfg.rollout.temperature,
+                                  state_shardings=shardings, batch_shardings=batch_shardings,
+                                  token_stats=cfg.token_stats)
     write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
     write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
     history: list[dict] = []
@@ -333,6 +443,7 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
     def evaluate(params) -> float:
         return greedy_accuracy(model, params, task, cfg.eval_prompts, cfg.rollout.max_new_tokens, tokenizer)
 
+    tokens_file = _tokens_log(os.path.join(cfg.out, TOKENS_FILE), start) if cfg.token_stats else None
     try:
         with RunLog(cfg.out, start, tensorboard=cfg.tensorboard) as run_log:
             for step in range(start, cfg.steps):
@@ -363,7 +474,15 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
                                                               batch_shardings))
                         update_metrics.append(metrics)
                 update_metrics = jax.device_get(update_metrics)
+                if cfg.token_stats:
+                    ratios = np.ones_like(batch["response_mask"])
+                    for rows, metrics in zip(np.split(order, cfg.updates_per_batch), update_metrics):
+                        ratios[rows] = metrics.pop("token_ratio")
+                    tokens_file.write(json.dumps({"step": step + 1, **clip_token_stats(
+                        rollout, ratios, batch["response_mask"], cfg.loss)}) + "\n")
+                    tokens_file.flush()
                 means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+                means["grad_norm_max"] = float(np.max([m["grad_norm"] for m in update_metrics]))
                 record.update(
                     reward_mean=float(rollout.rewards.mean()), accuracy=accuracy(rollout, task.is_correct),
                     response_length=float(rollout.response_lengths.mean()),
@@ -392,5 +511,7 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
                     callback(done, record)
     finally:
         checkpoints.close()
+        if tokens_file is not None:
+            tokens_file.close()
     final_eval = {"eval_accuracy": history[-1]["eval_accuracy"]} if history and cfg.eval_prompts else {}
     return RLResult(config, state, history, final_eval, start if restored is not None else None)

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from m1jax.train.tasks import TASKS, Task, get_task
+from m1jax.tasks import TASKS, Task, get_task
 
 FORMAT = "m1jax-tokens"
 FORMAT_VERSION = 1

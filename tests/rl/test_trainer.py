@@ -112,7 +112,8 @@ def test_the_update_on_a_mesh_equals_one_device(tiny):
                                                                                    for k, v in batch.items()})
     mesh, shardings, batch_shardings = mesh_shardings({"data": 2, "fsdp": 2, "expert": 2}, config,
                                                       jax.eval_shape(fresh), optimizer, rows)
-    update = make_update_step(model, optimizer, loss_cfg, state_shardings=shardings, batch_shardings=batch_shardings)
+    update = make_update_step(model.clone(mesh=mesh), optimizer, loss_cfg, state_shardings=shardings,
+                              batch_shardings=batch_shardings)
     with jax.set_mesh(mesh):
         sharded, metrics = update(jax.device_put(fresh(), shardings),
                                   {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()})

@@ -7,7 +7,7 @@ import pytest
 
 from m1jax.tokenizer import ByteTokenizer, train_bpe
 from m1jax.train.data import PackedTokenData, TaskData, TokenFile, make_data, tokenize_files
-from m1jax.train.tasks import get_task
+from m1jax.tasks import get_task
 
 WORDS = ["alpha", "beta", "gamma", "delta", "lightning", "attention", "état", "漢字", "\n", "42"]
 
