@@ -97,7 +97,7 @@ def main():
     mesh = create_mesh(axes)
     cfg = layer_group_config(args.experts, args.smoke)
     batch = args.batch_size or mesh.size
-    model = M1ForCausalLM(cfg)
+    model = M1ForCausalLM(cfg, mesh=mesh)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     shardings = param_shardings(abstract, mesh)
     params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"],

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import json_logger, rel_err, timed  # noqa: E402
 from m1jax.config import M1Config  # noqa: E402
-from m1jax.layers.moe import MoE, expert_capacity, moe_dense_reference  # noqa: E402
+from m1jax.layers.moe import MoE, moe_dense_reference  # noqa: E402
+from m1jax.layers.moe_core import expert_capacity  # noqa: E402
 from m1jax.sharding import activation_sharding, create_mesh, shard_params  # noqa: E402
 
 RESEARCH = dict(hidden=2048, width=1408, experts=32, k=2, batch=8, length=2048)
@@ -58,16 +59,17 @@ def problem(cfg, batch, length, seed=0):
     return params, x, d_out
 
 
-def forward_backward(cfg, grouped_matmul=None):
-    """jit(params, x, d_out) -> (out, stats, d_params, d_x): the layer's forward and its full VJP."""
+def forward_backward(cfg, grouped_matmul=None, mesh=None):
+    """jit(params, x, d_out) -> (out, stats, d_params, d_x): the layer's forward and its full VJP (on `mesh`)."""
     def run(params, x, d_out):
-        (out, stats), vjp = jax.vjp(lambda p, y: MoE(cfg, grouped_matmul).apply(p, y), params, x)
+        (out, stats), vjp = jax.vjp(lambda p, y: MoE(cfg, grouped_matmul, mesh).apply(p, y), params, x)
         d_params, d_x = vjp((d_out, jax.tree.map(jnp.zeros_like, stats)))
         return out, stats, d_params, d_x
     return jax.jit(run)
 
 
-def on_mesh(fn, mesh, params, x, d_out):
+def on_mesh(cfg, mesh, params, x, d_out):
+    fn = forward_backward(cfg, mesh=mesh)
     with jax.set_mesh(mesh):
         tokens = activation_sharding(mesh, ("batch", None, None))
         return fn(shard_params(params, mesh), jax.device_put(x, tokens), jax.device_put(d_out, tokens))
@@ -97,7 +99,7 @@ def check_correctness(sizes):
         for axes in ({"expert": n}, {"data": n}):
             if cfg.num_experts % axes.get("expert", 1):
                 continue
-            got = on_mesh(fn, create_mesh(axes), params, x, d_out)
+            got = on_mesh(cfg, create_mesh(axes), params, x, d_out)
             errs = [rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
             label = f"sharded {axes} vs one device {options}"
             log(event="check", what=label, max_rel_err=max(errs), dropped=float(got[1]["dropped_fraction"]))
@@ -171,7 +173,7 @@ def time_variants(sizes, smoke, table):
             if variant_cfg.num_experts % mesh_axes.get("expert", 1):
                 continue
             mesh = create_mesh(mesh_axes)
-            sharded_fn = forward_backward(variant_cfg)
+            sharded_fn = forward_backward(variant_cfg, mesh=mesh)
             with jax.set_mesh(mesh):
                 tokens_sharding = activation_sharding(mesh, ("batch", None, None))
                 args = (shard_params(params, mesh), jax.device_put(x, tokens_sharding),

@@ -15,8 +15,9 @@ A dimension is sharded only when its size divides the product of its mesh axes, 
 the experts are the exceptions: a mismatch there raises ValueError (before anything compiles).
 
 Use: mesh = create_mesh({"data": 2, "expert": 4}); params = shard_params(params, mesh); inputs placed with
-batch_sharding(mesh); run under `with jax.set_mesh(mesh):` so the MoE layer sees the mesh and dispatches
-expert-parallel.
+batch_sharding(mesh); the model built with the mesh, M1ForCausalLM(config, mesh=mesh), so that its MoE layers
+dispatch expert-parallel (the mesh is passed, never picked up from `jax.set_mesh`; under an ambient mesh a model
+built without one refuses to run); `with jax.set_mesh(mesh):` still lets `constrain` place activations.
 """
 import math
 import re

@@ -126,6 +126,7 @@ def test_whole_model_on_a_mesh_equals_one_device():
     forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg).apply({"params": p}, i, segment_ids=s))
     want = forward(params, ids, segments)
     mesh = create_mesh({"data": 2, "expert": 2, "tensor": 2})
+    forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg, mesh=mesh).apply({"params": p}, i, segment_ids=s))
     with jax.set_mesh(mesh):
         args = (shard_params(params, mesh), *(jax.device_put(a, batch_sharding(mesh)) for a in (ids, segments)))
         assert "shard_map" in str(jax.make_jaxpr(forward)(*args))

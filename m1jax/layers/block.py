@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from m1jax.config import LIGHTNING, M1Config
 from m1jax.layers.lightning_attention import LightningAttention
-from m1jax.layers.moe import MoE, GroupedMatmul
+from m1jax.layers.moe import MoE
+from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.softmax_attention import SoftmaxAttention
 
@@ -25,6 +26,7 @@ class DecoderLayer(nn.Module):
     config: M1Config
     kind: str
     grouped_matmul: GroupedMatmul | None = None
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None  # the MoE's expert-parallel mesh
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_index: jax.Array, positions: jax.Array,
@@ -45,5 +47,5 @@ class DecoderLayer(nn.Module):
             attn, new_cache = SoftmaxAttention(cfg, name="attn")(y, positions, segment_ids, cache, cache_slots)
         h = alpha * y + beta * attn
         y = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attn_norm")(h)
-        moe_out, stats = MoE(cfg, self.grouped_matmul, name="moe")(y, token_mask)
+        moe_out, stats = MoE(cfg, self.grouped_matmul, self.mesh, name="moe")(y, token_mask)
         return cfg.mlp_alpha * y + cfg.mlp_beta * moe_out, stats, new_cache

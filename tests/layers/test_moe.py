@@ -6,8 +6,15 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.config import M1Config
-from m1jax.layers.moe import (MoE, Routing, dispatch_locally, expert_capacity, moe_dense_reference, over_capacity,
-                              route, routing_stats, skip_below_threshold, sorted_dispatch)
+from m1jax.layers.moe import MoE, moe_dense_reference
+from m1jax.layers.moe_core import (Routing, expert_capacity, over_capacity, route, routing_stats, skip_below_threshold,
+                                   sorted_dispatch)
+from m1jax.layers.moe_parallel import dispatch as dispatch_calls
+
+
+def assert_allclose(actual, desired, **tolerances):
+    """np.testing.assert_allclose where NaN never counts as equal to NaN."""
+    np.testing.assert_allclose(actual, desired, equal_nan=False, **tolerances)
 
 
 def random_experts(rng, num_experts, hidden, width, scale=0.3):
@@ -26,17 +33,15 @@ def dispatch(x, gate, w1, w3, w2, k):
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(37, 4, 2), (5, 8, 1), (64, 6, 3), (1, 4, 4)])
-def test_sorted_dispatch_equals_dense_reference(tokens, experts, k):
-    rng = np.random.default_rng()
+def test_sorted_dispatch_equals_dense_reference(tokens, experts, k, rng):
     gate, w1, w3, w2 = random_experts(rng, experts, 24, 40)
     x = jnp.asarray(rng.standard_normal((tokens, 24)), jnp.float32)
     got = jax.jit(dispatch, static_argnums=5)(x, gate, w1, w3, w2, k)
     want = moe_dense_reference(x, gate, w1, w3, w2, k)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_uneven_and_empty_expert_groups_and_gradients():
-    rng = np.random.default_rng()
+def test_uneven_and_empty_expert_groups_and_gradients(rng):
     gate, w1, w3, w2 = random_experts(rng, 6, 16, 20)
     gate = gate.at[:, 0].add(5.0).at[:, 4].add(-50.0)  # expert 0 overloaded, expert 4 never chosen
     x = jnp.asarray(rng.standard_normal((29, 16)), jnp.float32) + 1.0
@@ -50,26 +55,24 @@ def test_uneven_and_empty_expert_groups_and_gradients():
     args = (x, gate, w1, w3, w2)
     grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2, 3, 4)))(*args)
     (value_fast, grads_fast), (value_slow, grads_slow) = grad(fast), grad(slow)
-    np.testing.assert_allclose(value_fast, value_slow, rtol=1e-5, atol=1e-4)
+    assert_allclose(value_fast, value_slow, rtol=1e-5, atol=1e-4)
     for gf, gs in zip(grads_fast, grads_slow):  # float32 sums of ~30 terms of size ~10: tolerance by scale
-        np.testing.assert_allclose(gf, gs, rtol=1e-4, atol=1e-5 * np.abs(gs).max())
+        assert_allclose(gf, gs, rtol=1e-4, atol=1e-5 * np.abs(gs).max())
     assert not np.any(grads_fast[2][4]) and np.any(grads_fast[2][0])  # unused expert gets no gradient
 
 
-def test_router_renormalises_top_k_in_float32():
-    rng = np.random.default_rng()
+def test_router_renormalises_top_k_in_float32(rng):
     gate = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((11, 8)), jnp.bfloat16)
     r = route(x, gate, 2)
     assert r.weights.dtype == jnp.float32 and r.probs.dtype == jnp.float32
-    np.testing.assert_allclose(r.weights.sum(-1), 1.0, rtol=1e-6)
+    assert_allclose(r.weights.sum(-1), 1.0, rtol=1e-6)
     probs = np.asarray(jax.nn.softmax(np.asarray(x, np.float32) @ np.asarray(gate), axis=-1))
     top = np.argsort(-probs, axis=-1)[:, :2]
     np.testing.assert_array_equal(np.sort(r.experts, -1), np.sort(top, -1))
 
 
-def test_routing_statistics():
-    rng = np.random.default_rng()
+def test_routing_statistics(rng):
     logits = jnp.asarray(rng.standard_normal((50, 4)), jnp.float32)
     probs = jax.nn.softmax(logits)
     top, experts = jax.lax.top_k(probs, 2)
@@ -80,27 +83,27 @@ def test_routing_statistics():
     stats = routing_stats(r, mask, skipped, dropped)
     n = int(mask.sum())
     m = np.asarray(mask)[:, None]
-    np.testing.assert_allclose(stats["tokens_per_expert"].sum(), 2 * n)
-    np.testing.assert_allclose(stats["load"].sum(), 1.0, rtol=1e-6)
+    assert_allclose(stats["tokens_per_expert"].sum(), 2 * n)
+    assert_allclose(stats["load"].sum(), 1.0, rtol=1e-6)
     f = np.asarray(stats["load"]); p = np.asarray(probs)[np.asarray(mask)].mean(0)
-    np.testing.assert_allclose(stats["load_balancing_loss"], 4 * (f * p).sum(), rtol=1e-5)
+    assert_allclose(stats["load_balancing_loss"], 4 * (f * p).sum(), rtol=1e-5)
     z = np.log(np.exp(np.asarray(logits)).sum(-1))[np.asarray(mask)]
-    np.testing.assert_allclose(stats["z_loss"], (z ** 2).mean(), rtol=1e-5)
+    assert_allclose(stats["z_loss"], (z ** 2).mean(), rtol=1e-5)
     entropy = -(np.asarray(probs) * np.log(np.asarray(probs))).sum(-1)[np.asarray(mask)]
-    np.testing.assert_allclose(stats["router_entropy"], entropy.mean(), rtol=1e-5)
+    assert_allclose(stats["router_entropy"], entropy.mean(), rtol=1e-5)
     computed = m & ~np.asarray(skipped) & ~np.asarray(dropped)
     want_calls = np.bincount(np.asarray(experts)[computed], minlength=4)
     np.testing.assert_array_equal(stats["expert_calls"], want_calls)
-    np.testing.assert_allclose(stats["skipped_fraction"], (m & np.asarray(skipped)).sum() / (2 * n), rtol=1e-6)
-    np.testing.assert_allclose(stats["dropped_fraction"], (m & np.asarray(dropped)).sum() / (2 * n), rtol=1e-6)
+    assert_allclose(stats["skipped_fraction"], (m & np.asarray(skipped)).sum() / (2 * n), rtol=1e-6)
+    assert_allclose(stats["dropped_fraction"], (m & np.asarray(dropped)).sum() / (2 * n), rtol=1e-6)
     uniform = Routing(r.weights, jnp.asarray(np.stack([np.arange(50) % 4, (np.arange(50) + 1) % 4], 1)),
                       jnp.full((50, 4), 0.25), jnp.zeros((50, 4)))
-    np.testing.assert_allclose(routing_stats(uniform)["load_balancing_loss"], 1.0, rtol=1e-6)
+    assert_allclose(routing_stats(uniform)["load_balancing_loss"], 1.0, rtol=1e-6)
 
 
-def test_moe_module_shapes_and_dtypes():
+def test_moe_module_shapes_and_dtypes(rng):
     cfg = M1Config.from_preset("tiny", param_dtype="bfloat16", compute_dtype="bfloat16")
-    x = jnp.asarray(np.random.default_rng().standard_normal((2, 9, cfg.hidden_size)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)), jnp.bfloat16)
     params = init_moe(cfg, jax.random.key(0), x)
     assert params["params"]["gate"].dtype == jnp.float32 and params["params"]["w1"].dtype == jnp.bfloat16
     out, stats = jax.jit(MoE(cfg).apply)(params, x)
@@ -109,17 +112,17 @@ def test_moe_module_shapes_and_dtypes():
     assert all(stats[name].shape == () for name in ("skipped_fraction", "dropped_fraction", "z_loss"))
 
 
-def test_float32_input_with_bfloat16_compute_feeds_the_experts_in_bfloat16():
+def test_float32_input_with_bfloat16_compute_feeds_the_experts_in_bfloat16(rng):
     from pallas_kernels.grouped_matmul import grouped_matmul  # checks that both operands share a dtype
     cfg = M1Config.from_preset("tiny", compute_dtype="bfloat16")
-    x = jnp.asarray(np.random.default_rng().standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
     moe = MoE(cfg, lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, impl="reference"))
     params = jax.jit(moe.init)(jax.random.key(0), x)
     out, _ = jax.jit(moe.apply)(params, x)
     p = params["params"]
     want = moe_dense_reference(x.reshape(-1, cfg.hidden_size), p["gate"], p["w1"], p["w3"], p["w2"], 2)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out.reshape(want.shape), want, rtol=5e-2, atol=5e-3)
+    assert_allclose(out.reshape(want.shape), want, rtol=5e-2, atol=5e-3)
 
 
 # ----- expert_threshold -----
@@ -128,15 +131,14 @@ def test_skip_below_threshold_rule():
     weights = jnp.asarray([[0.5, 0.3, 0.2], [0.9, 0.06, 0.04], [0.34, 0.33, 0.33]], jnp.float32)
     kept, skipped = skip_below_threshold(weights, 0.25)
     np.testing.assert_array_equal(skipped, [[False, False, True], [False, True, True], [False, False, False]])
-    np.testing.assert_allclose(kept, [[0.625, 0.375, 0.0], [1.0, 0.0, 0.0], [0.34, 0.33, 0.33]], rtol=1e-6)
+    assert_allclose(kept, [[0.625, 0.375, 0.0], [1.0, 0.0, 0.0], [0.34, 0.33, 0.33]], rtol=1e-6)
     _, first_only = skip_below_threshold(jnp.asarray([[0.4, 0.3, 0.3]]), 0.9)  # the first choice is always kept
     np.testing.assert_array_equal(first_only, [[False, True, True]])
     same, none = skip_below_threshold(weights, 0.0)
     assert same is weights and not np.any(none)
 
 
-def test_threshold_zero_is_exact_and_raising_it_never_adds_expert_calls():
-    rng = np.random.default_rng()
+def test_threshold_zero_is_exact_and_raising_it_never_adds_expert_calls(rng):
     cfg = M1Config.from_preset("tiny", num_experts=6, experts_per_token=3)
     x = jnp.asarray(rng.standard_normal((3, 17, cfg.hidden_size)), jnp.float32)
     params = init_moe(cfg, jax.random.key(1), x)
@@ -144,7 +146,7 @@ def test_threshold_zero_is_exact_and_raising_it_never_adds_expert_calls():
     params["params"]["gate"] = params["params"]["gate"] * 40  # spread the router's weights
     p, flat = params["params"], x.reshape(-1, cfg.hidden_size)
     exact, exact_stats = jax.jit(MoE(cfg).apply)(params, x)
-    np.testing.assert_allclose(exact.reshape(flat.shape), moe_dense_reference(flat, p["gate"], p["w1"], p["w3"],
+    assert_allclose(exact.reshape(flat.shape), moe_dense_reference(flat, p["gate"], p["w1"], p["w3"],
                                                                               p["w2"], 3), rtol=1e-5, atol=1e-6)
     assert exact_stats["skipped_fraction"] == 0
     previous_calls, previous_kept = exact_stats["expert_calls"].sum(), None
@@ -152,18 +154,17 @@ def test_threshold_zero_is_exact_and_raising_it_never_adds_expert_calls():
         moe = MoE(cfg.replace(expert_threshold=threshold))
         out, stats = jax.jit(moe.apply)(params, x)
         want = moe_dense_reference(flat, p["gate"], p["w1"], p["w3"], p["w2"], 3, expert_threshold=threshold)
-        np.testing.assert_allclose(out.reshape(flat.shape), want, rtol=1e-5, atol=1e-6)
+        assert_allclose(out.reshape(flat.shape), want, rtol=1e-5, atol=1e-6)
         calls = stats["expert_calls"].sum()
         assert calls <= previous_calls
-        np.testing.assert_allclose(stats["skipped_fraction"], 1 - calls / (flat.shape[0] * 3), rtol=1e-6)
+        assert_allclose(stats["skipped_fraction"], 1 - calls / (flat.shape[0] * 3), rtol=1e-6)
         kept = ~skip_below_threshold(route(flat, p["gate"], 3).weights, threshold)[1]
         assert previous_kept is None or not np.any(kept & ~previous_kept)  # a skipped call never comes back
         previous_calls, previous_kept = calls, np.asarray(kept)
     assert previous_calls < exact_stats["expert_calls"].sum()  # the thresholds did skip something
 
 
-def test_no_call_pairs_cost_no_grouped_matmul_rows():
-    rng = np.random.default_rng()
+def test_no_call_pairs_cost_no_grouped_matmul_rows(rng):
     gate, w1, w3, w2 = random_experts(rng, 5, 12, 16)
     x = jnp.asarray(rng.standard_normal((23, 12)), jnp.float32)
     r = route(x, gate, 2)
@@ -183,11 +184,10 @@ def test_no_call_pairs_cost_no_grouped_matmul_rows():
                 dense_gate[n, int(calls[n, j])] = r.weights[n, j]
     hidden = jax.nn.silu(jnp.einsum("nd,edf->nef", x, w1)) * jnp.einsum("nd,edf->nef", x, w3)
     want = jnp.einsum("ne,ned->nd", dense_gate, jnp.einsum("nef,efd->ned", hidden, w2))
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_tokens_make_no_expert_calls():
-    rng = np.random.default_rng()
+def test_padding_tokens_make_no_expert_calls(rng):
     cfg = M1Config.from_preset("tiny")
     x = jnp.asarray(rng.standard_normal((2, 11, cfg.hidden_size)), jnp.float32)
     mask = jnp.asarray(np.arange(11)[None, :] < np.array([[11], [6]]))
@@ -195,7 +195,7 @@ def test_padding_tokens_make_no_expert_calls():
     out, stats = jax.jit(MoE(cfg).apply)(params, x, mask)
     full, _ = jax.jit(MoE(cfg).apply)(params, x)
     assert stats["expert_calls"].sum() == 17 * 2 and stats["tokens_per_expert"].sum() == 17 * 2
-    np.testing.assert_allclose(out[mask], full[mask], rtol=1e-6, atol=1e-7)
+    assert_allclose(out[mask], full[mask], rtol=1e-6, atol=1e-7)
     assert not np.any(out[~mask])
 
 
@@ -224,8 +224,7 @@ def test_expert_capacity_formula():
 
 
 @pytest.mark.parametrize("capacity", [1, 3, 7])
-def test_over_capacity_matches_a_sequential_simulation(capacity):
-    rng = np.random.default_rng()
+def test_over_capacity_matches_a_sequential_simulation(capacity, rng):
     experts = np.stack([rng.choice(5, size=2, replace=False, p=[0.5, 0.2, 0.1, 0.1, 0.1]) for _ in range(31)])
     experts[rng.random(31) < 0.2, 1] = 5  # some no-call pairs
     got = jax.jit(over_capacity, static_argnums=(1, 2))(jnp.asarray(experts, jnp.int32), capacity, 5)
@@ -236,8 +235,7 @@ def test_over_capacity_matches_a_sequential_simulation(capacity):
     np.testing.assert_array_equal(got, simulate_capacity(np.concatenate([prefix, experts]), capacity, 5)[len(prefix):])
 
 
-def test_capacity_mode_drops_exactly_the_overflow_and_counts_it():
-    rng = np.random.default_rng()
+def test_capacity_mode_drops_exactly_the_overflow_and_counts_it(rng):
     cfg = M1Config.from_preset("tiny", num_experts=4, capacity_factor=0.75)
     x = jnp.asarray(rng.standard_normal((2, 15, cfg.hidden_size)), jnp.float32) + 0.5
     params = init_moe(cfg, jax.random.key(3), x)
@@ -253,26 +251,25 @@ def test_capacity_mode_drops_exactly_the_overflow_and_counts_it():
         out, stats = MoE(cfg).apply(params, x)
         return jnp.sum(jnp.sin(out)), (out, stats)
     (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, x)
-    np.testing.assert_allclose(stats["dropped_fraction"], want_dropped.mean(), rtol=1e-6)
+    assert_allclose(stats["dropped_fraction"], want_dropped.mean(), rtol=1e-6)
     np.testing.assert_array_equal(stats["expert_calls"], np.bincount(experts[~want_dropped], minlength=4))
 
     def dense_loss(p, x):
         return jnp.sum(jnp.sin(moe_dense_reference(x.reshape(flat.shape), p["gate"], p["w1"], p["w3"], p["w2"], 2,
                                                    capacity=capacity)))
     want_out = moe_dense_reference(flat, p["gate"], p["w1"], p["w3"], p["w2"], 2, capacity=capacity)
-    np.testing.assert_allclose(out.reshape(flat.shape), want_out, rtol=1e-5, atol=1e-6)
+    assert_allclose(out.reshape(flat.shape), want_out, rtol=1e-5, atol=1e-6)
     want_grads = jax.jit(jax.grad(dense_loss))(p, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["params"], want_grads)
+    jax.tree.map(lambda a, b: assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["params"], want_grads)
     fully_dropped = want_dropped.all(axis=1)
     assert not np.any(out.reshape(flat.shape)[fully_dropped])  # only the residual carries these tokens
 
 
-def test_dispatch_locally_without_capacity_drops_nothing():
-    rng = np.random.default_rng()
+def test_one_device_dispatch_without_capacity_drops_nothing(rng):
     gate, w1, w3, w2 = random_experts(rng, 3, 8, 8)
     x = jnp.asarray(rng.standard_normal((9, 8)), jnp.float32)
     r = route(x, gate + jnp.asarray([[4.0, 0.0, 0.0]]), 2)
-    out, dropped = dispatch_locally(x, r.weights, r.experts, w1, w3, w2, jax.lax.ragged_dot)
+    out, dropped = dispatch_calls(x, r.weights, r.experts, w1, w3, w2, grouped_matmul=jax.lax.ragged_dot)
     assert not np.any(dropped)
-    np.testing.assert_allclose(out, moe_dense_reference(x, gate + jnp.asarray([[4.0, 0.0, 0.0]]), w1, w3, w2, 2),
+    assert_allclose(out, moe_dense_reference(x, gate + jnp.asarray([[4.0, 0.0, 0.0]]), w1, w3, w2, 2),
                                rtol=1e-5, atol=1e-6)
