@@ -150,7 +150,7 @@ def check_correctness(cases, num_tokens=700, heads=4, decode_shape=(16, 64, 128)
     q, k, v, _, slopes = random_inputs(jax.random.PRNGKey(7), (batch, 1, heads, head_dim), jnp.bfloat16)
     state = jax.random.normal(jax.random.PRNGKey(8), (batch, heads, head_dim, head_dim), jnp.float32)
     o, new = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, impl="pallas")
-    ro, rnew = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, impl="naive")
+    ro, rnew = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, impl="jnp")
     say(f"  decode bf16 B={batch}: o={rel_err(o, ro):.1e} state={rel_err(new, rnew):.1e}")
     say(f"  worst error / tolerance = {worst:.2f} ({'PASS' if worst <= 1 else 'FAIL'})")
     return worst <= 1
@@ -304,7 +304,7 @@ def bench(chunk_config, sweep_config, backward_config, shapes, fast):
     for batch in DECODE_BATCHES:
         nbytes = 2 * batch * 64 * 128 * 128 * 4 + 4 * batch * 64 * 128 * 2
         row = {"batch": batch, "floor": nbytes / bandwidth}
-        for impl in ("auto", "naive", "pallas"):
+        for impl in ("auto", "jnp", "pallas"):
             row[impl] = time_decode(batch, impl)
         for variant in ([] if fast else DECODE_VARIANTS):
             row[f"kernel bv={variant['block_v']} w={variant['num_warps']}"] = time_decode(batch, "kernel", **variant)

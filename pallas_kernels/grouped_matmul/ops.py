@@ -83,18 +83,25 @@ def _uses_pallas(impl: str, interpret: bool) -> bool:
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tiling=None):
-    """out[r] = lhs[r] @ rhs[g(r)] where rows are sorted by group: group e owns rows
-    [offset_e, offset_e + group_sizes[e]). lhs (M, K), rhs (E, K, N), group_sizes (E,) int32 with sum <= M
-    (rows past the sum are padding: their output is 0 and they get zero gradient). Returns (M, N) in lhs.dtype,
-    accumulated in float32. Differentiable in lhs and rhs (custom_vjp: d_lhs = d_out @ rhs[g]^T grouped,
-    d_rhs[e] = lhs_e^T d_out_e, a "transposed" grouped matmul; empty groups give zero d_rhs).
-    impl: "auto" (Pallas on GPU, "tiled" elsewhere), "pallas", "tiled" (pure JAX: groups padded to whole row tiles,
-    one batched matmul), "ragged_dot" (jax.lax.ragged_dot: E times the work on the CPU), "reference".
+    """Grouped matmul: out[r] = lhs[r] @ rhs[g(r)], rows sorted by group (group e owns rows
+    [offset_e, offset_e + group_sizes[e])).
 
-    interpret=True runs the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
-    tiling: None (defaults for the dtype), a Tiling for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
-    float32 inputs are multiplied in full float32 (no TF32) by every impl. Sizes of a traced group_sizes
-    cannot be checked: the Pallas kernels clamp negative sizes to 0 and drop rows past M, other impls differ.
+    Differentiable in lhs and rhs (custom_vjp: d_lhs = d_out @ rhs[g]^T grouped, d_rhs[e] = lhs_e^T d_out_e, a
+    "transposed" grouped matmul; empty groups give zero d_rhs). float32 inputs are multiplied in full float32 (no
+    TF32) by every impl.
+
+    Args:
+      lhs: (M, K) rows sorted by group.
+      rhs: (E, K, N) one weight matrix per group.
+      group_sizes: (E,) int32, sum <= M; rows past the sum are padding (output 0, zero gradient). Sizes of a traced
+        group_sizes cannot be checked: the Pallas kernels clamp negative sizes to 0 and drop rows past M, other
+        impls differ.
+      impl: "auto" (Pallas on GPU, "tiled" elsewhere), "pallas", "tiled" (pure JAX: groups padded to whole row
+        tiles, one batched matmul), "ragged_dot" (jax.lax.ragged_dot: E times the work on the CPU), "reference".
+      interpret: run the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
+      tiling: None (defaults for the dtype), a Tiling for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
+    Returns:
+      (M, N) in lhs.dtype, accumulated in float32.
     """
     _validate(lhs, rhs, group_sizes, impl)
     plan = _as_plan(tiling, lhs.dtype)

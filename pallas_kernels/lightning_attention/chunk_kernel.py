@@ -34,6 +34,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.lightning_attention.common import (block_end_decays, block_runs, decay_to, dot, from_start,
+                                                       matmul_precision, pair_decay, run_before)
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
@@ -54,16 +57,6 @@ class ChunkConfig:
         return self.block * max(1, min(self.chunk_blocks, -(-num_tokens // self.block)))
 
 
-def _dot(x, y, precision, contract=((1,), (0,))):
-    """x @ y (or x^T y, x y^T by `contract`) with float32 accumulation."""
-    return jax.lax.dot_general(x, y, (contract, ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
 def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
     refs = list(refs)
     slope_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
@@ -73,32 +66,18 @@ def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
 
     dtype = k_ref.dtype
     neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
-    pos = jnp.arange(chunk, dtype=jnp.int32)
-
-    def to_last(last):  # exp(-s (e-j)) for j <= e, else 0
-        gap = last - pos
-        return jnp.where(gap >= 0, jnp.exp(neg_s * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
-
-    full_to_last, full_carry = to_last(chunk - 1), jnp.exp(neg_s * float(chunk))
+    end_decays = block_end_decays(neg_s, jnp.arange(chunk, dtype=jnp.int32), chunk, num_chunks, last_in_tail)
 
     def body(c, state):
         states_ref[c] = state.astype(states_ref.dtype)  # the state entering chunk c
         rows = pl.ds(c * chunk, chunk)
         k, v = k_ref[rows, :], v_ref[rows, :]
-        if last_in_tail != chunk - 1:  # padded last chunk: decays end at its last real token
-            is_tail = c == num_chunks - 1
-            last = (chunk - 1) - is_tail.astype(jnp.int32) * (chunk - 1 - last_in_tail)
-            key_decay = to_last(last)
-            carry = jnp.where(is_tail, jnp.exp(neg_s * float(last_in_tail + 1)), full_carry)
-        else:
-            last, key_decay, carry = chunk - 1, full_to_last, full_carry
+        last, key_decay, carry = end_decays(c)  # a padded last chunk's decays end at its last real token
         if packed:
-            runs = runs_ref[rows]
-            run_before = jnp.where(c == 0, 0, runs_ref[pl.ds(jnp.maximum(c * chunk - 1, 0), 1)])
-            run_last = runs_ref[pl.ds(c * chunk + last, 1)]
+            runs, before, run_last = block_runs(runs_ref, c, chunk, last)
             key_decay = jnp.where(runs == run_last, key_decay, 0.0)
-            carry = jnp.where(run_last == run_before, carry, 0.0)
-        update = _dot((k * key_decay[:, None]).astype(dtype), v, _precision(dtype), ((0,), (0,)))  # (BK, BV)
+            carry = jnp.where(run_last == before, carry, 0.0)
+        update = dot((k * key_decay[:, None]).astype(dtype), v, matmul_precision(dtype), ((0,), (0,)))  # (BK, BV)
         return carry * state + update
 
     state = (state_in_ref[...].astype(jnp.float32) if has_state
@@ -113,38 +92,35 @@ def _output_kernel(*refs, block, chunk_blocks, col_tiles, packed):
     (o_ref,) = refs
 
     dtype = q_ref.dtype
-    precision = _precision(dtype)
+    precision = matmul_precision(dtype)
     query_block = pl.program_id(0) // col_tiles
     first = (query_block // chunk_blocks) * chunk_blocks  # first block of this chunk
     neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
     pos = jnp.arange(block, dtype=jnp.int32)
-    from_start = jnp.exp(neg_s * (pos + 1).astype(jnp.float32))  # exp(-s (r+1))
+    starts = from_start(neg_s, pos)  # exp(-s (r+1))
     q = q_ref[...]  # (block, D)
     if packed:
         query_runs = runs_ref[pl.ds(query_block * block, block)]
 
     # the state entering the chunk reaches query row r at chunk position p = block*(i-first) + r
-    query_decay = from_start * jnp.exp(neg_s * (block * (query_block - first)).astype(jnp.float32))
+    query_decay = starts * jnp.exp(neg_s * (block * (query_block - first)).astype(jnp.float32))
     if packed:
-        run_before = jnp.where(first == 0, 0, runs_ref[pl.ds(jnp.maximum(first * block - 1, 0), 1)])
-        query_decay = jnp.where(query_runs == run_before, query_decay, 0.0)
-    acc = _dot((q * query_decay[:, None]).astype(dtype), states_ref[...].astype(dtype), precision)  # (block, BV)
+        query_decay = jnp.where(query_runs == run_before(runs_ref, first * block), query_decay, 0.0)
+    acc = dot((q * query_decay[:, None]).astype(dtype), states_ref[...].astype(dtype), precision)  # (block, BV)
 
     def add_block(key_block, weights, acc):
         rows = pl.ds(key_block * block, block)
         if packed:
             weights = jnp.where(query_runs[:, None] == runs_ref[rows][None, :], weights, 0.0)
-        scores = _dot(q, k_ref[rows, :], precision, ((1,), (1,)))  # (block, block)
-        return acc + _dot((scores * weights).astype(dtype), v_ref[rows, :], precision)
+        scores = dot(q, k_ref[rows, :], precision, ((1,), (1,)))  # (block, block)
+        return acc + dot((scores * weights).astype(dtype), v_ref[rows, :], precision)
 
     def earlier_block(key_block, acc):  # every pair is causal; decay exp(-s (r+1)) exp(-s (block*(i-j) - 1 - c))
-        key_decay = jnp.exp(neg_s * (block * (query_block - key_block) - 1 - pos).astype(jnp.float32))
-        return add_block(key_block, from_start[:, None] * key_decay[None, :], acc)
+        key_decay = decay_to(neg_s, pos, block * (query_block - key_block) - 1)
+        return add_block(key_block, starts[:, None] * key_decay[None, :], acc)
 
     acc = jax.lax.fori_loop(first, query_block, earlier_block, acc)
-    distance = pos[:, None] - pos[None, :]
-    same_block = jnp.where(distance >= 0, jnp.exp(neg_s * jnp.maximum(distance, 0).astype(jnp.float32)), 0.0)
-    acc = add_block(query_block, same_block, acc)
+    acc = add_block(query_block, pair_decay(neg_s, pos), acc)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 

@@ -20,7 +20,7 @@ linear in T under autodiff.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.lightning_attention.reference import segment_starts
+from pallas_kernels.lightning_attention.common import run_indices
 
 DEFAULT_BLOCK_SIZE = 64
 
@@ -70,10 +70,7 @@ def chunked_lightning_attention(q, k, v, slopes, *, initial_state=None, segment_
     padded = num_blocks * block
     slopes = slopes.astype(jnp.float32)
 
-    if segment_ids is None:
-        runs = jnp.zeros((batch, num_tokens), jnp.int32)
-    else:  # run index of each token: how many segment starts up to it
-        runs = jnp.cumsum(segment_starts(segment_ids, num_tokens, batch), axis=1, dtype=jnp.int32)  # (B, T)
+    runs = jnp.zeros((batch, num_tokens), jnp.int32) if segment_ids is None else run_indices(segment_ids)  # (B, T)
     runs = jnp.pad(runs, ((0, 0), (0, padded - num_tokens)), mode="edge")
     run_before = jnp.concatenate(
         [jnp.zeros((batch, 1), jnp.int32), runs[:, block - 1:padded - 1:block]], axis=1)  # (B, nb)

@@ -1,25 +1,26 @@
 """Public lightning attention ops: argument checks, then dispatch to one implementation.
 
-impl: "naive" (the time recurrence in reference.py), "chunked" (pure-JAX blocks in chunked.py),
-"pallas" (the Triton-backend kernels; on the CPU only with interpret=True), "auto" (Pallas on a GPU
-when the head dim suits the kernel, the chunked path otherwise). The Pallas forward is picked per shape
-by pallas_attention.choose_forward_config; the backward is always the sweeps.
+lightning_attention impl: "naive" (the time recurrence in reference.py, the slow twin), "chunked" (pure-JAX
+blocks in chunked.py), "pallas" (the Triton-backend kernels; on the CPU only with interpret=True), "auto"
+(Pallas on a GPU when the head dim suits the kernel, the chunked path otherwise). The Pallas forward is picked
+per shape by pallas_attention.choose_forward_config; the backward is always the sweeps.
+lightning_decode impl: "jnp" (jnp_decode.py, the step XLA fuses), "pallas" (pallas_decode.py), "auto".
 """
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
+from pallas_kernels.lightning_attention.jnp_decode import jnp_lightning_decode
 from pallas_kernels.lightning_attention.pallas_attention import choose_forward_config, pallas_lightning_attention
 from pallas_kernels.lightning_attention.pallas_decode import pallas_lightning_decode
-from pallas_kernels.lightning_attention.reference import (reference_lightning_attention,
-                                                          reference_lightning_decode)
+from pallas_kernels.lightning_attention.reference import reference_lightning_attention
 from pallas_kernels.lightning_attention.sweep_kernel import SUPPORTED_HEAD_DIMS, SweepConfig
 
 IMPLS = ("auto", "naive", "chunked", "pallas")
 # Measured on an H200 (H=64, D=128): the fused kernel took half the jnp step's time at batch 1, the same at
 # 16, 7% more at 256; "auto" decode uses it up to this many (sequence, head) rows.
 DECODE_PALLAS_MAX_ROWS = 2048
-DECODE_IMPLS = ("auto", "naive", "pallas")
+DECODE_IMPLS = ("auto", "jnp", "pallas")
 INPUT_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -90,19 +91,26 @@ def _pallas_configs(block_size, shape, dtype):
 
 def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_state=False, segment_ids=None,
                         impl="auto", block_size=None, interpret=False):
-    """o_i = sum_{t<=i, same segment} exp(-s_h (i-t)) (q_i . k_t) v_t  (+ the initial state's contribution).
+    """Lightning attention: o_i = sum_{t<=i, same segment} exp(-s_h (i-t)) (q_i . k_t) v_t
+    (+ exp(-s_h (i+1)) q_i S0 for the initial state S0).
 
-    q, k, v: (B, T, H, D), same dtype (float32 or bfloat16). slopes: (H,) float32, positive.
-    initial_state: (B, H, D, D) float32 or None (zeros): KV state before token 0, decayed like a key at
-      position -1, i.e. o_i gains exp(-s (i+1)) q_i @ S0.
-    segment_ids: (B, T) int or None. Packed rows: the state resets wherever segment_ids[t] != segment_ids[t-1]
-      (tokens see only earlier tokens of their own segment). initial_state applies to the first segment only.
-    Returns o (B, T, H, D) in q.dtype, and with return_final_state also the final state (B, H, D, D) float32
-      (the state after the last token: sum_t exp(-s (T-1-t)) k_t^T v_t over the last segment, plus the
-      decayed initial state if the row has one segment).
-    impl: "auto" (Pallas on GPU, chunked elsewhere), "naive", "chunked", "pallas".
-    block_size: block length (tokens per block) of the chunked and Pallas paths; None picks a default.
-    interpret: run the Pallas kernels in interpret mode (for CPU tests of impl="pallas").
+    Args:
+      q, k, v: (B, T, H, D), one dtype (float32 or bfloat16), T >= 1.
+      slopes: (H,) float32, positive: the decay s_h of each head.
+      initial_state: (B, H, D, D) float32 or None (zeros): the KV state before token 0, decayed like a key at
+        position -1. It reaches the first segment only.
+      return_final_state: also return the state after the last token.
+      segment_ids: (B, T) int or None. Packed rows: the state resets wherever segment_ids[t] != segment_ids[t-1],
+        so tokens see only earlier tokens of their own segment (document).
+      impl: "auto" (Pallas on GPU, chunked elsewhere), "naive", "chunked", "pallas".
+      block_size: tokens per block of the chunked and Pallas paths; None picks the default (64).
+      interpret: run the Pallas kernels in interpret mode (CPU tests of impl="pallas").
+    Returns:
+      o (B, T, H, D) in q.dtype; with return_final_state, (o, final state (B, H, D, D) float32), the final state
+      being sum_t exp(-s (T-1-t)) k_t^T v_t over the last segment (plus the decayed initial state when the row
+      has one segment).
+    Raises:
+      ValueError naming the argument for a wrong shape, dtype, impl or block size.
     """
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     batch, num_tokens, heads, head_dim = q.shape
@@ -136,11 +144,17 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, return_final_sta
 
 
 def lightning_decode(q, k, v, slopes, state, *, impl="auto", interpret=False):
-    """One token per sequence. q, k, v: (B, H, D); state (B, H, D, D) float32.
+    """One decode step: new_state = exp(-s) state + k^T v;  o = q @ new_state.
 
-    new_state = exp(-s) state + k^T v;  o = q @ new_state.  Returns (o in q.dtype, new_state float32).
-    impl: "auto" (the fused Pallas kernel on GPU for up to DECODE_PALLAS_MAX_ROWS rows B*H, else the jnp
-    step), "naive", "pallas".
+    Args:
+      q, k, v: (B, H, D), one token per sequence, one dtype (float32 or bfloat16).
+      slopes: (H,) float32, positive.
+      state: (B, H, D, D) float32, the state after the previous token.
+      impl: "auto" (the fused Pallas kernel on a GPU for up to DECODE_PALLAS_MAX_ROWS rows B*H, else the jnp
+        step), "jnp" (jnp_decode.py), "pallas" (pallas_decode.py).
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+    Returns:
+      (o (B, H, D) in q.dtype, new state (B, H, D, D) float32).
     """
     _check_qkv(q, k, v, 3, "(B, H, D)")
     batch, heads, head_dim = q.shape
@@ -148,7 +162,7 @@ def lightning_decode(q, k, v, slopes, state, *, impl="auto", interpret=False):
     _check_state("state", state, batch, heads, head_dim)
     _check_impl(impl, DECODE_IMPLS)
     if impl == "auto" and batch * heads > DECODE_PALLAS_MAX_ROWS:
-        impl = "naive"  # XLA's fused jnp step streams large states at least as fast (notes_lightning.md)
-    if _resolve_impl(impl, head_dim, interpret, fallback="naive") == "pallas":
+        impl = "jnp"  # XLA's fused jnp step streams large states at least as fast (notes_lightning.md)
+    if _resolve_impl(impl, head_dim, interpret, fallback="jnp") == "pallas":
         return pallas_lightning_decode(q, k, v, slopes, state, interpret=interpret)
-    return reference_lightning_decode(q, k, v, slopes, state)
+    return jnp_lightning_decode(q, k, v, slopes, state)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig, chunk_forward
 from pallas_kernels.lightning_attention.chunked import chunked_lightning_attention
-from pallas_kernels.lightning_attention.reference import segment_starts
+from pallas_kernels.lightning_attention.common import run_indices
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig, sweep
 
 
@@ -36,11 +36,11 @@ def _transpose_state(state):
     return None if state is None else jnp.swapaxes(state, -1, -2)
 
 
-def _segment_carries(slopes, runs, num_tokens, segment_len, num_segments):
-    """(B or 1, H, P): how much of the state entering a segment survives to its end (in either direction):
-    exp(-s * segment length), or 0 when a packed row starts a new document inside the segment."""
-    starts = jnp.arange(num_segments) * segment_len
-    ends = jnp.minimum(starts + segment_len, num_tokens) - 1
+def _span_carries(slopes, runs, num_tokens, span_len, num_spans):
+    """(B or 1, H, P): how much of the state entering a span survives to its end (in either direction):
+    exp(-s * span length), or 0 when a packed row starts a new document inside the span."""
+    starts = jnp.arange(num_spans) * span_len
+    ends = jnp.minimum(starts + span_len, num_tokens) - 1
     carries = jnp.exp(-slopes[None, :, None] * (ends - starts + 1).astype(jnp.float32)[None, None, :])
     if runs is not None:
         before = jnp.where(starts > 0, runs[:, jnp.maximum(starts - 1, 0)], 0)  # (B, P)
@@ -48,15 +48,15 @@ def _segment_carries(slopes, runs, num_tokens, segment_len, num_segments):
     return carries
 
 
-def _chain_segments(local_states, carries, state_in, reverse):
-    """State entering each segment, in sweep order: entering[next] = carry * entering[this] + local[this].
+def _chain_spans(local_states, carries, state_in, reverse):
+    """State entering each span, in sweep order: entering[next] = carry * entering[this] + local[this].
     local_states (B, H, P, D, D); carries (B or 1, H, P); state_in (B, H, D, D) or None (zeros)."""
     local_states = jnp.moveaxis(local_states, 2, 0)
     carries = jnp.broadcast_to(carries, local_states.shape[1:3] + carries.shape[2:])
     first = jnp.zeros(local_states.shape[1:], jnp.float32) if state_in is None else state_in
 
-    def step(entering, segment):
-        local, carry = segment
+    def step(entering, span):
+        local, carry = span
         return carry[..., None, None] * entering + local, entering
 
     _, entering = jax.lax.scan(step, first, (local_states, jnp.moveaxis(carries, 2, 0)), reverse=reverse)
@@ -65,22 +65,22 @@ def _chain_segments(local_states, carries, state_in, reverse):
 
 def _run_sweep(a, b, c, *, slopes, state_in, runs, reverse, config, interpret, entering=None):
     """One sweep on (B, T, H, D) inputs: pads T up to whole blocks (zeros; runs repeat the last), cuts
-    rows into segments, finds the state entering each segment (or takes `entering`), sweeps.
+    rows into spans, finds the state entering each span (or takes `entering`), sweeps.
     Returns (y (B, T, H, D), state after the sweep (B, H, D, D), entering states (B, H, P, D, D) or None)."""
     batch, num_tokens, heads, head_dim = a.shape
     padded = -(-num_tokens // config.block) * config.block
     a, b, c = (_pad_time(x, padded) for x in (a, b, c))
     runs = None if runs is None else _pad_time(runs, padded, mode="edge")
-    segment_blocks = config.blocks_per_segment(batch, heads, head_dim, num_tokens)
-    num_segments = -(-padded // (segment_blocks * config.block))
+    span_blocks = config.blocks_per_span(batch, heads, head_dim, num_tokens)
+    num_spans = -(-padded // (span_blocks * config.block))
     run = functools.partial(sweep, slopes=slopes, runs=runs, num_tokens=num_tokens, reverse=reverse, config=config,
-                            segment_blocks=segment_blocks, interpret=interpret)
-    if num_segments == 1:
+                            span_blocks=span_blocks, interpret=interpret)
+    if num_spans == 1:
         entering = None if state_in is None else state_in[:, :, None]
     elif entering is None:
         local = run(None, b, c, state_in=None, states_only=True)
-        carries = _segment_carries(slopes, runs, num_tokens, segment_blocks * config.block, num_segments)
-        entering = _chain_segments(local, carries, state_in, reverse)
+        carries = _span_carries(slopes, runs, num_tokens, span_blocks * config.block, num_spans)
+        entering = _chain_spans(local, carries, state_in, reverse)
     y, state_out = run(a, b, c, state_in=entering)
     return y[:, :num_tokens], state_out, entering
 
@@ -155,7 +155,7 @@ CHUNK_FORWARD_MAX_TOKENS = 16384
 
 def choose_forward_config(shape, dtype, block=None):
     """The forward's tiling for q of `shape` (B, T, H, D): the chunk-parallel kernels up to
-    CHUNK_FORWARD_MAX_TOKENS tokens per row, the sweep (with segments) for longer rows. Float32 chunk
+    CHUNK_FORWARD_MAX_TOKENS tokens per row, the sweep (rows cut into spans) for longer rows. Float32 chunk
     tiles are smaller, to fit shared memory (the tiling that passed the float32 checks on the GPU)."""
     block = block or ChunkConfig.block
     if shape[1] > CHUNK_FORWARD_MAX_TOKENS:
@@ -176,9 +176,6 @@ def pallas_lightning_attention(q, k, v, slopes, *, initial_state=None, segment_i
     Returns (o (B, T, H, D) in q.dtype, final state (B, H, D, D) float32)."""
     config = config or choose_forward_config(q.shape, q.dtype)
     backward_config = backward_config or (config if isinstance(config, SweepConfig) else SweepConfig())
-    batch, num_tokens = q.shape[:2]
-    runs = None
-    if segment_ids is not None:  # run index: how many segment starts up to each token
-        runs = jnp.cumsum(segment_starts(segment_ids, num_tokens, batch), axis=1, dtype=jnp.int32)
+    runs = None if segment_ids is None else run_indices(segment_ids)
     state0 = None if initial_state is None else initial_state.astype(jnp.float32)
     return _attention(q, k, v, slopes.astype(jnp.float32), state0, runs, config, backward_config, interpret)

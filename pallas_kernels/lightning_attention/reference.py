@@ -49,11 +49,3 @@ def reference_lightning_attention(q, k, v, slopes, *, initial_state=None, segmen
         step, state, (as_f32_time_major(q), as_f32_time_major(k), as_f32_time_major(v), resets.T))
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), final_state
 
-
-def reference_lightning_decode(q, k, v, slopes, state):
-    """One recurrence step. q, k, v: (B, H, D); state (B, H, D, D). Returns (o in q.dtype, new state float32)."""
-    decay = jnp.exp(-slopes.astype(jnp.float32))[None, :, None, None]
-    new_state = decay * state.astype(jnp.float32) + jnp.einsum(
-        "bhd,bhe->bhde", k.astype(jnp.float32), v.astype(jnp.float32))
-    o = jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), new_state)
-    return o.astype(q.dtype), new_state

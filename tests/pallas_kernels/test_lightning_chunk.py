@@ -84,7 +84,7 @@ def test_chunk_forward_then_sweep_backward_gradients():
     do = jax.random.normal(keys[0], q.shape, jnp.float32)
     dfinal = jax.random.normal(keys[1], state0.shape, jnp.float32)
     chunk = ChunkConfig(block=BLOCK, chunk_blocks=2, state_tile=8, block_v=16)
-    backward = SweepConfig(block=BLOCK, block_v=16, min_segment_blocks=1)
+    backward = SweepConfig(block=BLOCK, block_v=16, min_span_blocks=1)
 
     def grads(attention):
         def loss(q, k, v, s0):

@@ -1,8 +1,8 @@
 """The Pallas kernels (interpret mode on the CPU) against the time recurrence.
 
 Small blocks (16) and head dims (16, 32) keep interpret mode fast; lengths cover one token, a block
-minus/plus one and several blocks with a remainder. Rows are cut into one-block segments by default
-(the most sequence-parallel layout); other tests use uneven segments and a single segment. The real
+minus/plus one and several blocks with a remainder. Rows are cut into one-block spans by default
+(the most sequence-parallel layout); other tests use uneven spans and a single span. The real
 head dims 64 and 128 run at tiny T.
 """
 import jax
@@ -16,7 +16,7 @@ from pallas_kernels.lightning_attention.reference import reference_lightning_att
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig
 
 BLOCK = 16
-CONFIG = SweepConfig(block=BLOCK, block_v=16, min_segment_blocks=1)
+CONFIG = SweepConfig(block=BLOCK, block_v=16, min_span_blocks=1)
 
 
 def rel_err(got, want):
@@ -89,10 +89,10 @@ def test_pallas_column_tiles_and_long_blocks():
 
 
 @pytest.mark.parametrize("config", [
-    SweepConfig(block=BLOCK, block_v=16, min_segment_blocks=2),  # segments of 2, 2 and 1 blocks
-    SweepConfig(block=BLOCK, block_v=16, target_programs=0),  # one segment per row
+    SweepConfig(block=BLOCK, block_v=16, min_span_blocks=2),  # spans of 2, 2 and 1 blocks
+    SweepConfig(block=BLOCK, block_v=16, target_programs=0),  # one span per row
 ])
-def test_pallas_segment_layouts(config):
+def test_pallas_span_layouts(config):
     case = random_case(9, 1, 4 * BLOCK + 3, 2, 16, jnp.float32, packed=True)
     compare(case, tol=1e-4, config=config)
 
