@@ -9,6 +9,11 @@ from m1jax.layers.norms import RMSNorm
 from m1jax.layers.rope import apply_rope, rope_inverse_frequencies, segment_positions
 
 
+def assert_allclose(actual, desired, **tolerances):
+    """np.testing.assert_allclose where NaN never counts as equal to NaN."""
+    np.testing.assert_allclose(actual, desired, equal_nan=False, **tolerances)
+
+
 def explicit_rotation(positions, head_dim, rotary_dim, freqs):
     """(B, T, D, D) float64 matrices: pair (i, i + r/2) rotated by the float32 angle pos * freqs[i]; others identity.
 
@@ -26,25 +31,23 @@ def explicit_rotation(positions, head_dim, rotary_dim, freqs):
 
 
 @pytest.mark.parametrize("head_dim, rotary_dim, theta", [(16, 8, 1e4), (32, 32, 1e7), (24, 4, 500.0)])
-def test_partial_rope_is_a_rotation_of_the_first_dims(head_dim, rotary_dim, theta):
-    rng = np.random.default_rng()
+def test_partial_rope_is_a_rotation_of_the_first_dims(head_dim, rotary_dim, theta, rng):
     x = rng.standard_normal((2, 13, 3, head_dim)).astype(np.float32)
     positions = rng.integers(0, 5000, size=(2, 13))
     got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), rotary_dim, theta))
     freqs = np.asarray(rope_inverse_frequencies(rotary_dim, theta))
     want = np.einsum("btij,btnj->btni", explicit_rotation(positions, head_dim, rotary_dim, freqs), x)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
 
 
 @pytest.mark.parametrize("rotary_dim, theta", [(8, 1e4), (32, 1e7), (64, 1e7), (4, 500.0)])
 def test_inverse_frequencies_are_theta_to_the_minus_2i_over_r(rotary_dim, theta):
     want = theta ** (-np.arange(rotary_dim // 2) * 2.0 / rotary_dim)
-    np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(rotary_dim, theta)), want, rtol=3e-7, atol=0)
+    assert_allclose(np.asarray(rope_inverse_frequencies(rotary_dim, theta)), want, rtol=3e-7, atol=0)
 
 
-def test_rope_preserves_relative_positions():
-    rng = np.random.default_rng()
+def test_rope_preserves_relative_positions(rng):
     q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32) for _ in range(2))
     def score(pq, pk):
         rq = apply_rope(q, jnp.full((1, 1), pq), 8, 1e4)
@@ -60,8 +63,7 @@ def test_segment_positions_restart_per_document():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_rmsnorm_formula(dtype):
-    rng = np.random.default_rng()
+def test_rmsnorm_formula(dtype, rng):
     x = rng.standard_normal((3, 5, 24)).astype(np.float32) * 3
     scale = rng.standard_normal(24).astype(np.float32)
     norm = RMSNorm(eps=1e-5)
@@ -69,5 +71,5 @@ def test_rmsnorm_formula(dtype):
     x32 = np.asarray(jnp.asarray(x, dtype), np.float64)
     want = x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-5) * scale
     assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5 if dtype == jnp.float32 else 2e-2,
+    assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5 if dtype == jnp.float32 else 2e-2,
                                atol=1e-5 if dtype == jnp.float32 else 5e-2)
