@@ -52,9 +52,17 @@ class ChunkConfig:
     states_num_warps: int = 4
     states_num_stages: int = 2
 
+    def __post_init__(self):
+        for name in ("block", "chunk_blocks", "state_tile", "block_v"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ChunkConfig.{name} must be a power of two (Triton tiles are), got {value}")
+
     def chunk_len(self, num_tokens):
-        """Tokens per chunk for a row of `num_tokens` (never more blocks than the row has)."""
-        return self.block * max(1, min(self.chunk_blocks, -(-num_tokens // self.block)))
+        """Tokens per chunk for a row of `num_tokens`: chunk_blocks blocks, fewer for a short row, but always a
+        power of two of them, since the chunk is a tile dimension (Triton refuses e.g. a (192, 32) tile)."""
+        row_blocks = max(1, -(-num_tokens // self.block))
+        return self.block * min(self.chunk_blocks, 1 << (row_blocks - 1).bit_length())
 
 
 def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):

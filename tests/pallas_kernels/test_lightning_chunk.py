@@ -51,10 +51,23 @@ def check_forward(case, config, tol):
 
 
 @pytest.mark.parametrize("num_tokens,chunk_blocks", [
-    (1, 2), (BLOCK - 1, 3), (BLOCK + 1, 2), (2 * BLOCK, 2), (3 * BLOCK + 5, 2), (7 * BLOCK + 3, 3)])
+    (1, 2), (BLOCK - 1, 4), (BLOCK + 1, 2), (2 * BLOCK, 2), (2 * BLOCK + 5, 4), (3 * BLOCK + 5, 2),
+    (7 * BLOCK + 3, 4)])
 def test_chunk_forward_float32_packed_with_initial_state(num_tokens, chunk_blocks):
     config = ChunkConfig(block=BLOCK, chunk_blocks=chunk_blocks, state_tile=16, block_v=16)
     check_forward(random_case(num_tokens, 2, num_tokens, 2, 32, jnp.float32, packed=True), config, tol=1e-4)
+
+
+def test_chunk_length_is_a_power_of_two_blocks_at_every_row_length():
+    # The chunk is a tile dimension of the states kernel: Triton on the GPU refuses a non power-of-two tile
+    # (a 154-token row once made a (192, 32) tile; interpret mode does not check this, so it is checked here).
+    for config in (ChunkConfig(), choose_forward_config((1, 154, 4, 64), jnp.float32), ChunkConfig(chunk_blocks=8)):
+        for num_tokens in range(1, 40 * config.block):
+            blocks = config.chunk_len(num_tokens) // config.block
+            assert config.chunk_len(num_tokens) % config.block == 0 and blocks & (blocks - 1) == 0, num_tokens
+            assert blocks <= config.chunk_blocks
+    with pytest.raises(ValueError, match="chunk_blocks must be a power of two"):
+        ChunkConfig(chunk_blocks=3)
 
 
 @pytest.mark.parametrize("chunk_blocks,state_tile,block_v", [(1, 8, 32), (4, 32, 16)])
