@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -249,7 +250,8 @@ def _number(raw: dict, key: str, kind: type, default=None, *, flavour: str, why:
     value = raw.get(key, default) if default is not None else _require(raw, key, flavour, why)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
         raise ValueError(f"config.json field '{key}' must be {'an integer' if kind is int else 'a number'}, "
                          f"got {value!r}")
     return kind(value)

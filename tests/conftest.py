@@ -40,3 +40,12 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "seed":
                 report.sections.append(("seed", f"M1JAX_TEST_SEED={value} reproduces this draw"))
+
+
+# Property-based tests (hypothesis) explore fresh examples on a developer's machine; under CI they replay a fixed
+# sequence (derandomize), so a landing never depends on what a random search happened to find that day.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")

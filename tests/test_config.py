@@ -163,3 +163,15 @@ def test_invalid_json_names_the_file(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=f"{path} field 'hidden_size' must be an integer, got '64'"):
         M1Config.from_hf(path)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("field", ["block_size", "hidden_size", "rope_theta"])
+def test_non_finite_numbers_name_the_field(tmp_path, field, value):
+    # found by the fuzzer: block_size = Infinity raised OverflowError from deep inside the loader
+    raw = M1Config.from_preset("tiny").to_hf()
+    (raw["rope_parameters"] if field == "rope_theta" else raw)[field] = value  # this flavour keeps theta there
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"field '{field}' must be"):
+        M1Config.from_hf(path)
