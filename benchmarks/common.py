@@ -4,7 +4,36 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from m1jax import M1Config, abstract_params
+from m1jax.config import m1_schedule
+
+# A two-layer model for the --smoke runs of the inference and serving benchmarks (CPU, seconds).
+SMOKE_CONFIG = M1Config(vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=2,
+                        experts_per_token=1, expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8,
+                        block_size=16, max_position_embeddings=4096)
+
+
+def config_for(name: str) -> M1Config:
+    """"smoke", or a preset in bf16 weights and compute."""
+    if name == "smoke":
+        return SMOKE_CONFIG
+    return M1Config.from_preset(name, param_dtype="bfloat16", compute_dtype="bfloat16")
+
+
+def random_params(config: M1Config, seed: int = 0):
+    """N(0, 0.02) matrices, unit norm scales, drawn on the device in one jitted call."""
+    leaves, treedef = jax.tree.flatten_with_path(abstract_params(config))
+
+    @jax.jit
+    def draw(key):
+        return [jnp.ones(leaf.shape, leaf.dtype) if "scale" in jax.tree_util.keystr(path) else
+                (0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(leaf.dtype)
+                for i, (path, leaf) in enumerate(leaves)]
+
+    return jax.tree.unflatten(treedef, draw(jax.random.key(seed)))
 
 
 def json_logger(path: str):

@@ -39,8 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from m1jax import M1Config, M1ForCausalLM, abstract_params  # noqa: E402
-from m1jax.config import m1_schedule  # noqa: E402
+from benchmarks.common import config_for, random_params  # noqa: E402
+from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.inference import engine  # noqa: E402
 from m1jax.inference.cache import cache_bytes  # noqa: E402
 from m1jax.inference.engine import Request, Timings  # noqa: E402
@@ -51,9 +51,6 @@ SIZES = {  # the issue's sizes, and --smoke's stand-ins
     "smoke": dict(hf="smoke", long="smoke", prefill=(40,), context=40, big_batch=2, steps=3, long_context=300,
                   chunk=150, sweep=(40, 300), reps=1),
 }
-SMOKE_CONFIG = M1Config(vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=2,
-                        experts_per_token=1, expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8,
-                        block_size=16, max_position_embeddings=4096)
 RESULTS = []
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "inference.jsonl")
 
@@ -67,30 +64,6 @@ def record(**row):
     say(json.dumps(row))
     with open(LOG_PATH, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def config_for(name: str) -> M1Config:
-    if name == "smoke":
-        return SMOKE_CONFIG
-    return M1Config.from_preset(name, param_dtype="bfloat16", compute_dtype="bfloat16")
-
-
-def random_params(config: M1Config, seed: int = 0):
-    """N(0, 0.02) matrices, unit norm scales, drawn on the device in one jitted call."""
-    abstract = abstract_params(config)
-    leaves, treedef = jax.tree.flatten_with_path(abstract)
-
-    @jax.jit
-    def draw(key):
-        out = []
-        for i, (path, leaf) in enumerate(leaves):
-            if "scale" in jax.tree_util.keystr(path):
-                out.append(jnp.ones(leaf.shape, leaf.dtype))
-            else:
-                out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(leaf.dtype))
-        return out
-
-    return jax.tree.unflatten(treedef, draw(jax.random.key(seed)))
 
 
 def memory(stat: str) -> int | None:

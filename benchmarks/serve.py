@@ -30,11 +30,10 @@ import traceback
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch on the same card
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from m1jax import M1Config, M1ForCausalLM, abstract_params  # noqa: E402
-from m1jax.config import m1_schedule  # noqa: E402
+from benchmarks.common import config_for, random_params  # noqa: E402
+from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.inference.generate import generate  # noqa: E402
 from m1jax.serve.batcher import Batcher, Job  # noqa: E402
 
@@ -42,9 +41,6 @@ SIZES = {
     "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512),
     "smoke": dict(model="smoke", prompt=24, output=6, concurrency=(1, 2, 4), static_batch=4, chunk=16),
 }
-SMOKE_CONFIG = M1Config(vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=2,
-                        experts_per_token=1, expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8,
-                        block_size=16, max_position_embeddings=4096)
 RESULTS: list[dict] = []
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "serve.jsonl")
 
@@ -58,25 +54,6 @@ def record(**row):
     say(json.dumps(row))
     with open(LOG_PATH, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def config_for(name: str) -> M1Config:
-    if name == "smoke":
-        return SMOKE_CONFIG
-    return M1Config.from_preset(name, param_dtype="bfloat16", compute_dtype="bfloat16")
-
-
-def random_params(config: M1Config, seed: int = 0):
-    """N(0, 0.02) matrices, unit norm scales, drawn on the device in one jitted call."""
-    leaves, treedef = jax.tree.flatten_with_path(abstract_params(config))
-
-    @jax.jit
-    def draw(key):
-        return [jnp.ones(leaf.shape, leaf.dtype) if "scale" in jax.tree_util.keystr(path) else
-                (0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(leaf.dtype)
-                for i, (path, leaf) in enumerate(leaves)]
-
-    return jax.tree.unflatten(treedef, draw(jax.random.key(seed)))
 
 
 def prompts_for(config: M1Config, count: int, length: int, seed: int = 1) -> list[list[int]]:

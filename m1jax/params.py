@@ -5,6 +5,7 @@ embedding and lm_head (the paper's convention): all attention, norms and routers
 MiniMax-M1: 456,089,655,296 total, 45,944,920,064 active.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m1jax.config import LIGHTNING, M1Config
@@ -49,3 +50,22 @@ def params_table(config: M1Config) -> str:
     for name, n in rows:
         lines.append(f"{name:<{width}}  {n:>17,}  {100 * n / counts['total']:>5.1f}%")
     return "\n".join(lines)
+
+
+def draw_params(config: M1Config, seed: int):
+    """Random parameters of `config` drawn with numpy from the abstract shapes (no init forward to compile, so fast
+    on the CPU): matrices N(0, 1/fan_in), norm scales U(0.5, 1.5), embeddings N(0, 1). Wider than the model's 0.02
+    init, so that logits and routing differ clearly between tokens: for checks and tests, not for training."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            values = rng.uniform(0.5, 1.5, leaf.shape)
+        elif "embed" in name:
+            values = rng.standard_normal(leaf.shape)
+        else:
+            values = rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-2])
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))

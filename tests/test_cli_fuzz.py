@@ -3,6 +3,7 @@ a checked Namespace or a clear usage error (exit status 2, `m1jax CMD: error: ..
 traceback or a hang. Only parsing and the post-parse checks run here: no command executes."""
 import contextlib
 import io
+import math
 import re
 
 import pytest
@@ -20,6 +21,9 @@ INT_FLAGS = {
     "rl": {"--steps": 1, "--group-size": 2, "--prompts-per-step": 1, "--updates-per-batch": 1,
            "--max-new-tokens": 1, "--seed": 0, "--checkpoint-every": 0, "--keep": 1, "--digits": 1,
            "--eval-every": 0, "--eval-prompts": 0, "--warmup": 0},
+    "serve": {"--max-batch": 1, "--max-queue": 1, "--chunk-size": 16, "--max-context": 16},
+    "eval": {"--samples": 1, "--max-new-tokens": 1, "--top-k": 1, "--limit": 1, "--batch-size": 1, "--workers": 1,
+             "--pad-multiple": 0, "--memory-mb": 16},
 }
 FLOAT_FLAGS = {  # flag: (low, high, low_open, high_open)
     "train": {"--lr": (0, 10, True, False), "--eps": (0, 1, True, False), "--weight-decay": (0, 10, False, False),
@@ -29,6 +33,9 @@ FLOAT_FLAGS = {  # flag: (low, high, low_open, high_open)
     "convert": {"--max-shard-gb": (0, 1024, True, False)},
     "rl": {"--lr": (0, 10, True, False), "--eps-high": (0, 100, False, False), "--temperature": (0, 100, True, False),
            "--weight-decay": (0, 10, False, False), "--adam-eps": (0, 1, True, False)},
+    "serve": {"--request-timeout": (0, math.inf, True, False)},
+    "eval": {"--temperature": (0, math.inf, False, False), "--top-p": (0, 1, True, False),
+             "--timeout": (0, math.inf, True, False)},
 }
 
 numbers = st.one_of(
@@ -45,7 +52,9 @@ def _required(command: str, tmp: str) -> list[str]:
             "generate": ["generate", "--checkpoint", tmp, "--prompt", "x"],
             "convert": ["convert", "--checkpoint", tmp, "--out", f"{tmp}/hf"],
             "rl": ["rl", "--init", tmp, "--out", f"{tmp}/rl", "--prompts-per-step", "8", "--group-size", "8",
-                   "--updates-per-batch", "1"]}[command]
+                   "--updates-per-batch", "1"],
+            "serve": ["serve", "--checkpoint", tmp],
+            "eval": ["eval", "--checkpoint", tmp, "--suite", "math"]}[command]
 
 
 def _parse(argv):

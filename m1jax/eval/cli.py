@@ -19,31 +19,32 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from m1jax.cli import SEED, count, real
     from m1jax.eval.long_suite import DEFAULT_LENGTHS, TASKS, parse_length
     p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     p.add_argument("--suite", required=True, choices=SUITES)
     p.add_argument("--data", help="jsonl file (math: problem, answer; code: HumanEval layout); not for long")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (K)")
-    p.add_argument("--max-new-tokens", type=int, help="default: math 2048, code 512, long 128")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (the paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=0.95, help="the paper: 0.95")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=count(1), default=1, help="samples per problem (K)")
+    p.add_argument("--max-new-tokens", type=count(1), help="default: math 2048, code 512, long 128")
+    p.add_argument("--temperature", type=real(0), default=1.0, help="0: greedy (the paper: 1.0)")
+    p.add_argument("--top-p", type=real(0, 1, low_open=True), default=0.95, help="the paper: 0.95")
+    p.add_argument("--top-k", type=count(1))
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--lengths", nargs="+", type=parse_length, default=list(DEFAULT_LENGTHS),
                    help="long: prompt lengths in tokens (4096, 4K, 1M)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="long: which tasks")
-    p.add_argument("--limit", type=int, help="math/code: the first N records; long: items per task and length "
+    p.add_argument("--limit", type=count(1), help="math/code: the first N records; long: items per task and length "
                    "(default 4)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together")
-    p.add_argument("--chunk-size", type=int, default=4096, help="prompt tokens per prefill call")
-    p.add_argument("--pad-multiple", type=int, default=0, help="pad each batch's prompts to a multiple of this "
+    p.add_argument("--batch-size", type=count(1), default=8, help="rows generated together")
+    p.add_argument("--chunk-size", type=count(1), default=4096, help="prompt tokens per prefill call")
+    p.add_argument("--pad-multiple", type=count(0), default=0, help="pad each batch's prompts to a multiple of this "
                    "many tokens (0: automatic buckets); fewer distinct widths compile fewer programs")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: the checkpoint's, else byte-level)")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the checkpoint has a "
                    "chat template")
-    p.add_argument("--timeout", type=float, default=5.0, help="code: seconds per program")
-    p.add_argument("--memory-mb", type=int, default=1024, help="code: address-space limit per program")
-    p.add_argument("--workers", type=int, default=4, help="code: programs run in parallel")
+    p.add_argument("--timeout", type=real(0, low_open=True), default=5.0, help="code: seconds per program")
+    p.add_argument("--memory-mb", type=count(16), default=1024, help="code: address-space limit per program")
+    p.add_argument("--workers", type=count(1), default=4, help="code: programs run in parallel")
     p.add_argument("--out", help="output directory (default runs/eval-SUITE)")
     p.add_argument("--quiet", action="store_true")
     return p

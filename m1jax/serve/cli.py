@@ -22,18 +22,18 @@ log = logging.getLogger("m1jax.serve")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from m1jax.cli import mesh_spec
+    from m1jax.cli import count, mesh_spec, real
     p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed when ready)")
-    p.add_argument("--max-batch", type=int, default=64, help="decode slots (requests decoded together)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--port", type=count(0, 65535), default=8000, help="port (0: any free port, printed when ready)")
+    p.add_argument("--max-batch", type=count(1), default=64, help="decode slots (requests decoded together)")
+    p.add_argument("--max-context", type=count(16), default=None,
                    help="cache slots per request, prompt + output (default: min(4096, the model's limit))")
     p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--mesh", type=mesh_spec, help="tensor=N: tensor parallelism over N devices (default: one)")
-    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill chunk (a power of two)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is given up (504)")
+    p.add_argument("--chunk-size", type=count(16), default=512, help="prompt tokens per prefill chunk (a power of two)")
+    p.add_argument("--max-queue", type=count(1), default=256, help="waiting requests before 429")
+    p.add_argument("--request-timeout", type=real(0, low_open=True), default=600.0, help="seconds before a request is given up (504)")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: the checkpoint's, else byte-level)")
     p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint's folder name)")
     return p

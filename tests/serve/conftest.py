@@ -11,13 +11,11 @@ import os
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from m1jax import M1Config, abstract_params
+from m1jax import M1Config
 from m1jax.config import m1_schedule
+from m1jax.params import draw_params
 
 TOOL_BLOCK = '<tool_calls>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_calls>'
 BROKEN_BLOCK = '<tool_calls>\n{"name": "get_weather", "arguments": {"city": \n</tool_calls>'
@@ -28,23 +26,6 @@ def small_config() -> M1Config:
     """2 layers (lightning, softmax), hidden 32, 4 experts top-2, vocab 512: compiles in seconds on a CPU."""
     return M1Config.from_preset("tiny", hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4,
                                 expert_size=32, layer_types=m1_schedule(2, period=2), block_size=8, rotary_dim=8)
-
-
-def draw_params(config: M1Config, seed: int):
-    """Matrices N(0, 1/fan_in), norm scales U(0.5, 1.5), embeddings N(0, 1): logits differ clearly between tokens."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        elif "embed" in name:
-            values = rng.standard_normal(leaf.shape)
-        else:
-            values = rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-2])
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))
 
 
 def _write_tokenizer(directory: str) -> None:
