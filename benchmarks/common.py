@@ -36,6 +36,26 @@ def random_params(config: M1Config, seed: int = 0):
     return jax.tree.unflatten(treedef, draw(jax.random.key(seed)))
 
 
+def say(*parts):
+    print(" ".join(str(p) for p in parts), flush=True)
+
+
+class RunLog:
+    """A benchmark run's rows: kept for its table (`rows`), printed, and appended to a JSON-lines file as they come
+    (a run cut short still leaves its numbers). Call it as record(**row); set `path` before the first row."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def __call__(self, **row):
+        self.rows.append(row)
+        line = json.dumps(row)
+        say(line)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
 def json_logger(path: str):
     """log(**record): print one JSON line and append it to `path` (a run cut short still leaves its numbers)."""
     def log(**record):

@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import config_for, random_params  # noqa: E402
+from benchmarks.common import RunLog, config_for, random_params, say  # noqa: E402
 from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.inference import engine  # noqa: E402
 from m1jax.inference.cache import cache_bytes  # noqa: E402
@@ -51,19 +51,8 @@ SIZES = {  # the issue's sizes, and --smoke's stand-ins
     "smoke": dict(hf="smoke", long="smoke", prefill=(40,), context=40, big_batch=2, steps=3, long_context=300,
                   chunk=150, sweep=(40, 300), reps=1),
 }
-RESULTS = []
-LOG_PATH = os.path.join(os.environ.get("OUT", "."), "inference.jsonl")
-
-
-def say(*parts):
-    print(" ".join(str(p) for p in parts), flush=True)
-
-
-def record(**row):
-    RESULTS.append(row)
-    say(json.dumps(row))
-    with open(LOG_PATH, "a") as f:
-        f.write(json.dumps(row) + "\n")
+LOG = RunLog(os.path.join(os.environ.get("OUT", "."), "inference.jsonl"))
+RESULTS, record = LOG.rows, LOG
 
 
 def memory(stat: str) -> int | None:
@@ -349,7 +338,6 @@ def plot(out_dir: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    global LOG_PATH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, a minute); torch parts skip if absent")
@@ -361,7 +349,7 @@ def main(argv=None) -> int:
     if args.chunk:
         size["chunk"] = args.chunk
     os.makedirs(args.out, exist_ok=True)
-    LOG_PATH = os.path.join(args.out, "inference.jsonl")
+    LOG.path = os.path.join(args.out, "inference.jsonl")
     RESULTS.clear()
     sections = {"long": section_long, "sweep": section_sweep, "hf": section_hf, "transformers": section_transformers}
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -32,7 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room fo
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import config_for, random_params  # noqa: E402
+from benchmarks.common import RunLog, config_for, random_params, say  # noqa: E402
 from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.inference.generate import generate  # noqa: E402
 from m1jax.serve.batcher import Batcher, Job  # noqa: E402
@@ -41,19 +41,8 @@ SIZES = {
     "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512),
     "smoke": dict(model="smoke", prompt=24, output=6, concurrency=(1, 2, 4), static_batch=4, chunk=16),
 }
-RESULTS: list[dict] = []
-LOG_PATH = os.path.join(os.environ.get("OUT", "."), "serve.jsonl")
-
-
-def say(*parts):
-    print(" ".join(str(p) for p in parts), flush=True)
-
-
-def record(**row):
-    RESULTS.append(row)
-    say(json.dumps(row))
-    with open(LOG_PATH, "a") as f:
-        f.write(json.dumps(row) + "\n")
+LOG = RunLog(os.path.join(os.environ.get("OUT", "."), "serve.jsonl"))
+RESULTS, record = LOG.rows, LOG
 
 
 def prompts_for(config: M1Config, count: int, length: int, seed: int = 1) -> list[list[int]]:
@@ -292,9 +281,8 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also through HTTP (needs fastapi, uvicorn, httpx)")
     parser.add_argument("--sections", default="ours,static,transformers")
     args = parser.parse_args()
-    global LOG_PATH
     os.makedirs(args.out, exist_ok=True)
-    LOG_PATH = os.path.join(args.out, "serve.jsonl")
+    LOG.path = os.path.join(args.out, "serve.jsonl")
     size = SIZES["smoke" if args.smoke else "full"]
     config = config_for(size["model"])
     params = random_params(config)

@@ -15,6 +15,16 @@ import os
 import numpy as np
 
 
+
+def finish_figure(fig, path):
+    """Lay out `fig`; write it to `path` and close it, or, with path None, return it (the notebooks show it)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
 def read_rows(paths) -> list[dict]:
     rows = []
     for path in paths:
@@ -96,11 +106,7 @@ def plot_hybrid(summary: dict, path: str, title: str):
     if lightning:
         right.legend(fontsize=7)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    if path:  # None: return the figure (the notebook shows it)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return finish_figure(fig, path)
 
 
 def plot_lengths(summary: dict, path: str, title: str):
@@ -125,11 +131,7 @@ def plot_lengths(summary: dict, path: str, title: str):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="softmax layers / arm")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if path:  # None: return the figure (the notebook shows it)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return finish_figure(fig, path)
 
 
 def write_all(paths, results_dir: str) -> dict:

@@ -266,11 +266,8 @@ def plot(rows, summary, path):
     ax.set_title("8-layer model, width 1024, ~0.1B params", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path:  # None: return the figure (the notebook shows it)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    from report import finish_figure  # experiments/hybrid_ablation/report.py (on the path above)
+    return finish_figure(fig, path)
 
 
 def main(argv=None):
