@@ -203,13 +203,14 @@ def check_convert(args) -> None:
 
 
 def cmd_convert(args) -> int:
-    from m1jax.checkpoint.hf import save_pretrained
+    from m1jax.checkpoint.hf import save_pretrained, tensor_maps
     from m1jax.checkpoint.state import load_any
-    from m1jax.progress import status
+    from m1jax.progress import progress_bar, status
     status(f"loading {args.checkpoint} ...", quiet=args.quiet)
     config, params = load_any(args.checkpoint, dtype=args.dtype)
-    status(f"writing {args.out} ...", quiet=args.quiet)
-    files = save_pretrained(args.out, config, params, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    with progress_bar(len(tensor_maps(config)), desc=f"writing {args.out}", unit="tensor", quiet=args.quiet) as bar:
+        files = save_pretrained(args.out, config, params, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                on_tensor=lambda name, index, count: bar.update(1))
     print(f"wrote {len(files)} files to {args.out}")
     return 0
 

@@ -191,3 +191,19 @@ def test_rl_announces_resuming_and_draws_its_bar_through_the_trainer_callback(tm
     monkeypatch.setattr("sys.stderr", quiet)
     assert main(argv + ["--quiet"]) == 0
     assert quiet.getvalue() == "" and seen["progress"] is False
+
+
+def test_convert_draws_a_bar_over_the_tensors(tmp_path, monkeypatch):
+    from m1jax import M1Config, save_pretrained
+    from m1jax.checkpoint.names import tensor_maps
+    from m1jax.params import draw_params
+    config = M1Config.from_preset("tiny")
+    save_pretrained(tmp_path / "src", config, draw_params(config, 0))
+    seen = []
+    save_pretrained(tmp_path / "again", config, draw_params(config, 0), on_tensor=lambda *a: seen.append(a))
+    count = len(tensor_maps(config))
+    assert [index for _, index, _ in seen] == list(range(1, count + 1)) and {c for *_, c in seen} == {count}
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["convert", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
+    assert f"{count}/{count}" in terminal.getvalue() and "tensor" in terminal.getvalue()

@@ -197,11 +197,12 @@ def _default_shardings(abstract: Any, config: M1Config, mesh: jax.sharding.Mesh 
 
 
 def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,
-                    max_shard_bytes: int = 5 * 2**30) -> list[str]:
+                    max_shard_bytes: int = 5 * 2**30, on_tensor=None) -> list[str]:
     """Write config.json (transformers flavour) and safetensors with the original tensor names.
 
     One `model.safetensors` when everything fits in one shard, else `model-0000i-of-0000N.safetensors` plus
     `model.safetensors.index.json`. Tensors are pulled to the host one at a time; a shard is written when full.
+    on_tensor(name, index, count), if given, is called after each tensor (e.g. to draw a progress bar).
     Returns the written file names.
     """
     directory = os.fspath(path)
@@ -220,7 +221,7 @@ def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,
             temp_names.append((name, list(current)))
             current, current_bytes = {}, 0
 
-    for m in maps:
+    for number, m in enumerate(maps):
         value = _leaf(params, m.path)[m.index] if m.index else _leaf(params, m.path)
         value = jnp.asarray(jax.device_get(value))
         value = value.T if m.transpose else value
@@ -230,6 +231,8 @@ def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,
         current[m.name] = value
         current_bytes += nbytes
         total_size += nbytes
+        if on_tensor is not None:
+            on_tensor(m.name, number + 1, len(maps))
     flush()
 
     if len(temp_names) == 1:
