@@ -18,6 +18,12 @@ def _draw_seed() -> int:
     return int(fixed) if fixed else int(np.random.SeedSequence().entropy % (2**31))
 
 
+@pytest.fixture(scope="session")
+def draw_seed():
+    """The seed-drawing function itself, for module-scoped problems (they record the seed on each test using them)."""
+    return _draw_seed
+
+
 @pytest.fixture
 def seed(request) -> int:
     """The test's seed: printed in the report of a failing test (replay with M1JAX_TEST_SEED=<seed>)."""

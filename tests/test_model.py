@@ -10,10 +10,9 @@ import jax.numpy as jnp
 from m1jax import M1Config, M1ForCausalLM, abstract_params, init_params
 
 
-def test_packed_row_equals_documents_run_separately():
+def test_packed_row_equals_documents_run_separately(rng):
     cfg = M1Config.from_preset("tiny", block_size=8)
     params = init_params(cfg, jax.random.key(1))
-    rng = np.random.default_rng()
     lengths = [11, 1, 4, 17, 5]  # documents cross blocks of 8; the fourth starts exactly at one (token 16)
     docs = [rng.integers(0, cfg.vocab_size, (1, n)) for n in lengths]
     packed = jnp.asarray(np.concatenate(docs, axis=1))

@@ -11,9 +11,8 @@ from m1jax.sharding import (MESH_AXES, activation_sharding, batch_sharding, chec
                             param_logical_axes, param_shardings, shard_params)
 
 
-def random_params(cfg):
-    """Parameters drawn fresh with numpy (faster than compiling the model's init): norm scales near 1."""
-    rng = np.random.default_rng()
+def random_params(cfg, rng):
+    """Parameters drawn with numpy from `rng` (faster than compiling the model's init): norm scales near 1."""
 
     def draw(path, leaf):
         noise = rng.standard_normal(leaf.shape).astype(leaf.dtype)
@@ -95,9 +94,9 @@ def test_batch_sharding_and_activation_constraints():
     np.testing.assert_array_equal(y, x * 2)
 
 
-def test_shard_params_places_every_leaf_and_keeps_values():
+def test_shard_params_places_every_leaf_and_keeps_values(rng):
     cfg = M1Config.from_preset("tiny")
-    params = random_params(cfg)
+    params = random_params(cfg, rng)
     mesh = create_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
     placed = shard_params(params, mesh)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), placed, params)
@@ -106,10 +105,10 @@ def test_shard_params_places_every_leaf_and_keeps_values():
     assert w1.addressable_shards[0].data.shape == (2, 2, 32, 48)
 
 
-def test_load_pretrained_onto_a_mesh(tmp_path):
+def test_load_pretrained_onto_a_mesh(tmp_path, rng):
     from m1jax.checkpoint.hf import load_pretrained, save_pretrained
     cfg = M1Config.from_preset("tiny")
-    params = random_params(cfg)
+    params = random_params(cfg, rng)
     save_pretrained(tmp_path, cfg, params)
     mesh = create_mesh({"data": 2, "expert": 4})
     _, loaded = load_pretrained(tmp_path, mesh=mesh)
@@ -117,10 +116,9 @@ def test_load_pretrained_onto_a_mesh(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), loaded, params)
 
 
-def test_whole_model_on_a_mesh_equals_one_device():
+def test_whole_model_on_a_mesh_equals_one_device(rng):
     cfg = M1Config.from_preset("tiny", block_size=8, capacity_factor=1.0)
-    params = random_params(cfg)
-    rng = np.random.default_rng()
+    params = random_params(cfg, rng)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 11)))
     segments = jnp.asarray(np.where(np.arange(11) < rng.integers(4, 12, (8, 1)), 1, 0))
     forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg).apply({"params": p}, i, segment_ids=s))

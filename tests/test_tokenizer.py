@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from m1jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
@@ -18,14 +17,12 @@ def random_texts(rng, count, max_len=40):
 
 
 @pytest.fixture
-def bpe(tmp_path):
-    rng = np.random.default_rng()
+def bpe(tmp_path, rng):
     corpus = random_texts(rng, 200) + ["the cat sat on the mat. " * 10]
     return train_bpe(corpus, 320, str(tmp_path / "tokenizer.json"))
 
 
-def test_byte_round_trip_and_specials():
-    rng = np.random.default_rng()
+def test_byte_round_trip_and_specials(rng):
     tok = ByteTokenizer()
     assert tok.vocab_size == 260 and len(set(tok.special_ids)) == 4
     assert all(256 <= i < tok.vocab_size for i in tok.special_ids)
@@ -49,8 +46,7 @@ def test_byte_decode_replaces_invalid_utf8_and_rejects_bad_ids():
         tok.encode(b"bytes")
 
 
-def test_bpe_round_trip_and_interface(bpe):
-    rng = np.random.default_rng()
+def test_bpe_round_trip_and_interface(bpe, rng):
     assert isinstance(bpe, HFTokenizer) and bpe.vocab_size == 320
     assert bpe.bos_id is not None and bpe.eos_id is not None and bpe.bos_id != bpe.eos_id
     texts = random_texts(rng, 30)

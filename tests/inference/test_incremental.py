@@ -9,10 +9,9 @@ from m1jax import M1ForCausalLM
 from m1jax.inference import init_cache
 
 
-def test_chunked_prefill_then_steps_match_a_full_forward_at_every_position(tiny_config, tiny_params):
+def test_chunked_prefill_then_steps_match_a_full_forward_at_every_position(tiny_config, tiny_params, rng):
     cfg, params = tiny_config, tiny_params
     model = M1ForCausalLM(cfg)
-    rng = np.random.default_rng()
     lengths = [37, 20]  # row 1 is left-padded by 17 slots
     padded = np.full((2, 37), 5, np.int32)
     for b, n in enumerate(lengths):

@@ -48,14 +48,14 @@ def awkward_logits(rng, batch=7, vocab=37):
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 37, 100])
-def test_top_k_matches_numpy(k):
-    logits = awkward_logits(np.random.default_rng())
+def test_top_k_matches_numpy(k, rng):
+    logits = awkward_logits(rng)
     np.testing.assert_array_equal(top_k_filter(jnp.asarray(logits), k), numpy_top_k(logits, k))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.999, 1.0])
-def test_top_p_matches_numpy(p):
-    logits = awkward_logits(np.random.default_rng())
+def test_top_p_matches_numpy(p, rng):
+    logits = awkward_logits(rng)
     got = np.asarray(top_p_filter(jnp.asarray(logits), p))
     want, borderline = numpy_top_p(logits, p, with_borderline=True)
     decided = ~borderline
@@ -63,8 +63,7 @@ def test_top_p_matches_numpy(p):
     np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
 
 
-def test_draws_follow_the_filtered_distribution():
-    rng = np.random.default_rng()
+def test_draws_follow_the_filtered_distribution(rng):
     row = rng.standard_normal(12).astype(np.float32)
     params = SamplingParams(temperature=0.7, top_k=8, top_p=0.8)
     draws = 40_000
@@ -80,8 +79,8 @@ def test_draws_follow_the_filtered_distribution():
     assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-9), (freq, probs)
 
 
-def test_seeds_greedy_and_temperature_scaling():
-    logits = jnp.asarray(awkward_logits(np.random.default_rng(), batch=64, vocab=50))
+def test_seeds_greedy_and_temperature_scaling(rng):
+    logits = jnp.asarray(awkward_logits(rng, batch=64, vocab=50))
     params = SamplingParams(temperature=1.3)
     a, b = sample_tokens(logits, params, jax.random.key(1)), sample_tokens(logits, params, jax.random.key(1))
     np.testing.assert_array_equal(a, b)

@@ -3,7 +3,6 @@
 The mesh is passed to the layer (MoE(cfg, mesh=mesh)); the module-scoped problems draw their own seed, recorded on
 each test that uses them so that a failure prints it (replay with M1JAX_TEST_SEED).
 """
-import os
 
 import numpy as np
 import pytest
@@ -20,12 +19,6 @@ from m1jax.sharding import MESH_AXES, activation_sharding, create_mesh, shard_pa
 def assert_allclose(actual, desired, **tolerances):
     """np.testing.assert_allclose where NaN never counts as equal to NaN."""
     np.testing.assert_allclose(actual, desired, equal_nan=False, **tolerances)
-
-
-def _draw_seed() -> int:
-    """A module-scoped problem's seed, drawn as conftest's `seed` fixture draws (M1JAX_TEST_SEED replays it)."""
-    fixed = os.environ.get("M1JAX_TEST_SEED")
-    return int(fixed) if fixed else int(np.random.SeedSequence().entropy % (2**31))
 
 
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 8},
@@ -68,9 +61,9 @@ def assert_same(got, want):
 
 
 @pytest.fixture(scope="module")
-def uneven_problem():
+def uneven_problem(draw_seed):
     """One random problem (drawn fresh each run) and its single-device result, shared by the mesh cases."""
-    seed = _draw_seed()
+    seed = draw_seed()
     rng = np.random.default_rng(seed)
     cfg = M1Config.from_preset("tiny", num_experts=8)
     params, x = setup(rng, cfg, uneven=True)
@@ -101,9 +94,9 @@ def test_explicit_axis_mesh_is_resharded_into_the_shard_map(uneven_problem, requ
 
 
 @pytest.fixture(scope="module")
-def capacity_problem():
+def capacity_problem(draw_seed):
     """Capacity and threshold both biting, some padding, an expert width (90) that "tensor" = 4 does not divide."""
-    seed = _draw_seed()
+    seed = draw_seed()
     rng = np.random.default_rng(seed)
     cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, expert_size=90, capacity_factor=0.8,
                                expert_threshold=0.1)

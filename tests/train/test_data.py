@@ -17,9 +17,8 @@ def random_documents(rng, count):
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    """Two plain-text files (one document each) and a .jsonl file (one document per line), drawn fresh."""
-    rng = np.random.default_rng()
+def corpus(tmp_path, rng):
+    """Two plain-text files (one document each) and a .jsonl file (one document per line), drawn from `rng`."""
     docs = random_documents(rng, 12)
     (tmp_path / "a.txt").write_text(docs[0], encoding="utf-8")
     (tmp_path / "b.md").write_text(docs[1], encoding="utf-8")
@@ -128,9 +127,8 @@ def slow_segment_ids(row, eos_id):
 
 
 @pytest.fixture
-def packed_file(tmp_path):
+def packed_file(tmp_path, rng):
     """Short random documents of random byte tokens, so rows hold several documents."""
-    rng = np.random.default_rng()
     (tmp_path / "docs.jsonl").write_text("".join(
         json.dumps({"text": "".join(rng.choice(list("abcdef"), size=rng.integers(1, 12)))}) + "\n"
         for _ in range(60)))
@@ -139,10 +137,10 @@ def packed_file(tmp_path):
     return TokenFile(out)
 
 
-def test_packed_rows_segments_and_masks(packed_file):
+def test_packed_rows_segments_and_masks(packed_file, rng):
     eos = ByteTokenizer.eos_id
     T = 13  # not a divisor of the file length
-    data = PackedTokenData(packed_file, batch_size=5, seq_len=T, seed=int(np.random.default_rng().integers(1000)))
+    data = PackedTokenData(packed_file, batch_size=5, seq_len=T, seed=int(rng.integers(1000)))
     tokens = np.asarray(packed_file.tokens)
     batch = data.batch(4)
     for b, w in enumerate(data.window_indices(4)):
@@ -163,8 +161,8 @@ def test_packed_rows_segments_and_masks(packed_file):
 
 
 @pytest.mark.parametrize("kind", ["tokens", "task"])
-def test_seekable_iteration_and_restore(kind, packed_file):
-    seed = int(np.random.default_rng().integers(1000))
+def test_seekable_iteration_and_restore(kind, packed_file, rng):
+    seed = int(rng.integers(1000))
     make = (lambda: PackedTokenData(packed_file, 3, 11, seed)) if kind == "tokens" else (
         lambda: TaskData("arith", 3, 29, seed))
     data = make()
