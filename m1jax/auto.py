@@ -80,8 +80,8 @@ class MiniMaxM1Tokenizer:
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Text of ids (special tokens are always skipped; ids past the tokenizer's vocabulary are left out)."""
-        ids = np.asarray(ids).reshape(-1).tolist()
-        return self.tokenizer.decode([i for i in ids if 0 <= i < self.tokenizer.vocab_size])
+        from m1jax.tokenizer import decode_known
+        return decode_known(self.tokenizer, np.asarray(ids).reshape(-1).tolist())
 
     def batch_decode(self, rows: Any, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row) for row in rows]

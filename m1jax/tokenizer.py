@@ -180,3 +180,21 @@ def load_tokenizer(path: str | os.PathLike | None) -> ByteTokenizer | HFTokenize
         for key in ("bos_token", "eos_token", "pad_token"):
             specials[key] = _special_token_text(config.get(key))
     return HFTokenizer(json_path, **specials)
+
+
+def checkpoint_tokenizer(checkpoint: str | os.PathLike, vocab_size: int, path: str | None = None):
+    """The tokenizer for a checkpoint: `path` if given, else the checkpoint's tokenizer.json, else bytes; an error
+    when it has more ids than the model's vocabulary (vocab_size)."""
+    if path is None:
+        checkpoint = os.fspath(checkpoint)
+        path = checkpoint if os.path.isfile(os.path.join(checkpoint, TOKENIZER_FILE)) else "byte"
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} ids but the model only "
+                         f"{vocab_size}; pass the checkpoint's tokenizer with --tokenizer")
+    return tokenizer
+
+
+def decode_known(tokenizer, ids) -> str:
+    """Text of ids; ids outside the tokenizer's vocabulary (a model's embedding may have spare rows) are left out."""
+    return tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size])

@@ -74,18 +74,6 @@ def build_suite(args, encode, render=None):
     return MathSuite(records)
 
 
-def _tokenizer(args, vocab_size: int):
-    from m1jax.tokenizer import load_tokenizer
-    path = args.tokenizer
-    if path is None:
-        path = args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer.json")) else "byte"
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} ids but the model only "
-                         f"{vocab_size}; pass the checkpoint's tokenizer with --tokenizer")
-    return tokenizer
-
-
 def eval_main(args: argparse.Namespace | list[str] | None = None) -> int:
     """Run `m1jax eval` (args parsed by the m1jax CLI, or a list of strings); prints results.md, returns 0."""
     if args is None or not isinstance(args, argparse.Namespace):
@@ -100,7 +88,8 @@ def eval_main(args: argparse.Namespace | list[str] | None = None) -> int:
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} is not a directory")
     config, params = load_any(args.checkpoint)
-    tokenizer = _tokenizer(args, config.vocab_size)
+    from m1jax.tokenizer import checkpoint_tokenizer
+    tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size, args.tokenizer)
     formatter = load_formatter(args.checkpoint, use_template=not args.no_chat_template)
     suite = build_suite(args, tokenizer.encode, render=formatter)
     if args.suite == "long":

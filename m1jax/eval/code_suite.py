@@ -13,14 +13,13 @@ the unbiased pass@k (m1jax.eval.passk) for k in 1, 10, 100 up to the number of s
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 from m1jax.eval.passk import mean_pass_at_k, metric_table, per_item_counts
+from m1jax.rl.rewards import CODE_FENCE  # one definition of a fenced code block, shared with the RL reward
 
 STOP_STRINGS = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
 DEFAULT_MAX_NEW_TOKENS = 512
-_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 def truncate_completion(completion: str) -> str:
@@ -31,7 +30,7 @@ def truncate_completion(completion: str) -> str:
 
 def program(item: dict[str, Any], completion: str) -> tuple[str, str]:
     """(source, tests) to run: the completed function, and the record's test with the check call."""
-    blocks = _FENCE.findall(completion)
+    blocks = CODE_FENCE.findall(completion)
     source = blocks[-1] if blocks else item["prompt"] + truncate_completion(completion)
     return source, f"{item['test']}\n\ncheck({item['entry_point']})\n"
 

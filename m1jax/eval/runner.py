@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from m1jax.eval.data import SampleLog, sample_key
 from m1jax.progress import progress_bar, status
+from m1jax.tokenizer import decode_known
 
 PINNED = ("suite", "data", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "prompt_format")
 
@@ -68,8 +69,7 @@ def generate_texts(model, params, tokenizer, prompts: Sequence[list[int]], *, ma
                    top_p=top_p, top_k=top_k, seed=seed, eos_id=eos, chunk_size=chunk_size, pad_id=pad)
     texts = []
     for ids in out.completions[:len(prompts)]:
-        kept = [i for i in ids if i != eos and i < tokenizer.vocab_size]
-        texts.append((tokenizer.decode(kept), len(ids)))
+        texts.append((decode_known(tokenizer, [i for i in ids if i != eos]), len(ids)))
     return texts
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from m1jax.inference.generate import GenerateOutput, generate
 from m1jax.model import M1ForCausalLM
+from m1jax.tokenizer import checkpoint_tokenizer, decode_known
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -40,18 +41,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def _tokenizer_for(args, checkpoint: str, vocab_size: int):
-    from m1jax.tokenizer import load_tokenizer
-    path = args.tokenizer
-    if path is None:
-        path = checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) else "byte"
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} ids but the model only "
-                         f"{vocab_size}; pass the checkpoint's tokenizer with --tokenizer")
-    return tokenizer
-
-
 def _prompt_text(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -59,11 +48,6 @@ def _prompt_text(args) -> str:
         raise ValueError(f"--prompt-file {args.prompt_file!r} does not exist")
     with open(args.prompt_file, encoding="utf-8") as f:
         return f.read()
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    """Text of ids; ids past the tokenizer's vocabulary (a model's embedding may have spare rows) are left out."""
-    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
 
 
 class _TextStream:
@@ -82,7 +66,7 @@ class _TextStream:
         self.stopped = token in self.stop_ids
         if not self.stopped:
             self.ids.append(token)
-        text = _decode(self.tokenizer, self.ids)
+        text = decode_known(self.tokenizer, self.ids)
         if text.endswith("\ufffd") and not self.stopped:  # an incomplete UTF-8 sequence: wait for more bytes
             return
         self.out.write(text[len(self.printed):])
@@ -116,7 +100,7 @@ def generate_main(args: argparse.Namespace | Sequence[str] | None = None, out: T
     from m1jax.progress import progress_bar, stderr_is_terminal, status
     status(f"loading {args.checkpoint} ...", quiet=quiet)
     config, params = load_any(args.checkpoint)
-    tokenizer = _tokenizer_for(args, args.checkpoint, config.vocab_size)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size, args.tokenizer)
     prompt_ids = tokenizer.encode(_prompt_text(args))
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt or --prompt-file")
@@ -136,7 +120,7 @@ def generate_main(args: argparse.Namespace | Sequence[str] | None = None, out: T
                           chunk_size=getattr(args, "chunk_size", 4096), stream=stream)
     completion = result.completions[0]
     if args.json:
-        json.dump({"text": _decode(tokenizer, completion), "prompt_ids": prompt_ids, "completion_ids": completion,
+        json.dump({"text": decode_known(tokenizer, completion), "prompt_ids": prompt_ids, "completion_ids": completion,
                    "stopped": bool(eos_id is not None and completion and completion[-1] == eos_id),
                    "usage": result.usage.to_dict(), "routing": result.routing.to_dict()}, out)
         out.write("\n")

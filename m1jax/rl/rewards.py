@@ -141,12 +141,12 @@ def format_reward(completion: str, example: Mapping[str, Any]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- programs
-_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+CODE_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 def extract_code(completion: str) -> str:
     """The last fenced code block (```python ... ```) of the completion, or the whole completion if it has none."""
-    blocks = _FENCE.findall(completion)
+    blocks = CODE_FENCE.findall(completion)
     return blocks[-1] if blocks else completion
 
 

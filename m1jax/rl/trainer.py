@@ -52,7 +52,7 @@ from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, coll
 from m1jax.tasks.chains import ANSWER_MARK
 from m1jax.tokenizer import ByteTokenizer
 from m1jax.train.loop import MODEL_CONFIG_FILE, write_json
-from m1jax.train.run_log import RunLog
+from m1jax.train.run_log import RunLog, truncate_metrics
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.step import TrainState, state_shardings
 
@@ -255,12 +255,7 @@ def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, los
 
 def _tokens_log(path: str, start: int):
     """tokens.jsonl opened for appending after the lines of steps <= start (a resumed run rewrites the rest)."""
-    kept = []
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    truncate_metrics(path, start)
     return open(path, "a")
 
 

@@ -31,6 +31,7 @@ from m1jax.serve.chat_template import render_chat, to_template_messages
 from m1jax.serve.metrics import CONTENT_TYPE, Metrics
 from m1jax.serve.tool_calls import ToolCallStream, parse_tool_calls
 from m1jax.serve.validate import ApiError, bad, boolean, integer, object_body, sampling, stop_strings
+from m1jax.tokenizer import decode_known
 
 END_OF_TURN = "<end_of_sentence>"  # the chat template closes every turn with it
 
@@ -47,7 +48,7 @@ class Server:
         self.created = int(time.time())
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
+        return decode_known(self.tokenizer, ids)
 
     def token_text(self, token: int) -> str:
         return self.text([token])

@@ -101,6 +101,7 @@ class _Prefill:
     scores: list = dataclasses.field(default_factory=list)
     logits: Any = None
     first: tuple | None = None
+    sampling: tuple | None = None  # the job's (temperature, top_k, top_p, bias) on the device, made once
 
 
 def chunk_lengths(length: int, chunk_size: int) -> list[int]:
@@ -347,7 +348,8 @@ class Batcher:
             self._finish(job, "length")
             return
         key = jax.random.key_data(jax.random.key(job.seed)).astype(jnp.uint32)
-        token, (lp, top_ids, top_lps) = steps.JITTED["first"](logits, *self._sampling(job), key)
+        p.sampling = self._sampling(job)
+        token, (lp, top_ids, top_lps) = steps.JITTED["first"](logits, *p.sampling, key)
         p.first = (int(token), float(lp), np.asarray(top_ids).tolist(), np.asarray(top_lps).tolist(), key)
         job.times["first"] = time.perf_counter()
         if self._accept(job, *p.first[:4]):  # finished by its first token: no slot needed
@@ -388,7 +390,7 @@ class Batcher:
                 self.start = [s + delta for s in self.start]
             token, _, _, _, key = p.first
             self.slots = steps.JITTED["insert"](self.slots, self.row_cache, jnp.int32(slot), jnp.int32(token), key,
-                                                *self._sampling(job), p.counts, p.calls)
+                                                *p.sampling, p.counts, p.calls)
         except Exception as error:
             self.prefilling = None
             self._fail(job, f"insert failed: {error!r}")

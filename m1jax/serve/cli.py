@@ -57,7 +57,7 @@ def build_server(args):
     """Load, warm up and return (Server, FastAPI app) for parsed arguments (also used by tests and benchmarks)."""
     import jax
     from m1jax.checkpoint.state import load_any
-    from m1jax.inference.cli import _tokenizer_for
+    from m1jax.tokenizer import checkpoint_tokenizer
     from m1jax.model import M1ForCausalLM
     from m1jax.serve.app import Server, build_app
     from m1jax.serve.batcher import Batcher, Job
@@ -78,7 +78,7 @@ def build_server(args):
             raise SystemExit(f"m1jax serve: --mesh needs {size} devices, there are {jax.device_count()}")
         mesh = create_mesh(args.mesh, devices=jax.devices()[:size])
         params = shard_params(params, mesh)
-    tokenizer = _tokenizer_for(args, args.checkpoint, config.vocab_size)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size, args.tokenizer)
     max_context = args.max_context or min(4096, config.max_position_embeddings // 16 * 16)
     if max_context > config.max_position_embeddings:
         raise SystemExit(f"m1jax serve: --max-context {max_context} exceeds the model's max_position_embeddings "
