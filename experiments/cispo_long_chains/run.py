@@ -107,6 +107,13 @@ SIZES = {
                 target_accuracy=(0.15, 0.5), min_digits=5, max_digits=12, rl_steps=50, prompts=32, group=16,
                 updates=16, max_new_tokens=230, sweep_lrs=(1e-4, 3e-4), sweep_steps=4, eval_prompts=256,
                 eval_every=10, mismatch_prompts=64),
+    # round 2 (issue 16's "what is left"): a less-trained start (sampled accuracy ~20%, so carries are still
+    # uncertain forks), a sweep that reaches down to 1e-5, and up to 50 generation batches per run
+    "gpu2": Size(model=_model(128, 4, 2, 4, 32, 8, 128), pretrain_digits=12, pretrain_steps=6000, pretrain_batch=64,
+                 seq_len=512, pretrain_lr=2e-3, pretrain_eval_every=125, pretrain_seconds=150.0,
+                 target_accuracy=(0.10, 0.30), min_digits=5, max_digits=12, rl_steps=50, prompts=32, group=16,
+                 updates=16, max_new_tokens=230, sweep_lrs=(1e-5, 3e-5, 1e-4), sweep_steps=4, eval_prompts=256,
+                 eval_every=10, mismatch_prompts=64),
 }
 
 
