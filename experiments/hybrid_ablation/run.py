@@ -5,7 +5,7 @@
 
 Arms (same width, vocab, MLP, norms): 8 layers with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers, and lightning-only
 at a second head dim (state H*D*D). Every arm trains a population of learning rates x seeds in one compiled loop
-(recall.Population) on MQAR with P pairs drawn per row (Zoology's regime: T=256, P in {8, 16, 32, 64}, 255 keys),
+(recall.Population) on MQAR with P pairs drawn per row (Zoology's regime: T=128, P in {4, 8, 16, 32}, 127 keys),
 then is evaluated at the training length per P, and at 2x..32x that length (MQAR with the same pairs spread over
 the row, and a needle) for the extrapolation probe. Raw rows are appended to DIR/hybrid_<size>.jsonl as they come;
 a rerun with the same DIR skips the arms already finished there (resume at arm granularity).
@@ -40,10 +40,17 @@ SIZES = {
                                warmup=50),
                    lrs=(1e-3, 3e-3), seeds=(0,), eval_rows=64, eval_every=3, lengths=(128,), long_rows=8,
                    compute_dtype="float32"),
-    "gpu": dict(num_layers=8, width=128, heads=4, head_dim=32, arm_order=("0", "1", "8", "2", "4", "L-D64"),
-                recipe=dict(seq_len=256, pair_choices=(8, 16, 32, 64), vocab=512, batch_size=64, steps=3000,
+    # CPU check of a GPU recipe's plateau: does an 8-layer model at T=128 leave the plateau in a few hundred steps?
+    "probe": dict(num_layers=8, width=64, heads=4, head_dim=16, arm_order=("8", "0", "1"),
+                  recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=32, steps=600,
+                              chunk=50, warmup=50),
+                  lrs=(1e-2,), seeds=(0,), eval_rows=32, eval_every=2, lengths=(), long_rows=4,
+                  compute_dtype="float32"),
+    "gpu": dict(num_layers=8, width=128, heads=4, head_dim=32,
+                arm_order=("0", "1", "8", "2", "4", "L-D64", "L-D16"),
+                recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=64, steps=4000,
                             chunk=100, warmup=100),
-                lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2), eval_rows=128, eval_every=3, lengths=(512, 2048, 8192),
+                lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2), eval_rows=128, eval_every=3, lengths=(256, 1024, 4096),
                 long_rows=8, compute_dtype="bfloat16"),
 }
 
