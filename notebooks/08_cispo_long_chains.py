@@ -18,7 +18,8 @@
 # then drops their gradient, while CISPO keeps it and clips only the weight. This notebook reads the committed
 # results of `experiments/cispo_long_chains/run.py` (one H200; worked long additions of 5-12 digits, whose fork is
 # the carry decision after each "x+y") and shows the curves, the summary table, where the tokens outside the band
-# sit (role, old-policy probability) and the most-clipped tokens with their text.
+# sit (role, old-policy probability) and the most-clipped tokens with their text. Two rounds: round 1 (start at 40%
+# sampled accuracy, 12 generation batches) and round 2 (start at 22%, 50 batches, sweep down to 1e-5); set ROUND.
 # budget: 30 s
 
 # %%
@@ -30,7 +31,9 @@ import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 RESULTS = os.path.join(ROOT, "experiments", "results")
-with open(os.path.join(RESULTS, "cispo_long_chains.json")) as f:
+ROUNDS = {1: "cispo_long_chains.json", 2: "cispo_long_chains_gpu2.json"}
+ROUND = 2  # the newest; 1 for the first round
+with open(os.path.join(RESULTS, ROUNDS[ROUND])) as f:
     result = json.load(f)
 summary = result["summary"]
 algos = [a for a, row in summary["algorithms"].items() if row["per_seed"]]

@@ -40,12 +40,6 @@ SIZES = {
                                warmup=50),
                    lrs=(1e-3, 3e-3), seeds=(0,), eval_rows=64, eval_every=3, lengths=(128,), long_rows=8,
                    compute_dtype="float32"),
-    # CPU check of a GPU recipe's plateau: does an 8-layer model at T=128 leave the plateau in a few hundred steps?
-    "probe": dict(num_layers=8, width=64, heads=4, head_dim=16, arm_order=("8", "0", "1"),
-                  recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=32, steps=600,
-                              chunk=50, warmup=50),
-                  lrs=(1e-2,), seeds=(0,), eval_rows=32, eval_every=2, lengths=(), long_rows=4,
-                  compute_dtype="float32"),
     "gpu": dict(num_layers=8, width=128, heads=4, head_dim=32,
                 arm_order=("0", "1", "8", "2", "4", "L-D64", "L-D16"),
                 recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=64, steps=4000,
