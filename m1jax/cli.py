@@ -63,17 +63,15 @@ def real(low: float | None = None, high: float | None = None, *, low_open: bool 
 
 
 def mesh_spec(text: str) -> dict[str, int]:
-    """An argparse type for --mesh: "data=2,fsdp=2,expert=2" with the known axis names, sizes >= 1."""
-    from m1jax.sharding import MESH_AXES
-    axes: dict[str, int] = {}
-    for part in str(text).split(","):
-        name, sep, size = (x.strip() for x in part.partition("="))
-        if not sep or name not in MESH_AXES or not size.isdecimal() or not size.isascii() or int(size) < 1:
-            raise argparse.ArgumentTypeError(f"part {part!r}: write axis=size with an axis of {list(MESH_AXES)} "
-                                             "and a size >= 1, e.g. data=2,expert=4")
-        if name in axes:
-            raise argparse.ArgumentTypeError(f"axis {name!r} given twice in {text!r}")
-        axes[name] = int(size)
+    """An argparse type for --mesh: "data=2,fsdp=2,expert=2" with the known axis names, sizes >= 1 (the parser is
+    m1jax.sharding.parse_mesh's)."""
+    from m1jax.sharding import parse_mesh
+    try:
+        axes = parse_mesh(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if axes is None:
+        raise argparse.ArgumentTypeError("empty --mesh: write axis=size, e.g. data=2,expert=4")
     return axes
 
 

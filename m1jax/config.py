@@ -22,6 +22,11 @@ LIGHTNING_NORM_EPS = 1e-6  # the lightning layer's RMSNorm over H*D channels (re
 
 _M1JAX_ONLY_FIELDS = ("compute_dtype", "float32_lm_head", "router_z_loss_coef", "expert_threshold",
                       "capacity_factor")
+# Fields of M1Config that are not the architecture (what a checkpoint is): run-time numerics and kernel choices, and
+# training coefficients. Changing one never makes another model (`same_architecture`).
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "float32_lm_head", "expert_threshold", "capacity_factor",
+                  "block_size")
+TRAINING_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range")
 _HF_LAYER_NAMES = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 _OURS_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER_NAMES.items()}
 
@@ -237,6 +242,18 @@ class M1Config:
         with open(path, "w") as f:
             json.dump(self.to_hf(), f, indent=2)
         return path
+
+
+def architecture_differences(a: M1Config, b: M1Config) -> list[str]:
+    """Names of the architecture fields (all but RUNTIME_FIELDS and TRAINING_FIELDS) on which a and b differ."""
+    return [f.name for f in dataclasses.fields(M1Config) if f.name not in RUNTIME_FIELDS + TRAINING_FIELDS
+            and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def same_architecture(a: M1Config, b: M1Config) -> bool:
+    """Whether a and b describe the same model (same parameters, same function), whatever their run-time policy
+    (dtypes, lm_head precision, expert_threshold, capacity, block size) and training coefficients: the resume check."""
+    return not architecture_differences(a, b)
 
 
 def _require(raw: dict, key: str, flavour: str, why: str = ""):

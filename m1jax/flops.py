@@ -2,8 +2,9 @@
 
 Per token of a length-T causal sequence (useful FLOPs only: the masked half of causal blocks is not counted):
   lightning layer: projections 2*hidden*(3HD) + 2*hidden*HD (gate) + 2*HD*hidden (out);
-                   per head, intra-block causal 2*D*(C+1) (QK^T and PV over on average (C+1)/2 keys of a block C),
-                   inter-block 2*D*D (q S) and the state update 2*D*D (k^T v)
+                   per head the recurrence's 2*D*D (state update k^T v) + 2*D*D (readout q S). The count is the
+                   model's, not a kernel's: a blocked kernel's intra-block work depends on its block size, a
+                   run-time choice (M1Config.block_size is not read here)
   softmax layer:   projections 2*hidden*(HD + 2KD) + 2*HD*hidden; per head 2*D*(T+1) (QK^T and PV over on average
                    (T+1)/2 keys)
   MoE:             router 2*hidden*E; k experts of 3 matmuls 2*hidden*F each
@@ -22,8 +23,7 @@ def lightning_layer_flops(config: M1Config, tokens: int = 1) -> float:
     """Forward FLOPs of one lightning layer (attention part) for `tokens` tokens."""
     hd, d = config.num_heads * config.head_dim, config.head_dim
     projections = 2 * config.hidden_size * 3 * hd + 2 * config.hidden_size * hd + 2 * hd * config.hidden_size
-    block = min(config.block_size, max(tokens, 1))
-    core = config.num_heads * (2 * d * (block + 1) + 4 * d * d)
+    core = config.num_heads * 4 * d * d
     return float(tokens * (projections + core))
 
 

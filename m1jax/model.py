@@ -12,6 +12,7 @@ cache the groups run unrolled (a Python loop over g with the stacked parameters 
 each layer's cache is then its own buffer, updated in place, where a scan would copy every layer's cache through
 its stacked inputs and outputs on every step.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from m1jax.config import M1Config
 from m1jax.layers.block import DecoderLayer
 from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
+from m1jax.layers.partitioning import Module, logical_axes, named
 from m1jax.layers.rope import segment_positions
 from m1jax.sharding import constrain
 
@@ -46,7 +48,7 @@ class M1Output:
     cache: Any = None
 
 
-class Embed(nn.Module):
+class Embed(Module):
     """Token embedding: ids (B, T) -> (B, T, hidden) in the compute dtype; parameter `embedding` (V, hidden).
 
     Under a mesh the table's hidden dim is FSDP-sharded; it is gathered (constrained to ("vocab", None)) before the
@@ -63,12 +65,13 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        table = self.param("embedding", self.init, (self.vocab_size, self.hidden_size), self.param_dtype)
+        table = self.param("embedding", named(self.init, "vocab", "embed"), (self.vocab_size, self.hidden_size),
+                           self.param_dtype)
         table = constrain(table.astype(self.dtype), "vocab", None)
         return constrain(jnp.take(table, input_ids, axis=0), "batch", "length", "act_embed")
 
 
-class LayerGroup(nn.Module):
+class LayerGroup(Module):
     """One period of the layer schedule (M1: 7 lightning + 1 softmax). Carry h: (B, T, hidden).
 
     Returns (h, (routing statistics, new layer caches or None))."""
@@ -93,7 +96,7 @@ class LayerGroup(nn.Module):
         return h, (stats, None if layer_caches is None else new_caches)
 
 
-class M1ForCausalLM(nn.Module):
+class M1ForCausalLM(Module):
     """input_ids (B, T) int -> M1Output. Optional segment_ids (B, T) for packed rows (0 marks padding) and positions
     (B, T) (default: restart at each segment, or 0..T-1).
 
@@ -143,7 +146,8 @@ class M1ForCausalLM(nn.Module):
             if self.remat != "none":
                 group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups)
+                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
             h, (stats, _) = scanned(cfg, self.grouped_matmul, self.mesh, name="groups")(
                 h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
             new_layers = None
@@ -156,8 +160,9 @@ class M1ForCausalLM(nn.Module):
             h = h[:, -1:]
         h = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(h)
         head_dtype = jnp.float32 if cfg.float32_lm_head else cdtype
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=pdtype, kernel_init=init,
-                          name="lm_head")(h.astype(head_dtype))
+        with jax.named_scope("lm_head"):
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=pdtype,
+                              kernel_init=named(init, "embed", "vocab"), name="lm_head")(h.astype(head_dtype))
         new_cache = None
         if cache is not None:
             new_cache = cache.replace(layers=new_layers, index=cache.index + input_ids.shape[1])
@@ -219,3 +224,42 @@ def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:
 def abstract_params(config: M1Config) -> Any:
     """Parameter shapes and dtypes (jax.ShapeDtypeStruct pytree) without allocating memory."""
     return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+
+
+def param_logical_axes(source: M1Config | Any) -> Any:
+    """The logical axis names M1ForCausalLM gives its parameters where it creates them: a tree shaped like the
+    parameters, each leaf a tuple with one name per dim ("layers" for the stacked group axis G).
+
+    source: an M1Config, or a parameter tree of M1ForCausalLM (arrays or jax.ShapeDtypeStruct). The names depend
+    only on the layer schedule's period, not on any size, so a tree is named by an abstract init of a tiny model
+    with the tree's period. Raises ValueError for a tree M1ForCausalLM does not make.
+    """
+    is_names = lambda x: isinstance(x, tuple)
+    if isinstance(source, M1Config):
+        return jax.tree.map(tuple, _names_for_schedule(source.layer_types[:source.layer_period]), is_leaf=is_names)
+    names = jax.tree.map(tuple, _names_for_schedule(_schedule_of(source)), is_leaf=is_names)  # a fresh copy
+    if jax.tree.structure(source) != jax.tree.structure(names, is_leaf=is_names):
+        raise ValueError("param_logical_axes: the tree does not have M1ForCausalLM's parameter layout (embed, "
+                         "groups/layer_j/..., final_norm, lm_head); pass its names explicitly (logical_axes=, "
+                         "e.g. m1jax.layers.partitioning.logical_axes(module, *example_inputs))")
+    return names
+
+
+def _schedule_of(params: Any) -> tuple[str, ...]:
+    """The period of layer kinds of an M1ForCausalLM parameter tree (a lightning layer has attn/qkv_proj)."""
+    groups = params.get("groups") if hasattr(params, "get") else None
+    if not hasattr(groups, "keys") or not groups:
+        raise ValueError("param_logical_axes: not an M1ForCausalLM parameter tree (no 'groups'); pass its names "
+                         "explicitly (logical_axes=)")
+    kinds = []
+    for j in range(len(groups)):
+        attn = groups.get(f"layer_{j}", {}).get("attn", {})
+        kinds.append("lightning" if "qkv_proj" in attn else "softmax")
+    return tuple(kinds)
+
+
+@functools.lru_cache(maxsize=16)
+def _names_for_schedule(period: tuple[str, ...]) -> Any:
+    tiny = M1Config(vocab_size=8, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, num_experts=2,
+                    experts_per_token=1, expert_size=8, layer_types=period)
+    return logical_axes(M1ForCausalLM(tiny), jnp.zeros((1, 2), jnp.int32))

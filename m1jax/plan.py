@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from m1jax.config import LIGHTNING, M1Config
-from m1jax.model import abstract_params
+from m1jax.model import abstract_params, param_logical_axes
 
 GIB = 2 ** 30
 DEVICE_MEMORY_GIB = {"H100": 80, "H200": 141}
@@ -70,7 +70,7 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
     mesh = _abstract_mesh(mesh_axes)
     check_mesh(mesh, num_experts=config.num_experts, batch_size=batch_size)
     abstract = abstract_params(config)
-    shardings = param_shardings(abstract, mesh)
+    shardings = param_shardings(abstract, mesh, param_logical_axes(config))
     elements = sum(math.prod(s.shard_shape(a.shape)) for a, s in
                    zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
     batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -7,20 +7,20 @@ Mesh axes (a created mesh always has all four; an axis left out of the request h
           dimension, as in DeepSpeed-MoE and MaxText)
   tensor  heads, the expert width and the vocabulary are split; activations stay whole
 
-Two tables say everything:
-  LOGICAL_AXIS_RULES  logical name -> mesh axes       ("embed" -> ("fsdp",), "experts" -> ("expert",), ...)
-  PARAM_RULES         parameter path -> logical names per dimension; leading dims beyond the rule's (the stacked
-                      layer-group axis G of scanned layers) are "layers", never sharded.
+Parameters carry logical names from where they are created (m1jax.layers.partitioning.named; the stacked
+layer-group axis G of scanned layers is "layers"); one table, LOGICAL_AXIS_RULES, maps each name to mesh axes
+("embed" -> ("fsdp",), "experts" -> ("expert",), ...). A parameter over UNNAMED_MAX_BYTES that has no names raises
+ValueError naming it (nothing large is replicated by accident).
 A dimension is sharded only when its size divides the product of its mesh axes, else it is replicated; the batch and
 the experts are the exceptions: a mismatch there raises ValueError (before anything compiles).
 
-Use: mesh = create_mesh({"data": 2, "expert": 4}); params = shard_params(params, mesh); inputs placed with
+Use: mesh = create_mesh({"data": 2, "expert": 4}); params = shard_params(params, mesh) (names: those the model
+gives, `m1jax.model.param_logical_axes`; any other tree passes logical_axes=); inputs placed with
 batch_sharding(mesh); the model built with the mesh, M1ForCausalLM(config, mesh=mesh), so that its MoE layers
 dispatch expert-parallel (the mesh is passed, never picked up from `jax.set_mesh`; under an ambient mesh a model
 built without one refuses to run); `with jax.set_mesh(mesh):` still lets `constrain` place activations.
 """
 import math
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -45,18 +45,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
 }
 MUST_DIVIDE = ("batch", "experts")
-
-PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"embed/embedding", ("vocab", "embed")),
-    (r"lm_head/kernel", ("embed", "vocab")),
-    (r"attn/(qkv_proj|output_gate|q_proj)/kernel", ("embed", "heads")),
-    (r"attn/(k_proj|v_proj)/kernel", ("embed", "kv_heads")),
-    (r"attn/(out_proj|o_proj)/kernel", ("heads", "embed")),
-    (r"moe/gate", ("embed", "router")),
-    (r"moe/(w1|w3)", ("experts", "embed", "expert_mlp")),
-    (r"moe/w2", ("experts", "expert_mlp", "embed")),
-    (r"(^|/)scale", ("norm",)),
-)
+UNNAMED_MAX_BYTES = 1 << 20  # a parameter without logical names above this size is an error, not replicated
 
 
 def create_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -91,15 +80,19 @@ def create_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Dev
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
-    """"data=2,fsdp=2,expert=2" (the command line's --mesh) -> {"data": 2, "fsdp": 2, "expert": 2}; None/"" -> None."""
+    """"data=2,fsdp=2,expert=2" (the command line's --mesh) -> {"data": 2, "fsdp": 2, "expert": 2}; None/"" -> None.
+    Raises ValueError for an unknown axis, a size below 1, a malformed part or an axis given twice."""
     if not text:
         return None
-    axes = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not size.strip().isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh part {part!r}: write axis=size, e.g. data=2,expert=4")
-        axes[name.strip()] = int(size)
+    axes: dict[str, int] = {}
+    for part in str(text).split(","):
+        name, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or name not in MESH_AXES or not size.isdecimal() or not size.isascii() or int(size) < 1:
+            raise ValueError(f"part {part!r}: write axis=size with an axis of {list(MESH_AXES)} and a size >= 1, "
+                             "e.g. data=2,expert=4")
+        if name in axes:
+            raise ValueError(f"axis {name!r} given twice in {text!r}")
+        axes[name] = int(size)
     return axes
 
 
@@ -145,35 +138,54 @@ def _path_string(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
-def _logical_names(where: str, shape: Sequence[int]) -> tuple[str | None, ...]:
-    for pattern, names in PARAM_RULES:
-        if re.search(pattern + "$", where):
-            extra = len(shape) - len(names)
-            if extra < 0:
-                raise ValueError(f"parameter {where} has shape {tuple(shape)}; the sharding rule {pattern!r} "
-                                 f"expects at least {len(names)} dims {names}")
-            return ("layers",) * extra + names
-    return (None,) * len(shape)  # a parameter no rule names is replicated
+def _is_names(x) -> bool:
+    return isinstance(x, tuple)
 
 
 def param_logical_axes(params: Any) -> Any:
-    """Pytree (same structure as params, leaves with .shape) of tuples of logical names, one per dim."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: _logical_names(_path_string(path), leaf.shape), params)
+    """Pytree (same structure as params, leaves with .shape) of tuples of logical names, one per dim: the names
+    M1ForCausalLM gives its parameters where it creates them (`m1jax.model.param_logical_axes`). Another tree (a
+    single layer's, say) gets no names: (None,) * ndim per leaf."""
+    from m1jax.model import param_logical_axes as model_names  # the model imports this module
+    try:
+        return model_names(params)
+    except ValueError:
+        return jax.tree.map(lambda leaf: (None,) * len(leaf.shape), params)
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
-    """Pytree of NamedSharding for a parameter tree (arrays or jax.ShapeDtypeStruct) following PARAM_RULES.
-    Raises ValueError when the number of experts does not divide the mesh's "expert" axis."""
-    def sharding(path, leaf):
+def param_shardings(abstract_params: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
+    """Pytree of NamedSharding for a parameter tree (arrays or jax.ShapeDtypeStruct): each parameter's logical names
+    mapped through LOGICAL_AXIS_RULES.
+
+    logical_axes: a tree like the parameters of name tuples (None in a tuple: that dim unnamed), e.g. from
+    `m1jax.layers.partitioning.logical_axes(module, *inputs)`; None: the tree is M1ForCausalLM's and its names are
+    the model's. Raises ValueError when the number of experts does not divide the mesh's "expert" axis, and when a
+    parameter over UNNAMED_MAX_BYTES has an unnamed dim (it would be silently replicated on every device).
+    """
+    if logical_axes is None:
+        logical_axes = param_logical_axes(abstract_params)
+
+    def sharding(path, leaf, names):
         where = _path_string(path)
-        names = _logical_names(where, leaf.shape)
+        names = tuple(names)
+        if len(names) != len(leaf.shape):
+            raise ValueError(f"parameter {where} has shape {tuple(leaf.shape)} but {len(names)} logical names "
+                             f"{names}")
+        nbytes = math.prod(leaf.shape) * jax.numpy.dtype(leaf.dtype).itemsize
+        if None in names and nbytes > UNNAMED_MAX_BYTES:
+            raise ValueError(f"parameter {where} {tuple(leaf.shape)} ({nbytes / 2 ** 20:.1f} MiB) has no logical "
+                             f"axis name for some dims {names}, so no sharding rule covers it and it would be "
+                             "replicated on every device; create it with named logical axes "
+                             "(m1jax.layers.partitioning.named(init, 'embed', ...)) and, for a new name, add it "
+                             "to LOGICAL_AXIS_RULES in m1jax/sharding.py; for a tree other than M1ForCausalLM's, "
+                             "pass logical_axes= (m1jax.layers.partitioning.logical_axes(module, *inputs))")
         return NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh, f"parameter {where}"))
-    return jax.tree_util.tree_map_with_path(sharding, abstract_params)
+    return jax.tree_util.tree_map_with_path(sharding, abstract_params, logical_axes)
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    """Place every parameter on `mesh` following PARAM_RULES."""
-    return jax.device_put(params, param_shardings(params, mesh))
+def shard_params(params: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
+    """Place every parameter on `mesh` by its logical names (see param_shardings)."""
+    return jax.device_put(params, param_shardings(params, mesh, logical_axes))
 
 
 def batch_sharding(mesh: Mesh, batch_size: int | None = None, ndim: int = 2) -> NamedSharding:

@@ -175,3 +175,18 @@ def test_non_finite_numbers_name_the_field(tmp_path, field, value):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=f"field '{field}' must be"):
         M1Config.from_hf(path)
+
+
+def test_runtime_policy_never_makes_another_architecture():
+    from m1jax.config import RUNTIME_FIELDS, TRAINING_FIELDS, architecture_differences, same_architecture
+    tiny = M1Config.from_preset("tiny")
+    policy = dict(param_dtype="bfloat16", compute_dtype="bfloat16", float32_lm_head=False, expert_threshold=0.2,
+                  capacity_factor=1.25, block_size=64, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3,
+                  initializer_range=0.1)
+    assert set(policy) == set(RUNTIME_FIELDS + TRAINING_FIELDS)
+    assert same_architecture(tiny, tiny.replace(**policy))
+    assert same_architecture(M1Config.from_hf(tiny.replace(**policy).to_hf()), tiny)
+    for change in ({"num_kv_heads": 1}, {"rotary_dim": 4}, {"layer_types": ("lightning",) * 4},
+                   {"mlp_alpha": 1.0}, {"rms_norm_eps": 1e-6}, {"rope_theta": 1e6}):
+        assert not same_architecture(tiny, tiny.replace(**change))
+        assert architecture_differences(tiny, tiny.replace(**change)) == list(change)

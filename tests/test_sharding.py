@@ -134,3 +134,43 @@ def test_whole_model_on_a_mesh_equals_one_device(rng):
     assert got.routing["dropped_fraction"].shape == (cfg.num_layers,)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.routing, want.routing)
     np.testing.assert_allclose(got.aux_loss, want.aux_loss, rtol=1e-5)
+
+
+def test_names_come_from_where_parameters_are_created_and_big_unnamed_ones_raise():
+    from m1jax.layers.moe import MoE
+    from m1jax.layers.partitioning import logical_axes
+    from m1jax.model import param_logical_axes as model_names
+    cfg = M1Config.from_preset("tiny")
+    assert param_logical_axes(abstract_params(cfg)) == model_names(cfg)  # the tree's names are the model's
+    assert model_names(cfg)["groups"]["layer_1"]["attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv_heads")
+    x = jnp.zeros((2, 3, cfg.hidden_size))
+    names = logical_axes(MoE(cfg), x)
+    assert names == {"gate": ("embed", "router"), "w1": ("experts", "embed", "expert_mlp"),
+                     "w3": ("experts", "embed", "expert_mlp"), "w2": ("experts", "expert_mlp", "embed")}
+    mesh = create_mesh({"expert": 4, "tensor": 2})
+    layer = jax.eval_shape(lambda: MoE(cfg).init(jax.random.key(0), x))["params"]
+    assert param_shardings(layer, mesh, names)["w2"].spec == P("expert", "tensor", None)
+    assert param_shardings(layer, mesh)["w2"].spec == P(None, None, None)  # small and unnamed: replicated
+    big = {"params": {"extra": jax.ShapeDtypeStruct((1024, 512), jnp.float32)}}  # 2 MiB, no names
+    with pytest.raises(ValueError, match=r"parameter params/extra \(1024, 512\) \(2.0 MiB\) has no logical axis "
+                                         r"name.*LOGICAL_AXIS_RULES in m1jax/sharding.py"):
+        param_shardings(big, mesh)
+    assert param_shardings(big, mesh, {"params": {"extra": ("embed", "vocab")}})["params"]["extra"].spec == \
+        P(None, "tensor")
+    with pytest.raises(ValueError, match=r"unknown logical axis name 'hidden'"):
+        param_shardings(big, mesh, {"params": {"extra": ("hidden", "vocab")}})
+
+
+def test_one_mesh_parser_for_every_command():
+    import argparse
+
+    from m1jax.cli import mesh_spec
+    from m1jax.sharding import parse_mesh
+    assert parse_mesh("data=2, expert=4") == mesh_spec("data=2, expert=4") == {"data": 2, "expert": 4}
+    assert parse_mesh("") is None and parse_mesh(None) is None
+    for bad, message in (("gpu=4", r"part 'gpu=4'"), ("data=0", r"part 'data=0'"), ("data", r"part 'data'"),
+                         ("data=2,data=2", r"axis 'data' given twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_mesh(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            mesh_spec(bad)

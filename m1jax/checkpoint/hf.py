@@ -192,8 +192,9 @@ def _default_shardings(abstract: Any, config: M1Config, mesh: jax.sharding.Mesh 
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, abstract)
+    from m1jax.model import param_logical_axes
     from m1jax.sharding import param_shardings
-    return param_shardings(abstract, mesh)
+    return param_shardings(abstract, mesh, param_logical_axes(config))
 
 
 def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,

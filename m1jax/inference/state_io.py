@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, architecture_differences
 from m1jax.inference.cache import cache_max_len
 from m1jax.inference.engine import InferenceState, Request, abstract_state
 from m1jax.inference.sampling import SamplingParams
-
-_CONFIG_FIELDS_THAT_MAY_DIFFER = ("expert_threshold", "capacity_factor", "param_dtype")
 
 
 def _request_to_json(request: Request) -> dict:
@@ -73,8 +71,9 @@ def load_inference_state(directory: str | os.PathLike, config: M1Config) -> tupl
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         meta = checkpointer.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         saved = M1Config.from_hf(meta["config"])
-        differs = [f.name for f in dataclasses.fields(M1Config) if f.name not in _CONFIG_FIELDS_THAT_MAY_DIFFER
-                   and getattr(saved, f.name) != getattr(config, f.name)]
+        # the architecture, and the compute dtype (the key/value caches are held in it)
+        differs = architecture_differences(saved, config) + [
+            "compute_dtype"] * (saved.compute_dtype != config.compute_dtype)
         if differs:
             raise ValueError(f"the inference state at {directory} was made by another model: config fields "
                              f"{differs[:5]} differ; load it with the config it was saved with")

@@ -12,10 +12,11 @@ from m1jax.layers.lightning_attention import LightningAttention
 from m1jax.layers.moe import MoE
 from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
+from m1jax.layers.partitioning import Module
 from m1jax.layers.softmax_attention import SoftmaxAttention
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Module):
     """h: (B, T, hidden) -> (h', routing statistics, new cache). `kind` is "lightning" or "softmax".
 
     Without a cache, segment_ids marks packed documents (0: padding) and the new cache is None. With one (a layer's

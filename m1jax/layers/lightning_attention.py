@@ -17,11 +17,12 @@ import jax.numpy as jnp
 
 from m1jax.config import LIGHTNING_NORM_EPS, M1Config
 from m1jax.layers.norms import RMSNorm
+from m1jax.layers.partitioning import Module
 from m1jax.layers.projection import projection
 from pallas_kernels.lightning_attention import lightning_attention, lightning_decode
 
 
-class LightningAttention(nn.Module):
+class LightningAttention(Module):
     """x: (B, T, hidden), layer_index: () int (global), segment_ids: (B, T) or None, state: (B, H, D, D) float32 or
     None, token_mask: (B, T) bool or None (False: padding) -> ((B, T, hidden), final state (B, H, D, D) float32).
     Parameters qkv_proj, output_gate, norm, out_proj. With a state and T = 1 the recurrent decode step runs."""
@@ -34,18 +35,19 @@ class LightningAttention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         heads, dim = cfg.num_heads, cfg.head_dim
-        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj")(x))
+        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj", ("embed", "heads"))(x))
         if token_mask is not None:
             qkv = qkv * token_mask[..., None].astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(batch, length, heads, 3 * dim), 3, axis=-1)
         slopes = jnp.asarray(cfg.lightning_slopes())[layer_index]
-        if state is not None and length == 1:
-            out, final_state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state)
-            out = out[:, None]
-        else:
-            out, final_state = lightning_attention(q, k, v, slopes, initial_state=state, return_final_state=True,
-                                                   segment_ids=segment_ids)
+        with jax.named_scope("lightning_attention"):
+            if state is not None and length == 1:
+                out, final_state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state)
+                out = out[:, None]
+            else:
+                out, final_state = lightning_attention(q, k, v, slopes, initial_state=state,
+                                                       return_final_state=True, segment_ids=segment_ids)
         out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(
             out.reshape(batch, length, heads * dim))
-        out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate")(x)) * out
-        return projection(cfg, cfg.hidden_size, "out_proj")(out), final_state
+        out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate", ("embed", "heads"))(x)) * out
+        return projection(cfg, cfg.hidden_size, "out_proj", ("heads", "embed"))(out), final_state

@@ -20,6 +20,7 @@ from m1jax.config import M1Config
 from m1jax.layers.moe_core import (GroupedMatmul, default_grouped_matmul, expert_capacity, route, routing_stats,
                                    skip_below_threshold)
 from m1jax.layers.moe_parallel import dispatch, spreads
+from m1jax.layers.partitioning import Module, named
 from m1jax.sharding import ambient_mesh
 
 
@@ -47,7 +48,7 @@ def moe_dense_reference(x: jax.Array, gate: jax.Array, w1: jax.Array, w3: jax.Ar
     return jnp.einsum("ne,ned->nd", dense_gate, outputs.astype(jnp.float32)).astype(x.dtype)
 
 
-class MoE(nn.Module):
+class MoE(Module):
     """x: (B, T, hidden) -> ((B, T, hidden), routing statistics). Parameters: gate (hidden, E) float32 router,
     w1, w3 (E, hidden, F), w2 (E, F, hidden). token_mask (B, T): padding (0) makes no expert call.
 
@@ -70,19 +71,23 @@ class MoE(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         pdtype, cdtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         hidden, num_experts, width, k = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.experts_per_token
-        gate = self.param("gate", init, (hidden, num_experts), jnp.float32)  # the router stays float32
-        w1 = self.param("w1", init, (num_experts, hidden, width), pdtype).astype(cdtype)
-        w3 = self.param("w3", init, (num_experts, hidden, width), pdtype).astype(cdtype)
-        w2 = self.param("w2", init, (num_experts, width, hidden), pdtype).astype(cdtype)
+        gate = self.param("gate", named(init, "embed", "router"), (hidden, num_experts),
+                          jnp.float32)  # the router stays float32
+        w1 = self.param("w1", named(init, "experts", "embed", "expert_mlp"), (num_experts, hidden, width), pdtype)
+        w3 = self.param("w3", named(init, "experts", "embed", "expert_mlp"), (num_experts, hidden, width), pdtype)
+        w2 = self.param("w2", named(init, "experts", "expert_mlp", "embed"), (num_experts, width, hidden), pdtype)
+        w1, w3, w2 = (w.astype(cdtype) for w in (w1, w3, w2))
         flat = x.reshape(-1, hidden)
-        routing = route(flat, gate, k)
-        weights, skipped = skip_below_threshold(routing.weights, cfg.expert_threshold)
+        with jax.named_scope("moe_routing"):
+            routing = route(flat, gate, k)
+            weights, skipped = skip_below_threshold(routing.weights, cfg.expert_threshold)
         mask = None if token_mask is None else token_mask.reshape(-1).astype(bool)
         no_call = skipped if mask is None else skipped | ~mask[:, None]
         calls = jnp.where(no_call, num_experts, routing.experts)
         capacity = (None if cfg.capacity_factor is None
                     else expert_capacity(flat.shape[0], k, num_experts, cfg.capacity_factor))
         mesh = None if self.is_initializing() else self.mesh
-        out, dropped = dispatch(x.astype(cdtype), weights, calls, w1, w3, w2, mesh=mesh, capacity=capacity,
-                                grouped_matmul=self.grouped_matmul or default_grouped_matmul())
+        with jax.named_scope("moe_dispatch"):
+            out, dropped = dispatch(x.astype(cdtype), weights, calls, w1, w3, w2, mesh=mesh, capacity=capacity,
+                                    grouped_matmul=self.grouped_matmul or default_grouped_matmul())
         return out.astype(x.dtype).reshape(x.shape), routing_stats(routing, mask, skipped, dropped)

@@ -165,8 +165,9 @@ def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ja
     order = jnp.argsort(flat_experts, stable=True)  # sorted row r holds pair order[r]
     group_sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     rows = x[order[:num_rows] // k]
-    hidden = jax.nn.silu(grouped_matmul(rows, w1, group_sizes)) * grouped_matmul(rows, w3, group_sizes)
-    out_rows = grouped_matmul(hidden, w2, group_sizes)
+    with jax.named_scope("moe_experts"):
+        hidden = jax.nn.silu(grouped_matmul(rows, w1, group_sizes)) * grouped_matmul(rows, w3, group_sizes)
+        out_rows = grouped_matmul(hidden, w2, group_sizes)
     row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     per_pair = jnp.take(out_rows, row_of_pair, axis=0, mode="fill", fill_value=0)  # back to (token, choice) order
     kept = (flat_experts < num_experts)[:, None]

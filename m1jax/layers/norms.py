@@ -3,8 +3,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m1jax.layers.partitioning import Module, named
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(Module):
     """Normalises the last axis. x: (..., C) -> (..., C) in x.dtype; parameter `scale` (C,)."""
 
     eps: float
@@ -12,7 +14,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", named(nn.initializers.ones, "norm"), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * normed.astype(x.dtype)

@@ -3,10 +3,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from m1jax.config import M1Config
+from m1jax.layers.partitioning import named
 
 
-def projection(cfg: M1Config, features: int, name: str) -> nn.Dense:
-    """x @ kernel with kernel (in, features) ~ N(0, initializer_range); HF stores the transpose (features, in)."""
+def projection(cfg: M1Config, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
+    """x @ kernel with kernel (in, features) ~ N(0, initializer_range), its dims named `axes` (logical names, e.g.
+    ("embed", "heads")); HF stores the transpose (features, in)."""
     return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.compute_dtype),
                     param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+                    kernel_init=named(nn.initializers.normal(cfg.initializer_range), *axes), name=name)

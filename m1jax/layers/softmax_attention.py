@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.config import M1Config
+from m1jax.layers.partitioning import Module
 from m1jax.layers.projection import projection
 from m1jax.layers.rope import apply_rope
 
@@ -306,7 +307,7 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array):
     return out, {"key": key_cache, "value": value_cache}
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(Module):
     """x: (B, T, hidden) -> ((B, T, hidden), new cache or None). Parameters q_proj, k_proj, v_proj, o_proj.
 
     Without a cache: causal attention over x (segment_ids separate packed documents). With a cache
@@ -321,13 +322,15 @@ class SoftmaxAttention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = projection(cfg, heads * dim, "q_proj")(x).reshape(batch, length, heads, dim)
-        k = projection(cfg, kv_heads * dim, "k_proj")(x).reshape(batch, length, kv_heads, dim)
-        v = projection(cfg, kv_heads * dim, "v_proj")(x).reshape(batch, length, kv_heads, dim)
+        q = projection(cfg, heads * dim, "q_proj", ("embed", "heads"))(x).reshape(batch, length, heads, dim)
+        k = projection(cfg, kv_heads * dim, "k_proj", ("embed", "kv_heads"))(x).reshape(batch, length, kv_heads, dim)
+        v = projection(cfg, kv_heads * dim, "v_proj", ("embed", "kv_heads"))(x).reshape(batch, length, kv_heads, dim)
         q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
-        if cache is None:
-            out, new_cache = causal_attention(q, k, v, segment_ids), None
-        else:
-            out, new_cache = cached_attention(q, k, v, cache, *cache_slots)
-        return projection(cfg, cfg.hidden_size, "o_proj")(out.reshape(batch, length, heads * dim)), new_cache
+        with jax.named_scope("softmax_attention"):
+            if cache is None:
+                out, new_cache = causal_attention(q, k, v, segment_ids), None
+            else:
+                out, new_cache = cached_attention(q, k, v, cache, *cache_slots)
+        out = projection(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(batch, length, heads * dim))
+        return out, new_cache
