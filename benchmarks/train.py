@@ -22,7 +22,9 @@ from m1jax.train.optimizer import OptimizerConfig, make_optimizer
 from m1jax.train.step import init_state, make_train_step
 
 
-def run(preset: str, batch_size: int, seq_len: int, steps: int, remat: str) -> dict:
+def setup(preset: str, batch_size: int, seq_len: int, remat: str):
+    """The benchmarked step: (config, jitted step (donates the state), initial state, a batch of random tokens).
+    bf16 compute, float32 master weights and AdamW; also used by benchmarks/train_profile.py."""
     cfg = M1Config.from_preset(preset, compute_dtype="bfloat16", param_dtype="float32")
     model = M1ForCausalLM(cfg, remat=remat)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=100))
@@ -33,6 +35,11 @@ def run(preset: str, batch_size: int, seq_len: int, steps: int, remat: str) -> d
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
              "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32),
              "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
+    return cfg, step, state, batch
+
+
+def run(preset: str, batch_size: int, seq_len: int, steps: int, remat: str) -> dict:
+    cfg, step, state, batch = setup(preset, batch_size, seq_len, remat)
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

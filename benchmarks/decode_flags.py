@@ -1,0 +1,225 @@
+"""Batch-1 decode latency on "hf-bench" at a 2K context under XLA flag sets and decode implementation variants.
+
+    PYTHONPATH=. python3 benchmarks/decode_flags.py [--variants default,cuda-graphs,...] [--steps 64] [--reps 5]
+    PYTHONPATH=. python3 benchmarks/decode_flags.py --smoke          # tiny model, 8 tokens, on the CPU
+
+The measurement is benchmarks/inference.py's `ours_decode` (the engine: prefill the 2K prompt, then one compiled
+while-loop of `--steps` decode steps; ms/token = decode time / steps, median over --reps runs after a warm-up), so
+"default" is the figure in benchmarks/RESULTS.md (0.777 ms/token on an H200). --synthetic times decode over a cache
+of random contents instead (`synthetic_decode`, the latency sweep's method: no prefill to compile).
+
+Each XLA flag set runs in its own subprocess (XLA reads XLA_FLAGS once, and aborts the process on a flag it refuses:
+that is reported as the variant's error, the other variants go on). Code variants that share a flag set run in one
+subprocess, with jax's caches and the engine's compiled steps cleared between them. Variants (VARIANTS):
+  default                 the engine as shipped
+  cuda-graphs             XLA command buffers for fusions, cuBLAS(Lt), custom calls, while and conditional,
+                          graphs of any size (CMD_BUFFER_FLAGS): the whole decode while-loop can become one graph
+  lightning-jnp           lightning_decode via XLA's fused jnp step instead of the Pallas kernel
+  moe-gather              decode-sized MoE (<= 64 rows): gather each row's expert matrices, one batched matvec
+                          (reads exactly the chosen experts' weights) instead of the Pallas grouped matmul
+  moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
+  bf16-lm-head            float32_lm_head=False (a run-time field: the same model)
+  cuda-graphs+moe-gather  both
+--flag-set NAME="--xla_..." adds a variant: the default engine under those flags (repeatable).
+Writes $OUT/decode_flags.jsonl (one line per variant, as they finish); prints the table last.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CMD_BUFFER_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL "
+                    "--xla_gpu_graph_min_graph_size=1")  # these names parse in jax 0.11.2's XLA (checked)
+VARIANTS = {
+    "default": dict(flags="", code={}),
+    "cuda-graphs": dict(flags=CMD_BUFFER_FLAGS, code={}),
+    "lightning-jnp": dict(flags="", code={"lightning_decode": "jnp"}),
+    "moe-gather": dict(flags="", code={"moe": "gather"}),
+    "moe-ragged-dot": dict(flags="", code={"moe": "ragged_dot"}),
+    "bf16-lm-head": dict(flags="", code={"float32_lm_head": False}),
+    "cuda-graphs+moe-gather": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "gather"}),
+    "cuda-graphs+lightning-jnp": dict(flags=CMD_BUFFER_FLAGS, code={"lightning_decode": "jnp"}),
+}
+DEFAULT_VARIANTS = "default,cuda-graphs,lightning-jnp,moe-gather,bf16-lm-head,cuda-graphs+moe-gather"
+DECODE_ROWS_MAX = 64  # the MoE variants replace the grouped matmul only for calls this small (decode steps)
+OUT = os.environ.get("OUT", ".")
+
+
+# ----- the worker: one process, one XLA_FLAGS, several code variants -----
+def _decode_grouped_matmul(kind: str):
+    """A GroupedMatmul for the MoE layer: `kind` for decode-sized calls, the default (Pallas on GPU) otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax.layers.moe_core import default_grouped_matmul
+    fallback = default_grouped_matmul()
+
+    def gather(lhs, rhs, group_sizes):
+        rows = lhs.shape[0]
+        ends = jnp.cumsum(group_sizes)
+        index = jnp.arange(rows, dtype=ends.dtype)
+        expert = jnp.minimum(jnp.searchsorted(ends, index, side="right"), rhs.shape[0] - 1)
+        out = jnp.einsum("mk,mkn->mn", lhs, rhs[expert], preferred_element_type=jnp.float32)
+        return jnp.where((index < ends[-1])[:, None], out, 0.0).astype(lhs.dtype)
+
+    def ragged(lhs, rhs, group_sizes):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+    small = {"gather": gather, "ragged_dot": ragged}[kind]
+    return lambda lhs, rhs, group_sizes: (small if lhs.shape[0] <= DECODE_ROWS_MAX else fallback)(lhs, rhs,
+                                                                                                 group_sizes)
+
+
+def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool) -> None:
+    import dataclasses
+    import functools
+
+    import jax
+
+    import benchmarks.inference as bench
+    from benchmarks.common import config_for, random_params
+    from m1jax import M1ForCausalLM
+    from m1jax.inference import engine
+    from pallas_kernels.lightning_attention import ops as lightning_ops
+
+    config = config_for("smoke" if smoke else "hf-bench")
+    params = random_params(config)
+    rows_default = lightning_ops.DECODE_PALLAS_MAX_ROWS
+    for name in names:
+        code = VARIANTS[name]["code"]
+        row = {"variant": name, "flags": os.environ.get("XLA_FLAGS", ""), "code": code,
+               "device": jax.devices()[0].device_kind, "context": context, "steps": steps, "reps": reps}
+        begin = time.perf_counter()
+        try:
+            jax.clear_caches()  # a module-level switch below must not hit a trace cached under another setting
+            engine._COMPILED.clear()
+            lightning_ops.DECODE_PALLAS_MAX_ROWS = 0 if code.get("lightning_decode") == "jnp" else rows_default
+            model = M1ForCausalLM
+            if "moe" in code:
+                model = functools.partial(M1ForCausalLM, grouped_matmul=_decode_grouped_matmul(code["moe"]))
+            bench.M1ForCausalLM = model  # ours_decode builds its model through this name
+            cfg = dataclasses.replace(config, float32_lm_head=code.get("float32_lm_head", config.float32_lm_head))
+            if synthetic:  # a cache of random contents: no prefill to compile
+                ms = bench.synthetic_decode(cfg, params, context, steps, reps)["ms_per_token"]
+                row.update(ms_per_token=ms, tokens_per_s=1e3 / ms, synthetic=True)
+            else:
+                row.update(bench.ours_decode(cfg, params, 1, context, steps, reps))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:600]}"
+        finally:
+            bench.M1ForCausalLM = M1ForCausalLM
+            lightning_ops.DECODE_PALLAS_MAX_ROWS = rows_default
+        row["seconds"] = time.perf_counter() - begin
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+# ----- the parent: one subprocess per flag set -----
+def run_group(flags: str, names: list[str], args, log) -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", ",".join(names),
+           "--context", str(args.context), "--steps", str(args.steps), "--reps", str(args.reps)]
+    cmd += [f"--flag-set={item}" for item in args.flag_set]
+    cmd += ["--smoke"] * args.smoke + ["--synthetic"] * args.synthetic
+    print(f"== XLA_FLAGS='{env['XLA_FLAGS']}': {', '.join(names)}", flush=True)
+    done = set()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+        timer = threading.Timer(args.timeout, proc.kill)  # this process's own child, by its handle
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    row = json.loads(line[len("RESULT "):])
+                    done.add(row["variant"])
+                    log(row)
+                else:
+                    print("   | " + line.rstrip()[:300], flush=True)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        err.seek(0)
+        stderr = err.read()
+    if rc != 0 or len(done) < len(names):
+        lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+        key = [x for x in lines if re.search(r"Illegal value|Unknown flag|Check failed|Error|error:", x)]
+        why = " | ".join((key or lines)[-4:])[-900:]
+        reason = f"worker exit {rc}" + (" (killed at --timeout)" if rc in (-9, 137) else "") + f": {why}"
+        for name in names:
+            if name not in done:
+                log({"variant": name, "flags": env["XLA_FLAGS"], "code": VARIANTS[name]["code"], "error": reason})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {sorted(VARIANTS)}")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess (flag set)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="decode over a cache of random contents (inference.py's synthetic_decode): no prefill "
+                             "compile per variant, a few seconds less each")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: context 40, 8 tokens")
+    parser.add_argument("--flag-set", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra variant: the default engine under these XLA flags (repeatable)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for item in args.flag_set:
+        name, _, flags = item.partition("=")
+        VARIANTS[name.strip()] = dict(flags=flags.strip(), code={})
+        if not args.worker:
+            args.variants += "," + name.strip()
+    if args.smoke:
+        args.context, args.steps, args.reps = 40, 8, 1
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.worker:
+        worker(names, args.smoke, args.context, args.steps, args.reps, args.synthetic)
+        return 0
+
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "decode_flags.jsonl")
+    rows = []
+
+    def log(row):
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    groups: dict[str, list[str]] = {}
+    for name in names:  # one subprocess per distinct flag set, in first-seen order
+        groups.setdefault(VARIANTS[name]["flags"], []).append(name)
+    start = time.perf_counter()
+    for flags, members in groups.items():
+        run_group(flags, members, args, log)
+    by_name = {r["variant"]: r for r in rows}
+    base = by_name.get("default", {}).get("ms_per_token")
+    print(f"\n== decode latency, batch 1, context {args.context}, {args.steps} steps, median of {args.reps} "
+          f"({'smoke config' if args.smoke else 'hf-bench'}; {time.perf_counter() - start:.0f} s in all)")
+    print(f"{'variant':28s} {'ms/token p50':>12s} {'tokens/s':>10s} {'vs default':>10s}  flags / error")
+    for name in names:
+        r = by_name.get(name, {"error": "no result"})
+        if "error" in r:
+            print(f"{name:28s} {'failed':>12s} {'':>10s} {'':>10s}  {r['error'][:200]}")
+            continue
+        ms = r["ms_per_token"]
+        speed = f"{base / ms:.2f}x" if base else ""
+        print(f"{name:28s} {ms:12.3f} {1e3 / ms:10.0f} {speed:>10s}  {VARIANTS[name]['flags'][:80] or '-'}")
+    return 0 if all("error" not in by_name.get(n, {"error": 1}) for n in names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The issue-14 benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped trace, and the
+--smoke runs of decode_flags.py and lightning_grid.py."""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_step_hlo():
+    """A compiled function with the scopes the categorizer reads: a layer matmul, an lm_head matmul, a loss."""
+    def f(x, w, head):
+        with jax.named_scope("groups"), jax.named_scope("attn"), jax.named_scope("qkv_proj"):
+            h = jnp.tanh(x @ w)
+        with jax.named_scope("lm_head"):
+            logits = h @ head
+        return jax.nn.logsumexp(logits, axis=-1).sum()
+
+    args = (jnp.ones((64, 32)), jnp.ones((32, 32)), jnp.ones((32, 48)))
+    return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_hlo_index_and_categories():
+    tp = load("train_profile")
+    index = tp.HloIndex(small_step_hlo())
+    assert index.instrs and index.frames  # instructions and the StackFrames table were read
+    cats = {tp.categorize(index.describe(name), name) for name in index.instrs if index.describe(name)["is_matmul"]}
+    assert "lm_head matmul" in cats and "matmul (layers)" in cats
+    # the name fallback, with no HLO instruction known
+    assert tp.categorize(None, "lightning_chunk_states") == "lightning attention"
+    assert tp.categorize(None, "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN") == "matmul (layers)"
+    assert tp.categorize(None, "transposed_grouped_matmul") == "MoE grouped matmul"
+    assert tp.categorize(None, "loop_add_fusion_3") == "other"
+
+
+def test_analyse_gpu_shaped_trace():
+    """Stream lines count, derived lines ('XLA Ops') do not; idle = wall - union of kernel intervals."""
+    tp = load("train_profile")
+    index = tp.HloIndex(small_step_hlo())
+    dot = next(n for n in index.instrs if index.describe(n)["is_matmul"])
+    meta = [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    kernels = [{"ph": "X", "pid": 7, "tid": 1, "ts": 0.0, "dur": 400.0, "name": "nvjet_gemm",
+                "args": {"hlo_op": dot, "name": "groups/attn/qkv_proj/dot_general"}},
+               {"ph": "X", "pid": 7, "tid": 1, "ts": 500.0, "dur": 100.0, "name": "lightning_chunk_output",
+                "args": {}},
+               {"ph": "X", "pid": 7, "tid": 1, "ts": 700.0, "dur": 50.0, "name": "some_kernel",
+                "args": {"name": "jit(step)/while/body/groups/layer_0/moe/moe_dispatch/gather"}},
+               {"ph": "X", "pid": 7, "tid": 2, "ts": 0.0, "dur": 400.0, "name": dot},  # derived: not counted
+               {"ph": "X", "pid": 1, "tid": 9, "ts": 0.0, "dur": 900.0, "name": "PjitFunction(step)"}]
+    result = tp.analyse({"traceEvents": meta + kernels}, index, steps=1, wall_per_step_ms=1.0)
+    assert result["num_events"] == 3
+    per = result["per_step_ms"]
+    assert per["lightning attention"] == pytest.approx(0.1)
+    assert per["MoE routing/dispatch"] == pytest.approx(0.05)
+    assert sum(per.values()) == pytest.approx(0.55)
+    assert result["busy_ms"] == pytest.approx(0.55)
+    assert result["matched_by"]["args.hlo_op"] == 1
+
+
+@pytest.mark.slow
+def test_decode_flags_smoke(tmp_path, monkeypatch):
+    df = load("decode_flags")
+    monkeypatch.setattr(df, "OUT", str(tmp_path))
+    assert df.main(["--smoke", "--variants", "default,moe-gather", "--flag-set", "bad=--xla_not_a_flag=1"]) == 1
+    rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "decode_flags.jsonl").read_text().splitlines())}
+    assert rows["default"]["ms_per_token"] > 0 and rows["moe-gather"]["ms_per_token"] > 0
+    assert "Unknown flag" in rows["bad"]["error"]  # a refused flag is reported, the rest still run
+
+
+@pytest.mark.slow
+def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
+    lg = load("lightning_grid")
+    monkeypatch.setattr(lg, "OUT", str(tmp_path))
+    lg.main(["--smoke"])
+    rows = [json.loads(line) for line in (tmp_path / "lightning_grid.jsonl").read_text().splitlines()]
+    forward = [r for r in rows if "best" in r]
+    assert len({tuple(r["shape"]) for r in forward}) == len(lg.SMOKE_GRID)
+    for r in forward:
+        assert set(r["ours_ms"]) == set(lg.candidates(tuple(r["shape"])))
+        assert all(err < lg.MISMATCH for err in r["vs_shipped"].values())  # every tiling computes the same
+    assert any("ours_fb_ms" in r for r in rows)
+    assert "MIN FLA/ours" in capsys.readouterr().out
