@@ -164,7 +164,6 @@ def train_config(args):
     """The TrainConfig of parsed `m1jax train` arguments, checked against the model (UsageError names the flag)."""
     from m1jax.train.loop import TrainConfig
     from m1jax.train.optimizer import OptimizerConfig
-    from m1jax.train.step import LossConfig
     _check_out_dir(args.out)
     _check_exists(args.data, "--data")
     _check_seq_len(args, _config(args))
@@ -180,7 +179,7 @@ def train_config(args):
         microbatches=args.microbatches, remat=args.remat, mesh=args.mesh,
         optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
                                   eps=args.eps, weight_decay=args.weight_decay),
-        loss=LossConfig(logit_z_loss_coef=args.z_loss), model_overrides=_overrides(args),
+        logit_z_loss_coef=args.z_loss, model_overrides=_overrides(args),
         tensorboard=args.tensorboard, progress=not args.quiet)
 
 

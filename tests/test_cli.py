@@ -169,8 +169,9 @@ def test_rl_announces_resuming_and_draws_its_bar_through_the_trainer_callback(tm
     (out / "checkpoints" / "2").mkdir(parents=True)
     seen = {}
 
-    def fake_train_rl(cfg, callback=None):  # the trainer's contract: callback(step, record) after each batch
-        seen["progress"] = cfg.progress
+    def fake_train_rl(cfg, callback=None):  # the trainer's contract: it says where it resumes (unless told to be
+        seen["progress"] = cfg.progress  # quiet), then callback(step, record) after each batch
+        status(f"resuming from step 2 of {cfg.out}; training on to step {cfg.steps}", quiet=not cfg.progress)
         history = []
         for step in (3, 4):
             history.append({"step": step, "reward_mean": 0.5, "accuracy": 0.25})
@@ -184,7 +185,7 @@ def test_rl_announces_resuming_and_draws_its_bar_through_the_trainer_callback(tm
     assert main(argv) == 0
     drawn = terminal.getvalue()
     assert f"resuming from step 2 of {out}" in drawn and "rl cispo" in drawn and "4/4" in drawn
-    assert seen["progress"] is False  # on a terminal the bar replaces the trainer's per-step lines
+    assert seen["progress"] is True  # the trainer's notices; its per-step lines give way to the callback's bar
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 2
 
     quiet = _Terminal()

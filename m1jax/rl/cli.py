@@ -12,13 +12,11 @@ Also: --digits, --ops (arith), --eval-every, --eval-prompts, --mesh, --kl-beta (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 
 from m1jax.rl.rollout import RL_TASKS, RolloutConfig
+from m1jax.rl.trainer import LossConfig, RLConfig, progress_fields, train_rl
 from m1jax.sharding import parse_mesh
-from m1jax.rl.trainer import LossConfig, RLConfig, train_rl
 from m1jax.train.optimizer import OptimizerConfig
 
 
@@ -80,7 +78,8 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> RLConfig:
-    """An RLConfig from parsed `m1jax rl` arguments (options the parser lacks take their defaults)."""
+    """An RLConfig from parsed `m1jax rl` arguments (options the parser lacks take their defaults); --quiet turns
+    the trainer's notices off."""
     opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     task_options = {k: opt(k) for k in ("digits", "ops") if opt(k) is not None}
     rollout = RolloutConfig(
@@ -96,38 +95,33 @@ def config_from_args(args) -> RLConfig:
         dynamic_sampling=_on_off(opt("dynamic_sampling"), "--dynamic-sampling"), optimizer=optimizer,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=opt("keep", 3),
         eval_every=opt("eval_every", 0), eval_prompts=opt("eval_prompts", 128), mesh=_mesh(opt("mesh")),
-        tensorboard=bool(opt("tensorboard", False)))
+        tensorboard=bool(opt("tensorboard", False)), progress=not opt("quiet", False))
 
 
 def _mesh(value) -> dict[str, int] | None:
     return value if isinstance(value, dict) else parse_mesh(value)
 
 
-def _newest_step(out: str) -> int | None:
-    """The newest checkpoint step under OUT/checkpoints (None: a new run)."""
-    directory = os.path.join(out, "checkpoints")
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    return max(steps) if steps else None
-
-
 def rl_main(args) -> int:
-    from m1jax.progress import progress_bar, status, stderr_is_terminal
+    from m1jax.progress import progress_bar, status
     cfg = config_from_args(args)
-    quiet = bool(getattr(args, "quiet", False))
-    newest = _newest_step(cfg.out)
-    if newest is not None:
-        status(f"resuming from step {newest} of {cfg.out}", quiet=quiet)
-    # On a terminal the bar replaces the trainer's per-step lines; in a log the lines stay (unless --quiet).
-    drawing = not quiet and stderr_is_terminal()
-    cfg = dataclasses.replace(cfg, progress=not quiet and not drawing)
+    quiet = not cfg.progress
     status(f"loading {cfg.init} and compiling the sampler and the update (the first step takes longer) ...",
            quiet=quiet)
-    with progress_bar(cfg.steps, desc=f"rl {cfg.loss.algo}", unit="step", initial=min(newest or 0, cfg.steps),
-                      quiet=not drawing) as bar:
-        def callback(step: int, record: dict) -> None:
-            bar.update(1, reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}")
+    bar = None  # a bar on a terminal, a line per step in a log; it opens where the trainer resumed
 
+    def callback(step: int, record: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(cfg.steps, desc=f"rl {cfg.loss.algo}", unit="step", initial=step - 1, quiet=quiet,
+                               plain_every=1)
+        bar.update(1, **progress_fields(record))
+
+    try:
         result = train_rl(cfg, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
     last = result.history[-1] if result.history else {}
     summary = {"steps": cfg.steps, "algo": cfg.loss.algo, "resumed_from": result.resumed_from,
                "out": cfg.out, **{k: last[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if k in last}}

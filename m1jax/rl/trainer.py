@@ -9,10 +9,10 @@
 M1 fed each generation batch into 16 such updates; the later ones are off-policy (pi_theta has moved away from the
 pi_old that sampled the tokens), which is what the importance ratio r = pi_theta / pi_old and its clipping handle.
 
-The update is one jitted step `(TrainState, minibatch) -> (TrainState, metrics)`, sharded like pretraining's
-(`m1jax.train.step.state_shardings`, `m1jax.sharding.batch_sharding`): a forward over prompt + response with the
-current parameters, the log-probabilities of the response tokens, the chosen loss (CISPO, GRPO, DAPO or PPO-clip
-from `m1jax.rl.losses`) plus the MoE auxiliary losses, and AdamW (`make_optimizer`).
+The update is one jitted step `(TrainState, minibatch) -> (TrainState, metrics)`: a forward over prompt + response
+with the current parameters, the log-probabilities of the response tokens, the chosen loss (CISPO, GRPO, DAPO or
+PPO-clip from `m1jax.rl.losses`); the MoE auxiliary terms, the gradients' shardings, AdamW, the run directory and
+resuming are the run harness's (`m1jax.train.harness`), the same as pretraining's.
 
 DAPO's dynamic sampling drops groups whose G rewards are all equal (they have zero advantage, so they only dilute
 the token-level mean). DAPO over-samples to refill the batch; here the dropped groups are not replaced, so every
@@ -21,14 +21,14 @@ initial parameters as the reference policy.
 
 Each step appends one line to metrics.jsonl (reward, accuracy, response length, clip fractions, entropy, mismatch,
 approx_kl, loss, grad_norm and grad_norm_max over the batch's updates, lr, ...); checkpoints hold the TrainState and
-the data position, and rerunning the same command resumes from the latest one with the same metrics as an
-uninterrupted run. With `token_stats`, each step also appends to tokens.jsonl which tokens left the clip band at their
-update (`clip_token_stats`: counts by role and byte, old-policy probabilities, the largest ratios with their text),
-the mechanism CISPO is about: PPO-style clipping drops exactly those tokens' gradients.
+the data position, and rerunning the same command resumes from the latest one ("resuming from step N of OUT") with
+the same metrics as an uninterrupted run. With `token_stats`, each step also appends to tokens.jsonl which tokens
+left the clip band at their update (`clip_token_stats`: counts by role and byte, old-policy probabilities, the
+largest ratios with their text), the mechanism CISPO is about: PPO-style clipping drops exactly those tokens'
+gradients.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -42,24 +42,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import m1jax.rl.losses as losses
+from m1jax import sharding
 from m1jax.checkpoint.state import TrainCheckpoints, load_any
 from m1jax.config import M1Config
 from m1jax.inference.generate import generate
 from m1jax.model import M1ForCausalLM
-from m1jax.rl import losses
 from m1jax.rl.rollout import (NEWLINE_ID, Rollout, RolloutConfig, accuracy, collect_rollout, decode_completion,
                               get_rl_task, response_terms, score_responses)
 from m1jax.tasks.chains import ANSWER_MARK
 from m1jax.tokenizer import ByteTokenizer
-from m1jax.train.loop import MODEL_CONFIG_FILE, write_json
-from m1jax.train.run_log import RunLog, truncate_metrics
-from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from m1jax.train.step import TrainState, state_shardings
+from m1jax.train import harness
+from m1jax.train.harness import TrainState
+from m1jax.train.optimizer import OptimizerConfig, make_optimizer
+from m1jax.train.run_log import truncate_metrics
 
 ALGOS = ("cispo", "grpo", "dapo", "ppo")
 RUN_CONFIG_FILE = "rl_config.json"
-CHECKPOINT_DIR = "checkpoints"
-EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: the task's generator under another seed
 TOKENS_FILE = "tokens.jsonl"
 UPDATE_KEYS = ("tokens", "segment_ids", "response_mask", "old_logprobs", "advantages", "ref_logprobs")
 
@@ -96,6 +95,13 @@ class LossConfig:
             return losses.GRPO_BETA if self.algo == "grpo" else 0.0
         return float(self.kl_beta)
 
+    @property
+    def clip_band(self) -> tuple[float, float] | None:
+        """(eps_low, eps_high) of the PPO-style clipping that drops tokens; None for CISPO, which drops none."""
+        if self.algo == "cispo":
+            return None
+        return self.eps, self.eps_high if self.algo == "dapo" else self.eps
+
 
 def policy_loss(cfg: LossConfig, logprobs, old_logprobs, advantages, mask, ref_logprobs=None):
     """(loss, metrics) of the configured algorithm on (B, T) log-probs (see m1jax.rl.losses)."""
@@ -120,14 +126,12 @@ def update_objective(model: M1ForCausalLM, loss_cfg: LossConfig, temperature: fl
     mask = batch["response_mask"]
     loss, metrics = policy_loss(loss_cfg, logprobs, batch["old_logprobs"], batch["advantages"], mask,
                                 batch.get("ref_logprobs"))
-    cfg = model.config
-    aux = cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
     metrics = dict(metrics, entropy=jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
                    aux_loss=out.aux_loss)
     if token_stats:
         log_ratio = jnp.where(mask > 0, logprobs - batch["old_logprobs"], 0.0)
         metrics["token_ratio"] = jax.lax.stop_gradient(jnp.exp(log_ratio))
-    return loss + aux, metrics
+    return loss + harness.moe_aux_loss(model.config, out), metrics
 
 
 def make_update_step(model: M1ForCausalLM, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
@@ -143,17 +147,11 @@ def make_update_step(model: M1ForCausalLM, optimizer: optax.GradientTransformati
 
     def update(state: TrainState, batch: dict):
         (objective, metrics), grads = grad_fn(state.params, batch)
-        if state_shardings is not None:  # gradients take their parameters' shardings, as in pretraining
-            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grads = harness.like_params(grads, state_shardings)
         metrics = dict(metrics, objective=objective, grad_norm=optax.tree.norm(grads))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+        return harness.apply_gradients(state, grads, optimizer), metrics
 
-    if state_shardings is None:
-        return jax.jit(update, donate_argnums=0)
-    return jax.jit(update, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-                   donate_argnums=0)
+    return harness.jit_update(update, state_shardings, batch_shardings)
 
 
 def mesh_shardings(axes: dict[str, int], config: M1Config, abstract_state: TrainState,
@@ -161,12 +159,10 @@ def mesh_shardings(axes: dict[str, int], config: M1Config, abstract_state: Train
     """(mesh, TrainState shardings, minibatch shardings by key) for a mesh like {"data": 2, "expert": 4}: the
     parameters and moments by the project's rules (as in pretraining), the minibatch's rows over the batch axes.
     with_reference: the minibatch carries ref_logprobs (GRPO's KL term)."""
-    from m1jax import sharding
-    mesh = sharding.create_mesh(axes)
-    sharding.check_mesh(mesh, num_experts=config.num_experts, batch_size=minibatch_size)
+    mesh, shardings = harness.mesh_for(axes, config, abstract_state, optimizer, minibatch_size)
     keys = UPDATE_KEYS if with_reference else tuple(k for k in UPDATE_KEYS if k != "ref_logprobs")
     batch = {k: sharding.batch_sharding(mesh, minibatch_size, ndim=1 if k == "advantages" else 2) for k in keys}
-    return mesh, state_shardings(abstract_state, optimizer, mesh), batch
+    return mesh, shardings, batch
 
 
 # ------------------------------------------------------------------------------------------------ the mechanism
@@ -224,12 +220,12 @@ def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, los
     low_eps, high_eps = REFERENCE_BAND
     high = valid & (ratios > 1.0 + high_eps)
     low = valid & (ratios < 1.0 - low_eps)
-    if loss_cfg.algo == "cispo":
+    if loss_cfg.clip_band is None:
         dropped = np.zeros_like(valid)
-    else:
-        upper = loss_cfg.eps_high if loss_cfg.algo == "dapo" else loss_cfg.eps
-        dropped = valid & (((advantages > 0) & (ratios > 1.0 + upper))
-                           | ((advantages < 0) & (ratios < 1.0 - loss_cfg.eps)))
+    else:  # ppo_dropped_tokens reads the mask, the ratios and the advantages: host float64 arrays work as they are
+        terms = losses.TokenTerms(mask=valid, logprobs=None, log_ratio=None, ratio=ratios, advantages=advantages,
+                                  num_tokens=None)
+        dropped = np.asarray(losses.ppo_dropped_tokens(terms, *loss_cfg.clip_band))
     width = rollout.prompt_width
     ids = np.asarray(rollout.tokens)[:, width:]
     roles = token_roles(ids)
@@ -283,19 +279,15 @@ class RLConfig:
     eval_every: int = 0  # greedy accuracy on held-out prompts every N steps (0: at the start and the end only)
     eval_prompts: int = 128  # 0: no evaluation
     mesh: dict[str, int] | None = None
-    progress: bool = True
+    progress: bool = True  # say on stderr that the run resumes, and (without a callback) one line per step
     tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
     token_stats: bool = False  # write out/tokens.jsonl: which tokens left the clip band (`clip_token_stats`)
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "updates_per_batch", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: pass a positive integer")
+            harness.check_count(getattr(self, name), name, 1)
         for name in ("checkpoint_every", "eval_every", "eval_prompts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r}: pass an integer >= 0 (0: off)")
+            harness.check_count(getattr(self, name), name, 0)
         rows = self.prompts_per_step * self.rollout.group_size
         if rows % self.updates_per_batch:
             raise ValueError(f"prompts_per_step * group_size = {rows} responses do not split into updates_per_batch="
@@ -327,7 +319,7 @@ def step_seed(seed: int, step: int) -> int:
 def greedy_accuracy(model: M1ForCausalLM, params, task, count: int, max_new_tokens: int,
                     tokenizer=ByteTokenizer()) -> float:
     """Fraction of `count` held-out prompts (the task under another seed) answered exactly by greedy decoding."""
-    held_out = dataclasses.replace(task, seed=task.seed + EVAL_SEED_OFFSET)
+    held_out = dataclasses.replace(task, seed=task.seed + harness.HELD_OUT_SEED_OFFSET)
     examples = held_out.examples(0, count)
     out = generate(model, params, [tokenizer.encode(e["prompt"]) for e in examples], max_new_tokens=max_new_tokens,
                    stop_ids=(NEWLINE_ID, tokenizer.eos_id), pad_id=tokenizer.pad_id)
@@ -335,18 +327,36 @@ def greedy_accuracy(model: M1ForCausalLM, params, task, count: int, max_new_toke
     return float(np.mean([task.is_correct(t, e) for t, e in zip(texts, examples)]))
 
 
-def _update_batch(rollout: Rollout, keep_rows: np.ndarray, ref_logprobs) -> dict[str, np.ndarray]:
-    batch = rollout.batch()
-    batch["response_mask"] = batch["response_mask"] * keep_rows[:, None].astype(np.float32)
-    if ref_logprobs is not None:
-        batch["ref_logprobs"] = ref_logprobs
-    return batch
+PROGRESS_FIELDS = (("reward", "reward_mean", ".3f"), ("acc", "accuracy", ".3f"), ("loss", "loss", ".4f"),
+                   ("clip_high", "clip_high_frac", ".3f"))
 
 
-def _place(batch: dict, shardings: dict | None) -> dict:
-    if shardings is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
+def progress_fields(record: dict) -> dict[str, str]:
+    """A step's headline numbers, formatted: the per-step line's and the `m1jax rl` bar's."""
+    return {name: format(record[key], spec) for name, key, spec in PROGRESS_FIELDS if key in record}
+
+
+def _print_step(steps: int) -> Callable[[int, dict], None]:
+    def line(step: int, record: dict) -> None:
+        fields = " ".join(f"{k} {v}" for k, v in progress_fields(record).items())
+        print(f"rl step {step}/{steps} {fields} ({record['step_seconds']:.1f}s)", file=sys.stderr, flush=True)
+    return line
+
+
+@dataclasses.dataclass
+class _Run:
+    """What stays fixed through a run: the settings, the task, the policy's model and its compiled update."""
+
+    cfg: RLConfig
+    task: Any
+    model: M1ForCausalLM
+    update: Callable
+    schedule: Callable
+    mesh: Any  # None: one device
+    batch_shardings: dict | None
+    reference: Any  # GRPO's KL term: the initial parameters in buffers of their own (None: no KL term)
+    data_key: dict  # what the checkpoints' prompts were: a resume on other prompts is refused
+    tokenizer: Any
 
 
 def _load_policy(cfg: RLConfig, policy) -> tuple[M1Config, Any]:
@@ -364,9 +374,7 @@ def _check_model(out: str, config: M1Config, tokenizer, max_len: int) -> None:
     if max_len > config.max_position_embeddings:
         raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_position_embeddings="
                          f"{config.max_position_embeddings}; lower max_new_tokens")
-    path = os.path.join(out, MODEL_CONFIG_FILE)
-    if os.path.exists(path) and M1Config.from_hf(path) != config:
-        raise ValueError(f"{out} holds a run of another model ({path} differs from --init's); use a new --out")
+    harness.check_same_model(out, config)
 
 
 @functools.lru_cache(maxsize=8)
@@ -378,21 +386,15 @@ def _single_device_update(model: M1ForCausalLM, opt_cfg: OptimizerConfig, loss_c
                             token_stats=token_stats)
 
 
-def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task: Any = None,
-             callback: Callable[[int, dict], None] | None = None) -> RLResult:
-    """Run (or resume) RL into cfg.out. callback(step, record) after each generation batch's metrics line.
-
-    policy: (config, params) instead of loading cfg.init. task: an object like `ArithPrompts` (name, seed,
-    max_prompt_len, examples(step, count), reward_fn, is_correct, options()) instead of cfg.task.
-    """
-    task = get_rl_task(cfg.task, seed=cfg.seed, **cfg.task_options) if task is None else task
+def _start(cfg: RLConfig, task, policy) -> tuple[_Run, TrainCheckpoints, TrainState, int | None]:
+    """(the run, its checkpoints, the state to continue from, the step it resumes from or None): the policy loaded
+    and checked, the state restored (or fresh), the update compiled for one device or the mesh, the run files."""
     config, init_params = _load_policy(cfg, policy)
     tokenizer = ByteTokenizer()
     _check_model(cfg.out, config, tokenizer, task.max_prompt_len + cfg.rollout.max_new_tokens)
     os.makedirs(cfg.out, exist_ok=True)
     model = M1ForCausalLM(config)
-    opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps * cfg.updates_per_batch)
-    optimizer, schedule = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
+    opt_cfg, optimizer, schedule = harness.optimizer_for(cfg.optimizer, cfg.steps * cfg.updates_per_batch)
 
     def fresh_state():  # the update donates the state: copy parameters the caller still holds
         params = init_params if policy is None else jax.tree.map(jnp.copy, init_params)
@@ -404,104 +406,148 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
     if cfg.mesh:
         mesh, shardings, batch_shardings = mesh_shardings(cfg.mesh, config, abstract, optimizer, cfg.minibatch_size,
                                                           with_reference=bool(cfg.loss.beta))
+    placement = harness.placement(abstract, shardings)
     data_key = {"task": task.name, **task.options(), "prompts_per_step": cfg.prompts_per_step}
-    checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
-    # Every array is placed explicitly (committed), so each jitted step compiles once, whatever produced its input.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if shardings is None:
-        shardings_or_device = jax.tree.map(lambda _: device, abstract)
-    else:
-        shardings_or_device = shardings
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract,
-                          shardings_or_device)
-    restored = checkpoints.restore_latest(target)
+    checkpoints = harness.checkpoints(cfg.out, cfg.keep_checkpoints)
+    restored = harness.resume(checkpoints, abstract, shardings, out=cfg.out, steps=cfg.steps,
+                              quiet=not cfg.progress)
     if restored is not None:
-        start, state, meta = restored
+        resumed_from, state, meta = restored
         if meta.get("data") != data_key:
             raise ValueError(f"{cfg.out} was trained on other prompts ({meta.get('data')}), not {data_key}; "
                              "use a new --out or the same task options and seed")
     else:
-        start, state = 0, jax.device_put(fresh_state(), shardings_or_device)
-    reference = None  # GRPO's KL term: the initial policy, in buffers of its own (the state's are donated)
+        resumed_from, state = None, jax.device_put(fresh_state(), placement)
+    reference = None
     if cfg.loss.beta:
-        reference = jax.device_put(jax.tree.map(jnp.copy, init_params), shardings_or_device.params)
+        reference = jax.device_put(jax.tree.map(jnp.copy, init_params), placement.params)
     if shardings is None:
         update = _single_device_update(model, opt_cfg, cfg.loss, float(cfg.rollout.temperature), cfg.token_stats)
     else:
         update = make_update_step(model.clone(mesh=mesh), optimizer, cfg.loss, temperature=cfg.rollout.temperature,
                                   state_shardings=shardings, batch_shardings=batch_shardings,
                                   token_stats=cfg.token_stats)
-    write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), config.to_hf())
-    write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(cfg))
+    harness.write_run_files(cfg.out, config, RUN_CONFIG_FILE, cfg)
+    run = _Run(cfg, task, model, update, schedule, mesh, batch_shardings, reference, data_key, tokenizer)
+    return run, checkpoints, state, resumed_from
+
+
+def _update_batch(rollout: Rollout, keep_rows: np.ndarray, ref_logprobs) -> dict[str, np.ndarray]:
+    batch = rollout.batch()
+    batch["response_mask"] = batch["response_mask"] * keep_rows[:, None].astype(np.float32)
+    if ref_logprobs is not None:
+        batch["ref_logprobs"] = ref_logprobs
+    return batch
+
+
+def _generation_batch(run: _Run, params, step: int) -> tuple[Rollout, np.ndarray, dict[str, np.ndarray]]:
+    """(rollout, kept groups (N,) bool, the update batch) of generation batch `step`: G responses per prompt from
+    the current policy, dynamic sampling's filter, and the reference's log-probabilities for GRPO's KL term."""
+    cfg = run.cfg
+    rollout = collect_rollout(run.model, params, run.task.examples(step, cfg.prompts_per_step), config=cfg.rollout,
+                              seed=step_seed(cfg.seed, step), reward_fn=run.task.reward_fn, tokenizer=run.tokenizer,
+                              prompt_width=run.task.max_prompt_len)
+    group = cfg.rollout.group_size
+    grouped = rollout.rewards.reshape(-1, group)
+    keep_groups = (np.asarray(losses.dynamic_sampling_filter(grouped)) if cfg.uses_dynamic_sampling
+                   else np.ones(len(grouped), bool))
+    ref_logprobs = None
+    if run.reference is not None:
+        ref_logprobs = np.asarray(score_responses(
+            run.model, run.reference, jnp.asarray(rollout.tokens), jnp.asarray(rollout.segment_ids),
+            cfg.rollout.max_new_tokens, float(cfg.rollout.temperature))[0])
+    return rollout, keep_groups, _update_batch(rollout, np.repeat(keep_groups, group), ref_logprobs)
+
+
+def _updates(run: _Run, state: TrainState, batch: dict, parts: list[np.ndarray]) -> tuple[TrainState, list[dict]]:
+    """One optimizer update per minibatch (the rows in each part), in order; their metrics on the host."""
+    metrics = []
+    with harness.mesh_context(run.mesh):
+        for rows in parts:
+            state, m = run.update(state, harness.to_device({k: v[rows] for k, v in batch.items()},
+                                                           run.batch_shardings))
+            metrics.append(m)
+    return state, jax.device_get(metrics)
+
+
+def _token_stats(run: _Run, rollout: Rollout, batch: dict, parts, update_metrics: list[dict]) -> dict:
+    """clip_token_stats of the batch, each token's ratio taken at its own update (popped from update_metrics)."""
+    ratios = np.ones_like(batch["response_mask"])
+    for rows, metrics in zip(parts, update_metrics):
+        ratios[rows] = metrics.pop("token_ratio")
+    return clip_token_stats(rollout, ratios, batch["response_mask"], run.cfg.loss)
+
+
+def _step_metrics(run: _Run, rollout: Rollout, keep_groups: np.ndarray, update_metrics: list[dict],
+                  step: int) -> dict:
+    """The generation batch's line of metrics.jsonl, but for its timings: the rollout's numbers and the means of
+    its updates' (grad_norm_max their largest gradient norm)."""
+    means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+    means["grad_norm_max"] = float(np.max([m["grad_norm"] for m in update_metrics]))
+    grouped = rollout.rewards.reshape(-1, run.cfg.rollout.group_size)
+    return dict(
+        reward_mean=float(rollout.rewards.mean()), accuracy=accuracy(rollout, run.task.is_correct),
+        response_length=float(rollout.response_lengths.mean()),
+        entropy_rollout=float(rollout.entropy.sum() / max(rollout.response_mask.sum(), 1.0)),
+        kept_groups_frac=float(keep_groups.mean()), solved_groups_frac=float(np.mean(grouped.min(axis=1) > 0)),
+        reward_errors=rollout.reward_stats["errors"], **rollout.mismatch,
+        **{k: v for k, v in means.items() if k != "num_tokens"},
+        loss_first_update=float(update_metrics[0]["loss"]),
+        lr=float(run.schedule(step * run.cfg.updates_per_batch)))
+
+
+def _evaluate(run: _Run, params) -> float:
+    cfg = run.cfg
+    return greedy_accuracy(run.model, params, run.task, cfg.eval_prompts, cfg.rollout.max_new_tokens, run.tokenizer)
+
+
+def _rl_step(run: _Run, state: TrainState, step: int, tokens_file) -> tuple[TrainState, dict]:
+    """Generation batch `step`: sample, score, then updates_per_batch updates over a shuffle of its responses."""
+    cfg = run.cfg
+    begin = time.perf_counter()
+    record = {"step": step + 1}
+    if step == 0 and cfg.eval_prompts:
+        record["eval_accuracy_initial"] = _evaluate(run, state.params)
+    rollout, keep_groups, batch = _generation_batch(run, state.params, step)
+    rollout_seconds = time.perf_counter() - begin
+    order = np.random.default_rng([cfg.seed, step]).permutation(len(rollout.rewards))
+    parts = np.split(order, cfg.updates_per_batch)
+    state, update_metrics = _updates(run, state, batch, parts)
+    if tokens_file is not None:
+        tokens_file.write(json.dumps({"step": step + 1, **_token_stats(run, rollout, batch, parts, update_metrics)})
+                          + "\n")
+        tokens_file.flush()
+    record.update(_step_metrics(run, rollout, keep_groups, update_metrics, step), updates=int(state.step),
+                  rollout_seconds=rollout_seconds, step_seconds=time.perf_counter() - begin)
+    return state, record
+
+
+def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task: Any = None,
+             callback: Callable[[int, dict], None] | None = None) -> RLResult:
+    """Run (or resume) RL into cfg.out. callback(step, record) after each generation batch's metrics line (without
+    one, cfg.progress prints a line per step).
+
+    policy: (config, params) instead of loading cfg.init. task: an object like `ArithPrompts` (name, seed,
+    max_prompt_len, examples(step, count), reward_fn, is_correct, options()) instead of cfg.task.
+    """
+    task = get_rl_task(cfg.task, seed=cfg.seed, **cfg.task_options) if task is None else task
+    run, checkpoints, state, resumed_from = _start(cfg, task, policy)
+    if callback is None and cfg.progress:
+        callback = _print_step(cfg.steps)
+    start = resumed_from or 0
     history: list[dict] = []
-
-    def evaluate(params) -> float:
-        return greedy_accuracy(model, params, task, cfg.eval_prompts, cfg.rollout.max_new_tokens, tokenizer)
-
     tokens_file = _tokens_log(os.path.join(cfg.out, TOKENS_FILE), start) if cfg.token_stats else None
     try:
-        with RunLog(cfg.out, start, tensorboard=cfg.tensorboard) as run_log:
+        with harness.run_log(cfg.out, start, cfg.tensorboard) as run_log:
             for step in range(start, cfg.steps):
-                begin = time.perf_counter()
-                record = {"step": step + 1}
-                if step == 0 and cfg.eval_prompts:
-                    record["eval_accuracy_initial"] = evaluate(state.params)
-                rollout = collect_rollout(model, state.params, task.examples(step, cfg.prompts_per_step),
-                                          config=cfg.rollout, seed=step_seed(cfg.seed, step),
-                                          reward_fn=task.reward_fn, tokenizer=tokenizer,
-                                          prompt_width=task.max_prompt_len)
-                group = cfg.rollout.group_size
-                grouped = rollout.rewards.reshape(-1, group)
-                keep_groups = (np.asarray(losses.dynamic_sampling_filter(grouped)) if cfg.uses_dynamic_sampling
-                               else np.ones(len(grouped), bool))
-                ref_logprobs = None
-                if reference is not None:
-                    ref_logprobs = np.asarray(score_responses(
-                        model, reference, jnp.asarray(rollout.tokens), jnp.asarray(rollout.segment_ids),
-                        cfg.rollout.max_new_tokens, float(cfg.rollout.temperature))[0])
-                batch = _update_batch(rollout, np.repeat(keep_groups, group), ref_logprobs)
-                rollout_seconds = time.perf_counter() - begin
-                order = np.random.default_rng([cfg.seed, step]).permutation(len(rollout.rewards))
-                update_metrics = []
-                with (contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)):
-                    for rows in np.split(order, cfg.updates_per_batch):
-                        state, metrics = update(state, _place({k: v[rows] for k, v in batch.items()},
-                                                              batch_shardings))
-                        update_metrics.append(metrics)
-                update_metrics = jax.device_get(update_metrics)
-                if cfg.token_stats:
-                    ratios = np.ones_like(batch["response_mask"])
-                    for rows, metrics in zip(np.split(order, cfg.updates_per_batch), update_metrics):
-                        ratios[rows] = metrics.pop("token_ratio")
-                    tokens_file.write(json.dumps({"step": step + 1, **clip_token_stats(
-                        rollout, ratios, batch["response_mask"], cfg.loss)}) + "\n")
-                    tokens_file.flush()
-                means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
-                means["grad_norm_max"] = float(np.max([m["grad_norm"] for m in update_metrics]))
-                record.update(
-                    reward_mean=float(rollout.rewards.mean()), accuracy=accuracy(rollout, task.is_correct),
-                    response_length=float(rollout.response_lengths.mean()),
-                    entropy_rollout=float(rollout.entropy.sum() / max(rollout.response_mask.sum(), 1.0)),
-                    kept_groups_frac=float(keep_groups.mean()),
-                    solved_groups_frac=float(np.mean(grouped.min(axis=1) > 0)),
-                    reward_errors=rollout.reward_stats["errors"], **rollout.mismatch,
-                    **{k: v for k, v in means.items() if k != "num_tokens"},
-                    loss_first_update=float(update_metrics[0]["loss"]),
-                    lr=float(schedule(step * cfg.updates_per_batch)),
-                    updates=int(state.step), rollout_seconds=rollout_seconds,
-                    step_seconds=time.perf_counter() - begin)
+                state, record = _rl_step(run, state, step, tokens_file)
                 done = step + 1
                 if cfg.eval_prompts and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                    record["eval_accuracy"] = evaluate(state.params)
-                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                    checkpoints.save(done, state, {"step": done, "data": data_key})
+                    record["eval_accuracy"] = _evaluate(run, state.params)
+                if harness.checkpoint_due(done, cfg.checkpoint_every, cfg.steps):
+                    checkpoints.save(done, state, {"step": done, "data": run.data_key})
                 run_log.write(record)
                 history.append(record)
-                if cfg.progress:
-                    print(f"rl step {done}/{cfg.steps} reward {record['reward_mean']:.3f} "
-                          f"acc {record['accuracy']:.3f} loss {record['loss']:.4f} "
-                          f"clip_high {record['clip_high_frac']:.3f} ({record['step_seconds']:.1f}s)",
-                          file=sys.stderr, flush=True)
                 if callback is not None:
                     callback(done, record)
     finally:
@@ -509,4 +555,4 @@ def train_rl(cfg: RLConfig, *, policy: tuple[M1Config, Any] | None = None, task:
         if tokens_file is not None:
             tokens_file.close()
     final_eval = {"eval_accuracy": history[-1]["eval_accuracy"]} if history and cfg.eval_prompts else {}
-    return RLResult(config, state, history, final_eval, start if restored is not None else None)
+    return RLResult(run.model.config, state, history, final_eval, resumed_from)

@@ -8,9 +8,7 @@ loaded (generate, convert, rl) and resumed. With `progress` on, the loop says on
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -19,20 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.checkpoint.state import TrainCheckpoints
 from m1jax.config import M1Config
 from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
-from m1jax.progress import progress_bar, status
+from m1jax.progress import progress_bar
+from m1jax.train import harness
 from m1jax.train.data import make_data
-from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from m1jax.train.run_log import RunLog
-from m1jax.train.step import (BATCH_KEYS, LossConfig, TrainState, init_state, make_eval_step, make_train_step,
-                              state_shardings)
+from m1jax.train.optimizer import OptimizerConfig
+from m1jax.train.step import BATCH_KEYS, TrainState, init_state, make_eval_step, make_train_step
 
-MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "run_config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -52,7 +46,7 @@ class TrainConfig:
     remat: str = "none"
     mesh: dict[str, int] | None = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    logit_z_loss_coef: float = 0.0  # + coef * mean(logsumexp(logits)^2) over graded tokens (m1jax.train.step)
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
@@ -60,16 +54,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "keep_checkpoints", "log_every", "microbatches"):
-            _check_count(getattr(self, name), name, 1)
+            harness.check_count(getattr(self, name), name, 1)
         for name in ("checkpoint_every", "eval_every", "seed"):
-            _check_count(getattr(self, name), name, 0)
+            harness.check_count(getattr(self, name), name, 0)
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out={self.out!r} is a file, not a directory; pass a new or existing directory")
-
-
-def _check_count(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r}: pass an integer >= {minimum}")
 
 
 @dataclasses.dataclass
@@ -94,12 +83,11 @@ def _shardings(model_config: M1Config, cfg: TrainConfig, abstract_state: TrainSt
     if not cfg.mesh:
         return None, None, None
     from m1jax import sharding
-    mesh = sharding.create_mesh(cfg.mesh)
     if cfg.batch_size % cfg.microbatches:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --microbatches {cfg.microbatches}")
-    sharding.check_mesh(mesh, num_experts=model_config.num_experts, batch_size=cfg.batch_size // cfg.microbatches)
-    return (mesh, state_shardings(abstract_state, optimizer, mesh),
-            sharding.batch_sharding(mesh, cfg.batch_size // cfg.microbatches))
+    micro = cfg.batch_size // cfg.microbatches
+    mesh, state_shardings = harness.mesh_for(cfg.mesh, model_config, abstract_state, optimizer, micro)
+    return mesh, state_shardings, sharding.batch_sharding(mesh, micro)
 
 
 def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -109,44 +97,37 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
     data = make_data(cfg.data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                      vocab_size=model_config.vocab_size, max_seq_len=model_config.max_position_embeddings,
                      **cfg.task_options)
-    eval_data = make_data(cfg.data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1_000_003,
-                          vocab_size=model_config.vocab_size, **cfg.task_options)
-    opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps)
-    optimizer = make_optimizer(opt_cfg)
-    schedule = learning_rate_schedule(opt_cfg)
+    eval_data = make_data(cfg.data, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                          seed=cfg.seed + harness.HELD_OUT_SEED_OFFSET, vocab_size=model_config.vocab_size,
+                          **cfg.task_options)
+    opt_cfg, optimizer, schedule = harness.optimizer_for(cfg.optimizer, cfg.steps)
     model = M1ForCausalLM(model_config, remat=cfg.remat)
 
     abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, cfg.seed))
     mesh, state_shardings, batch_sharding = _shardings(model_config, cfg, abstract_state, optimizer)
     model = model.clone(mesh=mesh)  # its MoE layers dispatch expert-parallel over the mesh (None: one device)
     # Parameter shapes do not depend on the mesh: initialise (or restore) outside it, placed by the shardings.
-    _check_same_model(cfg.out, model_config)
+    harness.check_same_model(cfg.out, model_config)
     from m1jax.plan import check_fits  # MemoryError with the plan's figures, before anything compiles
     check_fits(model_config, cfg.mesh or {}, batch_size=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len,
                remat=cfg.remat)
-    checkpoints = TrainCheckpoints(os.path.join(cfg.out, CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
-    restored = checkpoints.restore_latest(_restore_target(abstract_state, state_shardings))
+    checkpoints = harness.checkpoints(cfg.out, cfg.keep_checkpoints)
+    restored = harness.resume(checkpoints, abstract_state, state_shardings, out=cfg.out, steps=cfg.steps,
+                              quiet=not cfg.progress)
     if restored is not None:
         start, state, meta = restored
         data.restore(meta["data"])
-        status(f"resuming from step {start} of {cfg.out}"
-               + (f" (the run asks for {cfg.steps} steps: nothing to train)" if start >= cfg.steps
-                  else f"; training on to step {cfg.steps}"),
-               quiet=not cfg.progress)
     else:
         init = jax.jit(lambda: init_state(model, optimizer, cfg.seed), out_shardings=state_shardings)
         start, state = 0, init()
-    train_step = make_train_step(model, optimizer, loss_cfg=cfg.loss, microbatches=cfg.microbatches,
-                                 state_shardings=state_shardings, batch_sharding=batch_sharding)
+    train_step = make_train_step(model, optimizer, logit_z_loss_coef=cfg.logit_z_loss_coef,
+                                 microbatches=cfg.microbatches, state_shardings=state_shardings,
+                                 batch_sharding=batch_sharding)
     evaluate = make_eval_step(model)
-    with _mesh_context(mesh):
-        lead = jax.process_index() == 0  # on several hosts, one writes the run's files
-        if lead:
-            write_json(os.path.join(cfg.out, MODEL_CONFIG_FILE), model_config.to_hf())
-            # What the run really used: the schedule's total_steps is the run's steps.
-            used = dataclasses.replace(cfg, optimizer=opt_cfg)
-            write_json(os.path.join(cfg.out, RUN_CONFIG_FILE), dataclasses.asdict(used))
-
+    with harness.mesh_context(mesh):
+        # What the run really used: the schedule's total_steps is the run's steps.
+        harness.write_run_files(cfg.out, model_config, RUN_CONFIG_FILE, dataclasses.replace(cfg, optimizer=opt_cfg))
+        lead = jax.process_index() == 0  # on several hosts, one draws the bar
         step_flops = train_flops(model_config, cfg.seq_len, cfg.batch_size)
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
         peak = peak * jax.device_count() if peak else None
@@ -155,10 +136,10 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
         history: list[dict] = []
         last_time, last_step = time.perf_counter(), start
         try:
-            with RunLog(cfg.out, start, tensorboard=cfg.tensorboard,
-                        suffix="" if lead else f".{jax.process_index()}") as run_log:
+            with harness.run_log(cfg.out, start, cfg.tensorboard) as run_log:
                 for step in range(start, cfg.steps):
-                    batch = _to_device(next(data), batch_sharding)
+                    batch = harness.to_device({k: v for k, v in next(data).items() if k in BATCH_KEYS},
+                                              batch_sharding)
                     if step == start:
                         progress.write(f"compiling the train step ({model_config.num_layers} layers, batch "
                                        f"{cfg.batch_size} x {cfg.seq_len} tokens); the first step takes longer ...")
@@ -169,7 +150,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                         jax.block_until_ready(metrics)
                         progress.write(f"first step done in {time.perf_counter() - compile_start:.1f}s "
                                        "(compilation included)")
-                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                    if harness.checkpoint_due(done, cfg.checkpoint_every, cfg.steps):
                         checkpoints.save(done, state, {"data": data.state(), "step": done})
                     if done % cfg.log_every and done != cfg.steps:
                         progress.update(1)
@@ -196,29 +177,6 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
     return TrainResult(model_config, state, history, final_eval, start if restored else None)
 
 
-def _restore_target(abstract_state, state_shardings):
-    if state_shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        state_shardings = jax.tree.map(lambda _: device, abstract_state)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
-                        state_shardings)
-
-
-def _mesh_context(mesh):
-    """Under the mesh the MoE layers dispatch expert-parallel."""
-    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-
-
-def _to_device(batch: dict, batch_sharding) -> dict:
-    """Every process holds the same global batch (seekable, deterministic data); each materialises only the rows
-    of its own devices, so the same code runs on one device, a mesh, or several hosts."""
-    arrays = {k: np.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
-    if batch_sharding is None:
-        return {k: jnp.asarray(v) for k, v in arrays.items()}
-    return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda index, v=v: v[index])
-            for k, v in arrays.items()}
-
-
 def _evaluate(evaluate, params, eval_data) -> dict:
     batch = eval_data.batch(0)
     predictions = evaluate(params, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -227,19 +185,3 @@ def _evaluate(evaluate, params, eval_data) -> dict:
         predictions = multihost_utils.process_allgather(predictions, tiled=True)
     predictions = np.asarray(predictions)
     return {f"eval_{k}": float(v) for k, v in eval_data.accuracy(predictions, batch).items()}
-
-
-def _check_same_model(out: str, model_config: M1Config) -> None:
-    path = os.path.join(out, MODEL_CONFIG_FILE)
-    if os.path.exists(path):
-        saved = M1Config.from_hf(path)
-        if saved != model_config:
-            raise ValueError(f"{out} holds a run of another model ({path} differs from this command's model); "
-                             "use a new --out directory or the same preset and options")
-
-
-def write_json(path: str, value: dict) -> None:
-    """Write JSON atomically (temporary file, then rename); values JSON cannot hold are written as strings."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)

@@ -12,7 +12,7 @@ import pytest
 
 from m1jax.config import M1Config
 from m1jax.model import M1ForCausalLM
-from m1jax.train.step import LossConfig, init_state, make_train_step
+from m1jax.train.step import init_state, make_train_step
 
 AUX, ROUTER_Z, LOGIT_Z = 0.5, 0.05, 1e-3
 MICROBATCHES = 2
@@ -65,7 +65,7 @@ def test_accumulated_step_equals_the_hand_objective_with_every_coefficient_on(mo
         lambda p, aux: hand_objective(model, p, batch, aux, ROUTER_Z, LOGIT_Z, MICROBATCHES)))
     want_value, want_grads = objective(params, AUX)
 
-    step = make_train_step(model, optimizer, loss_cfg=LossConfig(logit_z_loss_coef=LOGIT_Z), microbatches=MICROBATCHES)
+    step = make_train_step(model, optimizer, logit_z_loss_coef=LOGIT_Z, microbatches=MICROBATCHES)
     new_state, metrics = step(state, batch)
     moved = jax.tree.map(lambda before, after: before - np.asarray(after), params, new_state.params)
 
