@@ -88,6 +88,26 @@ def grouped_case(rng, rows, k_dim, n_dim, experts, dtype):
     return {n: rel_err(x, y) for n, x, y in zip(("out", "d_lhs", "d_rhs"), res["pallas"], res["reference"])}
 
 
+def softmax_case(rng, batch, length, heads, kv_heads, dim):
+    """cuDNN's causal attention with a packing mask (bf16; impl "cudnn", as the model picks on the GPU) against
+    XLA's dense float32 path: output and the three gradients."""
+    from m1jax.layers.softmax_attention import causal_attention
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32) for _ in range(2))
+    cuts = np.sort(rng.choice(np.arange(1, length), size=min(3, length - 1), replace=False))
+    seg = jnp.asarray(np.broadcast_to(np.searchsorted(cuts, np.arange(length), side="right"), (batch, length)),
+                      jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    res = {}
+    for impl, dtype in (("cudnn", jnp.bfloat16), ("dense", jnp.float32)):
+        def f(a, b, c, i=impl):
+            return jnp.sum(causal_attention(a, b, c, seg, impl=i).astype(jnp.float32) * ct)
+        args = tuple(x.astype(dtype) for x in (q, k, v))
+        out = jax.jit(lambda a, b, c, i=impl: causal_attention(a, b, c, seg, impl=i))(*args)
+        res[impl] = (out,) + jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args)
+    return {n: rel_err(x, y) for n, x, y in zip(("o", "dq", "dk", "dv"), res["cudnn"], res["dense"])}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -95,8 +115,11 @@ def main():
     args = parser.parse_args()
     global INTERPRET
     INTERPRET = args.interpret
-    rng = np.random.default_rng(int(time.time()))
+    seed = int(time.time())
+    print(f"seed {seed}", flush=True)
+    rng = np.random.default_rng(seed)
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "kernel_check.jsonl"), "w")
 
     def record(kind, shape, dtype, errs, tol):
@@ -108,6 +131,14 @@ def main():
         print(f"{kind:10s} {str(shape):28s} {dtype:9s} worst {worst:.2e} (tol {tol:g}) "
               f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
 
+    if not args.interpret:  # cuDNN with a packing mask (GQA, a length no multiple of a block)
+        for (b, t, h, kvh, d) in [(2, 1000, 8, 2, 128), (1, 4099, 4, 1, 64)]:
+            try:
+                errs = softmax_case(rng, b, t, h, kvh, d)
+            except Exception as err:  # noqa: BLE001
+                errs = {"error": float("inf")}
+                print(f"softmax {b, t, h, kvh, d}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            record("softmax", (b, t, h, kvh, d, "packed"), "bfloat16", errs, 2e-2)
     # lengths that are no multiple of any block; head dims 32/64/128; batch x short rows; packed rows
     cases = [(1, 154, 4, 64, False), (2, 700, 4, 128, True), (3, 77, 2, 32, False), (16, 2047, 8, 64, False),
              (1, 4099, 4, 128, True), (2, 1, 2, 64, False), (1, 20001, 2, 128, False)]

@@ -360,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save-trace", action="store_true", help="do not copy the perfetto trace to $OUT")
     parser.add_argument("--dump-hlo", action="store_true", help="also write the compiled HLO text to $OUT")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (a minute)")
+    parser.add_argument("--softmax-impl", default="auto", choices=("auto", "cudnn", "dense", "blocked"),
+                        help="force the softmax layers' attention path (default: the model's own choice)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.batch_size, args.seq_len, args.steps, args.trace_steps = "tiny", 2, 64, 2, 2
@@ -373,8 +375,11 @@ def main(argv=None) -> int:
     from benchmarks.train import setup
     from m1jax.flops import peak_flops_per_device, train_flops
 
+    if args.softmax_impl != "auto":
+        import m1jax.layers.softmax_attention as softmax_attention
+        softmax_attention.attention_impl = lambda *a, **k: args.softmax_impl
     device = jax.devices()[0]
-    log(what="setup", preset=args.preset, batch=args.batch_size, seq_len=args.seq_len, remat=args.remat,
+    log(what="setup", softmax_impl=args.softmax_impl, preset=args.preset, batch=args.batch_size, seq_len=args.seq_len, remat=args.remat,
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""), variant=args.flags_variant, date=time.strftime("%Y-%m-%d %H:%M"))
     cfg, step, state, batch = setup(args.preset, args.batch_size, args.seq_len, args.remat)

@@ -1,7 +1,8 @@
 """Softmax attention layer of M1: grouped-query attention with partial RoPE, no biases, no qk-norm, scale 1/sqrt(D).
 
-On GPU with bf16/fp16 activations and no packing mask it runs cuDNN's flash attention through
-`jax.nn.dot_product_attention(implementation="cudnn")`; elsewhere XLA's dense implementation while its float32
+On GPU with bf16/fp16 activations it runs cuDNN's flash attention through
+`jax.nn.dot_product_attention(implementation="cudnn")` (packed rows pass their (B, 1, T, T) segment mask, which
+cuDNN applies as a bias); elsewhere XLA's dense implementation while its float32
 (B, H, T, T) scores stay under DENSE_SCORES_MAX_BYTES, and beyond that a blocked online-softmax path
 (`blocked_causal_attention`, FlashAttention's algorithm in plain JAX) whose memory grows linearly in T.
 
@@ -28,26 +29,30 @@ DENSE_SCORES_MAX_BYTES = 2 ** 28  # above this many bytes of float32 scores (B, 
 
 
 def attention_impl(batch: int, length: int, heads: int, dtype, masked: bool, platform: str | None = None) -> str:
-    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16, no packing mask), "dense" (XLA's, builds the
-    (B, H, T, T) scores), or "blocked" (online softmax over key blocks, memory O(B H T D)) when the dense scores would
-    exceed DENSE_SCORES_MAX_BYTES."""
+    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16; a packing mask goes in as a bias), "dense"
+    (XLA's, builds the (B, H, T, T) scores), or "blocked" (online softmax over key blocks, memory O(B H T D)) when
+    the dense scores would exceed DENSE_SCORES_MAX_BYTES. `masked` (packed rows) does not change the choice today;
+    it is part of the signature because the workspace does depend on it (see `attention_workspace_bytes`)."""
+    del masked
     platform = platform or jax.default_backend()
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not masked:
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "blocked" if batch * heads * length * length * 4 > DENSE_SCORES_MAX_BYTES else "dense"
 
 
-def attention_workspace_bytes(impl: str, batch: int, length: int, heads: int, head_dim: int) -> int:
+def attention_workspace_bytes(impl: str, batch: int, length: int, heads: int, head_dim: int,
+                              masked: bool = False) -> int:
     """Bytes one softmax layer's attention needs beyond q, k, v and its output, forward and backward: the dense
     path holds four float32 (B, H, T, T) arrays (scores, probabilities and their gradients; XLA's CPU compilation
     of a gradient step measures exactly that); the blocked path a few (B, H, block, block) tiles and the float32
-    log-sum-exp and accumulators (B, H, T) / (B, H, T, D); cuDNN the log-sum-exp."""
+    log-sum-exp and accumulators (B, H, T) / (B, H, T, D); cuDNN the log-sum-exp, plus with packed rows the
+    (B, 1, T, T) mask and the bf16 bias made of it."""
     if impl == "dense":
         return 4 * batch * heads * length * length * 4
     if impl == "blocked":
         block = min(ATTENTION_BLOCK, length)
         return 4 * batch * heads * block * block * 4 + batch * heads * length * (2 + 2 * head_dim) * 4
-    return batch * heads * length * 4
+    return batch * heads * length * 4 + (3 * batch * length * length if masked else 0)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,

@@ -82,6 +82,8 @@ def test_auto_picks_blocked_beyond_the_dense_budget_and_never_builds_t_by_t():
     assert attention_impl(1, 512, heads, jnp.float32, False, platform="cpu") == "dense"
     assert attention_impl(1, length, heads, jnp.float32, False, platform="cpu") == "blocked"
     assert attention_impl(1, length, heads, jnp.bfloat16, False, platform="gpu") == "cudnn"
+    assert attention_impl(1, length, heads, jnp.bfloat16, True, platform="gpu") == "cudnn"  # packed rows too
+    assert attention_impl(1, length, heads, jnp.float32, True, platform="gpu") == "blocked"
     q = jax.ShapeDtypeStruct((1, length, heads, 16), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
     loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v) ** 2)
