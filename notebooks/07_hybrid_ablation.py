@@ -22,7 +22,7 @@
 # - `length_extrapolation_gpu.json`: the same trained models at 2x-32x their training length.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
-# Read each figure with its experiment's README: the first H200 run left every recall arm at chance.
+# Read each figure with its experiment's README: round 3 trained arms 0, 1 and 8 past the plateau but not to convergence.
 # budget: 30 s
 
 # %%
@@ -47,7 +47,7 @@ for name, arm in summary["arms"].items():
 
 # %% [markdown]
 # ## Recall against the number of pairs (left) and against the lightning state size (right)
-# The dotted line is chance (one of 1024 value ids). Each point: the arm's best learning rate, mean ± sd over
+# The dotted line is chance (one of the value ids). Each point: the arm's best learning rate, mean ± sd over
 # 3 seeds.
 
 # %%
