@@ -8,24 +8,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from m1jax import M1Config, abstract_params
-from m1jax.config import m1_schedule
+from m1jax.config import RunPolicy, m1_schedule
 
 # A two-layer model for the --smoke runs of the inference and serving benchmarks (CPU, seconds).
 SMOKE_CONFIG = M1Config(vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=2,
                         experts_per_token=1, expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8,
-                        block_size=16, max_position_embeddings=4096)
+                        max_position_embeddings=4096)
 
 
 def config_for(name: str) -> M1Config:
-    """"smoke", or a preset in bf16 weights and compute."""
+    """"smoke", or a preset (run it under `policy_for(name)`)."""
     if name == "smoke":
         return SMOKE_CONFIG
-    return M1Config.from_preset(name, param_dtype="bfloat16", compute_dtype="bfloat16")
+    return M1Config.from_preset(name)
 
 
-def random_params(config: M1Config, seed: int = 0):
-    """N(0, 0.02) matrices, unit norm scales, drawn on the device in one jitted call."""
-    leaves, treedef = jax.tree.flatten_with_path(abstract_params(config))
+def policy_for(name: str) -> RunPolicy:
+    """The benchmarks' run policy: float32 for "smoke", bf16 weights and compute for a preset."""
+    if name == "smoke":
+        return RunPolicy()
+    return RunPolicy(param_dtype="bfloat16", compute_dtype="bfloat16")
+
+
+def random_params(config: M1Config, seed: int = 0, policy: RunPolicy = RunPolicy()):
+    """N(0, 0.02) matrices, unit norm scales (in policy.param_dtype), drawn on the device in one jitted call."""
+    leaves, treedef = jax.tree.flatten_with_path(abstract_params(config, policy))
 
     @jax.jit
     def draw(key):

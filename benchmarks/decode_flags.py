@@ -18,7 +18,7 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-gather              decode-sized MoE (<= 64 rows): gather each row's expert matrices, one batched matvec
                           (reads exactly the chosen experts' weights) instead of the Pallas grouped matmul
   moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
-  bf16-lm-head            float32_lm_head=False (a run-time field: the same model)
+  bf16-lm-head            RunPolicy(float32_lm_head=False) (run-time policy: the same model)
   cuda-graphs+moe-gather  both
 --flag-set NAME="--xla_..." adds a variant: the default engine under those flags (repeatable).
 Writes $OUT/decode_flags.jsonl (one line per variant, as they finish); prints the table last.
@@ -77,19 +77,17 @@ def _decode_grouped_matmul(kind: str):
 
 
 def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool) -> None:
-    import dataclasses
-    import functools
-
     import jax
 
     import benchmarks.inference as bench
-    from benchmarks.common import config_for, random_params
+    from benchmarks.common import config_for, policy_for, random_params
     from m1jax import M1ForCausalLM
     from m1jax.inference import engine
     from pallas_kernels.lightning_attention import ops as lightning_ops
 
-    config = config_for("smoke" if smoke else "hf-bench")
-    params = random_params(config)
+    size = "smoke" if smoke else "hf-bench"
+    config, policy = config_for(size), policy_for(size)
+    params = random_params(config, policy=policy)
     rows_default = lightning_ops.DECODE_PALLAS_MAX_ROWS
     for name in names:
         code = VARIANTS[name]["code"]
@@ -100,16 +98,15 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
             jax.clear_caches()  # a module-level switch below must not hit a trace cached under another setting
             engine._COMPILED.clear()
             lightning_ops.DECODE_PALLAS_MAX_ROWS = 0 if code.get("lightning_decode") == "jnp" else rows_default
-            model = M1ForCausalLM
-            if "moe" in code:
-                model = functools.partial(M1ForCausalLM, grouped_matmul=_decode_grouped_matmul(code["moe"]))
-            bench.M1ForCausalLM = model  # ours_decode builds its model through this name
-            cfg = dataclasses.replace(config, float32_lm_head=code.get("float32_lm_head", config.float32_lm_head))
+            grouped_matmul = _decode_grouped_matmul(code["moe"]) if "moe" in code else None
+            model = M1ForCausalLM(config, policy.replace(float32_lm_head=code.get("float32_lm_head",
+                                                                                  policy.float32_lm_head)),
+                                  grouped_matmul=grouped_matmul)
             if synthetic:  # a cache of random contents: no prefill to compile
-                ms = bench.synthetic_decode(cfg, params, context, steps, reps)["ms_per_token"]
+                ms = bench.synthetic_decode(model, params, context, steps, reps)["ms_per_token"]
                 row.update(ms_per_token=ms, tokens_per_s=1e3 / ms, synthetic=True)
             else:
-                row.update(bench.ours_decode(cfg, params, 1, context, steps, reps))
+                row.update(bench.ours_decode(model, params, 1, context, steps, reps))
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err)[:600]}"
         finally:

@@ -25,26 +25,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m1jax.config import M1Config, deepnorm_alpha, m1_schedule
+from m1jax.config import M1Config, RunPolicy, deepnorm_alpha, m1_schedule
 from m1jax.inference.cache import init_cache
 from m1jax.model import M1ForCausalLM
 from m1jax.plan import GIB, plan
 from m1jax.sharding import batch_sharding, create_mesh, param_shardings
 
 
-def layer_group_config(experts: int, smoke: bool) -> M1Config:
+def layer_group_config(experts: int, smoke: bool) -> tuple[M1Config, RunPolicy]:
+    """(one group of M1's layers at full width (smoke: narrow), its run policy: bf16 (smoke: float32, so the
+    sharded-vs-one-device check is tight) with a bf16 lm_head)."""
     alpha = deepnorm_alpha(80)
-    dtype = "bfloat16"
-    if smoke:  # float32, so the sharded-vs-one-device check is tight
-        dtype = "float32"
-        dims = dict(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, expert_size=512, rotary_dim=32,
-                    block_size=64)
+    if smoke:
+        dims = dict(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, expert_size=512, rotary_dim=32)
     else:
-        dims = dict(hidden_size=6144, num_heads=64, num_kv_heads=8, head_dim=128, expert_size=9216, rotary_dim=64,
-                    block_size=256)
-    return M1Config(vocab_size=1024, num_experts=experts, experts_per_token=2, layer_types=m1_schedule(8),
-                    lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha, param_dtype=dtype,
-                    compute_dtype=dtype, float32_lm_head=False, **dims)
+        dims = dict(hidden_size=6144, num_heads=64, num_kv_heads=8, head_dim=128, expert_size=9216, rotary_dim=64)
+    dtype = "float32" if smoke else "bfloat16"
+    return (M1Config(vocab_size=1024, num_experts=experts, experts_per_token=2, layer_types=m1_schedule(8),
+                     lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha, **dims),
+            RunPolicy(param_dtype=dtype, compute_dtype=dtype, float32_lm_head=False))
 
 
 def timed(fn, *args, repeats=5):
@@ -95,9 +94,9 @@ def main():
     axes = dict(part.split("=") for part in args.mesh.split(",")) if args.mesh else {"expert": jax.device_count()}
     axes = {k: int(v) for k, v in axes.items()}
     mesh = create_mesh(axes)
-    cfg = layer_group_config(args.experts, args.smoke)
+    cfg, policy = layer_group_config(args.experts, args.smoke)
     batch = args.batch_size or mesh.size
-    model = M1ForCausalLM(cfg, mesh=mesh)
+    model = M1ForCausalLM(cfg, policy, mesh=mesh)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     shardings = param_shardings(abstract, mesh)
     params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"],
@@ -117,7 +116,7 @@ def main():
         step_s, (loss_value, grads) = timed(grad_step, params, ids)
         train_peak = peak_gib()
         prefill_s, _ = timed(prefill, params, ids)
-        cache = init_cache(cfg, batch, args.context + 8)
+        cache = init_cache(cfg, batch, args.context + 8, policy=policy)
         cache = jax.device_put(cache, jax.tree.map(lambda x: batch_sharding(mesh, batch, x.ndim)
                                                    if x.ndim and x.shape[0] == batch else
                                                    NamedSharding(mesh, P()), cache))
@@ -137,7 +136,7 @@ def main():
                   for a, b in zip(jax.tree.leaves(jax.device_get(grads)), jax.tree.leaves(jax.device_get(want))))
         print(f"smoke: sharded vs one-device gradients, largest relative difference {rel:.2e}")
         assert rel < 1e-3, rel
-    planned = plan(cfg, axes, batch_size=batch, seq_len=args.seq_len, remat="none", training=True)
+    planned = plan(cfg, axes, batch_size=batch, seq_len=args.seq_len, policy=policy, training=True)
     planned_gib = (planned["params"] + planned["grads"] + planned["activations (estimate)"]
                    + planned["logits + grad (float32)"]) / GIB
     moe_layers = cfg.num_layers

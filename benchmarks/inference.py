@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RunLog, config_for, random_params, say  # noqa: E402
+from benchmarks.common import RunLog, config_for, policy_for, random_params, say  # noqa: E402
 from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.inference import engine  # noqa: E402
 from m1jax.inference.cache import cache_bytes  # noqa: E402
@@ -66,15 +66,16 @@ def random_prompts(config: M1Config, batch: int, length: int, seed: int = 1) -> 
 
 
 # ----- ours -----
-def ours_prefill(config, params, batch: int, length: int, reps: int) -> dict:
+def ours_prefill(model, params, batch: int, length: int, reps: int) -> dict:
     """The engine's prefill of the whole prompt in one chunk (last logits only), from an empty cache."""
-    model = M1ForCausalLM(config)
+    config = model.config
     request = Request(max_new_tokens=1, chunk_size=length)
     prompts = random_prompts(config, batch, length)
     seconds, compile_s = [], 0.0
     for rep in range(reps + 1):
         timings = Timings()
-        state = engine.prefill(model, params, engine.start(config, prompts, request), request, timings=timings)
+        state = engine.start(config, prompts, request, policy=model.policy)
+        state = engine.prefill(model, params, state, request, timings=timings)
         compile_s += timings.compile_seconds
         if rep:  # the first run warms up
             seconds.append(timings.prefill_seconds)
@@ -83,15 +84,16 @@ def ours_prefill(config, params, batch: int, length: int, reps: int) -> dict:
     return dict(seconds=median, tokens_per_s=batch * length / median, compile_s=compile_s)
 
 
-def ours_decode(config, params, batch: int, context: int, steps: int, reps: int, chunk: int | None = None) -> dict:
+def ours_decode(model, params, batch: int, context: int, steps: int, reps: int, chunk: int | None = None) -> dict:
     """Prefill `context` tokens, then time `steps` decode steps (one compiled while-loop); median over reps."""
-    model = M1ForCausalLM(config)
+    config = model.config
     request = Request(max_new_tokens=steps, chunk_size=chunk or context)
     prompts = random_prompts(config, batch, context)
     per_step = []
     for rep in range(reps + 1):
         timings = Timings()
-        state = engine.prefill(model, params, engine.start(config, prompts, request), request, timings=timings)
+        state = engine.start(config, prompts, request, policy=model.policy)
+        state = engine.prefill(model, params, state, request, timings=timings)
         state = engine.decode(model, params, state, request, timings=timings)
         assert int(state.num_generated) == steps
         if rep:  # the first run warms up
@@ -101,9 +103,9 @@ def ours_decode(config, params, batch: int, context: int, steps: int, reps: int,
     return dict(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms)
 
 
-def synthetic_decode(config, params, context: int, steps: int, reps: int) -> dict:
+def synthetic_decode(model, params, context: int, steps: int, reps: int) -> dict:
     """Decode latency at batch 1 over a cache that already holds `context` slots of random contents."""
-    model = M1ForCausalLM(config)
+    config = model.config
     request = Request(max_new_tokens=steps, chunk_size=context)
 
     @jax.jit
@@ -116,7 +118,8 @@ def synthetic_decode(config, params, context: int, steps: int, reps: int) -> dic
 
     per_step = []
     for rep in range(reps + 1):
-        state = engine.start(config, [[0] * context], request)  # decode donates the state: a fresh one per run
+        # decode donates the state: a fresh one per run
+        state = engine.start(config, [[0] * context], request, policy=model.policy)
         state = state.replace(cache=fill(state.cache, jax.random.key(rep)),
                               last_logits=jax.random.normal(jax.random.key(rep), state.last_logits.shape))
         timings = Timings()
@@ -128,28 +131,28 @@ def synthetic_decode(config, params, context: int, steps: int, reps: int) -> dic
 
 
 def section_long(size: dict) -> None:
-    config = config_for(size["long"])
-    params = random_params(config)
+    config, policy = config_for(size["long"]), policy_for(size["long"])
+    params = random_params(config, policy=policy)
     context, chunk, steps = size["long_context"], size["chunk"], size["steps"]
-    model = M1ForCausalLM(config)
+    model = M1ForCausalLM(config, policy)
     request = Request(max_new_tokens=steps, chunk_size=chunk)
     timings = Timings()
     peak_before, in_use_before = memory("peak_bytes_in_use"), memory("bytes_in_use")
-    state = engine.start(config, random_prompts(config, 1, context), request)
+    state = engine.start(config, random_prompts(config, 1, context), request, policy=policy)
     state = engine.prefill(model, params, state, request, timings=timings)
     record(section="long", what="prefill", config=size["long"], context=context, chunk=chunk,
            seconds=timings.prefill_seconds, tokens_per_s=context / timings.prefill_seconds,
            compile_s=timings.compile_seconds, peak_bytes=memory("peak_bytes_in_use"), peak_bytes_before=peak_before,
            bytes_in_use_before=in_use_before, bytes_in_use_after=memory("bytes_in_use"),
-           cache_bytes=cache_bytes(config, 1, context + steps))
+           cache_bytes=cache_bytes(config, 1, context + steps, policy=policy))
     timings = Timings()
     state = engine.decode(model, params, state, request, timings=timings)
     record(section="long", what="decode after the long prefill (first run, compile excluded)", config=size["long"],
            context=context, ms_per_token=1e3 * timings.decode_seconds / steps)
     del state
     gc.collect()
-    long_decode = synthetic_decode(config, params, context, steps, size["reps"])
-    short_decode = ours_decode(config, params, 1, size["context"], steps, size["reps"])
+    long_decode = synthetic_decode(model, params, context, steps, size["reps"])
+    short_decode = ours_decode(model, params, 1, size["context"], steps, size["reps"])
     record(section="long", what="decode batch 1", config=size["long"], context=context, **long_decode)
     record(section="long", what="decode batch 1", config=size["long"], context=size["context"], **short_decode)
     record(section="long", what="decode latency ratio", config=size["long"],
@@ -157,23 +160,23 @@ def section_long(size: dict) -> None:
 
 
 def section_sweep(size: dict) -> None:
-    config = config_for(size["long"])
-    params = random_params(config)
+    model = M1ForCausalLM(config_for(size["long"]), policy_for(size["long"]))
+    params = random_params(model.config, policy=model.policy)
     for context in size["sweep"]:
         record(section="sweep", what="decode batch 1", config=size["long"], context=context,
-               **synthetic_decode(config, params, context, size["steps"], size["reps"]))
+               **synthetic_decode(model, params, context, size["steps"], size["reps"]))
         gc.collect()
 
 
 def section_hf(size: dict) -> None:
-    config = config_for(size["hf"])
-    params = random_params(config)
+    model = M1ForCausalLM(config_for(size["hf"]), policy_for(size["hf"]))
+    params = random_params(model.config, policy=model.policy)
     for length in size["prefill"]:
         record(section="hf", what="prefill", config=size["hf"], batch=1, length=length,
-               **ours_prefill(config, params, 1, length, size["reps"]))
+               **ours_prefill(model, params, 1, length, size["reps"]))
     for batch in (1, size["big_batch"]):
         record(section="hf", what="decode", config=size["hf"], batch=batch, context=size["context"],
-               **ours_decode(config, params, batch, size["context"], size["steps"], size["reps"]))
+               **ours_decode(model, params, batch, size["context"], size["steps"], size["reps"]))
         gc.collect()
 
 

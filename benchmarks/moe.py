@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import json_logger, rel_err, timed  # noqa: E402
-from m1jax.config import M1Config  # noqa: E402
+from m1jax.config import M1Config, RunPolicy  # noqa: E402
 from m1jax.layers.moe import MoE, moe_dense_reference  # noqa: E402
 from m1jax.layers.moe_core import expert_capacity  # noqa: E402
 from m1jax.sharding import activation_sharding, create_mesh, shard_params  # noqa: E402
@@ -43,33 +43,34 @@ log = json_logger(LOG_PATH)
 
 
 def layer_config(sizes, dtype="bfloat16", **options):
-    return M1Config.from_preset("tiny", hidden_size=sizes["hidden"], expert_size=sizes["width"],
-                                num_experts=sizes["experts"], experts_per_token=sizes["k"], param_dtype=dtype,
-                                compute_dtype=dtype, **options)
+    """(the layer's M1Config, its RunPolicy: dtype weights and compute, plus options such as capacity_factor)."""
+    return (M1Config.from_preset("tiny", hidden_size=sizes["hidden"], expert_size=sizes["width"],
+                                 num_experts=sizes["experts"], experts_per_token=sizes["k"]),
+            RunPolicy(param_dtype=dtype, compute_dtype=dtype, **options))
 
 
-def problem(cfg, batch, length, seed=0):
+def problem(cfg, policy, batch, length, seed=0):
     """Parameters (router scaled so that loads are uneven, as in a trained model), tokens and an output cotangent."""
     keys = jax.random.split(jax.random.key(seed), 3)
-    dtype = jnp.dtype(cfg.compute_dtype)
+    dtype = jnp.dtype(policy.compute_dtype)
     x = jax.random.normal(keys[0], (batch, length, cfg.hidden_size), jnp.float32).astype(dtype)
-    params = jax.jit(MoE(cfg).init)(keys[1], x)
+    params = jax.jit(MoE(cfg, policy=policy).init)(keys[1], x)
     params["params"]["gate"] = params["params"]["gate"] * 3.0
     d_out = jax.random.normal(keys[2], x.shape, jnp.float32).astype(dtype)
     return params, x, d_out
 
 
-def forward_backward(cfg, grouped_matmul=None, mesh=None):
+def forward_backward(cfg, policy, grouped_matmul=None, mesh=None):
     """jit(params, x, d_out) -> (out, stats, d_params, d_x): the layer's forward and its full VJP (on `mesh`)."""
     def run(params, x, d_out):
-        (out, stats), vjp = jax.vjp(lambda p, y: MoE(cfg, grouped_matmul, mesh).apply(p, y), params, x)
+        (out, stats), vjp = jax.vjp(lambda p, y: MoE(cfg, grouped_matmul, mesh, policy).apply(p, y), params, x)
         d_params, d_x = vjp((d_out, jax.tree.map(jnp.zeros_like, stats)))
         return out, stats, d_params, d_x
     return jax.jit(run)
 
 
-def on_mesh(cfg, mesh, params, x, d_out):
-    fn = forward_backward(cfg, mesh=mesh)
+def on_mesh(cfg, policy, mesh, params, x, d_out):
+    fn = forward_backward(cfg, policy, mesh=mesh)
     with jax.set_mesh(mesh):
         tokens = activation_sharding(mesh, ("batch", None, None))
         return fn(shard_params(params, mesh), jax.device_put(x, tokens), jax.device_put(d_out, tokens))
@@ -79,9 +80,9 @@ def check_correctness(sizes):
     """Small uneven problem: layer vs dense twin on one device; sharded vs one device on every mesh that fits."""
     n = len(jax.devices())
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
-        cfg = layer_config(sizes, dtype)
-        params, x, _ = problem(cfg, sizes["batch"], sizes["length"], seed=1)
-        out, _ = jax.jit(MoE(cfg).apply)(params, x)
+        cfg, policy = layer_config(sizes, dtype)
+        params, x, _ = problem(cfg, policy, sizes["batch"], sizes["length"], seed=1)
+        out, _ = jax.jit(MoE(cfg, policy=policy).apply)(params, x)
         p = jax.tree.map(lambda a: a.astype(jnp.float32), params["params"])
         want = moe_dense_reference(x.reshape(-1, cfg.hidden_size).astype(jnp.float32), p["gate"], p["w1"], p["w3"],
                                    p["w2"], cfg.experts_per_token)
@@ -92,14 +93,14 @@ def check_correctness(sizes):
     if n < 2:
         return
     for options in ({}, {"capacity_factor": 1.0}):
-        cfg = layer_config(sizes, "float32", **options)
-        params, x, d_out = problem(cfg, sizes["batch"] * n, sizes["length"], seed=2)
-        fn = forward_backward(cfg)
+        cfg, policy = layer_config(sizes, "float32", **options)
+        params, x, d_out = problem(cfg, policy, sizes["batch"] * n, sizes["length"], seed=2)
+        fn = forward_backward(cfg, policy)
         want = fn(params, x, d_out)
         for axes in ({"expert": n}, {"data": n}):
             if cfg.num_experts % axes.get("expert", 1):
                 continue
-            got = on_mesh(cfg, create_mesh(axes), params, x, d_out)
+            got = on_mesh(cfg, policy, create_mesh(axes), params, x, d_out)
             errs = [rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
             label = f"sharded {axes} vs one device {options}"
             log(event="check", what=label, max_rel_err=max(errs), dropped=float(got[1]["dropped_fraction"]))
@@ -111,9 +112,9 @@ def time_variants(sizes, smoke, table):
     reps, inner = (2, 1) if smoke else (20, 5)
     tokens = sizes["batch"] * sizes["length"]
     flops = 3 * (3 * 2.0 * tokens * sizes["k"] * sizes["hidden"] * sizes["width"])  # forward + 2x backward
-    cfg = layer_config(sizes)
-    params, x, d_out = problem(cfg, sizes["batch"], sizes["length"])
-    stats = jax.jit(MoE(cfg).apply)(params, x)[1]
+    cfg, policy = layer_config(sizes)
+    params, x, d_out = problem(cfg, policy, sizes["batch"], sizes["length"])
+    stats = jax.jit(MoE(cfg, policy=policy).apply)(params, x)[1]
     counts = np.asarray(stats["tokens_per_expert"])
     log(event="routing", max_over_mean_load=float(counts.max() / counts.mean()), empty_experts=int((counts == 0).sum()))
 
@@ -134,20 +135,20 @@ def time_variants(sizes, smoke, table):
     peak = 2.0 * matmul_n ** 3 / seconds
     log(event="peer", variant=f"bf16 matmul {matmul_n}^3", tflops=peak / 1e12)
 
-    fn = forward_backward(cfg)
+    fn = forward_backward(cfg, policy)
     add("layer, grouped_matmul auto (Pallas on GPU)", 1, lambda: fn(params, x, d_out))
-    ragged = forward_backward(cfg, jax.lax.ragged_dot)
+    ragged = forward_backward(cfg, policy, jax.lax.ragged_dot)
     add("layer, ragged_dot", 1, lambda: ragged(params, x, d_out))
     if jax.default_backend() == "gpu":  # the flag is read when tracing: a fresh jit, timed while it is set
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
         try:
-            triton = forward_backward(cfg, jax.lax.ragged_dot)
+            triton = forward_backward(cfg, policy, jax.lax.ragged_dot)
             add("layer, ragged_dot (pallas triton lowering)", 1, lambda: triton(params, x, d_out))
         finally:
             jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", False)
-    capped_cfg = layer_config(sizes, capacity_factor=1.25)
-    capped = forward_backward(capped_cfg)
-    dropped = float(jax.jit(MoE(capped_cfg).apply)(params, x)[1]["dropped_fraction"])
+    _, capped_policy = layer_config(sizes, capacity_factor=1.25)
+    capped = forward_backward(cfg, capped_policy)
+    dropped = float(jax.jit(MoE(cfg, policy=capped_policy).apply)(params, x)[1]["dropped_fraction"])
     add("layer, capacity 1.25", 1, lambda: capped(params, x, d_out), f"drops {dropped:.1%}")
 
     rows = tokens * sizes["k"] // sizes["experts"]
@@ -168,12 +169,12 @@ def time_variants(sizes, smoke, table):
     n = len(jax.devices())
     if n >= 2 and sizes["batch"] % n == 0:
         for axes in ({"expert": n}, {"data": n}, {"expert": n, "capacity": 1.25}):
-            variant_cfg = capped_cfg if "capacity" in axes else cfg
+            variant_policy = capped_policy if "capacity" in axes else policy
             mesh_axes = {k: v for k, v in axes.items() if k != "capacity"}
-            if variant_cfg.num_experts % mesh_axes.get("expert", 1):
+            if cfg.num_experts % mesh_axes.get("expert", 1):
                 continue
             mesh = create_mesh(mesh_axes)
-            sharded_fn = forward_backward(variant_cfg, mesh=mesh)
+            sharded_fn = forward_backward(cfg, variant_policy, mesh=mesh)
             with jax.set_mesh(mesh):
                 tokens_sharding = activation_sharding(mesh, ("batch", None, None))
                 args = (shard_params(params, mesh), jax.device_put(x, tokens_sharding),

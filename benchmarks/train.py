@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
 from m1jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -25,8 +25,8 @@ from m1jax.train.step import init_state, make_train_step
 def setup(preset: str, batch_size: int, seq_len: int, remat: str):
     """The benchmarked step: (config, jitted step (donates the state), initial state, a batch of random tokens).
     bf16 compute, float32 master weights and AdamW; also used by benchmarks/train_profile.py."""
-    cfg = M1Config.from_preset(preset, compute_dtype="bfloat16", param_dtype="float32")
-    model = M1ForCausalLM(cfg, remat=remat)
+    cfg = M1Config.from_preset(preset)
+    model = M1ForCausalLM(cfg, RunPolicy(compute_dtype="bfloat16", param_dtype="float32", remat=remat))
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=100))
     state = jax.jit(lambda: init_state(model, optimizer, 0))()
     step = make_train_step(model, optimizer)

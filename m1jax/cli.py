@@ -92,19 +92,19 @@ class UsageError(ValueError):
     """A command line that parsed but cannot run (e.g. --seq-len past the model's limit); exit status 2."""
 
 
-def _overrides(args) -> dict:
-    out = {}
-    for field in ("compute_dtype", "param_dtype"):
-        if getattr(args, field, None):
-            out[field] = getattr(args, field)
-    return out
+def _policy(args):
+    """The RunPolicy of the run-time flags (--compute-dtype, --param-dtype, --remat); unset flags keep its defaults."""
+    from m1jax.config import RunPolicy
+    flags = {field: getattr(args, field) for field in ("compute_dtype", "param_dtype", "remat")
+             if getattr(args, field, None)}
+    return RunPolicy(**flags)
 
 
 def _config(args):
     from m1jax.config import M1Config
     if getattr(args, "config", None):
-        return M1Config.from_hf(args.config, **_overrides(args))
-    return M1Config.from_preset(args.preset, **_overrides(args))
+        return M1Config.from_hf(args.config)
+    return M1Config.from_preset(args.preset)
 
 
 def _check_out_dir(path: str, flag: str = "--out") -> None:
@@ -144,7 +144,7 @@ def check_plan(args) -> None:
 def cmd_plan(args) -> int:
     from m1jax.plan import plan_table
     print(plan_table(_config(args), args.mesh or {}, batch_size=args.batch_size, seq_len=args.seq_len,
-                     remat=args.remat, training=not args.inference))
+                     policy=_policy(args), training=not args.inference))
     return 0
 
 
@@ -176,10 +176,10 @@ def train_config(args):
         out=args.out, preset=args.preset, data=args.data or args.task, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep, log_every=args.log_every, eval_every=args.eval_every,
-        microbatches=args.microbatches, remat=args.remat, mesh=args.mesh,
+        microbatches=args.microbatches, policy=_policy(args), mesh=args.mesh,
         optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
                                   eps=args.eps, weight_decay=args.weight_decay),
-        logit_z_loss_coef=args.z_loss, model_overrides=_overrides(args),
+        logit_z_loss_coef=args.z_loss,
         tensorboard=args.tensorboard, progress=not args.quiet)
 
 
@@ -316,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         if with_config:
             p.add_argument("--config", help="a config.json (either flavour) instead of --preset")
         p.add_argument("--compute-dtype", dest="compute_dtype", choices=["float32", "bfloat16"],
-                       help="default: the preset's")
+                       help="run-time policy (not the model): activations' dtype (default float32)")
         p.add_argument("--param-dtype", dest="param_dtype", choices=["float32", "bfloat16"],
-                       help="default: the preset's")
+                       help="run-time policy (not the model): parameters' dtype (default float32)")
 
     p = command("params", "parameter counts per component", cmd_params)
     model_args(p, "minimax-m1-80k")

@@ -1,4 +1,6 @@
-"""M1Config: every architectural fact of a MiniMax-M1-style hybrid, named presets, and both config.json flavours.
+"""M1Config: every architectural fact of a MiniMax-M1-style hybrid, named presets, and both config.json flavours;
+RunPolicy: how a run computes that model (dtypes, lm_head precision, expert threshold and capacity, kernel block,
+remat), which is never part of the model.
 
 The released checkpoint's config.json ("original" flavour: attn_type_list, layernorm_*_alpha/beta, rotary_dim,
 postnorm) and transformers' MiniMaxConfig ("transformers" flavour: layer_types, *_alpha_factor,
@@ -20,13 +22,12 @@ LAYER_KINDS = (LIGHTNING, SOFTMAX)
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_NORM_EPS = 1e-6  # the lightning layer's RMSNorm over H*D channels (released default), not rms_norm_eps
 
-_M1JAX_ONLY_FIELDS = ("compute_dtype", "float32_lm_head", "router_z_loss_coef", "expert_threshold",
-                      "capacity_factor")
-# Fields of M1Config that are not the architecture (what a checkpoint is): run-time numerics and kernel choices, and
-# training coefficients. Changing one never makes another model (`same_architecture`).
-RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "float32_lm_head", "expert_threshold", "capacity_factor",
-                  "block_size")
+REMAT_CHOICES = ("none", "full", "dots")  # activation recomputation per layer group (m1jax.model.REMAT_POLICIES)
+# M1Config fields that are not the architecture (what a checkpoint's parameters compute): training coefficients, kept
+# in M1Config because config.json records them. Changing one never makes another model (`same_architecture`).
 TRAINING_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range")
+_M1JAX_ONLY_FIELDS = ("router_z_loss_coef",)  # written under config.json's "m1jax" key (transformers has no such key)
+REFERENCE_BLOCK_SIZE = 256  # the block config.json's "block_size" gives the reference kernels (transformers' default)
 _HF_LAYER_NAMES = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 _OURS_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER_NAMES.items()}
 
@@ -43,7 +44,10 @@ def deepnorm_alpha(num_layers: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class M1Config:
-    """Architecture of a MiniMax-M1-style model. Shapes below: Hd hidden, H heads, K kv heads, D head dim, E experts.
+    """Architecture of a MiniMax-M1-style model: what a checkpoint's config.json describes. Shapes below: Hd hidden,
+    H heads, K kv heads, D head dim, E experts. How a run computes it (dtypes, lm_head precision, expert threshold and
+    capacity, kernel block, remat) is its `RunPolicy`, not part of the config; the training coefficients
+    (TRAINING_FIELDS) are here because config.json records them, but they do not change the model.
 
     The residual of each sublayer is DeepNorm post-norm: y = RMSNorm(h); h' = alpha * y + beta * Sublayer(y).
     """
@@ -66,36 +70,26 @@ class M1Config:
     mlp_alpha: float = 1.0
     mlp_beta: float = 1.0
     rms_norm_eps: float = 1e-5
-    block_size: int = 256  # the reference's lightning block (a config.json fact); our kernels pick their own block
     max_position_embeddings: int = 10_240_000
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
     initializer_range: float = 0.02
-    float32_lm_head: bool = True  # the paper's fix for the training-inference probability mismatch
-    # MoE runtime options (0.0 / None reproduce the exact, dropless model)
-    expert_threshold: float = 0.0  # inference: skip lower-ranked experts whose renormalised weight is below this
-    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) rows
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         for name in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_experts",
-                     "experts_per_token", "expert_size", "block_size", "max_position_embeddings"):
+                     "experts_per_token", "expert_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"M1Config.{name} must be a positive integer, got {value!r}")
         for name in ("rope_theta", "lightning_alpha", "lightning_beta", "softmax_alpha", "softmax_beta", "mlp_alpha",
-                     "mlp_beta", "rms_norm_eps", "router_aux_loss_coef", "router_z_loss_coef", "initializer_range",
-                     "expert_threshold") + (("capacity_factor",) if self.capacity_factor is not None else ()):
+                     "mlp_beta", "rms_norm_eps", "router_aux_loss_coef", "router_z_loss_coef", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(value):
                 raise ValueError(f"M1Config.{name} must be a finite number, got {value!r}")
-        if not isinstance(self.float32_lm_head, bool):
-            raise ValueError(f"M1Config.float32_lm_head must be true or false, got {self.float32_lm_head!r}")
         if not self.layer_types:
             raise ValueError("M1Config.layer_types is empty: give one 'lightning' or 'softmax' entry per layer")
         bad = sorted({t for t in self.layer_types if t not in LAYER_KINDS})
@@ -112,13 +106,6 @@ class M1Config:
                              f"{self.head_dim}]")
         if self.rope_theta <= 0:
             raise ValueError(f"M1Config.rope_theta must be positive, got {self.rope_theta}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"M1Config.{name}={getattr(self, name)!r}; use one of {DTYPES}")
-        if not 0.0 <= self.expert_threshold < 1.0:
-            raise ValueError(f"M1Config.expert_threshold={self.expert_threshold} must be in [0, 1)")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"M1Config.capacity_factor={self.capacity_factor} must be positive, or None (dropless)")
         for name in ("rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"M1Config.{name} must be positive, got {getattr(self, name)}")
@@ -159,6 +146,7 @@ class M1Config:
         return base[None, :].astype(np.float32) * factor
 
     def replace(self, **changes) -> "M1Config":
+        _not_policy(changes)
         return dataclasses.replace(self, **changes)
 
     # ----- presets -----
@@ -166,38 +154,26 @@ class M1Config:
     def from_preset(cls, name: str, **overrides) -> "M1Config":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return PRESETS[name].replace(**overrides)
 
     # ----- config.json, both flavours -----
     @classmethod
     def from_hf(cls, path: str | os.PathLike | dict, **overrides) -> "M1Config":
-        """Read a config.json (file, directory holding one, or an already parsed dict), either flavour."""
-        source = "config.json"
-        if isinstance(path, dict):
-            raw = dict(path)
-        else:
-            path = os.fspath(path)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no config.json at {path}")
-            source = path
-            try:
-                with open(path) as f:
-                    raw = json.load(f)
-            except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+        """Read a config.json (file, directory holding one, or an already parsed dict), either flavour. Its run-time
+        entries (dtype, block_size) are not the architecture: `stored_dtype` reads the weights' dtype."""
+        raw, source = _read_hf(path)
         try:
             config = _from_hf_dict(raw)
         except (ValueError, TypeError) as err:
             message = str(err) if str(err).startswith("config.json") else f"config.json: {err}"
             raise ValueError(message.replace("config.json", source, 1)) from None
-        return dataclasses.replace(config, **overrides)
+        return config.replace(**overrides)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers flavour (MiniMaxConfig), loadable by transformers' MiniMaxForCausalLM."""
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        """The transformers flavour (MiniMaxConfig), loadable by transformers' MiniMaxForCausalLM. dtype: the stored
+        weights' dtype (config.json's "dtype"); block_size is the reference kernels' block, REFERENCE_BLOCK_SIZE."""
+        if dtype not in DTYPES:
+            raise ValueError(f"to_hf(dtype={dtype!r}): use one of {DTYPES}")
         return {
             "architectures": ["MiniMaxForCausalLM"],
             "model_type": "minimax",
@@ -220,40 +196,126 @@ class M1Config:
             "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta),
                                 "partial_rotary_factor": self.rotary_dim / self.head_dim},
             "layer_types": [_HF_LAYER_NAMES[t] for t in self.layer_types],
-            "block_size": self.block_size,
+            "block_size": REFERENCE_BLOCK_SIZE,
             "linear_attn_alpha_factor": self.lightning_alpha,
             "linear_attn_beta_factor": self.lightning_beta,
             "full_attn_alpha_factor": self.softmax_alpha,
             "full_attn_beta_factor": self.softmax_beta,
             "mlp_alpha_factor": self.mlp_alpha,
             "mlp_beta_factor": self.mlp_beta,
-            "dtype": self.param_dtype,
+            "dtype": dtype,
             "sliding_window": None,
             "bos_token_id": None,
             "eos_token_id": None,
             "pad_token_id": None,
-            # m1jax's own runtime choices (transformers keeps unknown keys as plain attributes)
+            # m1jax's own training coefficients (transformers keeps unknown keys as plain attributes)
             "m1jax": {name: getattr(self, name) for name in _M1JAX_ONLY_FIELDS},
         }
 
-    def save_hf(self, directory: str | os.PathLike) -> str:
+    def save_hf(self, directory: str | os.PathLike, dtype: str = "float32") -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
         with open(path, "w") as f:
-            json.dump(self.to_hf(), f, indent=2)
+            json.dump(self.to_hf(dtype), f, indent=2)
         return path
 
 
 def architecture_differences(a: M1Config, b: M1Config) -> list[str]:
-    """Names of the architecture fields (all but RUNTIME_FIELDS and TRAINING_FIELDS) on which a and b differ."""
-    return [f.name for f in dataclasses.fields(M1Config) if f.name not in RUNTIME_FIELDS + TRAINING_FIELDS
+    """Names of the architecture fields (all but TRAINING_FIELDS) on which a and b differ."""
+    return [f.name for f in dataclasses.fields(M1Config) if f.name not in TRAINING_FIELDS
             and getattr(a, f.name) != getattr(b, f.name)]
 
 
 def same_architecture(a: M1Config, b: M1Config) -> bool:
-    """Whether a and b describe the same model (same parameters, same function), whatever their run-time policy
-    (dtypes, lm_head precision, expert_threshold, capacity, block size) and training coefficients: the resume check."""
+    """Whether a and b describe the same model (same parameters, same function), whatever their training
+    coefficients: the resume check. Run-time policy (`RunPolicy`) is not in a config, so it never differs here."""
     return not architecture_differences(a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPolicy:
+    """How a run computes an M1Config's model: never part of the model, so any of it may change between runs, on
+    resume, or between a trainer and its sampler (`M1ForCausalLM(config, policy=RunPolicy(...))`).
+
+    param_dtype: the parameters' dtype when initialised (loaded weights keep theirs); the router stays float32.
+    compute_dtype: activations and matmuls; router softmax, lightning state, norms' statistics stay float32.
+    float32_lm_head: the lm_head in float32 (the paper's fix for the training-inference probability mismatch).
+    expert_threshold: inference, skip a token's lower-ranked experts whose renormalised weight is below this (0: exact).
+    capacity_factor: None is dropless; else each expert takes at most ceil(cf * N * k / E) calls of a batch.
+    block_size: the lightning kernels' block (None: each kernel picks its own; the result does not depend on it).
+    remat: activation recomputation per layer group in training: "none", "full" or "dots".
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    float32_lm_head: bool = True
+    expert_threshold: float = 0.0
+    capacity_factor: float | None = None
+    block_size: int | None = None
+    remat: str = "none"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"RunPolicy.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        if not isinstance(self.float32_lm_head, bool):
+            raise ValueError(f"RunPolicy.float32_lm_head={self.float32_lm_head!r}; pass True or False")
+        if (isinstance(self.expert_threshold, bool) or not isinstance(self.expert_threshold, (int, float, np.number))
+                or not 0.0 <= self.expert_threshold < 1.0):
+            raise ValueError(f"RunPolicy.expert_threshold={self.expert_threshold!r}; pass a number in [0, 1) "
+                             "(0 computes every routed expert)")
+        if self.capacity_factor is not None and (
+                isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float, np.number))
+                or not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0)):
+            raise ValueError(f"RunPolicy.capacity_factor={self.capacity_factor!r}; pass a positive number, or None "
+                             "(dropless)")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or
+                                            not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1):
+            raise ValueError(f"RunPolicy.block_size={self.block_size!r}; pass a positive integer, or None (the "
+                             "kernel's own block)")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"RunPolicy.remat={self.remat!r}; choose one of {REMAT_CHOICES}")
+
+    def replace(self, **changes) -> "RunPolicy":
+        return dataclasses.replace(self, **changes)
+
+
+def _not_policy(changes: dict) -> None:
+    """A run-time choice given as an M1Config field: say where it goes instead of a bare TypeError."""
+    policy = sorted(set(changes) & {f.name for f in dataclasses.fields(RunPolicy)})
+    if policy:
+        raise ValueError(f"{policy} are run-time policy, not the architecture (M1Config): pass "
+                         f"RunPolicy({policy[0]}=...) to M1ForCausalLM(config, policy=...) instead")
+
+
+def stored_dtype(path: str | os.PathLike | dict) -> str:
+    """The weights' dtype a config.json records ("dtype", or the older "torch_dtype"); float32 when it names none
+    of DTYPES."""
+    raw, _ = _read_hf(path)
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+def _read_hf(path: str | os.PathLike | dict) -> tuple[dict, str]:
+    """(the parsed config.json, where it came from) of a file, a directory holding one, or a parsed dict."""
+    source = "config.json"
+    if isinstance(path, dict):
+        raw = dict(path)
+    else:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        source = path
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+    return raw, source
 
 
 def _require(raw: dict, key: str, flavour: str, why: str = ""):
@@ -335,7 +397,6 @@ def _from_hf_dict(raw: dict) -> M1Config:
         raise ValueError(f"config.json hidden_act={raw['hidden_act']!r}: M1's experts use silu")
     if raw.get("sliding_window") is not None:
         raise ValueError("config.json sets sliding_window: M1's softmax layers attend to the whole context")
-    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     extra = raw.get("m1jax", {})
     if not isinstance(extra, dict):
         raise ValueError(f"config.json field 'm1jax' must be an object, got {extra!r}")
@@ -354,13 +415,11 @@ def _from_hf_dict(raw: dict) -> M1Config:
         rope_theta=rope_theta,
         rotary_dim=rotary_dim,
         rms_norm_eps=real("rms_norm_eps", 1e-5),
-        block_size=integer("block_size", 256),
         max_position_embeddings=integer("max_position_embeddings", 10_240_000),
         router_aux_loss_coef=real("router_aux_loss_coef", 0.001),
         initializer_range=real("initializer_range", 0.02),
-        param_dtype=dtype if dtype in DTYPES else "float32",
         **scales,
-        **{k: v for k, v in extra.items() if k in _M1JAX_ONLY_FIELDS},
+        **{k: v for k, v in extra.items() if k in _M1JAX_ONLY_FIELDS},  # older files' run-time keys are ignored
     )
 
 
@@ -402,19 +461,19 @@ PRESETS: dict[str, M1Config] = {
     "tiny": M1Config(
         vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4,
         experts_per_token=2, expert_size=96, layer_types=m1_schedule(4, period=2), rope_theta=10_000.0,
-        rotary_dim=8, block_size=32, max_position_embeddings=65_536,
+        rotary_dim=8, max_position_embeddings=65_536,
         lightning_alpha=deepnorm_alpha(4), softmax_alpha=deepnorm_alpha(4), mlp_alpha=deepnorm_alpha(4)),
     "small": _research(
         8, vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=32,
-        experts_per_token=2, expert_size=512, rope_theta=10_000.0, rotary_dim=32, block_size=64,
+        experts_per_token=2, expert_size=512, rope_theta=10_000.0, rotary_dim=32,
         max_position_embeddings=1_048_576),
     "research-1b": _research(
         8, vocab_size=32_000, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128, num_experts=32,
-        experts_per_token=2, expert_size=512, rope_theta=10_000_000.0, rotary_dim=64, block_size=256,
-        max_position_embeddings=10_240_000, compute_dtype="bfloat16"),
+        experts_per_token=2, expert_size=512, rope_theta=10_000_000.0, rotary_dim=64,
+        max_position_embeddings=10_240_000),
     # The inference benchmark's shape (issue: prefill/decode against transformers on one GPU).
     "hf-bench": _research(
         8, vocab_size=32_000, hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=64, num_experts=8,
-        experts_per_token=2, expert_size=1536, rope_theta=10_000_000.0, rotary_dim=32, block_size=256,
-        max_position_embeddings=1_048_576, param_dtype="bfloat16", compute_dtype="bfloat16"),
+        experts_per_token=2, expert_size=1536, rope_theta=10_000_000.0, rotary_dim=32,
+        max_position_embeddings=1_048_576),
 }

@@ -4,7 +4,7 @@ Per token of a length-T causal sequence (useful FLOPs only: the masked half of c
   lightning layer: projections 2*hidden*(3HD) + 2*hidden*HD (gate) + 2*HD*hidden (out);
                    per head the recurrence's 2*D*D (state update k^T v) + 2*D*D (readout q S). The count is the
                    model's, not a kernel's: a blocked kernel's intra-block work depends on its block size, a
-                   run-time choice (M1Config.block_size is not read here)
+                   run-time choice (RunPolicy.block_size, which these counts do not take)
   softmax layer:   projections 2*hidden*(HD + 2KD) + 2*HD*hidden; per head 2*D*(T+1) (QK^T and PV over on average
                    (T+1)/2 keys)
   MoE:             router 2*hidden*E; k experts of 3 matmuls 2*hidden*F each

@@ -1,5 +1,9 @@
 """M1ForCausalLM: embedding, the layer schedule scanned in repeating groups, final norm, float32 lm_head.
 
+`M1ForCausalLM(config, policy=RunPolicy(...), mesh=...)`: the config is the architecture (what a checkpoint is), the
+policy how this run computes it (dtypes, lm_head precision, expert threshold and capacity, kernel block, remat);
+every layer reads its run-time choices from the policy.
+
 M1's 80 layers repeat a group of 7 lightning + 1 softmax layers 10 times; the group is one `nn.scan` body, so the full
 model traces and compiles as one group. Schedules without a period scan one group of all layers. Parameters of a
 group position are stacked with a leading axis G (number of groups): params["groups"]["layer_j"][...] has shape
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import M1Config
+from m1jax.config import REMAT_CHOICES, M1Config, RunPolicy
 from m1jax.layers.block import DecoderLayer
 from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
@@ -29,11 +33,9 @@ from m1jax.layers.partitioning import Module, logical_axes, named
 from m1jax.layers.rope import segment_positions
 from m1jax.sharding import constrain
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = dict(zip(REMAT_CHOICES, (None,  # RunPolicy.remat -> jax.checkpoint policy
+                                           jax.checkpoint_policies.nothing_saveable,
+                                           jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
 
 
 @flax.struct.dataclass
@@ -77,6 +79,7 @@ class LayerGroup(Module):
     Returns (h, (routing statistics, new layer caches or None))."""
 
     config: M1Config
+    policy: RunPolicy = RunPolicy()
     grouped_matmul: GroupedMatmul | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
 
@@ -87,7 +90,7 @@ class LayerGroup(Module):
         stats, new_caches = [], {}
         for j, kind in enumerate(cfg.layer_types[:period]):
             name = f"layer_{j}"
-            layer = DecoderLayer(cfg, kind, self.grouped_matmul, self.mesh, name=name)
+            layer = DecoderLayer(cfg, kind, self.policy, self.grouped_matmul, self.mesh, name=name)
             layer_cache = None if layer_caches is None else layer_caches[name]
             h, layer_stats, new_caches[name] = layer(h, group_index * period + j, positions, segment_ids,
                                                      layer_cache, cache_slots)
@@ -107,17 +110,18 @@ class M1ForCausalLM(Module):
     """
 
     config: M1Config
-    remat: str = "none"
+    policy: RunPolicy = RunPolicy()
     grouped_matmul: GroupedMatmul | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None  # MoE layers dispatch expert-parallel over it
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: Any = None, last_logits_only: bool = False) -> M1Output:
-        cfg = self.config
+        cfg, policy = self.config, self.policy
         check_token_ids(input_ids, cfg.vocab_size)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if not isinstance(policy, RunPolicy):
+            raise ValueError(f"M1ForCausalLM(policy=...) takes a RunPolicy, got {type(policy).__name__}; build one "
+                             "with m1jax.config.RunPolicy(compute_dtype=..., ...)")
         if cache is not None:
             if self.is_initializing():
                 raise ValueError("initialise the model without a cache; pass one to apply()")
@@ -134,7 +138,7 @@ class M1ForCausalLM(Module):
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
-        pdtype, cdtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        pdtype, cdtype = jnp.dtype(policy.param_dtype), jnp.dtype(policy.compute_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
         # Traced ids cannot raise: a negative id is sent out of range too, so every bad id embeds as NaN (the gather's
         # fill value) instead of wrapping to the last row; checkify.index_checks turns it into an error.
@@ -143,12 +147,12 @@ class M1ForCausalLM(Module):
 
         if cache is None:
             group = LayerGroup
-            if self.remat != "none":
-                group = nn.remat(LayerGroup, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            if policy.remat != "none":
+                group = nn.remat(LayerGroup, policy=REMAT_POLICIES[policy.remat], prevent_cse=False)
             scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_groups,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            h, (stats, _) = scanned(cfg, self.grouped_matmul, self.mesh, name="groups")(
+            h, (stats, _) = scanned(cfg, policy, self.grouped_matmul, self.mesh, name="groups")(
                 h, jnp.arange(cfg.num_groups, dtype=jnp.int32), positions, segment_ids)
             new_layers = None
         else:
@@ -159,7 +163,7 @@ class M1ForCausalLM(Module):
         if last_logits_only:
             h = h[:, -1:]
         h = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(h)
-        head_dtype = jnp.float32 if cfg.float32_lm_head else cdtype
+        head_dtype = jnp.float32 if policy.float32_lm_head else cdtype
         with jax.named_scope("lm_head"):
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=pdtype,
                               kernel_init=named(init, "embed", "vocab"), name="lm_head")(h.astype(head_dtype))
@@ -178,7 +182,7 @@ class M1ForCausalLM(Module):
         cfg = self.config
         period = cfg.layer_period
         stacked = self.variables["params"]["groups"]
-        group = LayerGroup(cfg, self.grouped_matmul, self.mesh, parent=None)
+        group = LayerGroup(cfg, self.policy, self.grouped_matmul, self.mesh, parent=None)
         stats, new_layers = [], []
         for g in range(cfg.num_groups):
             group_params = jax.tree.map(lambda x, g=g: x[g], stacked)
@@ -215,15 +219,15 @@ def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") ->
                          f"({int(bad.sum())} such ids); the tokenizer or data does not match the model")
 
 
-def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8) -> Any:
-    """Random parameters (a plain pytree) for `config`."""
+def init_params(config: M1Config, rng: jax.Array, seq_len: int = 8, policy: RunPolicy = RunPolicy()) -> Any:
+    """Random parameters (a plain pytree) for `config`, in policy.param_dtype (the router float32)."""
     dummy = jnp.zeros((1, seq_len), jnp.int32)
-    return M1ForCausalLM(config).init(rng, dummy)["params"]
+    return M1ForCausalLM(config, policy).init(rng, dummy)["params"]
 
 
-def abstract_params(config: M1Config) -> Any:
+def abstract_params(config: M1Config, policy: RunPolicy = RunPolicy()) -> Any:
     """Parameter shapes and dtypes (jax.ShapeDtypeStruct pytree) without allocating memory."""
-    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+    return jax.eval_shape(lambda rng: init_params(config, rng, policy=policy), jax.random.key(0))
 
 
 def param_logical_axes(source: M1Config | Any) -> Any:

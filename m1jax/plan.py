@@ -27,11 +27,12 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from m1jax.config import LIGHTNING, M1Config
+from m1jax.config import LIGHTNING, M1Config, RunPolicy
 from m1jax.model import abstract_params, param_logical_axes
 
 GIB = 2 ** 30
 DEVICE_MEMORY_GIB = {"H100": 80, "H200": 141}
+PLAN_POLICY = RunPolicy(remat="full")  # what `m1jax plan` and `m1jax train` assume unless told: float32, full remat
 
 
 def _bytes(dtype: str) -> int:
@@ -48,21 +49,22 @@ def _abstract_mesh(axes: dict[str, int]):
 
 
 def attention_path(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
-                   platform: str | None = None) -> tuple[str, int]:
+                   policy: RunPolicy = RunPolicy(), platform: str | None = None) -> tuple[str, int]:
     """(path, workspace bytes per device) of one softmax layer's causal attention over seq_len tokens."""
     from m1jax.layers.softmax_attention import attention_impl, attention_workspace_bytes
     from m1jax.sharding import BATCH_AXES
     sizes = {name: int(mesh_axes.get(name, 1)) for name in ("data", "fsdp", "expert", "tensor")}
     local_batch = max(batch_size // math.prod(sizes[a] for a in BATCH_AXES), 1)
     heads = config.num_heads // sizes["tensor"] if config.num_heads % sizes["tensor"] == 0 else config.num_heads
-    impl = attention_impl(local_batch, seq_len, heads, config.compute_dtype, masked=False, platform=platform)
+    impl = attention_impl(local_batch, seq_len, heads, policy.compute_dtype, masked=False, platform=platform)
     return impl, attention_workspace_bytes(impl, local_batch, seq_len, heads, config.head_dim)
 
 
-def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int, remat: str = "full",
-         training: bool = True, platform: str | None = None, prefill_chunk: int = 4096) -> dict[str, float]:
-    """Per-device bytes by component, plus "devices" and "total". platform: where it runs ("cpu", "gpu"; default
-    this process's backend), which decides the softmax attention path."""
+def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
+         policy: RunPolicy = PLAN_POLICY, training: bool = True, platform: str | None = None,
+         prefill_chunk: int = 4096) -> dict[str, float]:
+    """Per-device bytes by component, plus "devices" and "total". policy: the run's dtypes and remat. platform:
+    where it runs ("cpu", "gpu"; default this process's backend), which decides the softmax attention path."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("prefill_chunk", prefill_chunk)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -70,17 +72,18 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
     mesh = _abstract_mesh(mesh_axes)
     check_mesh(mesh, num_experts=config.num_experts, batch_size=batch_size)
     abstract = abstract_params(config)
+    remat = policy.remat
     shardings = param_shardings(abstract, mesh, param_logical_axes(config))
     elements = sum(math.prod(s.shard_shape(a.shape)) for a, s in
                    zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
     batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     local_tokens = batch_size // batch_shards * seq_len
-    c = _bytes(config.compute_dtype)
+    c = _bytes(policy.compute_dtype)
     hd, kd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     vocab_shards = mesh.shape["tensor"] if config.vocab_size % mesh.shape["tensor"] == 0 else 1
     out = {"devices": float(mesh.size)}
     if training:
-        p = _bytes(config.param_dtype)
+        p = _bytes(policy.param_dtype)
         out["params"] = elements * p
         out["grads"] = elements * p
         out["optimizer (adam mu, nu)"] = elements * 2 * p
@@ -95,7 +98,8 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
             act = sum(layers) * (0.6 if remat == "dots" else 1.0)
         out["activations (estimate)"] = local_tokens * act * c
         out["logits + grad (float32)"] = local_tokens * config.vocab_size / vocab_shards * 4 * 2
-        _, workspace = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, platform=platform)
+        _, workspace = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, policy=policy,
+                                      platform=platform)
         held = 1 if remat == "full" else config.layer_types.count("softmax")
         out["softmax attention workspace"] = workspace * min(held, config.layer_types.count("softmax"))
     else:
@@ -108,20 +112,21 @@ def plan(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_le
         out["lightning state (float32)"] = (lightning_layers * sequences * config.num_heads * config.head_dim ** 2
                                             * 4)
         _, workspace = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=min(seq_len, prefill_chunk),
-                                      platform=platform)
+                                      policy=policy, platform=platform)
         out["softmax attention workspace"] = workspace if softmax_layers else 0
     out["total"] = sum(v for k, v in out.items() if k != "devices")
     return out
 
 
 def plan_table(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
-               remat: str = "full", training: bool = True, platform: str | None = None) -> str:
-    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, remat=remat, training=training,
+               policy: RunPolicy = PLAN_POLICY, training: bool = True, platform: str | None = None) -> str:
+    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, policy=policy, training=training,
                   platform=platform)
     platform = platform or jax.default_backend()
-    impl, _ = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, platform=platform)
+    impl, _ = attention_path(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, policy=policy,
+                             platform=platform)
     mesh_text = ",".join(f"{k}={v}" for k, v in mesh_axes.items()) or "one device"
-    mode = f"training, remat={remat}" if training else "inference"
+    mode = f"training, remat={policy.remat}" if training else "inference"
     lines = [f"{mode}: mesh {mesh_text} ({int(result['devices'])} devices), global batch {batch_size} x "
              f"{seq_len} tokens; softmax attention on {platform}: {impl}; per device:"]
     for name, value in result.items():
@@ -145,11 +150,12 @@ def host_memory_bytes(platform: str | None = None) -> int | None:
         return None
 
 
-def check_fits(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int, remat: str = "full",
-               training: bool = True, platform: str | None = None, available: int | None = None) -> dict[str, float]:
+def check_fits(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, seq_len: int,
+               policy: RunPolicy = PLAN_POLICY, training: bool = True, platform: str | None = None,
+               available: int | None = None) -> dict[str, float]:
     """Raise MemoryError with the plan's figures when a run cannot fit this machine (checked before compiling);
     returns the plan. available: bytes per device (default: `host_memory_bytes`)."""
-    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, remat=remat, training=training,
+    result = plan(config, mesh_axes, batch_size=batch_size, seq_len=seq_len, policy=policy, training=training,
                   platform=platform)
     available = host_memory_bytes(platform) if available is None else available
     devices_here = 1 if (platform or jax.default_backend()) != "cpu" else int(result["devices"])
@@ -159,6 +165,6 @@ def check_fits(config: M1Config, mesh_axes: dict[str, int], *, batch_size: int, 
         raise MemoryError(f"batch {batch_size} x {seq_len} tokens needs about {need:.1f} GiB "
                           f"({worst}: {result[worst] * devices_here / GIB:.1f} GiB) but this machine has "
                           f"{available / GIB:.1f} GiB; lower the batch size or sequence length"
-                          + (", or use remat=full" if training and remat != "full" else "")
+                          + (", or use remat=full" if training and policy.remat != "full" else "")
                           + f" (see `m1jax plan --seq-len {seq_len} --batch-size {batch_size}`)")
     return result

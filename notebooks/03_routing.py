@@ -127,9 +127,10 @@ for aux_coef in AUX_COEFS:
 
 # %% [markdown]
 # ## `expert_threshold`: fewer experts per token, at what cost
-# The threshold is run-time policy (it is not part of the checkpoint): `config.replace(expert_threshold=t)` gives
-# the same model with the rule applied in every MoE layer. For each threshold: the held-out answer loss and
-# token accuracy, and the expert calls per token actually computed (`routing["expert_calls"]`).
+# The threshold is run-time policy (it is not part of the checkpoint or the config):
+# `model.clone(policy=model.policy.replace(expert_threshold=t))` gives the same model with the rule applied in every
+# MoE layer. For each threshold: the held-out answer loss and token accuracy, and the expert calls per token actually
+# computed (`routing["expert_calls"]`).
 
 # %%
 params = runs[AUX_COEFS[-1]]["params"]
@@ -137,7 +138,7 @@ batch = {k: jnp.asarray(v) for k, v in held_out.batch(0).items()}
 real_tokens = float(jnp.sum(batch["segment_ids"]))
 rows = []
 for threshold in THRESHOLDS:
-    variant = model.clone(config=config.replace(expert_threshold=threshold))
+    variant = model.clone(policy=model.policy.replace(expert_threshold=threshold))
     out = jax.jit(lambda p, b: variant.apply({"params": p}, b["inputs"], segment_ids=b["segment_ids"]))(params, batch)
     logp = jax.nn.log_softmax(out.logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]

@@ -31,7 +31,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from m1jax.config import LIGHTNING, M1Config
+from m1jax.config import LIGHTNING, M1Config, RunPolicy
 from m1jax.flops import decode_flops_per_token, lightning_layer_flops, moe_flops, softmax_layer_flops
 from m1jax.params import count_params
 from m1jax.plan import DEVICE_MEMORY_GIB, GIB, plan, plan_table
@@ -56,7 +56,7 @@ TRAINING_MESHES = {
 }
 plans = {}
 for name, axes in TRAINING_MESHES.items():
-    plans[name] = plan(m1, axes, batch_size=BATCH, seq_len=SEQ_LEN, remat="full")
+    plans[name] = plan(m1, axes, batch_size=BATCH, seq_len=SEQ_LEN, policy=RunPolicy(remat="full"))
 print(plan_table(m1, TRAINING_MESHES["fsdp=16, expert=8 (128)"], batch_size=BATCH, seq_len=SEQ_LEN))
 
 # %% [markdown]

@@ -116,7 +116,8 @@ def test_train_checkpoints_by_default_resumes_and_chains(capsys, tmp_path):
     with open(os.path.join(out, "run_config.json")) as f:
         assert json.load(f)["optimizer"]["total_steps"] == 2  # what the schedule really used
 
-    assert main(train) == 0  # a rerun resumes (here: nothing left to train)
+    # a rerun resumes (here: nothing left to train), also under another run-time policy: it is not another model
+    assert main(train + ["--compute-dtype", "bfloat16", "--remat", "full"]) == 0
     captured = capsys.readouterr()
     assert f"resuming from step 2 of {out}" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["resumed_from"] == 2

@@ -21,7 +21,8 @@ INT_FLAGS = {
     "rl": {"--steps": 1, "--group-size": 2, "--prompts-per-step": 1, "--updates-per-batch": 1,
            "--max-new-tokens": 1, "--seed": 0, "--checkpoint-every": 0, "--keep": 1, "--digits": 1,
            "--eval-every": 0, "--eval-prompts": 0, "--warmup": 0},
-    "serve": {"--max-batch": 1, "--max-queue": 1, "--chunk-size": 16, "--max-context": 16},
+    "serve": {"--max-batch": 1, "--max-queue": 1, "--chunk-size": 16, "--max-context": 16, "--decode-steps": 1,
+              "--prefill-batch": 1},
     "eval": {"--samples": 1, "--max-new-tokens": 1, "--top-k": 1, "--limit": 1, "--batch-size": 1, "--workers": 1,
              "--pad-multiple": 0, "--memory-mb": 16},
 }

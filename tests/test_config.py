@@ -1,4 +1,5 @@
 """M1Config: presets, both config.json flavours, round trips, and every construction error."""
+import dataclasses
 import json
 import os
 
@@ -70,7 +71,6 @@ def test_transformers_partial_rotary_factor():
     ({"layer_types": ("lightning", "mamba")}, "unknown kinds"),
     ({"layer_types": ()}, "empty"),
     ({"hidden_size": 0}, "hidden_size"),
-    ({"param_dtype": "float64"}, "param_dtype"),
     ({"rope_theta": -1.0}, "rope_theta"),
 ])
 def test_inconsistent_configs_fail_at_construction(changes, message):
@@ -166,7 +166,7 @@ def test_invalid_json_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("field", ["block_size", "hidden_size", "rope_theta"])
+@pytest.mark.parametrize("field", ["hidden_size", "rope_theta"])
 def test_non_finite_numbers_name_the_field(tmp_path, field, value):
     # found by the fuzzer: block_size = Infinity raised OverflowError from deep inside the loader
     raw = M1Config.from_preset("tiny").to_hf()
@@ -178,15 +178,55 @@ def test_non_finite_numbers_name_the_field(tmp_path, field, value):
 
 
 def test_runtime_policy_never_makes_another_architecture():
-    from m1jax.config import RUNTIME_FIELDS, TRAINING_FIELDS, architecture_differences, same_architecture
+    from m1jax.config import TRAINING_FIELDS, RunPolicy, architecture_differences, same_architecture
     tiny = M1Config.from_preset("tiny")
-    policy = dict(param_dtype="bfloat16", compute_dtype="bfloat16", float32_lm_head=False, expert_threshold=0.2,
-                  capacity_factor=1.25, block_size=64, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3,
-                  initializer_range=0.1)
-    assert set(policy) == set(RUNTIME_FIELDS + TRAINING_FIELDS)
-    assert same_architecture(tiny, tiny.replace(**policy))
-    assert same_architecture(M1Config.from_hf(tiny.replace(**policy).to_hf()), tiny)
+    policy_fields = {f.name for f in dataclasses.fields(RunPolicy)}
+    assert not policy_fields & {f.name for f in dataclasses.fields(M1Config)}  # run-time choices are not the model
+    coefficients = dict(router_aux_loss_coef=0.01, router_z_loss_coef=1e-3, initializer_range=0.1)
+    assert set(coefficients) == set(TRAINING_FIELDS)
+    assert same_architecture(tiny, tiny.replace(**coefficients))
+    assert M1Config.from_hf(tiny.replace(**coefficients).to_hf("bfloat16")) == tiny.replace(**coefficients)
+    assert same_architecture(M1Config.from_hf(tiny.replace(**coefficients).to_hf()), tiny)
     for change in ({"num_kv_heads": 1}, {"rotary_dim": 4}, {"layer_types": ("lightning",) * 4},
                    {"mlp_alpha": 1.0}, {"rms_norm_eps": 1e-6}, {"rope_theta": 1e6}):
         assert not same_architecture(tiny, tiny.replace(**change))
         assert architecture_differences(tiny, tiny.replace(**change)) == list(change)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"param_dtype": "float64"}, "RunPolicy.param_dtype='float64'; use one of"),
+    ({"compute_dtype": "int8"}, "RunPolicy.compute_dtype='int8'; use one of"),
+    ({"float32_lm_head": 1}, "RunPolicy.float32_lm_head=1; pass True or False"),
+    ({"expert_threshold": 1.0}, r"RunPolicy.expert_threshold=1.0; pass a number in \[0, 1\)"),
+    ({"expert_threshold": True}, "RunPolicy.expert_threshold=True"),
+    ({"capacity_factor": 0.0}, "RunPolicy.capacity_factor=0.0; pass a positive number, or None"),
+    ({"capacity_factor": float("inf")}, "RunPolicy.capacity_factor=inf"),
+    ({"block_size": 0}, "RunPolicy.block_size=0; pass a positive integer, or None"),
+    ({"remat": "some"}, "RunPolicy.remat='some'; choose one of"),
+])
+def test_bad_run_policies_fail_at_construction_naming_the_field(changes, message):
+    from m1jax.config import RunPolicy
+    with pytest.raises(ValueError, match=message):
+        RunPolicy(**changes)
+
+
+def test_config_json_run_time_entries_do_not_reach_the_architecture():
+    """dtype and block_size are how a file's weights are stored and how the reference computes: the same model
+    whatever they say; an older file's run-time "m1jax" keys (compute_dtype, expert_threshold, ...) are ignored."""
+    from m1jax.config import REFERENCE_BLOCK_SIZE, stored_dtype
+    tiny = M1Config.from_preset("tiny")
+    raw = tiny.to_hf("bfloat16")
+    assert raw["dtype"] == "bfloat16" and stored_dtype(raw) == "bfloat16" and raw["block_size"] == REFERENCE_BLOCK_SIZE
+    raw.update(block_size=16, dtype="float16")
+    raw["m1jax"].update(compute_dtype="bfloat16", expert_threshold=0.3, capacity_factor=1.0, float32_lm_head=False)
+    assert M1Config.from_hf(raw) == tiny and stored_dtype(raw) == "float16"
+    assert stored_dtype({"torch_dtype": "bfloat16"}) == "bfloat16" and stored_dtype({"dtype": "int4"}) == "float32"
+    with pytest.raises(ValueError, match="to_hf.dtype='float64'"):
+        tiny.to_hf("float64")
+
+
+def test_run_time_choices_given_to_the_config_say_where_they_go():
+    with pytest.raises(ValueError, match=r"\['compute_dtype'\] are run-time policy.*RunPolicy\(compute_dtype=\.\.\.\)"):
+        M1Config.from_preset("tiny", compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"RunPolicy\(expert_threshold=\.\.\.\)"):
+        M1Config.from_preset("tiny").replace(expert_threshold=0.2)

@@ -10,7 +10,7 @@ def test_lightning_flops_count_the_recurrence_whatever_the_kernel_block():
     hidden, hd, d = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.head_dim
     per_token = 2 * hidden * 3 * hd + 2 * hidden * hd + 2 * hd * hidden + cfg.num_heads * 4 * d * d
     assert lightning_layer_flops(cfg, 1000) == pytest.approx(1000 * per_token, rel=1e-12)
-    assert forward_flops(cfg, 300, 2) == forward_flops(cfg.replace(block_size=16), 300, 2)
+    # the kernel block is RunPolicy.block_size, which the count does not take: it cannot depend on it
     # a prompt token of a lightning layer costs what a decode step's does (the state makes both constant in T)
     lightning_only = cfg.replace(layer_types=("lightning",) * cfg.num_layers)
     assert forward_flops(lightning_only, 1) == pytest.approx(decode_flops_per_token(lightning_only, 5000),

@@ -16,7 +16,7 @@ from m1jax.inference.generate import check_prompts, generate, make_request
 
 CONFIG = m1jax.M1Config(vocab_size=32, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, num_experts=2,
                         experts_per_token=1, expert_size=8, layer_types=("lightning", "softmax"), rotary_dim=4,
-                        block_size=8, max_position_embeddings=64)
+                        max_position_embeddings=64)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -8,16 +8,17 @@ import jax
 import jax.numpy as jnp
 
 from m1jax import M1Config, M1ForCausalLM, abstract_params, init_params
+from m1jax.config import RunPolicy
 
 
 def test_packed_row_equals_documents_run_separately(rng):
-    cfg = M1Config.from_preset("tiny", block_size=8)
+    cfg = M1Config.from_preset("tiny")
     params = init_params(cfg, jax.random.key(1))
     lengths = [11, 1, 4, 17, 5]  # documents cross blocks of 8; the fourth starts exactly at one (token 16)
     docs = [rng.integers(0, cfg.vocab_size, (1, n)) for n in lengths]
     packed = jnp.asarray(np.concatenate(docs, axis=1))
     segments = jnp.asarray(np.concatenate([np.full((1, n), i + 1) for i, n in enumerate(lengths)], axis=1))
-    model = M1ForCausalLM(cfg)
+    model = M1ForCausalLM(cfg, RunPolicy(block_size=8))  # the lightning kernel in blocks of 8
     packed_logits = model.apply({"params": params}, packed, segment_ids=segments).logits
     alone = jnp.concatenate([model.apply({"params": params}, jnp.asarray(d)).logits for d in docs], axis=1)
     np.testing.assert_allclose(packed_logits, alone, rtol=2e-5, atol=2e-5)
@@ -40,8 +41,8 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
     params = init_params(cfg, jax.random.key(4))
     ids = jax.random.randint(jax.random.key(5), (2, 21), 0, cfg.vocab_size)
 
-    def loss(p, policy):
-        logits = M1ForCausalLM(cfg, remat=policy).apply({"params": p}, ids).logits
+    def loss(p, remat):
+        logits = M1ForCausalLM(cfg, RunPolicy(remat=remat)).apply({"params": p}, ids).logits
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
     base, grads = jax.value_and_grad(loss)(params, "none")
     other, other_grads = jax.value_and_grad(loss)(params, remat)
@@ -52,11 +53,11 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
 
 
 def test_full_minimax_m1_traces_and_lowers_in_under_a_minute():
-    cfg = M1Config.from_preset("minimax-m1-80k", param_dtype="bfloat16", compute_dtype="bfloat16")
+    cfg, bf16 = M1Config.from_preset("minimax-m1-80k"), RunPolicy(param_dtype="bfloat16", compute_dtype="bfloat16")
     start = time.perf_counter()
-    params = abstract_params(cfg)
+    params = abstract_params(cfg, bf16)
     ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
-    apply = lambda p, i: M1ForCausalLM(cfg).apply({"params": p}, i).logits
+    apply = lambda p, i: M1ForCausalLM(cfg, bf16).apply({"params": p}, i).logits
     assert jax.eval_shape(apply, params, ids).shape == (1, 2048, 200_064)
     lowered = jax.jit(apply).lower(params, ids)
     elapsed = time.perf_counter() - start

@@ -1,24 +1,25 @@
 """The memory planner: exact sharded weight bytes from abstract shapes, on meshes far larger than this machine."""
 import pytest
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.params import count_params
 from m1jax.plan import GIB, plan, plan_table
 
 
 def test_expert_and_fsdp_sharding_divides_the_weights():
-    cfg = M1Config.from_preset("minimax-m1-80k", compute_dtype="bfloat16")
-    one = plan(cfg, {}, batch_size=1, seq_len=1024, training=False)
+    cfg, bf16 = M1Config.from_preset("minimax-m1-80k"), RunPolicy(compute_dtype="bfloat16")
+    one = plan(cfg, {}, batch_size=1, seq_len=1024, policy=bf16, training=False)
     assert one["weights"] == count_params(cfg)["total"] * 2  # bf16, unsharded
-    eight = plan(cfg, {"tensor": 8}, batch_size=1, seq_len=1024, training=False)
+    eight = plan(cfg, {"tensor": 8}, batch_size=1, seq_len=1024, policy=bf16, training=False)
     assert eight["weights"] < one["weights"] / 7  # nearly everything splits over heads, expert width, vocab
     assert one["kv cache (softmax layers)"] == 10 * 2 * 1024 * 8 * 128 * 2  # 40,960 bytes per token
     assert one["lightning state (float32)"] == 70 * 64 * 128 * 128 * 4  # 280 MiB, whatever the context
 
 
 def test_training_plan_for_128_devices():
-    cfg = M1Config.from_preset("minimax-m1-80k", compute_dtype="bfloat16")
-    result = plan(cfg, {"fsdp": 16, "expert": 8}, batch_size=128, seq_len=8192, remat="full")
+    cfg = M1Config.from_preset("minimax-m1-80k")
+    result = plan(cfg, {"fsdp": 16, "expert": 8}, batch_size=128, seq_len=8192,
+                  policy=RunPolicy(compute_dtype="bfloat16", remat="full"))
     assert result["devices"] == 128
     assert result["optimizer (adam mu, nu)"] == 2 * result["params"]
     ideal = count_params(cfg)["total"] * 4 / 128
@@ -73,8 +74,8 @@ def test_plan_follows_the_attention_path_of_the_platform():
     short = plan(tiny, {}, batch_size=2, seq_len=512, platform="cpu")
     assert short["softmax attention workspace"] == 4 * 2 * tiny.num_heads * 512 ** 2 * 4
     assert "softmax attention on cpu: blocked" in plan_table(tiny, {}, batch_size=8, seq_len=8192, platform="cpu")
-    bf16 = tiny.replace(compute_dtype="bfloat16")
-    assert "cudnn" in plan_table(bf16, {}, batch_size=8, seq_len=8192, platform="gpu")
+    bf16 = RunPolicy(compute_dtype="bfloat16", remat="full")
+    assert "cudnn" in plan_table(tiny, {}, batch_size=8, seq_len=8192, policy=bf16, platform="gpu")
     with pytest.raises(ValueError, match="seq_len must be a positive integer"):
         plan(tiny, {}, batch_size=8, seq_len=0)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m1jax import M1Config, M1ForCausalLM, abstract_params
+from m1jax.config import RunPolicy
 from m1jax.sharding import (MESH_AXES, activation_sharding, batch_sharding, check_mesh, constrain, create_mesh,
                             param_logical_axes, param_shardings, shard_params)
 
@@ -40,7 +41,7 @@ def test_create_mesh_has_all_axes_and_checks_the_device_count():
 
 
 def test_every_parameter_of_m1_has_a_rule_and_the_big_ones_are_split():
-    params = abstract_params(M1Config.from_preset("minimax-m1-80k", param_dtype="bfloat16"))
+    params = abstract_params(M1Config.from_preset("minimax-m1-80k"), RunPolicy(param_dtype="bfloat16"))
     logical = jax.tree_util.tree_leaves_with_path(param_logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
     unnamed = [jax.tree_util.keystr(path) for path, names in logical if None in names]
     assert not unnamed, f"parameters without a sharding rule: {unnamed}"
@@ -117,14 +118,14 @@ def test_load_pretrained_onto_a_mesh(tmp_path, rng):
 
 
 def test_whole_model_on_a_mesh_equals_one_device(rng):
-    cfg = M1Config.from_preset("tiny", block_size=8, capacity_factor=1.0)
+    cfg, policy = M1Config.from_preset("tiny"), RunPolicy(block_size=8, capacity_factor=1.0)
     params = random_params(cfg, rng)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 11)))
     segments = jnp.asarray(np.where(np.arange(11) < rng.integers(4, 12, (8, 1)), 1, 0))
-    forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg).apply({"params": p}, i, segment_ids=s))
+    forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg, policy).apply({"params": p}, i, segment_ids=s))
     want = forward(params, ids, segments)
     mesh = create_mesh({"data": 2, "expert": 2, "tensor": 2})
-    forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg, mesh=mesh).apply({"params": p}, i, segment_ids=s))
+    forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg, policy, mesh=mesh).apply({"params": p}, i, segment_ids=s))
     with jax.set_mesh(mesh):
         args = (shard_params(params, mesh), *(jax.device_put(a, batch_sharding(mesh)) for a in (ids, segments)))
         assert "shard_map" in str(jax.make_jaxpr(forward)(*args))

@@ -89,7 +89,7 @@ def _model(hidden: int, layers: int, period: int, heads: int, head_dim: int, exp
     return dict(vocab_size=512, hidden_size=hidden, num_heads=heads, num_kv_heads=max(heads // 2, 1),
                 head_dim=head_dim, num_experts=experts, experts_per_token=2, expert_size=expert_size,
                 layer_types=m1_schedule(layers, period=period), rope_theta=10_000.0, rotary_dim=head_dim // 2,
-                block_size=64, max_position_embeddings=8192, lightning_alpha=alpha, softmax_alpha=alpha,
+                max_position_embeddings=8192, lightning_alpha=alpha, softmax_alpha=alpha,
                 mlp_alpha=alpha)
 
 
@@ -208,7 +208,7 @@ ENGINES = (("float32 engine (control)", "float32", True), ("bfloat16 engine, bf1
 def measure_mismatch(config: M1Config, params, size: Size, engines=ENGINES) -> list[dict]:
     """Token probabilities of a bfloat16 engine (bf16 or float32 lm_head; float32 as the control) against the
     float32 trainer, on sampled chains of the pretrained model."""
-    model = M1ForCausalLM(config.replace(compute_dtype="float32", float32_lm_head=True))
+    model = M1ForCausalLM(config)  # the trainer: the default run policy, float32 throughout
     task = get_rl_task("chains", min_digits=size.min_digits, max_digits=size.max_digits, seed=12345)
     rows = []
     for name, dtype, head in engines:

@@ -125,7 +125,7 @@ def steps_to(curve: np.ndarray, level: float) -> int | None:
 def measure_mismatch(policy, size: Size, prompts: int = 64) -> list[dict]:
     """A bfloat16 engine (bf16 or float32 lm_head, and float32 as the control) against the float32 trainer."""
     config, params = policy
-    model = M1ForCausalLM(config.replace(compute_dtype="float32", float32_lm_head=True))
+    model = M1ForCausalLM(config)  # the trainer: the default run policy, float32 throughout
     task = get_rl_task("arith", digits=size.digits, ops=size.ops, seed=12345)
     rows = []
     for name, dtype, head in (("float32 engine (control)", "float32", True),

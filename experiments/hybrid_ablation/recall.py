@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m1jax.config import LIGHTNING, M1Config, deepnorm_alpha, m1_schedule
+from m1jax.config import LIGHTNING, M1Config, RunPolicy, deepnorm_alpha, m1_schedule
 from m1jax.model import M1ForCausalLM
 
 FILLER = 0
@@ -139,15 +139,15 @@ class Arm:
         return 0 if self.softmax_layers == self.num_layers else self.num_heads * self.head_dim ** 2
 
 
-def arm_config(arm: Arm, width: int, vocab: int, compute_dtype: str) -> M1Config:
+def arm_config(arm: Arm, width: int, vocab: int) -> M1Config:
     """Same width, vocab, MLP and norms for every arm; one dense SwiGLU expert (the ablation is about attention)."""
     alpha = deepnorm_alpha(arm.num_layers)
     return M1Config(
         vocab_size=vocab, hidden_size=width, num_heads=arm.num_heads, num_kv_heads=arm.num_heads,
         head_dim=arm.head_dim, num_experts=1, experts_per_token=1, expert_size=2 * width,
-        layer_types=arm.layer_types, rope_theta=10_000.0, rotary_dim=arm.head_dim // 2, block_size=64,
+        layer_types=arm.layer_types, rope_theta=10_000.0, rotary_dim=arm.head_dim // 2,
         max_position_embeddings=1 << 20, lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha,
-        router_aux_loss_coef=0.0, compute_dtype=compute_dtype)
+        router_aux_loss_coef=0.0)
 
 
 def dense_expert(lhs, rhs, group_sizes):
@@ -166,10 +166,10 @@ def use_lightning_impl(impl: str):
     layer.lightning_attention = functools.partial(lightning_attention, impl=impl)
 
 
-def make_model(config: M1Config) -> M1ForCausalLM:
+def make_model(config: M1Config, policy: RunPolicy = RunPolicy()) -> M1ForCausalLM:
     if config.num_experts != 1:
         raise ValueError("the recall models use one dense expert (num_experts=1)")
-    return M1ForCausalLM(config, grouped_matmul=dense_expert)
+    return M1ForCausalLM(config, policy, grouped_matmul=dense_expert)
 
 
 def count_params(config: M1Config) -> int:
@@ -221,9 +221,9 @@ def masked_metrics(logits, batch):
 class Population:
     """Members (lr_i, seed_i) of one architecture trained side by side. params / opt state carry a leading axis M."""
 
-    def __init__(self, config: M1Config, recipe: Recipe, lrs, seeds):
+    def __init__(self, config: M1Config, recipe: Recipe, lrs, seeds, policy: RunPolicy = RunPolicy()):
         self.config, self.recipe = config, recipe
-        self.model = make_model(config)
+        self.model = make_model(config, policy)
         self.lrs = jnp.asarray(lrs, jnp.float32)
         self.seeds = jnp.asarray(seeds, jnp.uint32)
         self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.98))

@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import recall  # noqa: E402
+from m1jax.config import RunPolicy  # noqa: E402
 
 SIZES = {
     # every code path of "gpu", tiny numbers: CI runs it in seconds
@@ -95,7 +96,7 @@ def long_batch(seed: int, length: int, size: dict) -> tuple[dict, np.ndarray]:
 MODES = [("vmap", "auto"), ("vmap", "chunked"), ("map", "chunked")]  # (population, lightning impl), in order
 
 
-def first_chunk(config, recipe, lrs, seeds):
+def first_chunk(config, recipe, lrs, seeds, policy):
     """Build the population and run its first chunk in the first mode of MODES that compiles and runs; a mode that
     fails is dropped for the rest of the run (and said so)."""
     import dataclasses
@@ -103,7 +104,7 @@ def first_chunk(config, recipe, lrs, seeds):
         population, impl = MODES[0]
         try:
             recall.use_lightning_impl(impl)
-            pop = recall.Population(config, dataclasses.replace(recipe, population=population), lrs, seeds)
+            pop = recall.Population(config, dataclasses.replace(recipe, population=population), lrs, seeds, policy)
             params, opt_state = pop.init()
             params, opt_state, loss = pop.train_chunk(params, opt_state, 0)
             loss.block_until_ready()
@@ -120,7 +121,8 @@ def first_chunk(config, recipe, lrs, seeds):
 
 def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budget_s: float | None = None):
     recipe = recall.Recipe(population=MODES[0][0], **size["recipe"])
-    config = recall.arm_config(arm, size["width"], recipe.vocab, size["compute_dtype"])
+    config = recall.arm_config(arm, size["width"], recipe.vocab)
+    policy = RunPolicy(compute_dtype=size["compute_dtype"])
     lrs = [lr for lr in size["lrs"] for _ in size["seeds"]]
     seeds = [s for _ in size["lrs"] for s in size["seeds"]]
     start = time.perf_counter()
@@ -130,7 +132,7 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
     while step < total:
         t0 = time.perf_counter()
         if compile_s is None:  # the first chunk compiles: fall back to slower modes if a kernel refuses the vmap
-            pop, params, opt_state, loss = first_chunk(config, recipe, lrs, seeds)
+            pop, params, opt_state, loss = first_chunk(config, recipe, lrs, seeds, policy)
             recipe = pop.recipe
         else:
             params, opt_state, loss = pop.train_chunk(params, opt_state, step, total)

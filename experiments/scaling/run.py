@@ -165,8 +165,8 @@ def model_rows(size, path, deadline):
                 print(f"deadline: model {name} at T={length} not timed", flush=True)
                 return
             arm = recall.Arm(name, len(types), sum(t == SOFTMAX for t in types), spec["heads"], spec["head_dim"])
-            config = recall.arm_config(arm, spec["width"], spec["vocab"], "bfloat16" if gpu else "float32")
-            model = recall.make_model(config)
+            config = recall.arm_config(arm, spec["width"], spec["vocab"])
+            model = recall.make_model(config, recall.RunPolicy(compute_dtype="bfloat16" if gpu else "float32"))
             batch = spec["tokens"] // length
             ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, spec["vocab"])
             params = jax.jit(lambda key: model.init(key, ids[:1, :8])["params"])(jax.random.key(0))

@@ -20,7 +20,7 @@ from safetensors.flax import save_file
 
 from m1jax.checkpoint.names import DERIVED_BUFFERS, TensorMap, packed_source, tensor_maps
 from m1jax.checkpoint.state import CheckpointError
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy, stored_dtype
 from m1jax.model import abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -145,15 +145,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
                     shardings: Any = None) -> tuple[M1Config, Any]:
     """Read a Hugging Face MiniMax directory (config.json + safetensors) -> (M1Config, params).
 
-    dtype: parameter dtype ("float32", "bfloat16", ...; default: the config's). mesh: place each leaf with the
+    dtype: parameter dtype ("float32", "bfloat16", ...; default: the one config.json records, `stored_dtype`). mesh:
+    place each leaf with the
     project's sharding rules over this mesh; shardings: an explicit pytree of jax.sharding.Sharding instead.
     The router (`gate`) stays float32 whatever the dtype, as in the released checkpoint.
     """
     directory = os.fspath(path)
     config = M1Config.from_hf(directory)
-    if dtype is not None:
-        config = config.replace(param_dtype=dtype)
-    abstract = abstract_params(config)
+    abstract = abstract_params(config, RunPolicy(param_dtype=dtype or stored_dtype(directory)))
     if shardings is None:
         shardings = _default_shardings(abstract, config, mesh)
     tensors = _Tensors(directory)
@@ -199,7 +198,8 @@ def _default_shardings(abstract: Any, config: M1Config, mesh: jax.sharding.Mesh 
 
 def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,
                     max_shard_bytes: int = 5 * 2**30, on_tensor=None) -> list[str]:
-    """Write config.json (transformers flavour) and safetensors with the original tensor names.
+    """Write config.json (transformers flavour, its "dtype" the weights') and safetensors with the original tensor
+    names.
 
     One `model.safetensors` when everything fits in one shard, else `model-0000i-of-0000N.safetensors` plus
     `model.safetensors.index.json`. Tensors are pulled to the host one at a time; a shard is written when full.
@@ -208,8 +208,8 @@ def save_pretrained(path: str | os.PathLike, config: M1Config, params: Any, *,
     """
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
-    config.save_hf(directory)
     _check_tree(config, params)
+    config.save_hf(directory, dtype=jnp.dtype(params["embed"]["embedding"].dtype).name)
     maps = tensor_maps(config)
     current, current_bytes, total_size = {}, 0, 0
     temp_names: list[tuple[str, list[str]]] = []

@@ -214,7 +214,6 @@ def load_any(path: str | os.PathLike, *, dtype: str | None = None):
     if os.path.exists(os.path.join(path, "model_config.json")):
         config, params = load_training_output(path)
         if dtype is not None:
-            config = config.replace(param_dtype=dtype)
             params = jax.tree_util.tree_map_with_path(  # the router stays float32
                 lambda p, x: x if getattr(p[-1], "key", None) == "gate" else x.astype(dtype), params)
         return config, params

@@ -2,7 +2,7 @@
 
     layers[l]         one entry per layer l (global index):
       lightning         {"state": (B, H, D, D) float32}         the decayed sum of k^T v; its size never grows
-      softmax           {"key", "value": (B, K, S, D)}          compute dtype, S = max_len slots
+      softmax           {"key", "value": (B, K, S, D)}          the policy's compute dtype, S = max_len slots
     index             () int32    the next slot to write; every row advances together
     start             (B,) int32  first real slot of each row (prompts are left-padded: slots before it are padding)
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import LIGHTNING, M1Config
+from m1jax.config import LIGHTNING, M1Config, RunPolicy
 
 
 @flax.struct.dataclass
@@ -35,10 +35,11 @@ class Cache:
         return self.start.shape[0]
 
 
-def _layer_shapes(config: M1Config, batch: int, max_len: int) -> tuple[dict[str, jax.ShapeDtypeStruct], ...]:
+def _layer_shapes(config: M1Config, batch: int, max_len: int,
+                  policy: RunPolicy) -> tuple[dict[str, jax.ShapeDtypeStruct], ...]:
     heads, dim = config.num_heads, config.head_dim
     state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
-    kv = jax.ShapeDtypeStruct((batch, config.num_kv_heads, max_len, dim), jnp.dtype(config.compute_dtype))
+    kv = jax.ShapeDtypeStruct((batch, config.num_kv_heads, max_len, dim), jnp.dtype(policy.compute_dtype))
     return tuple({"state": state} if kind == LIGHTNING else {"key": kv, "value": kv} for kind in config.layer_types)
 
 
@@ -48,16 +49,19 @@ def _check_sizes(batch: int, max_len: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def abstract_cache(config: M1Config, batch: int, max_len: int) -> Cache:
-    """The cache's shapes and dtypes (jax.ShapeDtypeStruct leaves) without allocating: a restore target."""
+def abstract_cache(config: M1Config, batch: int, max_len: int, *, policy: RunPolicy = RunPolicy()) -> Cache:
+    """The cache's shapes and dtypes (jax.ShapeDtypeStruct leaves) without allocating: a restore target. policy:
+    the model's (its compute dtype is the keys' and values')."""
     _check_sizes(batch, max_len)
-    return Cache(layers=_layer_shapes(config, batch, max_len), index=jax.ShapeDtypeStruct((), jnp.int32),
+    return Cache(layers=_layer_shapes(config, batch, max_len, policy), index=jax.ShapeDtypeStruct((), jnp.int32),
                  start=jax.ShapeDtypeStruct((batch,), jnp.int32))
 
 
-def init_cache(config: M1Config, batch: int, max_len: int, start: Any = None) -> Cache:
-    """An empty cache of max_len slots for `batch` rows; start (B,) = each row's count of leading pads (default 0)."""
-    abstract = abstract_cache(config, batch, max_len)
+def init_cache(config: M1Config, batch: int, max_len: int, start: Any = None, *,
+               policy: RunPolicy = RunPolicy()) -> Cache:
+    """An empty cache of max_len slots for `batch` rows; start (B,) = each row's count of leading pads (default 0).
+    policy: the model's (keys and values are held in its compute dtype)."""
+    abstract = abstract_cache(config, batch, max_len, policy=policy)
     if start is None:
         start = np.zeros((batch,), np.int32)
     start = jnp.asarray(start, jnp.int32)
@@ -67,9 +71,9 @@ def init_cache(config: M1Config, batch: int, max_len: int, start: Any = None) ->
     return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start)
 
 
-def cache_bytes(config: M1Config, batch: int, max_len: int) -> int:
+def cache_bytes(config: M1Config, batch: int, max_len: int, *, policy: RunPolicy = RunPolicy()) -> int:
     """Bytes the cache takes: lightning states (fixed) plus the softmax layers' keys and values (linear in max_len)."""
-    leaves = jax.tree.leaves(abstract_cache(config, batch, max_len))
+    leaves = jax.tree.leaves(abstract_cache(config, batch, max_len, policy=policy))
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves))
 
 

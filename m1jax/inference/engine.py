@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.inference.cache import Cache, abstract_cache, init_cache
 from m1jax.inference.sampling import SamplingParams, sample_tokens
 from m1jax.model import M1ForCausalLM
@@ -96,11 +96,11 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.nd
 
 
 def abstract_state(config: M1Config, batch: int, prompt_len: int, max_len: int, max_new_tokens: int,
-                   num_stop_ids: int) -> InferenceState:
-    """Shapes and dtypes of an InferenceState (the orbax restore target)."""
+                   num_stop_ids: int, *, policy: RunPolicy = RunPolicy()) -> InferenceState:
+    """Shapes and dtypes of an InferenceState (the orbax restore target) for a model run under `policy`."""
     sds = jax.ShapeDtypeStruct
     return InferenceState(
-        cache=abstract_cache(config, batch, max_len), prompt=sds((batch, prompt_len), jnp.int32),
+        cache=abstract_cache(config, batch, max_len, policy=policy), prompt=sds((batch, prompt_len), jnp.int32),
         last_logits=sds((batch, config.vocab_size), jnp.float32), tokens=sds((batch, max_new_tokens), jnp.int32),
         num_generated=sds((), jnp.int32), done=sds((batch,), jnp.bool_), stop_ids=sds((num_stop_ids,), jnp.int32),
         pad_id=sds((), jnp.int32), rng=sds(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
@@ -108,14 +108,16 @@ def abstract_state(config: M1Config, batch: int, prompt_len: int, max_len: int, 
         expert_calls=sds((config.num_layers, config.num_experts), jnp.float32))
 
 
-def start(config: M1Config, prompt_ids: Sequence[Sequence[int]], request: Request) -> InferenceState:
-    """Pad the prompts (already checked by the caller) and allocate an empty cache for prompt + new tokens."""
+def start(config: M1Config, prompt_ids: Sequence[Sequence[int]], request: Request, *,
+          policy: RunPolicy = RunPolicy()) -> InferenceState:
+    """Pad the prompts (already checked by the caller) and allocate an empty cache for prompt + new tokens, in the
+    compute dtype of `policy` (the model's: model.policy)."""
     padded, start_slots = pad_prompts(prompt_ids, request.pad_id)
     batch, prompt_len = padded.shape
     slots = prompt_len + request.max_new_tokens
     max_len = -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
     return InferenceState(
-        cache=init_cache(config, batch, max_len, start_slots), prompt=jnp.asarray(padded),
+        cache=init_cache(config, batch, max_len, start_slots, policy=policy), prompt=jnp.asarray(padded),
         last_logits=jnp.zeros((batch, config.vocab_size), jnp.float32),
         tokens=jnp.full((batch, request.max_new_tokens), request.pad_id, jnp.int32),
         num_generated=jnp.zeros((), jnp.int32), done=jnp.zeros((batch,), bool),

@@ -206,12 +206,12 @@ def finish(config: M1Config, state: InferenceState, request: Request, timings: T
 
 
 def model_with_threshold(model: M1ForCausalLM, expert_threshold: float | None) -> M1ForCausalLM:
-    """The model with config.expert_threshold replaced (None keeps the config's)."""
+    """The model with its policy's expert_threshold replaced (None keeps the policy's); the config is unchanged."""
     if not isinstance(model, M1ForCausalLM):
         raise ValueError(f"model must be an m1jax M1ForCausalLM, got {type(model).__name__}")
-    if expert_threshold is None or expert_threshold == model.config.expert_threshold:
+    if expert_threshold is None or expert_threshold == model.policy.expert_threshold:
         return model
-    return model.clone(config=model.config.replace(expert_threshold=expert_threshold))
+    return model.clone(policy=model.policy.replace(expert_threshold=expert_threshold))
 
 
 def continue_generation(model: M1ForCausalLM, params: Any, state: InferenceState, request: Request, *,
@@ -233,7 +233,7 @@ def generate(model: M1ForCausalLM, params: Any, prompt_ids: Any, *, max_new_toke
 
     prompt_ids: one prompt (list of ids) or several (list of lists, any lengths; left-padded with pad_id).
     temperature 0 is greedy; otherwise a draw after top_k / top_p filtering, from seed. A row stops after eos_id or
-    any of stop_ids. expert_threshold replaces the model config's (see M1Config). chunk_size: prompt slots per
+    any of stop_ids. expert_threshold replaces the model policy's (see RunPolicy). chunk_size: prompt slots per
     prefill call. stream(step, tokens (B,)) sees every step's tokens as they are drawn, stream_interval at a time.
     """
     model = model_with_threshold(model, expert_threshold)
@@ -243,5 +243,5 @@ def generate(model: M1ForCausalLM, params: Any, prompt_ids: Any, *, max_new_toke
     request = make_request(config, max(map(len, rows)), max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
                            chunk_size=chunk_size)
-    state = engine.start(config, rows, request)
+    state = engine.start(config, rows, request, policy=model.policy)
     return continue_generation(model, params, state, request, stream=stream, stream_interval=stream_interval)

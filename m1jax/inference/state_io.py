@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from m1jax.config import M1Config, architecture_differences
+from m1jax.config import M1Config, RunPolicy, architecture_differences
 from m1jax.inference.cache import cache_max_len
 from m1jax.inference.engine import InferenceState, Request, abstract_state
 from m1jax.inference.sampling import SamplingParams
@@ -63,24 +63,24 @@ def save_inference_state(directory: str | os.PathLike, state: InferenceState, re
     return directory
 
 
-def load_inference_state(directory: str | os.PathLike, config: M1Config) -> tuple[InferenceState, Request]:
-    """Restore (state, request) saved by `save_inference_state` for a model of this config."""
+def load_inference_state(directory: str | os.PathLike, config: M1Config, *,
+                         policy: RunPolicy = RunPolicy()) -> tuple[InferenceState, Request]:
+    """Restore (state, request) saved by `save_inference_state` for a model of this config run under `policy`
+    (model.policy; it may differ from the saving run's: the cache is restored in its compute dtype)."""
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no inference state at {directory}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         meta = checkpointer.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         saved = M1Config.from_hf(meta["config"])
-        # the architecture, and the compute dtype (the key/value caches are held in it)
-        differs = architecture_differences(saved, config) + [
-            "compute_dtype"] * (saved.compute_dtype != config.compute_dtype)
+        differs = architecture_differences(saved, config)  # the architecture only: run-time policy may change
         if differs:
             raise ValueError(f"the inference state at {directory} was made by another model: config fields "
                              f"{differs[:5]} differ; load it with the config it was saved with")
         request = _request_from_json(meta["request"])
         shapes = meta["shapes"]
         target = abstract_state(config, shapes["batch"], shapes["prompt_len"], shapes["max_len"],
-                                request.max_new_tokens, len(request.stop_ids))
+                                request.max_new_tokens, len(request.stop_ids), policy=policy)
         device = jax.devices()[0]
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                              sharding=jax.sharding.SingleDeviceSharding(device)),

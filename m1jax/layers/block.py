@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import LIGHTNING, M1Config
+from m1jax.config import LIGHTNING, M1Config, RunPolicy
 from m1jax.layers.lightning_attention import LightningAttention
 from m1jax.layers.moe import MoE
 from m1jax.layers.moe_core import GroupedMatmul
@@ -26,6 +26,7 @@ class DecoderLayer(Module):
 
     config: M1Config
     kind: str
+    policy: RunPolicy = RunPolicy()
     grouped_matmul: GroupedMatmul | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None  # the MoE's expert-parallel mesh
 
@@ -33,20 +34,20 @@ class DecoderLayer(Module):
     def __call__(self, h: jax.Array, layer_index: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None, cache: dict | None = None,
                  cache_slots: tuple[jax.Array, jax.Array] | None = None):
-        cfg = self.config
-        pdtype = jnp.dtype(cfg.param_dtype)
+        cfg, policy = self.config, self.policy
+        pdtype = jnp.dtype(policy.param_dtype)
         alpha, beta = cfg.residual_scales(self.kind)
         token_mask = None if segment_ids is None else segment_ids != 0
         y = RMSNorm(cfg.rms_norm_eps, pdtype, name="input_norm")(h)
         if self.kind == LIGHTNING and cache is None:
-            attn, new_cache = LightningAttention(cfg, name="attn")(y, layer_index, segment_ids)[0], None
+            attn, new_cache = LightningAttention(cfg, policy, name="attn")(y, layer_index, segment_ids)[0], None
         elif self.kind == LIGHTNING:
-            attn, state = LightningAttention(cfg, name="attn")(y, layer_index, state=cache["state"],
+            attn, state = LightningAttention(cfg, policy, name="attn")(y, layer_index, state=cache["state"],
                                                                token_mask=token_mask)
             new_cache = {"state": state}
         else:
-            attn, new_cache = SoftmaxAttention(cfg, name="attn")(y, positions, segment_ids, cache, cache_slots)
+            attn, new_cache = SoftmaxAttention(cfg, policy, name="attn")(y, positions, segment_ids, cache, cache_slots)
         h = alpha * y + beta * attn
         y = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attn_norm")(h)
-        moe_out, stats = MoE(cfg, self.grouped_matmul, self.mesh, name="moe")(y, token_mask)
+        moe_out, stats = MoE(cfg, self.grouped_matmul, self.mesh, policy, name="moe")(y, token_mask)
         return cfg.mlp_alpha * y + cfg.mlp_beta * moe_out, stats, new_cache

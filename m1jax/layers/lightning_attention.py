@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import LIGHTNING_NORM_EPS, M1Config
+from m1jax.config import LIGHTNING_NORM_EPS, M1Config, RunPolicy
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.partitioning import Module
 from m1jax.layers.projection import projection
@@ -28,14 +28,15 @@ class LightningAttention(Module):
     Parameters qkv_proj, output_gate, norm, out_proj. With a state and T = 1 the recurrent decode step runs."""
 
     config: M1Config
+    policy: RunPolicy = RunPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_index: jax.Array, segment_ids: jax.Array | None = None,
                  state: jax.Array | None = None, token_mask: jax.Array | None = None):
-        cfg = self.config
+        cfg, policy = self.config, self.policy
         batch, length, _ = x.shape
         heads, dim = cfg.num_heads, cfg.head_dim
-        qkv = jax.nn.silu(projection(cfg, 3 * heads * dim, "qkv_proj", ("embed", "heads"))(x))
+        qkv = jax.nn.silu(projection(cfg, policy, 3 * heads * dim, "qkv_proj", ("embed", "heads"))(x))
         if token_mask is not None:
             qkv = qkv * token_mask[..., None].astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(batch, length, heads, 3 * dim), 3, axis=-1)
@@ -46,8 +47,9 @@ class LightningAttention(Module):
                 out = out[:, None]
             else:
                 out, final_state = lightning_attention(q, k, v, slopes, initial_state=state,
-                                                       return_final_state=True, segment_ids=segment_ids)
-        out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(
+                                                       return_final_state=True, segment_ids=segment_ids,
+                                                       block_size=policy.block_size)
+        out = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(policy.param_dtype), name="norm")(
             out.reshape(batch, length, heads * dim))
-        out = jax.nn.sigmoid(projection(cfg, heads * dim, "output_gate", ("embed", "heads"))(x)) * out
-        return projection(cfg, cfg.hidden_size, "out_proj", ("heads", "embed"))(out), final_state
+        out = jax.nn.sigmoid(projection(cfg, policy, heads * dim, "output_gate", ("embed", "heads"))(x)) * out
+        return projection(cfg, policy, cfg.hidden_size, "out_proj", ("heads", "embed"))(out), final_state

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.layers.moe_core import (GroupedMatmul, default_grouped_matmul, expert_capacity, route, routing_stats,
                                    skip_below_threshold)
 from m1jax.layers.moe_parallel import dispatch, spreads
@@ -60,16 +60,17 @@ class MoE(Module):
     config: M1Config
     grouped_matmul: GroupedMatmul | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+    policy: RunPolicy = RunPolicy()  # dtypes, expert_threshold, capacity_factor
 
     @nn.compact
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
-        cfg = self.config
+        cfg, policy = self.config, self.policy
         if self.mesh is None and spreads(ambient_mesh()):
             raise ValueError("MoE: an ambient mesh (jax.set_mesh) spreads this layer over several devices but no mesh "
                              "was passed, so it would run one device's dispatch under XLA's partitioning; build the "
                              "model with M1ForCausalLM(config, mesh=mesh) (or MoE(config, mesh=mesh))")
         init = nn.initializers.normal(cfg.initializer_range)
-        pdtype, cdtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        pdtype, cdtype = jnp.dtype(policy.param_dtype), jnp.dtype(policy.compute_dtype)
         hidden, num_experts, width, k = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.experts_per_token
         gate = self.param("gate", named(init, "embed", "router"), (hidden, num_experts),
                           jnp.float32)  # the router stays float32
@@ -80,12 +81,12 @@ class MoE(Module):
         flat = x.reshape(-1, hidden)
         with jax.named_scope("moe_routing"):
             routing = route(flat, gate, k)
-            weights, skipped = skip_below_threshold(routing.weights, cfg.expert_threshold)
+            weights, skipped = skip_below_threshold(routing.weights, policy.expert_threshold)
         mask = None if token_mask is None else token_mask.reshape(-1).astype(bool)
         no_call = skipped if mask is None else skipped | ~mask[:, None]
         calls = jnp.where(no_call, num_experts, routing.experts)
-        capacity = (None if cfg.capacity_factor is None
-                    else expert_capacity(flat.shape[0], k, num_experts, cfg.capacity_factor))
+        capacity = (None if policy.capacity_factor is None
+                    else expert_capacity(flat.shape[0], k, num_experts, policy.capacity_factor))
         mesh = None if self.is_initializing() else self.mesh
         with jax.named_scope("moe_dispatch"):
             out, dropped = dispatch(x.astype(cdtype), weights, calls, w1, w3, w2, mesh=mesh, capacity=capacity,

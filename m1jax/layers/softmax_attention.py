@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.layers.partitioning import Module
 from m1jax.layers.projection import projection
 from m1jax.layers.rope import apply_rope
@@ -320,16 +320,18 @@ class SoftmaxAttention(Module):
     """
 
     config: M1Config
+    policy: RunPolicy = RunPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                  cache: dict | None = None, cache_slots: tuple[jax.Array, jax.Array] | None = None):
-        cfg = self.config
+        cfg, policy = self.config, self.policy
         batch, length, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = projection(cfg, heads * dim, "q_proj", ("embed", "heads"))(x).reshape(batch, length, heads, dim)
-        k = projection(cfg, kv_heads * dim, "k_proj", ("embed", "kv_heads"))(x).reshape(batch, length, kv_heads, dim)
-        v = projection(cfg, kv_heads * dim, "v_proj", ("embed", "kv_heads"))(x).reshape(batch, length, kv_heads, dim)
+        project = lambda features, name, axes: projection(cfg, policy, features, name, axes)(x)
+        q = project(heads * dim, "q_proj", ("embed", "heads")).reshape(batch, length, heads, dim)
+        k = project(kv_heads * dim, "k_proj", ("embed", "kv_heads")).reshape(batch, length, kv_heads, dim)
+        v = project(kv_heads * dim, "v_proj", ("embed", "kv_heads")).reshape(batch, length, kv_heads, dim)
         q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
         with jax.named_scope("softmax_attention"):
@@ -337,5 +339,6 @@ class SoftmaxAttention(Module):
                 out, new_cache = causal_attention(q, k, v, segment_ids), None
             else:
                 out, new_cache = cached_attention(q, k, v, cache, *cache_slots)
-        out = projection(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(batch, length, heads * dim))
+        out = projection(cfg, policy, cfg.hidden_size, "o_proj", ("heads", "embed"))(
+            out.reshape(batch, length, heads * dim))
         return out, new_cache

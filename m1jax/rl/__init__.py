@@ -34,7 +34,7 @@ from m1jax.rl.rollout import (
     get_rl_task,
     probability_mismatch,
     replay_logprobs,
-    sampler_config,
+    sampler_policy,
     score_responses,
 )
 from m1jax.rl.trainer import LossConfig, RLConfig, RLResult, make_update_step, policy_loss, train_rl
@@ -53,7 +53,7 @@ __all__ = [
     "policy_loss",
     "probability_mismatch",
     "replay_logprobs",
-    "sampler_config",
+    "sampler_policy",
     "score_responses",
     "train_rl",
     "ProgramError",

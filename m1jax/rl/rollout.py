@@ -16,7 +16,7 @@ the log-probabilities of the sampled tokens seen from both sides of the training
     rollout.group_ids         (B,) int32         the prompt each row answers
 
 Sampler log-probabilities. The engine samples but does not return log-probabilities, so they are recomputed with
-the sampler's own configuration (`sampler_config`: its compute dtype and lm_head precision) along one of two paths:
+the sampler's own run policy (`sampler_policy`: its compute dtype and lm_head precision) along one of two paths:
 "decode" replays the drawn tokens through the engine's cached path (prefill of the prompt, then one-token steps fed
 with the drawn tokens: the same computation that chose them), "forward" runs one full forward over prompt + response.
 Both are log-probabilities of the tempered distribution softmax(logits / temperature) the tokens were drawn from.
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import DTYPES, M1Config
+from m1jax.config import DTYPES, RunPolicy
 from m1jax.inference import engine
 from m1jax.inference.generate import generate, make_request
 from m1jax.model import M1ForCausalLM
@@ -171,14 +171,15 @@ class RolloutConfig:
             raise ValueError(f"old_logprobs={self.old_logprobs!r}; choose one of {OLD_LOGPROBS}")
 
 
-def sampler_config(config: M1Config, rollout: RolloutConfig) -> M1Config:
-    """The inference engine's configuration: the policy's, with the sampler's compute dtype and lm_head precision."""
+def sampler_policy(policy: RunPolicy, rollout: RolloutConfig) -> RunPolicy:
+    """The inference engine's run policy: the trainer's, with the sampler's compute dtype and lm_head precision (the
+    same model either way: only how it is computed differs)."""
     changes = {}
     if rollout.sampler_compute_dtype is not None:
         changes["compute_dtype"] = rollout.sampler_compute_dtype
     if rollout.sampler_float32_lm_head is not None:
         changes["float32_lm_head"] = rollout.sampler_float32_lm_head
-    return config.replace(**changes)
+    return policy.replace(**changes)
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -232,7 +233,7 @@ def replay_logprobs(model: M1ForCausalLM, params, prompts: Sequence[Sequence[int
     generation (they only shape the engine's state, so the generation's compiled prefill is reused)."""
     request = make_request(model.config, max(map(len, prompts)), max_new_tokens=drawn.shape[1],
                            temperature=temperature, pad_id=pad_id, chunk_size=chunk_size, stop_ids=stop_ids)
-    state = engine.prefill(model, params, engine.start(model.config, prompts, request), request)
+    state = engine.prefill(model, params, engine.start(model.config, prompts, request, policy=model.policy), request)
     drawn = jnp.asarray(drawn, jnp.int32)
     first, _ = token_logprobs(state.last_logits, drawn[:, 0], temperature)
     if drawn.shape[1] == 1:
@@ -332,7 +333,7 @@ def collect_rollout(model: M1ForCausalLM, params, examples: Sequence[Mapping[str
                     stop_ids: Sequence[int] | None = None) -> Rollout:
     """Sample config.group_size responses to each example's prompt and score them (see the module docstring).
 
-    model: the policy in its training configuration; sampling uses `sampler_config(model.config, config)`.
+    model: the policy in its training run policy; sampling uses `sampler_policy(model.policy, config)`.
     prompt_width: columns W for the prompt (default: the longest prompt); a fixed W keeps the update's shapes,
     and so its compilation, the same from batch to batch. stop_ids: default newline and the tokenizer's eos.
     """
@@ -347,7 +348,7 @@ def collect_rollout(model: M1ForCausalLM, params, examples: Sequence[Mapping[str
     if stop_ids is None:
         stop_ids = tuple(i for i in (NEWLINE_ID, tokenizer.eos_id) if i is not None)
     rows = [ids for ids in prompts for _ in range(group)]
-    sampler = M1ForCausalLM(sampler_config(model.config, config))
+    sampler = M1ForCausalLM(model.config, sampler_policy(model.policy, config))
     horizon = config.max_new_tokens
     out = generate(sampler, params, rows, max_new_tokens=horizon, temperature=config.temperature, seed=seed,
                    stop_ids=stop_ids, pad_id=tokenizer.pad_id, chunk_size=config.chunk_size)

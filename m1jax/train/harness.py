@@ -35,7 +35,7 @@ import optax
 
 from m1jax import sharding
 from m1jax.checkpoint.state import TrainCheckpoints
-from m1jax.config import M1Config
+from m1jax.config import M1Config, same_architecture
 from m1jax.progress import status
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.run_log import RunLog
@@ -62,8 +62,9 @@ def check_count(value, name: str, minimum: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ the run directory
 def same_model(a: M1Config, b: M1Config) -> bool:
-    """Whether two configs describe the same model, i.e. whether a run's checkpoints fit both."""
-    return a == b
+    """Whether two configs describe the same model, i.e. whether a run's checkpoints fit both: the architecture
+    (`same_architecture`); the run-time policy (dtypes, remat, ...) is not in a config and may change on resume."""
+    return same_architecture(a, b)
 
 
 def check_same_model(out: str, config: M1Config) -> None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
 from m1jax.progress import progress_bar
@@ -43,11 +43,11 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # task accuracy on a held-out batch every N steps (0: only at the end)
     microbatches: int = 1
-    remat: str = "none"
+    policy: RunPolicy = RunPolicy()  # dtypes, remat, ...: may change when a run resumes (the model may not)
     mesh: dict[str, int] | None = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     logit_z_loss_coef: float = 0.0  # + coef * mean(logsumexp(logits)^2) over graded tokens (m1jax.train.step)
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # M1Config fields over the preset's
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard events under out/tensorboard (needs tensorboardX)
@@ -101,7 +101,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
                           seed=cfg.seed + harness.HELD_OUT_SEED_OFFSET, vocab_size=model_config.vocab_size,
                           **cfg.task_options)
     opt_cfg, optimizer, schedule = harness.optimizer_for(cfg.optimizer, cfg.steps)
-    model = M1ForCausalLM(model_config, remat=cfg.remat)
+    model = M1ForCausalLM(model_config, cfg.policy)
 
     abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, cfg.seed))
     mesh, state_shardings, batch_sharding = _shardings(model_config, cfg, abstract_state, optimizer)
@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, dict], None] | None = None)
     harness.check_same_model(cfg.out, model_config)
     from m1jax.plan import check_fits  # MemoryError with the plan's figures, before anything compiles
     check_fits(model_config, cfg.mesh or {}, batch_size=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len,
-               remat=cfg.remat)
+               policy=cfg.policy)
     checkpoints = harness.checkpoints(cfg.out, cfg.keep_checkpoints)
     restored = harness.resume(checkpoints, abstract_state, state_shardings, out=cfg.out, steps=cfg.steps,
                               quiet=not cfg.progress)

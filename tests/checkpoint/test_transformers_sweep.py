@@ -33,17 +33,17 @@ def random_case(seed: int):
     rotary_dim = int(rng.choice([r for r in range(2, head_dim + 1, 2) if head_dim % r == 0 or r == head_dim]))
     layers = int(rng.integers(1, 7))
     experts = int(rng.integers(1, 9))
-    config = M1Config(
+    fields = dict(
         vocab_size=int(rng.integers(40, 200)), hidden_size=int(rng.choice([24, 32, 48, 64, 80])),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
         num_experts=experts, experts_per_token=int(rng.integers(1, min(experts, 3) + 1)),
         expert_size=int(rng.integers(4, 65)),
         layer_types=tuple(rng.choice(["lightning", "softmax"], size=layers).tolist()),
-        rope_theta=float(rng.choice([500.0, 1e4, 1e6, 1e7])), rms_norm_eps=float(rng.choice([1e-5, 1e-6])),
-        block_size=int(rng.choice([4, 8, 16, 256])),
-        **{f"{part}_{ab}": float(rng.uniform(0.6, 2.0)) for part in ("lightning", "softmax", "mlp")
-           for ab in ("alpha", "beta")},
-        initializer_range=0.25, param_dtype="float32", compute_dtype="float32")
+        rope_theta=float(rng.choice([500.0, 1e4, 1e6, 1e7])), rms_norm_eps=float(rng.choice([1e-5, 1e-6])))
+    block_size = int(rng.choice([4, 8, 16, 256]))  # transformers' kernel block (run-time): written to its file
+    scales = {f"{part}_{ab}": float(rng.uniform(0.6, 2.0)) for part in ("lightning", "softmax", "mlp")
+              for ab in ("alpha", "beta")}
+    config = M1Config(**fields, **scales, initializer_range=0.25)
     params = init_params(config, jax.random.key(seed))
     # Norm gains away from 1, so a norm applied to the wrong tensor shows.
     gains = iter(jax.random.split(jax.random.key(seed + 1000), len(jax.tree.leaves(params))))
@@ -51,7 +51,7 @@ def random_case(seed: int):
         lambda path, x: x * jax.random.uniform(next(gains), x.shape, x.dtype, 0.5, 1.5)
         if "scale" in jax.tree_util.keystr(path) else x, params)
     batch, length = int(rng.integers(1, 4)), (1 if rng.random() < 0.15 else int(rng.integers(2, 90)))
-    return config, params, rng, batch, length  # seeds are fixed: a routing near-tie would show on every run
+    return config, params, rng, batch, length, block_size  # seeds are fixed: a routing near-tie would show on every run
 
 
 @pytest.mark.skipif(not os.path.exists(REF_PYTHON), reason="reference venv (.refvenv, `make fixtures`) not present")
@@ -59,9 +59,11 @@ def test_random_configurations_match_transformers(tmp_path):
     report = []
     inputs = {}
     for seed in SEEDS:
-        config, params, rng, batch, length = random_case(seed)
+        config, params, rng, batch, length, block_size = random_case(seed)
         ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
         save_pretrained(tmp_path / str(seed), config, params)
+        path = tmp_path / str(seed) / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "block_size": block_size}))
         np.savez(tmp_path / f"{seed}.npz", input_ids=np.asarray(ids))
         inputs[seed] = (config, params, ids)
     for seed, (config, params, ids) in inputs.items():

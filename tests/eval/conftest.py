@@ -8,7 +8,7 @@ from m1jax.params import draw_params
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """m1jax.params.draw_params with a fixed seed: the checkpoint is a fixture, not a random input."""
-    config = M1Config.from_preset("tiny", block_size=8)
+    config = M1Config.from_preset("tiny")
     directory = tmp_path_factory.mktemp("eval-ckpt")
     save_pretrained(directory, config, draw_params(config, 0))
     return str(directory)

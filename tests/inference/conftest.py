@@ -7,8 +7,8 @@ from m1jax.params import draw_params
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    """4 layers in 2 scanned groups of [lightning, softmax], block 8, vocab 512."""
-    return M1Config.from_preset("tiny", block_size=8)
+    """4 layers in 2 scanned groups of [lightning, softmax], vocab 512."""
+    return M1Config.from_preset("tiny")
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 
 from m1jax import M1ForCausalLM
+from m1jax.config import RunPolicy
 from m1jax.inference import (continue_generation, generate, load_inference_state, make_request, prefill,
                              save_inference_state, start)
 from m1jax.inference.engine import Timings, prefill_remaining
@@ -84,12 +86,20 @@ def test_save_part_way_through_prefill_then_resume_gives_the_same_tokens(tiny_co
         load_inference_state(path, tiny_config.replace(num_heads=8, num_kv_heads=4))
     with pytest.raises(ValueError, match="already exists"):
         save_inference_state(path, restored, request, tiny_config)
+    # another run policy is the same model: the float32 cache comes back in the new compute dtype, and finishes
+    bf16 = RunPolicy(compute_dtype="bfloat16")
+    restored, _ = load_inference_state(path, tiny_config, policy=bf16)
+    keys = [entry["key"] for entry in restored.cache.layers if "key" in entry]
+    assert keys and all(key.dtype == jnp.bfloat16 for key in keys)
+    finished = continue_generation(model.clone(policy=bf16), tiny_params, restored, request, timings=Timings())
+    assert finished.tokens.shape == whole.tokens.shape
 
 
 def test_expert_threshold_reaches_the_model(tiny_config):
     model = M1ForCausalLM(tiny_config)
     assert model_with_threshold(model, 0.0) is model
-    assert model_with_threshold(model, 0.3).config.expert_threshold == 0.3
+    assert model_with_threshold(model, 0.3).policy.expert_threshold == 0.3
+    assert model_with_threshold(model, 0.3).config == tiny_config  # run-time policy, not another model
     assert model_with_threshold(model, None) is model
 
 

@@ -5,7 +5,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.layers.moe import MoE, moe_dense_reference
 from m1jax.layers.moe_core import (Routing, expert_capacity, over_capacity, route, routing_stats, skip_below_threshold,
                                    sorted_dispatch)
@@ -23,8 +23,8 @@ def random_experts(rng, num_experts, hidden, width, scale=0.3):
         draw(num_experts, width, hidden)
 
 
-def init_moe(cfg, key, x):
-    return jax.jit(MoE(cfg).init)(key, x)
+def init_moe(cfg, key, x, policy=RunPolicy()):
+    return jax.jit(MoE(cfg, policy=policy).init)(key, x)
 
 
 def dispatch(x, gate, w1, w3, w2, k):
@@ -102,11 +102,11 @@ def test_routing_statistics(rng):
 
 
 def test_moe_module_shapes_and_dtypes(rng):
-    cfg = M1Config.from_preset("tiny", param_dtype="bfloat16", compute_dtype="bfloat16")
+    cfg, bf16 = M1Config.from_preset("tiny"), RunPolicy(param_dtype="bfloat16", compute_dtype="bfloat16")
     x = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)), jnp.bfloat16)
-    params = init_moe(cfg, jax.random.key(0), x)
+    params = init_moe(cfg, jax.random.key(0), x, bf16)
     assert params["params"]["gate"].dtype == jnp.float32 and params["params"]["w1"].dtype == jnp.bfloat16
-    out, stats = jax.jit(MoE(cfg).apply)(params, x)
+    out, stats = jax.jit(MoE(cfg, policy=bf16).apply)(params, x)
     assert out.shape == x.shape and out.dtype == jnp.bfloat16
     assert stats["tokens_per_expert"].shape == (cfg.num_experts,)
     assert all(stats[name].shape == () for name in ("skipped_fraction", "dropped_fraction", "z_loss"))
@@ -114,9 +114,10 @@ def test_moe_module_shapes_and_dtypes(rng):
 
 def test_float32_input_with_bfloat16_compute_feeds_the_experts_in_bfloat16(rng):
     from pallas_kernels.grouped_matmul import grouped_matmul  # checks that both operands share a dtype
-    cfg = M1Config.from_preset("tiny", compute_dtype="bfloat16")
+    cfg = M1Config.from_preset("tiny")
     x = jnp.asarray(rng.standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
-    moe = MoE(cfg, lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, impl="reference"))
+    moe = MoE(cfg, lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, impl="reference"),
+              policy=RunPolicy(compute_dtype="bfloat16"))
     params = jax.jit(moe.init)(jax.random.key(0), x)
     out, _ = jax.jit(moe.apply)(params, x)
     p = params["params"]
@@ -151,7 +152,7 @@ def test_threshold_zero_is_exact_and_raising_it_never_adds_expert_calls(rng):
     assert exact_stats["skipped_fraction"] == 0
     previous_calls, previous_kept = exact_stats["expert_calls"].sum(), None
     for threshold in (0.1, 0.3, 0.45):
-        moe = MoE(cfg.replace(expert_threshold=threshold))
+        moe = MoE(cfg, policy=RunPolicy(expert_threshold=threshold))
         out, stats = jax.jit(moe.apply)(params, x)
         want = moe_dense_reference(flat, p["gate"], p["w1"], p["w3"], p["w2"], 3, expert_threshold=threshold)
         assert_allclose(out.reshape(flat.shape), want, rtol=1e-5, atol=1e-6)
@@ -236,7 +237,7 @@ def test_over_capacity_matches_a_sequential_simulation(capacity, rng):
 
 
 def test_capacity_mode_drops_exactly_the_overflow_and_counts_it(rng):
-    cfg = M1Config.from_preset("tiny", num_experts=4, capacity_factor=0.75)
+    cfg, capped = M1Config.from_preset("tiny", num_experts=4), RunPolicy(capacity_factor=0.75)
     x = jnp.asarray(rng.standard_normal((2, 15, cfg.hidden_size)), jnp.float32) + 0.5
     params = init_moe(cfg, jax.random.key(3), x)
     params = jax.tree.map(lambda a: a, params)
@@ -248,7 +249,7 @@ def test_capacity_mode_drops_exactly_the_overflow_and_counts_it(rng):
     assert want_dropped.sum() > 0 and np.bincount(experts.ravel(), minlength=4).min() < capacity
 
     def loss(params, x):
-        out, stats = MoE(cfg).apply(params, x)
+        out, stats = MoE(cfg, policy=capped).apply(params, x)
         return jnp.sum(jnp.sin(out)), (out, stats)
     (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, x)
     assert_allclose(stats["dropped_fraction"], want_dropped.mean(), rtol=1e-6)

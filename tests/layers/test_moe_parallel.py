@@ -10,7 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.layers.moe import MoE
 from m1jax.layers.moe_core import expert_capacity, route
 from m1jax.sharding import MESH_AXES, activation_sharding, create_mesh, shard_params
@@ -21,6 +21,7 @@ def assert_allclose(actual, desired, **tolerances):
     np.testing.assert_allclose(actual, desired, equal_nan=False, **tolerances)
 
 
+CAPACITY_POLICY = RunPolicy(capacity_factor=0.8, expert_threshold=0.1)
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 8},
           {"data": 2, "fsdp": 2, "expert": 2}]
 
@@ -34,16 +35,16 @@ def setup(rng, cfg, batch=8, length=13, uneven=False):
     return params, x
 
 
-def loss_and_grads(cfg, mesh=None, grouped_matmul=None):
+def loss_and_grads(cfg, mesh=None, grouped_matmul=None, policy=RunPolicy()):
     def loss(params, x, mask):
-        out, stats = MoE(cfg, grouped_matmul, mesh=mesh).apply(params, x, mask)
+        out, stats = MoE(cfg, grouped_matmul, mesh=mesh, policy=policy).apply(params, x, mask)
         return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1])), (out, stats)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def on_mesh(cfg, mesh, params, x, mask, grouped_matmul=None):
+def on_mesh(cfg, mesh, params, x, mask, grouped_matmul=None, policy=RunPolicy()):
     """The layer given `mesh`, on inputs placed on it; no ambient mesh is set."""
-    fn = loss_and_grads(cfg, mesh, grouped_matmul)
+    fn = loss_and_grads(cfg, mesh, grouped_matmul, policy)
     placed = (shard_params(params, mesh), jax.device_put(x, activation_sharding(mesh, ("batch", None, None))), mask)
     jaxpr = str(jax.make_jaxpr(fn)(*placed))
     assert "shard_map" in jaxpr  # the expert-parallel path ran, not XLA's own partitioning of the local one
@@ -98,11 +99,10 @@ def capacity_problem(draw_seed):
     """Capacity and threshold both biting, some padding, an expert width (90) that "tensor" = 4 does not divide."""
     seed = draw_seed()
     rng = np.random.default_rng(seed)
-    cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, expert_size=90, capacity_factor=0.8,
-                               expert_threshold=0.1)
+    cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, expert_size=90)
     params, x = setup(rng, cfg, length=9)
     mask = jnp.ones((8, 9), bool).at[3, 4:].set(False)
-    want = loss_and_grads(cfg)(params, x, mask)
+    want = loss_and_grads(cfg, policy=CAPACITY_POLICY)(params, x, mask)
     stats = want[0][1][1]
     assert stats["dropped_fraction"] > 0 and stats["skipped_fraction"] > 0
     assert stats["expert_calls"].max() <= expert_capacity(72, 3, 8, 0.8)
@@ -114,7 +114,7 @@ def capacity_problem(draw_seed):
 def test_capacity_and_threshold_drop_the_same_calls_as_one_device(axes, capacity_problem, request):
     seed, cfg, args, want = capacity_problem
     request.node.user_properties.append(("seed", seed))
-    assert_same(on_mesh(cfg, create_mesh(axes), *args), want)
+    assert_same(on_mesh(cfg, create_mesh(axes), *args, policy=CAPACITY_POLICY), want)
 
 
 def test_bad_meshes_raise_before_compiling(rng):

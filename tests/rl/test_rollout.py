@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.model import M1ForCausalLM, init_params
 from m1jax.rl.rollout import (ArithPrompts, RolloutConfig, collect_rollout, decode_completion, get_rl_task,
                               probability_mismatch)
@@ -108,8 +108,8 @@ def test_float32_lm_head_narrows_the_mismatch_of_a_bf16_engine(examples):
     """bf16 weights with large logits (the paper blamed high-magnitude activations at the lm_head). The trainer
     computes in float32; the engine computes in bf16 with a bf16 or a float32 lm_head, samples, and replays its
     draws through its own cached path. The float32 head brings the two sides' probabilities closer."""
-    config = M1Config.from_preset("tiny", param_dtype="bfloat16")
-    params = init_params(config, jax.random.key(3))
+    config = M1Config.from_preset("tiny")
+    params = init_params(config, jax.random.key(3), policy=RunPolicy(param_dtype="bfloat16"))
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 30  # logits of order 10
     model = M1ForCausalLM(config)
     mismatch = {}

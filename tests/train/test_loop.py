@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m1jax.config import M1Config
+from m1jax.config import M1Config, RunPolicy
 from m1jax.model import M1ForCausalLM
 from m1jax.train.loop import TrainConfig, train
 from m1jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer
@@ -121,3 +121,18 @@ def test_bad_runs_fail_before_compiling(tmp_path):
     train(tiny_run(tmp_path / "d", steps=1, checkpoint_every=0))
     with pytest.raises(ValueError, match="another model"):
         train(tiny_run(tmp_path / "d", steps=1, model_overrides={"expert_size": 32}))
+
+
+def test_a_run_resumes_under_another_run_policy(tmp_path):
+    """The run policy is not the model: 2 steps computed in float32, resumed in bfloat16 (with remat), trains on from
+    the float32 run's checkpoint; model_config.json is the same file either way, and the policy used is recorded."""
+    first = train(tiny_run(tmp_path, steps=2, checkpoint_every=2))
+    config_json = (tmp_path / "model_config.json").read_text()
+    bf16 = RunPolicy(compute_dtype="bfloat16", remat="full")
+    resumed = train(tiny_run(tmp_path, steps=4, checkpoint_every=2, policy=bf16))
+    assert resumed.resumed_from == 2 and [r["step"] for r in resumed.history] == [3, 4]
+    assert np.isfinite([r["loss"] for r in resumed.history]).all()
+    assert abs(resumed.history[0]["loss"] - first.history[-1]["loss"]) < 1.0  # trains on from the restored state
+    assert (tmp_path / "model_config.json").read_text() == config_json
+    with open(tmp_path / "run_config.json") as f:
+        assert json.load(f)["policy"]["compute_dtype"] == "bfloat16"
