@@ -2,13 +2,14 @@
 batch-64 decode of m1jax.generate and transformers' static batched generate, in the same call.
 
 Run on the GPU machine (one call, one card, ~5-8 minutes):
-    PYTHONPATH=. python3 benchmarks/serve.py [--out DIR] [--http]
+    PYTHONPATH=. python3 benchmarks/serve.py [--out DIR] [--http] [--decode-steps 8,16] [--prefill-batch 16]
     PYTHONPATH=. python3 benchmarks/serve.py --smoke       # tiny sizes on the CPU, no torch needed
 
 Workload: the "hf-bench" shape (bf16, random weights N(0, 0.02)), prompts of 512 random tokens, 256 output tokens
 each, greedy, no eos (every request runs its full length). Each client sends its requests one after another;
 at concurrency c there are max(2c, 8) requests in all.
-  engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed)
+  engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed),
+                 once for each --decode-steps K (decode steps per device call; tokens reach the host every K steps)
   http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
                  route, streamed, from asyncio clients on loopback
   static         m1jax.generate on 64 prompts at once (decode tokens/s of its jitted while-loop)
@@ -16,12 +17,13 @@ at concurrency c there are max(2c, 8) requests in all.
                  whether its continuous batching (`generate_batch`) accepts the model (it raised
                  "ValueError: Invalid group type: linear_attention" with transformers 5.17, 2026-11-29)
 Figures: output tokens/s (all output tokens / wall time of the run), time to first token and inter-token latency
-p50/p99 (per token, from the batcher's token events). Target: engine at 64 clients >= 80% of static.
+p50/p99 (per token, from the batcher's token events: with K steps per call the tokens of a call arrive together, so
+ITL p50 is near 0 and p99 near a call's time), and time per output token p50/p99 ((last token - first token) /
+(tokens - 1) per request). Target: engine at 64 clients >= 80% of static.
 Writes $OUT/serve.jsonl as it goes, $OUT/serve_table.md and $OUT/serve_latency_throughput.png (matplotlib) and
 prints the table last.
 """
 import argparse
-import json
 import os
 import threading
 import time
@@ -32,14 +34,17 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room fo
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RunLog, config_for, random_params, say  # noqa: E402
+from benchmarks.common import RunLog, config_for, policy_for, random_params, say  # noqa: E402
 from m1jax import M1Config, M1ForCausalLM  # noqa: E402
+from m1jax.config import RunPolicy  # noqa: E402
 from m1jax.inference.generate import generate  # noqa: E402
 from m1jax.serve.batcher import Batcher, Job  # noqa: E402
 
 SIZES = {
-    "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512),
-    "smoke": dict(model="smoke", prompt=24, output=6, concurrency=(1, 2, 4), static_batch=4, chunk=16),
+    "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512,
+                 prefill_batch=16),
+    "smoke": dict(model="smoke", prompt=24, output=6, concurrency=(1, 2, 4), static_batch=4, chunk=16,
+                  prefill_batch=2),
 }
 LOG = RunLog(os.path.join(os.environ.get("OUT", "."), "serve.jsonl"))
 RESULTS, record = LOG.rows, LOG
@@ -59,7 +64,7 @@ def percentiles(values: list[float]) -> dict:
 # ----- ours: the batcher in-process -----
 def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
     """`concurrency` client threads share the prompts; each sends its requests one after another."""
-    ttft, itl, tokens = [], [], [0]
+    ttft, itl, tpot, tokens = [], [], [], [0]
     lock = threading.Lock()
 
     def client(mine):
@@ -74,6 +79,8 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
             with lock:
                 ttft.append(stamps[0] - job.arrival)
                 itl.extend(np.diff(stamps).tolist())
+                if len(stamps) > 1:
+                    tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
                 tokens[0] += len(job.token_ids)
 
     groups = [prompts[i::concurrency] for i in range(concurrency)]
@@ -85,7 +92,8 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
         t.join()
     wall = time.perf_counter() - begin
     return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
-            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
+            "tpot_ms": percentiles(tpot)}
 
 
 def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
@@ -115,7 +123,7 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
     thread.start()
     while not web.started:
         time.sleep(0.05)
-    ttft, itl, tokens = [], [], [0]
+    ttft, itl, tpot, tokens = [], [], [], [0]
 
     async def client(http, mine):
         for prompt in mine:
@@ -127,6 +135,8 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
                         stamps.append(time.perf_counter())
             ttft.append(stamps[0] - begin)
             itl.extend(np.diff(stamps).tolist())
+            if len(stamps) > 1:
+                tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
             tokens[0] += len(stamps)
 
     async def main():
@@ -140,43 +150,53 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
     web.should_exit = True
     thread.join(10)
     return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
-            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
+            "tpot_ms": percentiles(tpot)}
 
 
-def section_ours(size: dict, config: M1Config, params, http: bool) -> None:
-    model = M1ForCausalLM(config)
+def section_ours(size: dict, config: M1Config, policy: RunPolicy, params, http: bool, decode_steps: list[int],
+                 prefill_batch: int) -> None:
+    model = M1ForCausalLM(config, policy=policy)
     # Rows share one cache write index: a request joins a running batch only if the cache also holds the age of the
     # oldest live row, so prompt + 2 x output keeps every slot busy (prompt + output alone admits one row at a time:
     # the first H200 run, 2026-11-30, measured exactly that: 357 tok/s at every concurrency).
     context = -(-(size["prompt"] + 2 * size["output"]) // 64) * 64
-    batcher = Batcher(model, params, lambda ids: "", max_batch=max(size["concurrency"]), max_context=context,
-                      chunk_size=size["chunk"], max_queue=4096)
-    begin = time.perf_counter()
-    batcher.submit(Job(prompts_for(config, 1, size["prompt"], seed=99)[0], 3))
-    batcher.run_until_idle()
-    record(section="engine", what="compile", seconds=time.perf_counter() - begin)
-    batcher.start_thread()
-    try:
-        for c in size["concurrency"]:
-            prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
-            record(section="engine", what="serve", concurrency=c, **run_engine(batcher, prompts, size["output"], c))
-        if http:
-            try:
-                import fastapi  # noqa: F401
-                import httpx  # noqa: F401
-                import uvicorn  # noqa: F401
-            except ImportError as err:
-                record(section="http", what="skipped", reason=f"{type(err).__name__}: {err}")
-                return
+    for k in decode_steps:
+        batcher = Batcher(model, params, lambda ids: "", max_batch=max(size["concurrency"]), max_context=context,
+                          chunk_size=size["chunk"], max_queue=4096, decode_steps=k, prefill_batch=prefill_batch)
+        begin = time.perf_counter()
+        batcher.warm_up(size["prompt"])  # every prefill group size, both decode variants
+        record(section="engine", what="compile", decode_steps=k, prefill_batch=batcher.prefill_batch,
+               context=context, seconds=time.perf_counter() - begin)
+        batcher.start_thread()
+        try:
             for c in size["concurrency"]:
                 prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
-                record(section="http", what="serve", concurrency=c, **run_http(batcher, prompts, size["output"], c))
-    finally:
-        batcher.stop(timeout=60)
+                record(section="engine", what="serve", concurrency=c, decode_steps=k,
+                       prefill_batch=batcher.prefill_batch, **run_engine(batcher, prompts, size["output"], c))
+            if http and k == decode_steps[-1]:
+                section_http(size, config, batcher)
+        finally:
+            batcher.stop(timeout=60)
 
 
-def section_static(size: dict, config: M1Config, params) -> None:
-    model = M1ForCausalLM(config)
+def section_http(size: dict, config: M1Config, batcher: Batcher) -> None:
+    """The running batcher behind HTTP, when fastapi, uvicorn and httpx are importable."""
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        record(section="http", what="skipped", reason=f"{type(err).__name__}: {err}")
+        return
+    for c in size["concurrency"]:
+        prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
+        record(section="http", what="serve", concurrency=c, decode_steps=batcher.decode_steps,
+               **run_http(batcher, prompts, size["output"], c))
+
+
+def section_static(size: dict, config: M1Config, policy: RunPolicy, params) -> None:
+    model = M1ForCausalLM(config, policy=policy)
     batch = size["static_batch"]
     prompts = prompts_for(config, batch, size["prompt"], seed=7)
     generate(model, params, prompts, max_new_tokens=size["output"])  # compiles
@@ -227,28 +247,34 @@ def section_transformers(size: dict, config: M1Config) -> None:
 
 
 def table() -> str:
-    rows = ["| what | concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
-            "|---|---|---|---|---|---|"]
-    static = next((r for r in RESULTS if r["section"] == "static"), None)
+    rows = ["| what | concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            "| TPOT p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
+    static = next((r for r in RESULTS if r["section"] == "static" and r.get("what") == "generate"), None)
     for r in RESULTS:
         if r.get("what") == "serve":
-            ttft, itl = r["ttft_ms"], r["itl_ms"]
-            rows.append(f"| {r['section']} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
-                        f"{ttft['p50']} / {ttft['p99']} | {itl['p50']} / {itl['p99']} |")
+            ttft, itl, tpot = r["ttft_ms"], r["itl_ms"], r.get("tpot_ms", {"p50": None, "p99": None})
+            rows.append(f"| {r['section']} K={r.get('decode_steps')} | {r['concurrency']} | {r['requests']} | "
+                        f"{r['output_tokens_per_s']:.0f} | {ttft['p50']} / {ttft['p99']} | "
+                        f"{itl['p50']} / {itl['p99']} | {tpot['p50']} / {tpot['p99']} |")
     if static:
         rows.append(f"| m1jax.generate static batch {static['batch']} | - | {static['batch']} | "
-                    f"{static['output_tokens_per_s']:.0f} (decode only {static['decode_tokens_per_s']:.0f}) | | |")
+                    f"{static['output_tokens_per_s']:.0f} (decode only {static['decode_tokens_per_s']:.0f}) | | | |")
     for r in RESULTS:
         if r["section"] == "transformers" and r.get("what") == "static generate":
             rows.append(f"| transformers {r['version']} static generate | - | {r['batch']} | "
-                        f"{r['output_tokens_per_s']:.0f} | | |")
+                        f"{r['output_tokens_per_s']:.0f} | | | |")
         if r["section"] == "transformers" and r.get("what") == "generate_batch":
-            rows.append(f"| transformers generate_batch | | | {r['result']} | | |")
-    top = max((r for r in RESULTS if r.get("what") == "serve" and r["section"] == "engine"),
-              key=lambda r: r["concurrency"], default=None)
+            rows.append(f"| transformers generate_batch | | | {r['result']} | | | |")
+        if r.get("what") in ("failed", "skipped"):
+            rows.append(f"| {r['section']} {r['what']} | | | {str(r.get('error', r.get('reason')))[:120]} | | | |")
+    engine = [r for r in RESULTS if r.get("what") == "serve" and r["section"] == "engine"]
+    top = max((r["concurrency"] for r in engine), default=None)
     if static and top:
-        rows.append(f"\nengine at {top['concurrency']} clients / static decode: "
-                    f"{top['output_tokens_per_s'] / static['decode_tokens_per_s']:.1%} (target >= 80%)")
+        rows.append("")
+        for r in engine:
+            if r["concurrency"] == top:
+                rows.append(f"engine K={r['decode_steps']} at {top} clients / static decode: "
+                            f"{r['output_tokens_per_s'] / static['decode_tokens_per_s']:.1%} (target >= 80%)")
     return "\n".join(rows)
 
 
@@ -261,35 +287,43 @@ def plot(out_dir: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for section in ("engine", "http"):
-        rows = [r for r in RESULTS if r["section"] == section and r.get("what") == "serve"]
-        if rows:
-            ax.plot([r["output_tokens_per_s"] for r in rows], [r["itl_ms"]["p50"] for r in rows], "o-", label=section)
-            for r in rows:
-                ax.annotate(str(r["concurrency"]), (r["output_tokens_per_s"], r["itl_ms"]["p50"]))
+        for k in sorted({r.get("decode_steps") for r in RESULTS if r["section"] == section}, key=str):
+            rows = [r for r in RESULTS if r["section"] == section and r.get("what") == "serve"
+                    and r.get("decode_steps") == k]
+            if rows:
+                ax.plot([r["output_tokens_per_s"] for r in rows], [r["tpot_ms"]["p50"] for r in rows], "o-",
+                        label=f"{section} K={k}")
+                for r in rows:
+                    ax.annotate(str(r["concurrency"]), (r["output_tokens_per_s"], r["tpot_ms"]["p50"]))
     ax.set_xlabel("output tokens/s")
-    ax.set_ylabel("inter-token latency p50 (ms)")
+    ax.set_ylabel("time per output token p50 (ms)")
     ax.set_title("m1jax serve: latency vs throughput (labels: clients)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "serve_latency_throughput.png"), dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the CPU, seconds)")
     parser.add_argument("--http", action="store_true", help="also through HTTP (needs fastapi, uvicorn, httpx)")
     parser.add_argument("--sections", default="ours,static,transformers")
-    args = parser.parse_args()
+    parser.add_argument("--decode-steps", default="8,16", help="decode steps per device call, one engine run each")
+    parser.add_argument("--prefill-batch", type=int, default=None, help="requests prefilled together")
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     LOG.path = os.path.join(args.out, "serve.jsonl")
     size = SIZES["smoke" if args.smoke else "full"]
-    config = config_for(size["model"])
-    params = random_params(config)
+    decode_steps = [int(k) for k in args.decode_steps.split(",")]
+    prefill_batch = args.prefill_batch or size["prefill_batch"]
+    config, policy = config_for(size["model"]), policy_for(size["model"])
+    params = random_params(config, policy=policy)
     record(section="setup", what="device", device=str(jax.devices()[0].device_kind), jax=jax.__version__, **{
-        k: v for k, v in size.items() if k != "concurrency"})
-    sections = {"ours": lambda: section_ours(size, config, params, args.http),
-                "static": lambda: section_static(size, config, params),
+        k: v for k, v in size.items() if k not in ("concurrency", "prefill_batch")}, decode_steps=decode_steps,
+        prefill_batch=prefill_batch, param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
+    sections = {"ours": lambda: section_ours(size, config, policy, params, args.http, decode_steps, prefill_batch),
+                "static": lambda: section_static(size, config, policy, params),
                 "transformers": lambda: section_transformers(size, config)}
     for name in args.sections.split(","):
         try:
@@ -299,9 +333,13 @@ def main() -> None:
     text = table()
     with open(os.path.join(args.out, "serve_table.md"), "w") as f:
         f.write(text + "\n")
-    plot(args.out)
+    try:
+        plot(args.out)
+    except Exception as err:  # the table matters more than the figure
+        say(f"plot failed: {type(err).__name__}: {err}")
     say(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

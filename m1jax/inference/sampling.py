@@ -6,6 +6,11 @@
 
 Filtering is applied in that order (temperature, top-k, top-p), as in transformers. Draws come from an explicit key
 folded with the step number, so a generation is reproducible from its seed, and resumable mid-way.
+
+One implementation, `filter_rows`, filters every row with its own temperature, top-k and top-p (one sort of the row
+serves both filters); the static settings of `SamplingParams` (m1jax.generate: one setting for the batch) and the
+per-row settings of the server's continuous batching (m1jax.serve: one setting per slot, `sample_rows`) both go
+through it.
 """
 from __future__ import annotations
 
@@ -36,33 +41,54 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """(B, V) -> (B, V): logits below the k-th largest of their row become -inf."""
-    k = min(k, logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][:, -1:]
-    return jnp.where(logits >= kth, logits, -jnp.inf)
+def _per_row(value, batch: int, dtype) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """(B, V) -> (B, V): tokens outside the nucleus of probability p become -inf."""
-    if p >= 1:  # the whole vocabulary (float32 cumulative sums may round to 1 before the tail)
+def filter_rows(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """(B, V) logits -> (B, V) float32 logits / temperature with the tokens outside each row's top-k, then outside its
+    nucleus of mass top-p, at -inf. temperature, top_k, top_p: (B,) arrays (one setting per row) or scalars.
+    temperature 0 divides by 1 (greedy rows are not drawn from); top_k >= V and top_p >= 1 keep every token.
+
+    One descending sort of each row: its k-th value is the top-k threshold, and the same sorted row (top-k applied)
+    gives the probabilities of the more likely tokens, so the nucleus's last kept token is found there too.
+    """
+    batch, vocab = logits.shape
+    temperature = _per_row(temperature, batch, jnp.float32)
+    top_k = _per_row(top_k, batch, jnp.int32)
+    top_p = _per_row(top_p, batch, jnp.float32)
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    descending = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    descending = jnp.where(descending >= kth, descending, -jnp.inf)  # still sorted: top-k keeps a prefix
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the probability of all more likely tokens
+    # the nucleus's least likely kept logit (the first token always: its mass_before is 0 < p); ties with it stay
+    threshold = jnp.min(jnp.where(mass_before < top_p[:, None], descending, jnp.inf), axis=-1, keepdims=True)
+    # top_p >= 1: the whole vocabulary (float32 cumulative sums may round to 1 before the tail)
+    keep = (scaled >= threshold) | (top_p[:, None] >= 1)
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def top_k_filter(logits: jax.Array, k) -> jax.Array:
+    """(B, V) -> (B, V): logits below the k-th largest of their row become -inf (k: an int or (B,) per row)."""
+    return filter_rows(logits, 1.0, k, 1.0).astype(logits.dtype)
+
+
+def top_p_filter(logits: jax.Array, p) -> jax.Array:
+    """(B, V) -> (B, V): tokens outside the nucleus of probability p become -inf (p: a float or (B,) per row)."""
+    if isinstance(p, (int, float)) and p >= 1:  # the whole vocabulary
         return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # probability of all more likely tokens
-    kept = mass_before < p  # the first token always (mass 0 < p)
-    threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(probs >= threshold, logits, -jnp.inf)
+    return filter_rows(logits, 1.0, logits.shape[-1], p).astype(logits.dtype)
 
 
 def filtered_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """(B, V) float32 logits / temperature, then top-k, then top-p."""
-    logits = logits.astype(jnp.float32) / params.temperature
-    if params.top_k is not None:
-        logits = top_k_filter(logits, params.top_k)
-    if params.top_p is not None:
-        logits = top_p_filter(logits, params.top_p)
-    return logits
+    if params.top_k is None and params.top_p is None:
+        return logits.astype(jnp.float32) / params.temperature
+    return filter_rows(logits, params.temperature, logits.shape[-1] if params.top_k is None else params.top_k,
+                       1.0 if params.top_p is None else params.top_p)
 
 
 def sample_tokens(logits: jax.Array, params: SamplingParams, key: jax.Array) -> jax.Array:
@@ -70,3 +96,24 @@ def sample_tokens(logits: jax.Array, params: SamplingParams, key: jax.Array) -> 
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filtered_logits(logits, params), axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                keys: jax.Array) -> jax.Array:
+    """(B, V) logits, one setting per row ((B,) temperature, top_k, top_p) and one key per row (B,) -> (B,) int32:
+    the first maximum where temperature is 0, else a draw from the row's filtered logits with the row's key (so a
+    row's draw does not depend on the other rows). Skips the draws when every row is greedy, and the sort when no
+    drawn row filters."""
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    drawn_rows = temperature > 0
+
+    def draw():
+        filters = jnp.any(drawn_rows & ((top_k < vocab) | (top_p < 1)))
+        filtered = jax.lax.cond(
+            filters, lambda: filter_rows(logits, temperature, top_k, top_p),
+            lambda: logits.astype(jnp.float32) / jnp.where(drawn_rows, temperature, 1.0)[:, None])
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(drawn_rows, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(drawn_rows), draw, lambda: greedy)

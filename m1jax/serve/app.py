@@ -224,7 +224,7 @@ async def _seed_generate(server: Server, request: Request):
     def result() -> dict:
         usage = _usage([job], [ids])
         server.metrics.observe_request(path, 200, len(ids))
-        threshold = (server.batcher.model.config.expert_threshold if params["expert_threshold"] is None
+        threshold = (server.batcher.model.policy.expert_threshold if params["expert_threshold"] is None
                      else params["expert_threshold"])
         return {"id": rid, "model": server.model_name, "text": job.text,
                 "finish_reason": "stop" if job.finish_reason == "stop" else "length",
@@ -331,7 +331,7 @@ async def _completions(server: Server, request: Request):
     jobs = [Job(ids, max_tokens, temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
                 seed=_seed(None if seed is None else seed + j), stop_ids=server.stop_ids, stop_strings=stops,
                 expert_threshold=params["expert_threshold"], logit_bias=params["logit_bias"],
-                prompt_logprobs=echo and logprobs is not None)
+                prompt_logprobs=echo and logprobs is not None, want_logprobs=logprobs is not None)
             for ids in prompts for j in range(n)]
     run = _Run(server, jobs)
     run.submit()
@@ -438,7 +438,8 @@ async def _chat(server: Server, request: Request):
     seed = params["seed"]
     jobs = [Job(ids, max_tokens, temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
                 seed=_seed(None if seed is None else seed + j), stop_ids=server.stop_ids, stop_strings=stops,
-                expert_threshold=params["expert_threshold"], logit_bias=params["logit_bias"]) for j in range(n)]
+                expert_threshold=params["expert_threshold"], logit_bias=params["logit_bias"],
+                want_logprobs=want_logprobs) for j in range(n)]
     run = _Run(server, jobs)
     run.submit()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -2,16 +2,26 @@
 
 Each turn of the loop does, in order:
   1. drop cancelled and timed-out requests (waiting, prefilling or decoding);
-  2. insert a prefilled request into a free slot, once the cache has room for every row's remaining tokens
-     (the shared cache index is first moved so that the earliest live row starts at slot 0: `shift_slots`; a
-     request whose prompt plus output fills the whole context therefore always fits once the batch is empty);
-  3. otherwise run ONE prefill chunk of the request being prefilled (or start the next waiting request), so a long
-     prompt is spread over several turns and never stalls the running batch for more than a chunk;
-  4. one decode step for every slot; each live row's token goes to its request (stop ids, stop strings, length).
+  2. admission, one device call at most: ONE prefill chunk of the group being prefilled (a group is up to
+     `prefill_batch` waiting requests prefilled together in a P-row cache, left-padded to the same length), or, once
+     the group is prefilled, insert its rows into free slots, as many as the cache has room for every row's
+     remaining tokens (the shared cache index is first moved so that the earliest live row starts at slot 0:
+     `shift_slots`; a request whose prompt plus output fills the whole context therefore always fits once the
+     batch is empty); so a long prompt never stalls the running batch for more than one chunk per decode call;
+  3. launch one decode call of up to `decode_steps` (K) steps for every slot (steps.decode_steps: sampling, stop ids
+     and length are applied on the device), and, while it runs, read the call before it: each live row's new tokens
+     go to its request in order (stop strings, streaming), and the slots of requests that ended are freed (for the
+     next turn's admission). A request ended on the host (a stop string) was drawn for in the call already launched
+     too: those tokens are discarded, and their routing counts taken back.
 
-A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, so only a
-handful of step shapes are ever compiled. Rows of one decode batch share the model's expert_threshold: a request
-with another threshold waits until the batch has drained (first come, first served).
+A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, groups have
+a power-of-two number of rows (a short group repeats its first prompt), so only a handful of step shapes are ever
+compiled (`warm_up` compiles them). A group takes waiting requests in order while their padded lengths are within a
+factor 2 of each other. Rows of one decode batch share the model's expert_threshold: a request with another threshold
+waits until the batch has drained (first come, first served).
+
+Text is decoded incrementally (a window of a few tokens per new token, as vLLM does); the whole completion is decoded
+once, when the request ends.
 
 Requests come in through `submit` (a bounded queue: QueueFull when full) and go out through their `on_event`
 callback (called on the scheduler thread: "token" events, then one "done") and `Job.done` (a threading.Event).
@@ -36,6 +46,8 @@ from m1jax.serve import steps
 from m1jax.serve.steps import Slots
 
 BUCKET = 16  # prompts are left-padded to a multiple of this
+DECODE_STEPS = 8  # decode steps per device call (the server's --decode-steps)
+PREFILL_BATCH = 8  # requests prefilled together (the server's --prefill-batch)
 
 
 class QueueFull(Exception):
@@ -46,7 +58,9 @@ class QueueFull(Exception):
 class Job:
     """One generation request. prompt_ids: token ids; max_new_tokens >= 1 (0 only with prompt_logprobs, to score a
     prompt); stop_ids end it (the id is kept in token_ids, not in text); stop_strings end it with the text cut before
-    the string. expert_threshold None keeps the model's. prompt_logprobs: compute log p(prompt[j] | prompt[:j])."""
+    the string (tokens drawn after it are discarded). expert_threshold None keeps the model's. prompt_logprobs:
+    compute log p(prompt[j] | prompt[:j]). want_logprobs: record each drawn token's log-prob and the top 20
+    (job.logprobs; None per token otherwise)."""
     prompt_ids: list[int]
     max_new_tokens: int
     temperature: float = 0.0
@@ -57,6 +71,7 @@ class Job:
     stop_strings: tuple[str, ...] = ()
     expert_threshold: float | None = None
     prompt_logprobs: bool = False
+    want_logprobs: bool = False
     logit_bias: dict[int, float] | None = None
     timeout: float | None = None
     on_event: Callable[[str, dict], Any] | None = None
@@ -66,7 +81,7 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[tuple[float, list[int], list[float]]] = dataclasses.field(default_factory=list)
+    logprobs: list[tuple[float, list[int], list[float]] | None] = dataclasses.field(default_factory=list)
     prompt_scores: list[tuple[float, list[int], list[float]] | None] = dataclasses.field(default_factory=list)
     text: str = ""
     sent: str = ""
@@ -76,6 +91,10 @@ class Job:
     counts: np.ndarray | None = None
     calls: np.ndarray | None = None
     times: dict[str, float] = dataclasses.field(default_factory=dict)
+    # incremental decoding: token_ids[prefix:read] were decoded last time, token_ids[read:] are new
+    prefix_offset: int = 0
+    read_offset: int = 0
+    solo: bool = False  # prefill alone (after its group's prefill failed)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -89,19 +108,34 @@ class Job:
 
 
 @dataclasses.dataclass
-class _Prefill:
-    job: Job
+class _Group:
+    """Requests prefilled together: row j < len(jobs) is jobs[j], the rows after it repeat row 0 (padding)."""
+    jobs: list[Job]
     threshold: float | None
-    padded: np.ndarray  # (Pb,) int32, left-padded prompt
+    padded: np.ndarray  # (P, L) int32, left-padded prompts
     chunks: list[int]
+    sampling: tuple  # device (temperature, top_k, top_p, bias, keys, stop), one row each
+    with_logprobs: bool  # prompt log-probs of some row
     position: int = 0
     chunk_index: int = 0
     counts: Any = None
     calls: Any = None
     scores: list = dataclasses.field(default_factory=list)
     logits: Any = None
-    first: tuple | None = None
-    sampling: tuple | None = None  # the job's (temperature, top_k, top_p, bias) on the device, made once
+    first: Any = None  # device (P,) first tokens once prefilled
+    pending: list[int] = dataclasses.field(default_factory=list)  # rows waiting for a slot
+
+    @property
+    def rows(self) -> int:
+        return self.padded.shape[0]
+
+
+@dataclasses.dataclass
+class _Call:
+    """A decode call launched: its device outputs, the request of each slot when it started, its variant."""
+    drawn: steps.Drawn
+    jobs: list[Job | None]
+    want_logprobs: bool
 
 
 def chunk_lengths(length: int, chunk_size: int) -> list[int]:
@@ -116,18 +150,37 @@ def chunk_lengths(length: int, chunk_size: int) -> list[int]:
     return out
 
 
+def key_data(seed: int) -> np.ndarray:
+    """The key data of jax.random.key(seed), made on the host's CPU device: reading it back never waits for a decode
+    call in flight on the accelerator."""
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend: the default device
+        return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    with jax.default_device(cpu):
+        return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def group_rows(count: int, prefill_batch: int) -> int:
+    """Rows of a prefill group of `count` requests: the next power of two, prefill_batch at most."""
+    return min(1 << (count - 1).bit_length(), prefill_batch)
+
+
 class Batcher:
     """Continuous batching over `max_batch` slots of a cache of `max_context` slots (prompt + output per request).
 
-    decode_text(ids) -> str turns completion ids into text (for stop strings and streamed deltas). With a mesh the
+    decode_text(ids) -> str turns completion ids into text (for stop strings and streamed deltas). decode_steps:
+    decode steps per device call (K); prefill_batch: requests prefilled together (P, at most). With a mesh the
     steps run under jax.set_mesh(mesh) (parameters already placed with m1jax.sharding.shard_params).
     """
 
     def __init__(self, model: M1ForCausalLM, params: Any, decode_text: Callable[[list[int]], str], *,
                  max_batch: int = 64, max_context: int = 4096, chunk_size: int = 512, max_queue: int = 256,
-                 metrics: Any = None, mesh: Any = None):
+                 decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH, metrics: Any = None,
+                 mesh: Any = None):
         for name, value in (("max_batch", max_batch), ("max_context", max_context), ("chunk_size", chunk_size),
-                            ("max_queue", max_queue)):
+                            ("max_queue", max_queue), ("decode_steps", decode_steps),
+                            ("prefill_batch", prefill_batch)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if chunk_size < BUCKET or chunk_size & (chunk_size - 1):
@@ -138,6 +191,7 @@ class Batcher:
         self.config = model.config
         self.max_batch, self.max_context = max_batch, max_context
         self.chunk_size, self.max_queue = chunk_size, max_queue
+        self.decode_steps, self.prefill_batch = decode_steps, min(prefill_batch, max_batch)
         self.metrics, self.mesh = metrics, mesh
         self._models: dict[float | None, M1ForCausalLM] = {}
         self._cond = threading.Condition()
@@ -151,20 +205,23 @@ class Batcher:
     def _reset_device_state(self) -> None:
         cfg, batch = self.config, self.max_batch
         layers_experts = (batch, cfg.num_layers, cfg.num_experts)
-        self.slots = Slots(cache=init_cache(cfg, batch, self.max_context, np.zeros(batch, np.int32)),
+        self.slots = Slots(cache=init_cache(cfg, batch, self.max_context, np.zeros(batch, np.int32),
+                                            policy=self.model.policy),
                            last=jnp.zeros((batch,), jnp.int32), live=jnp.zeros((batch,), bool),
                            steps=jnp.zeros((batch,), jnp.int32),
                            keys=jnp.zeros((batch,) + jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
                            temperature=jnp.zeros((batch,), jnp.float32),
                            top_k=jnp.full((batch,), cfg.vocab_size, jnp.int32), top_p=jnp.ones((batch,), jnp.float32),
                            counts=jnp.zeros(layers_experts, jnp.float32), calls=jnp.zeros(layers_experts, jnp.float32),
-                           bias=jnp.zeros((batch, cfg.vocab_size), jnp.float32))
-        self.row_cache = init_cache(cfg, 1, self.max_context)
+                           bias=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+                           stop=jnp.zeros((batch, cfg.vocab_size), bool), remaining=jnp.zeros((batch,), jnp.int32))
+        self.row_caches: dict[int, Any] = {}  # one P-row prefill cache per group size
         self.active: list[Job | None] = [None] * self.max_batch
         self.index = 0
         self.start = [0] * self.max_batch
-        self.prefilling: _Prefill | None = None
+        self.prefilling: _Group | None = None
         self.batch_threshold: float | None = None
+        self.in_flight: collections.deque[_Call] = collections.deque()
 
     def _model(self, threshold: float | None) -> M1ForCausalLM:
         if threshold not in self._models:
@@ -227,9 +284,21 @@ class Batcher:
         while self._has_work():
             self._turn()
 
+    def warm_up(self, prompt_length: int) -> None:
+        """Compile the steps a prompt of this length meets: every group size, both decode variants (with and
+        without log-probs). Runs on the calling thread, before start_thread."""
+        length = max(1, min(prompt_length, self.max_context - 2))
+        for size in sorted({group_rows(n, self.prefill_batch) for n in range(1, self.prefill_batch + 1)}):
+            for logprobs in (False, True):
+                jobs = [self.submit(Job([0] * length, 2, want_logprobs=logprobs)) for _ in range(size)]
+                self.run_until_idle()
+                failed = [job.error for job in jobs if job.error is not None]
+                if failed:
+                    raise RuntimeError(f"warm-up failed: {failed[0]}")
+
     # ----- the loop -----
     def _has_work(self) -> bool:
-        return bool(self._waiting) or self.prefilling is not None or self.busy_slots > 0
+        return bool(self._waiting) or self.prefilling is not None or self.busy_slots > 0 or bool(self.in_flight)
 
     def _loop(self) -> None:
         while True:
@@ -244,7 +313,9 @@ class Batcher:
                 for job in [j for j in self.active if j is not None]:
                     self._fail(job, f"decode failed: {error!r}")
                 if self.prefilling is not None:
-                    self._fail(self.prefilling.job, f"prefill failed: {error!r}")
+                    for job in self.prefilling.jobs:
+                        if not job.done.is_set():
+                            self._fail(job, f"prefill failed: {error!r}")
                 self._reset_device_state()
 
     def _turn(self) -> None:
@@ -255,18 +326,17 @@ class Batcher:
 
     def _step_all(self) -> None:
         self._drop_cancelled()
-        if self.prefilling is not None and self.prefilling.first is not None:
-            self._try_insert()
-        elif self.prefilling is not None:
+        if self.prefilling is None:
+            self._begin_group()
+        elif self.prefilling.first is None:
             self._prefill_step()
-        elif self._waiting and None in self.active:
-            head = self._waiting[0]
-            if self.busy_slots == 0 or head.expert_threshold == self.batch_threshold:
-                with self._cond:
-                    job = self._waiting.popleft()
-                self._begin_prefill(job)
-        if self.busy_slots:
-            self._decode_step()
+        else:
+            self._try_insert()
+        launched = bool(self.busy_slots)
+        if launched:
+            self._launch()
+        if self.in_flight and (len(self.in_flight) > 1 or not launched):
+            self._read(self.in_flight.popleft())
         if self.metrics is not None:
             self.metrics.observe_batcher(self.queue_depth, self.busy_slots, self.max_batch)
 
@@ -277,12 +347,20 @@ class Batcher:
             with self._cond:
                 self._waiting.remove(job)
             self._end_cancelled(job)
-        if self.prefilling is not None and expired(self.prefilling.job):
-            job, self.prefilling = self.prefilling.job, None
-            self._end_cancelled(job)
-        for b, job in enumerate(self.active):
-            if job is not None and expired(job):
-                self._free(b)
+        group = self.prefilling
+        if group is not None:
+            for j, job in enumerate(group.jobs):
+                if not job.done.is_set() and expired(job):
+                    if j in group.pending:
+                        group.pending.remove(j)
+                    self._end_cancelled(job)
+            if all(job.done.is_set() for job in group.jobs):
+                self.prefilling = None
+        gone = [b for b, job in enumerate(self.active) if job is not None and expired(job)]
+        if gone:
+            self._release(gone)
+            for b in gone:
+                job, self.active[b] = self.active[b], None
                 self._end_cancelled(job)
 
     def _end_cancelled(self, job: Job) -> None:
@@ -291,132 +369,243 @@ class Batcher:
         else:
             self._fail(job, f"the request timed out after {job.timeout} s", status=504)
 
-    # ----- prefill -----
-    def _begin_prefill(self, job: Job) -> None:
-        job.times["prefill"] = time.perf_counter()
-        length = -(-len(job.prompt_ids) // BUCKET) * BUCKET
-        padded = np.zeros((length,), np.int32)
-        padded[length - len(job.prompt_ids):] = job.prompt_ids
-        self.prefilling = _Prefill(job, job.expert_threshold, padded, chunk_lengths(length, self.chunk_size))
-        try:
-            self.row_cache = steps.JITTED["reset"](self.row_cache, jnp.int32(length - len(job.prompt_ids)))
-        except Exception as error:
-            self.prefilling = None
-            self.row_cache = init_cache(self.config, 1, self.max_context)
-            self._fail(job, f"prefill failed: {error!r}")
+    # ----- prefill, a group of requests at a time -----
+    def _begin_group(self) -> None:
+        free = self.active.count(None)
+        if not self._waiting or not free:
             return
+        head = self._waiting[0]
+        if self.busy_slots and head.expert_threshold != self.batch_threshold:
+            return  # wait until the batch has drained
+        padded_length = lambda job: -(-len(job.prompt_ids) // BUCKET) * BUCKET
+        jobs: list[Job] = []
+        with self._cond:
+            for job in self._waiting:
+                if len(jobs) == min(free, self.prefill_batch) or (jobs and (job.solo or jobs[0].solo)):
+                    break
+                lengths = [padded_length(j) for j in jobs] + [padded_length(job)]
+                if job.expert_threshold != head.expert_threshold or max(lengths) > 2 * min(lengths):
+                    break
+                jobs.append(job)
+            for _ in jobs:
+                self._waiting.popleft()
+        now = time.perf_counter()
+        for job in jobs:
+            job.times["prefill"] = now
+        rows = group_rows(len(jobs), self.prefill_batch)
+        length = max(padded_length(job) for job in jobs)
+        padded = np.zeros((rows, length), np.int32)
+        for j, job in enumerate(jobs):
+            padded[j, length - len(job.prompt_ids):] = job.prompt_ids
+        padded[len(jobs):] = padded[0]
+        starts = np.asarray([length - len(jobs[j if j < len(jobs) else 0].prompt_ids) for j in range(rows)], np.int32)
+        try:
+            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(length, self.chunk_size),
+                           self._sampling(jobs, rows), any(job.prompt_logprobs for job in jobs))
+            if rows not in self.row_caches:
+                self.row_caches[rows] = init_cache(self.config, rows, self.max_context, policy=self.model.policy)
+            self.row_caches[rows] = steps.JITTED["reset"](self.row_caches[rows], jnp.asarray(starts))
+        except Exception as error:
+            self.row_caches.pop(rows, None)
+            for job in jobs:
+                self._fail(job, f"prefill failed: {error!r}")
+            return
+        self.prefilling = group
         self._prefill_step()
 
+    def _sampling(self, jobs: list[Job], rows: int):
+        """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of the group's rows on the device."""
+        vocab = self.config.vocab_size
+        pick = lambda j: jobs[j] if j < len(jobs) else jobs[0]
+        bias = np.zeros((rows, vocab), np.float32)
+        stop = np.zeros((rows, vocab), bool)
+        for j in range(rows):
+            for token, value in (pick(j).logit_bias or {}).items():
+                bias[j, token] = value
+            stop[j, [i for i in pick(j).stop_ids if 0 <= i < vocab]] = True
+        keys = np.stack([key_data(pick(j).seed) for j in range(rows)])
+        return (jnp.asarray([pick(j).temperature for j in range(rows)], jnp.float32),
+                jnp.asarray([pick(j).top_k or vocab for j in range(rows)], jnp.int32),
+                jnp.asarray([1.0 if pick(j).top_p is None else pick(j).top_p for j in range(rows)], jnp.float32),
+                jnp.asarray(bias), jnp.asarray(keys.astype(np.uint32)), jnp.asarray(stop))
+
     def _prefill_step(self) -> None:
-        p = self.prefilling
+        group = self.prefilling
         try:
-            self._run_chunk(p)
-        except Exception as error:  # this request alone fails
+            self._run_chunk(group)
+        except Exception as error:
             self.prefilling = None
-            self.row_cache = init_cache(self.config, 1, self.max_context)
-            self._fail(p.job, f"prefill failed: {error!r}")
+            self.row_caches.pop(group.rows, None)
+            live = [job for job in group.jobs if not job.done.is_set()]
+            if len(group.jobs) > 1 and group.first is None:  # retry each request alone: only the culprit fails
+                with self._cond:
+                    for job in reversed(live):
+                        job.solo = True
+                        self._waiting.appendleft(job)
+                return
+            for job in live:
+                self._fail(job, f"prefill failed: {error!r}")
 
-    def _run_chunk(self, p: _Prefill) -> None:
-        job = p.job
-        size = p.chunks[p.chunk_index]
-        ids = p.padded[p.position:p.position + size]
-        following = np.append(p.padded[p.position + 1:p.position + size + 1], 0)[:size]  # the next token of each
+    def _run_chunk(self, group: _Group) -> None:
+        size = group.chunks[group.chunk_index]
+        ids = group.padded[:, group.position:group.position + size]
+        following = np.zeros_like(ids)  # the next token of each
+        following[:, :-1] = ids[:, 1:]
+        if group.position + size < group.padded.shape[1]:
+            following[:, -1] = group.padded[:, group.position + size]
         cache, logits, (counts, calls), extra = steps.JITTED["prefill"](
-            self._model(p.threshold), bool(job.prompt_logprobs), self.params, self.row_cache,
-            jnp.asarray(ids[None]), jnp.asarray(following[None].astype(np.int32)))
-        self.row_cache = cache
-        p.counts = counts if p.counts is None else p.counts + counts
-        p.calls = calls if p.calls is None else p.calls + calls
-        p.position += size
-        p.chunk_index += 1
+            self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows],
+            jnp.asarray(ids), jnp.asarray(following))
+        self.row_caches[group.rows] = cache
+        group.counts = counts if group.counts is None else group.counts + counts
+        group.calls = calls if group.calls is None else group.calls + calls
+        group.position += size
+        group.chunk_index += 1
         if extra is not None:
-            p.scores.append(jax.tree.map(np.asarray, extra))
-        if p.position < len(p.padded):
+            group.scores.append(jax.tree.map(np.asarray, extra))
+        if group.position < group.padded.shape[1]:
             return
-        # the whole prompt is in: prompt scores, then the first token
-        if job.prompt_logprobs:
-            logp = np.concatenate([s[0] for s in p.scores])
-            ids_ = np.concatenate([s[1] for s in p.scores])
-            lps = np.concatenate([s[2] for s in p.scores])
-            pad = len(p.padded) - len(job.prompt_ids)
-            job.prompt_scores = [None] + [(float(logp[pad + j - 1]), ids_[pad + j - 1].tolist(),
-                                           lps[pad + j - 1].tolist()) for j in range(1, len(job.prompt_ids))]
-        if job.max_new_tokens == 0:
-            self.prefilling = None
-            self._routing_from(job, p.counts, p.calls)
-            job.times["first"] = time.perf_counter()
-            self._finish(job, "length")
-            return
-        key = jax.random.key_data(jax.random.key(job.seed)).astype(jnp.uint32)
-        p.sampling = self._sampling(job)
-        token, (lp, top_ids, top_lps) = steps.JITTED["first"](logits, *p.sampling, key)
-        p.first = (int(token), float(lp), np.asarray(top_ids).tolist(), np.asarray(top_lps).tolist(), key)
-        job.times["first"] = time.perf_counter()
-        if self._accept(job, *p.first[:4]):  # finished by its first token: no slot needed
-            self.prefilling = None
-            self._routing_from(job, p.counts, p.calls)
-            self._finish(job, job.finish_reason)
-            return
+        # the whole prompts are in: prompt scores, then the first tokens
+        length = group.padded.shape[1]
+        for j, job in enumerate(group.jobs):
+            if job.prompt_logprobs:
+                logp, top_ids, top_lps = (np.concatenate([s[i][j] for s in group.scores]) for i in range(3))
+                pad = length - len(job.prompt_ids)
+                job.prompt_scores = [None] + [(float(logp[pad + t - 1]), top_ids[pad + t - 1].tolist(),
+                                               top_lps[pad + t - 1].tolist()) for t in range(1, len(job.prompt_ids))]
+        want = any(job.want_logprobs for job in group.jobs)
+        temperature, top_k, top_p, bias, keys, _ = group.sampling
+        first, scores = steps.JITTED["first"](want, logits, temperature, top_k, top_p, bias, keys)
+        group.first = first
+        first, scores = jax.device_get((first, scores))
+        now = time.perf_counter()
+        ended = []
+        for j, job in enumerate(group.jobs):
+            job.times["first"] = now
+            if job.done.is_set():
+                continue
+            if job.max_new_tokens == 0:
+                job.finish_reason = "length"
+                ended.append(j)
+                continue
+            score = (float(scores[0][j]), scores[1][j].tolist(), scores[2][j].tolist()) if job.want_logprobs else None
+            if self._accept(job, int(first[j]), score):  # finished by its first token: no slot needed
+                ended.append(j)
+            else:
+                group.pending.append(j)
+        if ended:
+            counts, calls = jax.device_get((group.counts, group.calls))
+            for j in ended:
+                self._routing_from(group.jobs[j], counts[j], calls[j])
+                self._finish(group.jobs[j], group.jobs[j].finish_reason)
         self._try_insert()
-
-    def _sampling(self, job: Job):
-        """(temperature, top_k, top_p, bias (V,)) of a job as device scalars."""
-        bias = np.zeros((self.config.vocab_size,), np.float32)
-        for token, value in (job.logit_bias or {}).items():
-            bias[token] = value
-        return (jnp.float32(job.temperature), jnp.int32(job.top_k or self.config.vocab_size),
-                jnp.float32(1.0 if job.top_p is None else job.top_p), jnp.asarray(bias))
 
     # ----- insert -----
     def _try_insert(self) -> None:
-        p = self.prefilling
-        job = p.job
-        if None not in self.active or (self.busy_slots and p.threshold != self.batch_threshold):
-            return
-        live = [b for b, j in enumerate(self.active) if j is not None]
+        group = self.prefilling
+        if group.pending and not (self.busy_slots and group.threshold != self.batch_threshold):
+            self._insert_rows(group)
+        if not group.pending:
+            self.prefilling = None
+
+    def _insert_rows(self, group: _Group) -> None:
+        """Insert the group's pending rows, in order, as many as free slots and the cache's room allow."""
+        free = [b for b, job in enumerate(self.active) if job is None]
+        live = [b for b, job in enumerate(self.active) if job is not None]
         lowest = min((self.start[b] for b in live), default=self.index)
-        # the prompt must end at the index; its left padding may wrap to the end of the cache (never visible there)
-        new_index = max(self.index - lowest, len(job.prompt_ids))
+        chosen, new_index = [], 0
+        for j in group.pending[:len(free)]:
+            rows = chosen + [j]
+            # the prompts must end at the index; their left padding may wrap to the end of the cache (never visible)
+            index = max(self.index - lowest, max(len(group.jobs[r].prompt_ids) for r in rows))
+            delta = index - self.index
+            ends = [self.start[b] + delta + len(self.active[b].prompt_ids) + self.active[b].max_new_tokens
+                    for b in live] + [index + group.jobs[r].max_new_tokens for r in rows]
+            if max(ends) > self.max_context:
+                break  # wait for rows to finish
+            chosen, new_index = rows, index
+        if not chosen:
+            return
         delta = new_index - self.index
-        ends = [self.start[b] + delta + len(self.active[b].prompt_ids) + self.active[b].max_new_tokens for b in live]
-        ends.append(new_index + job.max_new_tokens)
-        if max(ends) > self.max_context:
-            return  # wait for rows to finish
-        slot = self.active.index(None)
+        slot_of_row = np.full((group.rows,), self.max_batch, np.int32)  # out of range: not now
+        remaining = np.zeros((group.rows,), np.int32)
+        for j, b in zip(chosen, free):
+            slot_of_row[j] = b
+            remaining[j] = group.jobs[j].max_new_tokens - 1
         try:
             if delta:
                 self.slots = steps.JITTED["shift"](self.slots, jnp.int32(delta))
                 self.index += delta
                 self.start = [s + delta for s in self.start]
-            token, _, _, _, key = p.first
-            self.slots = steps.JITTED["insert"](self.slots, self.row_cache, jnp.int32(slot), jnp.int32(token), key,
-                                                *p.sampling, p.counts, p.calls)
+            temperature, top_k, top_p, bias, keys, stop = group.sampling
+            self.slots = steps.JITTED["insert"](self.slots, self.row_caches[group.rows], jnp.asarray(slot_of_row),
+                                                group.first, keys, temperature, top_k, top_p, bias, stop,
+                                                jnp.asarray(remaining), group.counts, group.calls)
         except Exception as error:
             self.prefilling = None
-            self._fail(job, f"insert failed: {error!r}")
+            for j in group.pending:
+                self._fail(group.jobs[j], f"insert failed: {error!r}")
             raise
-        self.start[slot] = self.index - len(job.prompt_ids)
-        self.active[slot] = job
-        self.batch_threshold = p.threshold
-        self.prefilling = None
+        for j, b in zip(chosen, free):
+            self.start[b] = self.index - len(group.jobs[j].prompt_ids)
+            self.active[b] = group.jobs[j]
+            group.pending.remove(j)
+        self.batch_threshold = group.threshold
 
-    # ----- decode -----
-    def _decode_step(self) -> None:
-        self.slots, out = steps.JITTED["decode"](self._model(self.batch_threshold), self.params, self.slots)
-        self.index += 1
-        token, logp, top_ids, top_lps = jax.device_get(out)
-        for b, job in enumerate(self.active):
-            if job is None:
+    # ----- decode: one call in flight while the host reads the one before -----
+    def _launch(self) -> None:
+        """Start a decode call of K steps (asynchronously: it runs while the host reads the previous call)."""
+        want = any(job is not None and job.want_logprobs for job in self.active)
+        self.slots, drawn = steps.JITTED["decode"](self._model(self.batch_threshold), want, self.decode_steps,
+                                                   self.params, self.slots)
+        self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
+        self.in_flight.append(_Call(drawn, list(self.active), want))
+
+    def _read(self, call: _Call) -> None:
+        """Give each request its new tokens of a finished call, in order, and free the slots of those that ended."""
+        d = call.drawn
+        tokens, emitted, logp, top_ids, top_logp = jax.device_get((d.tokens, d.emitted, d.logp, d.top_ids,
+                                                                   d.top_logp))
+        ended: list[tuple[int, int]] = []  # (slot, the step of its request's last token)
+        for b, job in enumerate(call.jobs):
+            if job is None or job.done.is_set():  # ended before (its tokens in this call are discarded)
                 continue
-            if self._accept(job, int(token[b]), float(logp[b]), top_ids[b].tolist(), top_lps[b].tolist()):
-                self._free(b)
-                self._finish(job, job.finish_reason)
+            column = tokens[:, b].tolist()
+            for i in range(self.decode_steps):
+                if not emitted[i, b]:
+                    raise RuntimeError(f"slot {b} stopped on the device but its request did not end")
+                score = (float(logp[i, b]), top_ids[i, b].tolist(), top_logp[i, b].tolist()) if (
+                    call.want_logprobs and job.want_logprobs) else None
+                if self._accept(job, column[i], score):
+                    ended.append((b, i))
+                    break
+        if ended:
+            self._end_rows(call, ended, emitted)
 
-    def _free(self, b: int) -> None:
-        job = self.active[b]
-        self._routing_from(job, self.slots.counts[b], self.slots.calls[b])
-        self.slots = steps.JITTED["release"](self.slots, jnp.int32(b))
-        self.active[b] = None
+    def _end_rows(self, call: _Call, ended: list[tuple[int, int]], emitted: np.ndarray) -> None:
+        """Free the slots of requests that ended in `call`, with their routing counts: the counts after that call,
+        less the steps of the call that ran after a request's last token (after a stop string found here, the device
+        went on drawing for it). Only that call's outputs are read: nothing waits for the call launched since."""
+        slots = [b for b, _ in ended]
+        self._release(slots)
+        d = call.drawn
+        counts, calls = jax.device_get((d.counts, d.calls))
+        after = [(b, i) for b, i in ended if i + 1 < self.decode_steps and emitted[i + 1, b]]
+        if after:
+            step_counts, step_calls = jax.device_get((d.step_counts, d.step_calls))
+            counts, calls = counts.copy(), calls.copy()
+            for b, i in after:
+                counts[b] -= step_counts[i + 1:, b].sum(0)
+                calls[b] -= step_calls[i + 1:, b].sum(0)
+        for b in slots:
+            job, self.active[b] = self.active[b], None
+            self._routing_from(job, counts[b], calls[b])
+            self._finish(job, job.finish_reason)
+
+    def _release(self, slots: list[int]) -> None:
+        rows = np.zeros((self.max_batch,), bool)
+        rows[slots] = True
+        self.slots = steps.JITTED["release"](self.slots, jnp.asarray(rows))
 
     @staticmethod
     def _routing_from(job: Job, counts, calls) -> None:
@@ -424,34 +613,58 @@ class Batcher:
         job.calls = np.rint(np.asarray(calls)).astype(np.int64)
 
     # ----- tokens to text -----
-    def _accept(self, job: Job, token: int, logp: float, top_ids: list[int], top_lps: list[float]) -> bool:
+    def _accept(self, job: Job, token: int, logprob: tuple | None) -> bool:
         """Record a drawn token; emit the new text. Returns True when the job is finished (finish_reason set)."""
         job.token_ids.append(token)
-        job.logprobs.append((logp, top_ids, top_lps))
+        job.logprobs.append(logprob)
         if token in job.stop_ids:
             job.finish_reason = "stop"
+            return self._end_text(job, job.token_ids[:-1])
+        before = len(job.text)
+        job.text += self._new_text(job)
+        if self._cut_at_stop(job, before):
             return self._emit(job, final=True)
-        text = self.decode_text(job.token_ids)
-        for stop in job.stop_strings:
-            at = text.find(stop, max(0, len(job.text) - len(stop)))
-            if at >= 0:
-                text = text[:at]
-                job.text = text
-                job.finish_reason = "stop"
-                return self._emit(job, final=True)
-        job.text = text
         if len(job.token_ids) >= job.max_new_tokens:
             job.finish_reason = "length"
-            return self._emit(job, final=True)
+            return self._end_text(job, job.token_ids)
         return self._emit(job, final=False)
 
+    def _new_text(self, job: Job) -> str:
+        """The text the new tokens add (vLLM's incremental detokenization): decode the unread tokens together with
+        the few before them, so that what they add comes out as in the decoding of the whole (spaces, characters
+        spanning tokens); nothing while it ends in an incomplete UTF-8 character (U+FFFD)."""
+        ids = job.token_ids
+        before = self.decode_text(ids[job.prefix_offset:job.read_offset])
+        now = self.decode_text(ids[job.prefix_offset:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        job.prefix_offset, job.read_offset = job.read_offset, len(ids)
+        return now[len(before):]
+
+    def _cut_at_stop(self, job: Job, before: int) -> bool:
+        """End the job at the first stop string that the text past `before` completes (the text cut before it)."""
+        if not job.stop_strings:
+            return False
+        hits = [at for at in (job.text.find(stop, max(0, before - len(stop))) for stop in job.stop_strings)
+                if at >= 0]
+        if not hits:
+            return False
+        job.text = job.text[:min(hits)]
+        job.finish_reason = "stop"
+        return True
+
+    def _end_text(self, job: Job, ids: list[int]) -> bool:
+        """The final text: the whole completion decoded once (with any incomplete tail), stop strings applied."""
+        before = len(job.text)
+        job.text = self.decode_text(ids)
+        if self._cut_at_stop(job, before):
+            job.finish_reason = "stop"
+        return self._emit(job, final=True)
+
     def _emit(self, job: Job, final: bool) -> bool:
-        """Send the text that can no longer change: held back are an incomplete UTF-8 tail and any tail that could
-        grow into a stop string."""
+        """Send the text that can no longer change: held back is any tail that could grow into a stop string."""
         safe = job.text
         if not final:
-            if safe.endswith("\ufffd"):
-                safe = safe.rstrip("\ufffd")
             for stop in job.stop_strings:
                 for n in range(min(len(stop) - 1, len(safe)), 0, -1):
                     if safe.endswith(stop[:n]):
@@ -485,4 +698,3 @@ class Batcher:
         if job.on_event is not None:
             job.on_event("done", {})
         job.done.set()
-

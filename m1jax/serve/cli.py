@@ -2,7 +2,8 @@
 
     m1jax serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch 64] [--max-context 4096]
                 [--dtype bfloat16] [--mesh tensor=4] [--chunk-size 512] [--max-queue 256]
-                [--request-timeout 600] [--tokenizer PATH] [--model-name NAME]
+                [--decode-steps 8] [--prefill-batch 8] [--request-timeout 600] [--tokenizer PATH]
+                [--model-name NAME]
 
 DIR is anything `m1jax generate` accepts. Start-up loads the weights, compiles the steps (a warm-up request through
 the batcher), then logs "ready" and answers GET /health with 200. SIGTERM (or Ctrl-C) stops accepting connections,
@@ -23,6 +24,7 @@ log = logging.getLogger("m1jax.serve")
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from m1jax.cli import count, mesh_spec, real
+    from m1jax.serve.batcher import DECODE_STEPS, PREFILL_BATCH
     p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=count(0, 65535), default=8000, help="port (0: any free port, printed when ready)")
@@ -33,6 +35,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=mesh_spec, help="tensor=N: tensor parallelism over N devices (default: one)")
     p.add_argument("--chunk-size", type=count(16), default=512, help="prompt tokens per prefill chunk (a power of two)")
     p.add_argument("--max-queue", type=count(1), default=256, help="waiting requests before 429")
+    p.add_argument("--decode-steps", type=count(1), default=DECODE_STEPS,
+                   help="decode steps per device call: tokens reach the host (stop strings, streaming, admission of "
+                        "new requests) every this many steps")
+    p.add_argument("--prefill-batch", type=count(1), default=PREFILL_BATCH,
+                   help="waiting requests prefilled together (each group keeps a cache of that many rows)")
     p.add_argument("--request-timeout", type=real(0, low_open=True), default=600.0, help="seconds before a request is given up (504)")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: the checkpoint's, else byte-level)")
     p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint's folder name)")
@@ -40,7 +47,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    for name in ("max_batch", "chunk_size", "max_queue", "port"):
+    for name in ("max_batch", "chunk_size", "max_queue", "decode_steps", "prefill_batch", "port"):
         value = getattr(args, name)
         if value < (0 if name == "port" else 1):
             raise SystemExit(f"m1jax serve: --{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, "
@@ -60,7 +67,7 @@ def build_server(args):
     from m1jax.tokenizer import checkpoint_tokenizer
     from m1jax.model import M1ForCausalLM
     from m1jax.serve.app import Server, build_app
-    from m1jax.serve.batcher import Batcher, Job
+    from m1jax.serve.batcher import Batcher
     from m1jax.serve.chat_template import template_of
     from m1jax.serve.metrics import Metrics
 
@@ -71,8 +78,8 @@ def build_server(args):
         import math
         split = {k: v for k, v in args.mesh.items() if k != "tensor" and v > 1}
         if split:
-            raise SystemExit(f"m1jax serve: --mesh {split} would split the batch, but a request is prefilled alone "
-                             "(batch 1); serve over tensor parallelism only, e.g. --mesh tensor=4")
+            raise SystemExit(f"m1jax serve: --mesh {split} would split the batch, but a prefill group may be one "
+                             "row; serve over tensor parallelism only, e.g. --mesh tensor=4")
         size = math.prod(args.mesh.values())
         if size > jax.device_count():
             raise SystemExit(f"m1jax serve: --mesh needs {size} devices, there are {jax.device_count()}")
@@ -88,17 +95,14 @@ def build_server(args):
     model = M1ForCausalLM(config) if mesh is None else M1ForCausalLM(config, mesh=mesh)  # MoE expert-parallel over it
     batcher = Batcher(model, params, lambda ids: server_box["server"].text(ids),
                       max_batch=args.max_batch, max_context=max_context, chunk_size=args.chunk_size,
-                      max_queue=args.max_queue, metrics=metrics, mesh=mesh)
+                      max_queue=args.max_queue, decode_steps=args.decode_steps, prefill_batch=args.prefill_batch,
+                      metrics=metrics, mesh=mesh)
     server = Server(batcher, tokenizer, model_name=args.model_name or os.path.basename(os.path.abspath(
         args.checkpoint)), template=template_of(args.checkpoint), request_timeout=args.request_timeout,
         metrics=metrics)
     server_box["server"] = server
     begin = time.perf_counter()
-    warm = min(2 * args.chunk_size - 16, max_context - 2)  # a prompt that runs every chunk length once
-    job = batcher.submit(Job([0] * max(1, warm), 2))
-    batcher.run_until_idle()
-    if job.error is not None:
-        raise RuntimeError(f"warm-up failed: {job.error}")
+    batcher.warm_up(2 * args.chunk_size - 16)  # a prompt that runs every chunk length once
     log.info("compiled in %.1f s on %s", time.perf_counter() - begin, jax.devices()[0].device_kind)
     batcher.start_thread()
     server.ready = True

@@ -1,35 +1,44 @@
-"""The device steps of continuous batching: prefill one request, insert it into a slot, decode every slot one token.
+"""The device steps of continuous batching: prefill a group of requests, insert them into slots, decode K tokens.
 
 JetStream's split, on m1jax's cache (one shared write index, a start slot per row):
 
-    small = prefill_chunk(model, params, small, ids)       one request, batch 1, a cache of the same S slots
-    slots = insert(slots, small, first_token, b, ...)       its keys/values and lightning state into row b
-    slots, out = decode_step(model, params, slots)          every live row draws one token
+    rows = prefill_chunk(model, params, rows, ids)          P waiting requests at once (a P-row cache, left-padded)
+    first = first_tokens(rows' last logits, settings)        each request's first token (step 0 of its seed)
+    slots = insert(slots, rows, slot_of_row, first, ...)     each row's keys/values and lightning state into its slot
+    slots, out = decode_steps(model, params, slots)          up to K tokens for every live row, in one device call
 
-A row b holds its request's tokens at slots start_b .. index-1 (positions slot - start_b, as in a left-padded
+A slot b holds its request's tokens at cache slots start_b .. index-1 (positions slot - start_b, as in a left-padded
 static batch), so a row inserted late simply has a later start. Rows that are free or finished have live = False:
 they still run (fixed shapes) but are masked as padding, so they change no other row and count in no statistic.
 
-Per-row sampling (each slot has its own temperature, top-k, top-p and seed) follows m1jax.inference.sampling:
-logits / T, keep the top-k (ties kept), keep the nucleus of mass p (the most probable token always); a row's draw
-uses fold_in(key(seed), step), so a seeded request draws the same tokens whatever its neighbours.
+Multi-step decode: `decode_steps` runs a `lax.while_loop` of at most K steps. Each step feeds every row its last
+token, draws the next one with the row's own settings (`m1jax.inference.sampling.sample_rows`), and ends a row on
+the device when it draws one of its stop ids or reaches its length (live becomes False: the following steps treat it
+as padding). The loop also ends early once no row is live (the index still advances by K). The K tokens of every row
+come back in one transfer, with a mask of the steps in which each row was live; the host applies stop strings,
+streams, and admits new requests between two calls. A stop string found on the host ends its row at that token: the
+tokens the device drew after it are discarded, and the per-step routing counts of those steps (`step_counts`, kept on
+the device) are subtracted.
 
-Per-row routing: the model's routing statistics are summed over the batch, so the decode step intercepts each MoE
-call (flax's `intercept_methods`) and recomputes the router's choices from the MoE's input and gate, giving
-tokens_per_expert and expert_calls (B, L, E) per row. Their sum over rows equals the model's own counts.
+Per-row routing: the model's statistics are summed over its batch, so each MoE call is intercepted (flax's
+`intercept_methods`) and the MoE's own `routing_stats` (m1jax.layers.moe_core) is evaluated row by row on the same
+router choices, expert_threshold skips and capacity drops the MoE computes (its routing, skip and capacity functions
+on its input). Per row: tokens_per_expert (the router's choices over the row's real tokens, dropped ones included,
+as the model counts them) and expert_calls (the ones computed). Their sum over rows equals the model's own counts.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from m1jax.inference.cache import Cache, insert_row, shift_slots
+from m1jax.inference.cache import Cache, shift_slots
+from m1jax.inference.sampling import sample_rows
 from m1jax.layers.moe import MoE
-from m1jax.layers.moe_core import route, skip_below_threshold
+from m1jax.layers.moe_core import Routing, expert_capacity, over_capacity, route, routing_stats, skip_below_threshold
 from m1jax.model import M1ForCausalLM
 
 TOP_LOGPROBS = 20  # log-probabilities of the most likely tokens, returned for every drawn token (OpenAI's limit)
@@ -41,7 +50,8 @@ class Slots:
     steps (B,) int32 tokens drawn per row (the rng step); keys (B, 2) uint32 key data of each row's seed;
     temperature (B,) float32 (0: greedy); top_k (B,) int32 (V: off); top_p (B,) float32 (1: off);
     counts, calls (B, L, E) float32: each row's routed and computed (token, expert) pairs;
-    bias (B, V) float32: added to a row's logits before sampling (OpenAI's logit_bias; log-probs use raw logits)."""
+    bias (B, V) float32: added to a row's logits before sampling (OpenAI's logit_bias; log-probs use raw logits);
+    stop (B, V) bool: the row's stop ids; remaining (B,) int32: tokens the row may still draw."""
     cache: Cache
     last: jax.Array
     live: jax.Array
@@ -53,32 +63,26 @@ class Slots:
     counts: jax.Array
     calls: jax.Array
     bias: jax.Array
+    stop: jax.Array
+    remaining: jax.Array
 
 
-# ----- sampling, one setting per row -----
-def filter_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """(B, V) logits -> (B, V) float32 logits / T with tokens outside each row's top-k and nucleus at -inf."""
-    vocab = logits.shape[-1]
-    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    descending = -jnp.sort(-scaled, axis=-1)
-    kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    sorted_probs = -jnp.sort(-probs, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    threshold = jnp.min(jnp.where(mass_before < top_p[:, None], sorted_probs, jnp.inf), axis=-1, keepdims=True)
-    keep = (probs >= threshold) | (top_p[:, None] >= 1)
-    return jnp.where(keep, scaled, -jnp.inf)
-
-
-def sample_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, keys: jax.Array,
-                steps: jax.Array) -> jax.Array:
-    """(B, V) logits -> (B,) int32: argmax where temperature is 0, else a draw with key fold_in(key_b, step_b)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_rows(logits, temperature, top_k, top_p)
-    row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(keys, steps)
-    drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(row_keys, filtered).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+class Drawn(NamedTuple):
+    """What decode_steps returns to the host. tokens (K, B) int32; emitted (K, B) bool: the row was live at that step
+    (its token counts); with logprobs: logp (K, B), top_ids (K, B, n), top_logp (K, B, n), else None;
+    counts, calls (B, L, E) float32: each row's routing counts after the call (read when a request ends);
+    step_counts, step_calls (K, B, L, E) float32: each step's (read only to take back the steps after a stop
+    string). The host reads them after the next call was launched: being this call's outputs, they are ready
+    without waiting for it."""
+    tokens: jax.Array
+    emitted: jax.Array
+    logp: jax.Array | None
+    top_ids: jax.Array | None
+    top_logp: jax.Array | None
+    counts: jax.Array
+    calls: jax.Array
+    step_counts: jax.Array
+    step_calls: jax.Array
 
 
 def top_logprobs(logits: jax.Array, chosen: jax.Array, n: int = TOP_LOGPROBS):
@@ -88,103 +92,157 @@ def top_logprobs(logits: jax.Array, chosen: jax.Array, n: int = TOP_LOGPROBS):
     return jnp.take_along_axis(logp, chosen[..., None], axis=-1)[..., 0], ids.astype(jnp.int32), values
 
 
+def row_keys(keys: jax.Array, steps: jax.Array) -> jax.Array:
+    """(B, 2) uint32 key data, (B,) steps -> (B,) typed keys fold_in(key_b, step_b)."""
+    return jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(keys, steps)
+
+
 # ----- per-row routing -----
+def moe_rows(module: MoE, x: jax.Array, token_mask: jax.Array | None):
+    """The MoE's routing statistics of its input x (B, T, hidden), row by row: (tokens_per_expert, expert_calls),
+    each (B, E) float32. The router's choices, expert_threshold skips and capacity drops are computed by the same
+    moe_core functions, on the same input and gate, as the MoE layer computes them."""
+    cfg, policy = module.config, module.policy
+    batch, num_experts, k = x.shape[0], cfg.num_experts, cfg.experts_per_token
+    flat = x.reshape(-1, x.shape[-1])
+    routing = route(flat, module.get_variable("params", "gate"), k)
+    _, skipped = skip_below_threshold(routing.weights, policy.expert_threshold)
+    mask = jnp.ones(flat.shape[:1], bool) if token_mask is None else token_mask.reshape(-1).astype(bool)
+    dropped = jnp.zeros(skipped.shape, bool)
+    if policy.capacity_factor is not None:
+        calls = jnp.where(skipped | ~mask[:, None], num_experts, routing.experts)
+        capacity = expert_capacity(flat.shape[0], k, num_experts, policy.capacity_factor)
+        dropped = over_capacity(calls, capacity, num_experts)
+    by_row = lambda a: a.reshape((batch, -1) + a.shape[1:])
+    stats = jax.vmap(routing_stats)(Routing(*map(by_row, routing)), by_row(mask), by_row(skipped), by_row(dropped))
+    return stats["tokens_per_expert"], stats["expert_calls"]
+
+
 def routed_per_row(model: M1ForCausalLM, params: Any, ids: jax.Array, **kwargs):
-    """model.apply with every MoE call intercepted. Returns (output, counts (B, L, E), calls (B, L, E)) float32:
-    per row, the router's (token, expert) choices over its real tokens, and those an expert computed."""
+    """model.apply with a cache (its layer groups unrolled, so each MoE call is seen once, outside any scan) and
+    every MoE call intercepted. Returns (output, counts (B, L, E), calls (B, L, E)) float32: per row, the router's
+    (token, expert) choices over its real tokens, and those an expert computed."""
     rows: list[tuple[jax.Array, jax.Array]] = []
-    batch = ids.shape[0]
 
     def interceptor(next_fun, args, kw, context):
         out = next_fun(*args, **kw)
         if isinstance(context.module, MoE) and context.method_name == "__call__":
-            cfg = context.module.config
-            x = args[0]
             mask = args[1] if len(args) > 1 else kw.get("token_mask")
-            flat = x.reshape(-1, x.shape[-1])
-            routing = route(flat, context.module.get_variable("params", "gate"), cfg.experts_per_token)
-            _, skipped = skip_below_threshold(routing.weights, cfg.expert_threshold)
-            real = jnp.ones(flat.shape[:1], bool) if mask is None else mask.reshape(-1).astype(bool)
-            one_hot = jax.nn.one_hot(routing.experts, cfg.num_experts, dtype=jnp.float32) * real[:, None, None]
-            per_row = lambda a: a.reshape(batch, -1, cfg.num_experts).sum(1)
-            rows.append((per_row(one_hot), per_row(one_hot * (~skipped)[..., None])))
+            rows.append(moe_rows(context.module, args[0], mask))
         return out
 
     with nn.intercept_methods(interceptor):
         out = model.apply({"params": params}, ids, **kwargs)
     if len(rows) != model.config.num_layers:
-        raise RuntimeError(f"intercepted {len(rows)} MoE calls for {model.config.num_layers} layers")
+        raise RuntimeError(f"intercepted {len(rows)} MoE calls for {model.config.num_layers} layers (pass a cache)")
     counts = jnp.stack([r[0] for r in rows], axis=1)
     calls = jnp.stack([r[1] for r in rows], axis=1)
     return out, counts, calls
 
 
-# ----- the steps (jitted with the model static; the big state is donated) -----
-def reset_row_cache(cache: Cache, start: jax.Array) -> Cache:
-    """A one-row cache ready for a new prompt: index 0, the given start, lightning states zero (keys may be stale:
+# ----- prefill (jitted with the model static; the big state is donated) -----
+def reset_rows(cache: Cache, start: jax.Array) -> Cache:
+    """A P-row cache ready for new prompts: index 0, the given starts (P,), lightning states zero (keys may be stale:
     slots at or beyond the index are never visible)."""
     layers = tuple({"state": jnp.zeros_like(e["state"])} if "state" in e else e for e in cache.layers)
-    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=jnp.reshape(start, (1,)))
+    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32))
 
 
 def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cache, ids: jax.Array,
                   targets: jax.Array):
-    """ids (1, C) into the one-row cache. Returns (cache, last logits (V,), routing (counts, calls) (L, E),
-    and with_logprobs: (log p(targets) (C,), top ids (C, n), top log-probs (C, n)) else None)."""
-    out = model.apply({"params": params}, ids, cache=cache, last_logits_only=not with_logprobs)
-    logits = out.logits[0]
-    extra = top_logprobs(logits, targets[0]) if with_logprobs else None
-    routing = (out.routing["tokens_per_expert"], out.routing.get("expert_calls", out.routing["tokens_per_expert"]))
-    return out.cache, logits[-1], routing, extra
+    """ids (P, C) into the P-row cache. Returns (cache, last logits (P, V), routing (counts, calls) (P, L, E),
+    and with_logprobs: (log p(targets) (P, C), top ids (P, C, n), top log-probs (P, C, n)) else None)."""
+    out, counts, calls = routed_per_row(model, params, ids, cache=cache, last_logits_only=not with_logprobs)
+    extra = top_logprobs(out.logits, targets) if with_logprobs else None
+    return out.cache, out.logits[:, -1], (counts, calls), extra
 
 
-def insert(slots: Slots, row: Cache, slot: jax.Array, first: jax.Array, key: jax.Array, temperature: jax.Array,
-           top_k: jax.Array, top_p: jax.Array, bias: jax.Array, counts: jax.Array, calls: jax.Array) -> Slots:
-    """Put a prefilled request into row `slot`: its cache (aligned so its prompt ends at the shared index), the
-    first drawn token (fed at the next step), its sampling settings and the prefill's routing counts (L, E)."""
-    put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, jnp.asarray(v, a.dtype), slot, axis=0)
-    return slots.replace(cache=insert_row(slots.cache, row, slot), last=put(slots.last, first),
-                         live=put(slots.live, True), steps=put(slots.steps, 1), keys=put(slots.keys, key),
-                         temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
-                         top_p=put(slots.top_p, top_p), bias=put(slots.bias, bias), counts=put(slots.counts, counts),
-                         calls=put(slots.calls, calls))
+def first_tokens(with_logprobs: bool, logits: jax.Array, temperature, top_k, top_p, bias, keys):
+    """The prefill's last logits (P, V) -> (tokens (P,), (log-prob, top ids, top log-probs) or None): step 0 of each
+    row's seed."""
+    token = sample_rows(logits + bias, temperature, top_k, top_p, row_keys(keys, jnp.zeros_like(top_k)))
+    return token, (top_logprobs(logits, token) if with_logprobs else None)
 
 
-def release(slots: Slots, slot: jax.Array) -> Slots:
-    """Row `slot` stops taking part (its tokens become padding)."""
-    return slots.replace(live=jax.lax.dynamic_update_index_in_dim(slots.live, False, slot, axis=0))
+# ----- the running batch -----
+def insert(slots: Slots, rows: Cache, slot_of_row: jax.Array, first: jax.Array, keys: jax.Array,
+           temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, bias: jax.Array, stop: jax.Array,
+           remaining: jax.Array, counts: jax.Array, calls: jax.Array) -> Slots:
+    """Put prefilled rows into slots: row j of the P-row cache `rows` goes to slot slot_of_row[j] (B or more: not
+    now), aligned so that its prompt ends at the batch's index, with its first token (fed at the next step), its
+    sampling settings, stop ids (V,), remaining length and the prefill's routing counts (L, E)."""
+    moved = shift_slots(rows, slots.cache.index - rows.index)
+    put = lambda a, v: a.at[slot_of_row].set(jnp.asarray(v, a.dtype), mode="drop")
+    layers = tuple({name: put(big[name], small[name]) for name in big}
+                   for big, small in zip(slots.cache.layers, moved.layers))
+    ones = jnp.ones(slot_of_row.shape, jnp.int32)
+    return slots.replace(cache=slots.cache.replace(layers=layers, start=put(slots.cache.start, moved.start)),
+                         last=put(slots.last, first), live=put(slots.live, ones), steps=put(slots.steps, ones),
+                         keys=put(slots.keys, keys), temperature=put(slots.temperature, temperature),
+                         top_k=put(slots.top_k, top_k), top_p=put(slots.top_p, top_p), bias=put(slots.bias, bias),
+                         stop=put(slots.stop, stop), remaining=put(slots.remaining, remaining),
+                         counts=put(slots.counts, counts), calls=put(slots.calls, calls))
+
+
+def release(slots: Slots, rows: jax.Array) -> Slots:
+    """Rows where `rows` (B,) is True stop taking part (their tokens become padding)."""
+    return slots.replace(live=slots.live & ~rows)
 
 
 def shift(slots: Slots, delta: jax.Array) -> Slots:
     return slots.replace(cache=shift_slots(slots.cache, delta))
 
 
-def decode_step(model: M1ForCausalLM, params, slots: Slots):
-    """Every row feeds its last token and draws the next. Returns (slots, (token (B,), log-prob (B,),
-    top ids (B, n), top log-probs (B, n))). Rows that are not live draw too; the host ignores them."""
-    live = slots.live[:, None].astype(jnp.int32)
-    out, counts, calls = routed_per_row(model, params, slots.last[:, None], segment_ids=live, cache=slots.cache)
-    logits = out.logits[:, -1]
-    token = sample_rows(logits + slots.bias, slots.temperature, slots.top_k, slots.top_p, slots.keys, slots.steps)
-    logp, top_ids, top_lp = top_logprobs(logits, token)
-    new = slots.replace(cache=out.cache, last=jnp.where(slots.live, token, slots.last), steps=slots.steps + 1,
-                        counts=slots.counts + counts, calls=slots.calls + calls)
-    return new, (token, logp, top_ids, top_lp)
+def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots):
+    """Up to num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
 
+    The cache index always advances by K, also when the loop ends early (no row live: nothing is written then), so
+    the host knows it without waiting for the call: it can launch the next call before reading this one's tokens."""
+    batch = slots.last.shape[0]
+    layers_experts = slots.counts.shape[1:]
+    n = min(TOP_LOGPROBS, slots.bias.shape[-1])
+    drawn = Drawn(tokens=jnp.zeros((num_steps, batch), jnp.int32), emitted=jnp.zeros((num_steps, batch), bool),
+                  logp=jnp.zeros((num_steps, batch), jnp.float32) if with_logprobs else None,
+                  top_ids=jnp.zeros((num_steps, batch, n), jnp.int32) if with_logprobs else None,
+                  top_logp=jnp.zeros((num_steps, batch, n), jnp.float32) if with_logprobs else None,
+                  counts=slots.counts, calls=slots.calls,
+                  step_counts=jnp.zeros((num_steps, batch) + layers_experts, jnp.float32),
+                  step_calls=jnp.zeros((num_steps, batch) + layers_experts, jnp.float32))
 
-def first_token(logits: jax.Array, temperature, top_k, top_p, bias, key) -> tuple[jax.Array, Any]:
-    """The prefill's last logits (V,) -> (token (), (log-prob, top ids, top log-probs)) for one request (step 0)."""
-    token = sample_rows((logits + bias)[None], temperature[None], top_k[None], top_p[None], key[None],
-                        jnp.zeros((1,), jnp.int32))
-    return token[0], jax.tree.map(lambda a: a[0], top_logprobs(logits[None], token))
+    def going(carry):
+        s, _, i = carry
+        return (i < num_steps) & jnp.any(s.live)
+
+    def step(carry):
+        s, d, i = carry
+        out, counts, calls = routed_per_row(model, params, s.last[:, None], segment_ids=s.live[:, None].astype(
+            jnp.int32), cache=s.cache)
+        logits = out.logits[:, -1]
+        token = sample_rows(logits + s.bias, s.temperature, s.top_k, s.top_p, row_keys(s.keys, s.steps))
+        remaining = s.remaining - s.live.astype(jnp.int32)
+        stopped = jnp.take_along_axis(s.stop, token[:, None], axis=1)[:, 0] | (remaining <= 0)
+        at = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, axis=0)
+        d = d._replace(tokens=at(d.tokens, token), emitted=at(d.emitted, s.live),
+                       step_counts=at(d.step_counts, counts), step_calls=at(d.step_calls, calls))
+        if with_logprobs:
+            logp, top_ids, top_logp = top_logprobs(logits, token, n)
+            d = d._replace(logp=at(d.logp, logp), top_ids=at(d.top_ids, top_ids), top_logp=at(d.top_logp, top_logp))
+        s = s.replace(cache=out.cache, last=jnp.where(s.live, token, s.last), live=s.live & ~stopped,
+                      steps=s.steps + 1, remaining=remaining, counts=s.counts + counts, calls=s.calls + calls)
+        return s, d, i + 1
+
+    index = slots.cache.index
+    slots, drawn, _ = jax.lax.while_loop(going, step, (slots, drawn, jnp.zeros((), jnp.int32)))
+    drawn = drawn._replace(counts=slots.counts, calls=slots.calls)  # outputs of their own (slots are donated)
+    return slots.replace(cache=slots.cache.replace(index=index + num_steps)), drawn
 
 
 JITTED = {
-    "reset": jax.jit(reset_row_cache, donate_argnums=0),
+    "reset": jax.jit(reset_rows, donate_argnums=0),
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
-    "first": jax.jit(first_token),
+    "first": jax.jit(first_tokens, static_argnums=0),
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
     "shift": jax.jit(shift, donate_argnums=0),
-    "decode": jax.jit(decode_step, static_argnums=0, donate_argnums=2),
+    "decode": jax.jit(decode_steps, static_argnums=(0, 1, 2), donate_argnums=4),
 }

@@ -17,6 +17,9 @@ from m1jax import M1Config
 from m1jax.config import m1_schedule
 from m1jax.params import draw_params
 
+# the live server's batching shapes (test_batcher's batchers use them too, so both share compiled steps): several
+# decode calls per request, and prefill groups of 1, 2 and 4 rows
+DECODE_STEPS, PREFILL_BATCH = 4, 4
 TOOL_BLOCK = '<tool_calls>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_calls>'
 BROKEN_BLOCK = '<tool_calls>\n{"name": "get_weather", "arguments": {"city": \n</tool_calls>'
 SPECIALS = ("<beginning_of_sentence>", "<end_of_sentence>", "<begin_of_document>")
@@ -25,7 +28,7 @@ SPECIALS = ("<beginning_of_sentence>", "<end_of_sentence>", "<begin_of_document>
 def small_config() -> M1Config:
     """2 layers (lightning, softmax), hidden 32, 4 experts top-2, vocab 512: compiles in seconds on a CPU."""
     return M1Config.from_preset("tiny", hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4,
-                                expert_size=32, layer_types=m1_schedule(2, period=2), block_size=8, rotary_dim=8)
+                                expert_size=32, layer_types=m1_schedule(2, period=2), rotary_dim=8)
 
 
 def _write_tokenizer(directory: str) -> None:
@@ -53,7 +56,8 @@ def checkpoint(tmp_path_factory):
 
 def serve_args(checkpoint: str, **overrides) -> argparse.Namespace:
     args = dict(checkpoint=checkpoint, host="127.0.0.1", port=0, max_batch=8, max_context=1024, dtype=None,
-                mesh=None, chunk_size=32, max_queue=64, request_timeout=60.0, tokenizer=None, model_name="tiny-m1")
+                mesh=None, chunk_size=32, max_queue=64, decode_steps=DECODE_STEPS, prefill_batch=PREFILL_BATCH,
+                request_timeout=60.0, tokenizer=None, model_name="tiny-m1")
     args.update(overrides)
     return argparse.Namespace(**args)
 

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 
 import m1jax
 from m1jax.checkpoint.state import load_any
-from m1jax.inference.sampling import SamplingParams, filtered_logits
-from m1jax.serve import steps
+from m1jax.inference.sampling import filter_rows, sample_rows
 from m1jax.serve.batcher import BUCKET, Batcher, Job, QueueFull, chunk_lengths
+
+from .conftest import DECODE_STEPS, PREFILL_BATCH
 
 
 
@@ -29,33 +30,86 @@ def test_chunk_lengths():
         assert sum(parts) == length and all(p in (16, 32, 64) for p in parts)
 
 
-def test_filter_rows_matches_sampling(rng):
-    """Each row's kept set and scaled logits equal sampling.filtered_logits with that row's settings."""
-    batch, vocab = 4, 37
-    logits = jnp.asarray(rng.standard_normal((batch, vocab)) * 3, jnp.float32)
-    logits = logits.at[0, :5].set(logits[0, 5])  # ties with the k-th value
-    settings = [(0.7, 3, None), (1.0, None, 0.5), (1.3, 10, 0.9), (1.0, vocab + 4, 0.3)]
-    temperature = jnp.asarray([s[0] for s in settings], jnp.float32)
-    top_k = jnp.asarray([vocab if s[1] is None else s[1] for s in settings], jnp.int32)
-    top_p = jnp.asarray([1.0 if s[2] is None else s[2] for s in settings], jnp.float32)
-    got = np.asarray(steps.filter_rows(logits, temperature, top_k, top_p))
+def numpy_filter(scaled: np.ndarray, k: int, p: float):
+    """One row's slow twin: keep the k largest (ties kept), then walk the kept tokens from most to least probable
+    (float64) until their mass reaches p, keeping ties with the last one. Returns (kept, undecided): undecided marks
+    the tokens that float32 rounding may decide either way: within 1e-6 (relative) of the k-th value or of the last
+    kept probability without being equal to it, or whose more-likely mass lies within 1e-6 of p."""
+    kth = np.sort(scaled)[::-1][min(k, scaled.size) - 1]
+    kept = scaled >= kth
+    undecided = (np.abs(scaled - kth) <= 1e-6 * max(1.0, abs(kth))) & (scaled != kth)
+    if p < 1:
+        probs = np.where(kept, np.exp(scaled.astype(np.float64) - scaled.max()), 0.0)
+        probs /= probs.sum()
+        mass, last = 0.0, None
+        for i in np.argsort(-probs, kind="stable"):
+            undecided[i] |= abs(mass - p) < 1e-6
+            if mass >= p:
+                break
+            mass, last = mass + probs[i], probs[i]
+        undecided |= (np.abs(probs - last) <= 1e-6 * last) & (probs != last)
+        kept &= probs >= last
+    return kept, undecided
+
+
+def test_filter_rows_per_row_matches_numpy(rng):
+    """sampling.filter_rows (the one implementation, for generate's static settings and the server's per-row ones)
+    keeps in each row what the numpy twin keeps with that row's temperature, top-k and top-p, ties included."""
+    batch, vocab = 7, 37
+    logits = rng.standard_normal((batch, vocab)).astype(np.float32) * 3
+    logits[0, 0], logits[0, 1:4] = logits[0].max() + 3, logits[0].max() + 1  # the 3rd value tied 3 ways (k = 3)
+    logits[1, 3:6] = logits[1].max() + 4  # a three-way tie at the top, with most of the mass
+    logits[2, 10] = 40.0  # one token holds nearly all the mass
+    settings = [(0.7, 3, 1.0), (1.0, vocab, 0.5), (1.3, 10, 0.9), (1.0, vocab + 4, 0.3), (0.0, 2, 1.0),
+                (2.0, 1, 0.2), (0.5, vocab, 1.0)]
+    temperature, top_k, top_p = (np.asarray(c) for c in zip(*settings))
+    got = np.asarray(filter_rows(jnp.asarray(logits), jnp.asarray(temperature, jnp.float32),
+                                 jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)))
     for b, (t, k, p) in enumerate(settings):
-        want = np.asarray(filtered_logits(logits[b:b + 1], SamplingParams(t, k, p)))[0]
-        np.testing.assert_array_equal(np.isinf(got[b]), np.isinf(want), err_msg=f"row {b} {settings[b]}")
-        kept = ~np.isinf(want)
-        np.testing.assert_allclose(got[b][kept], want[kept], rtol=1e-6)
+        scaled = logits[b] / np.float32(t if t > 0 else 1.0)
+        kept, undecided = numpy_filter(scaled, k, p)
+        decided = ~undecided
+        np.testing.assert_array_equal(np.isfinite(got[b])[decided], kept[decided], err_msg=f"row {b} {settings[b]}")
+        finite = np.isfinite(got[b])
+        np.testing.assert_allclose(got[b][finite], scaled[finite], rtol=1e-6)  # XLA may divide by multiplying
+    assert np.isfinite(got[0]).sum() == 4 and np.isfinite(got[1]).sum() == 3  # the ties were kept
+
+
+def test_sample_rows_draws_each_row_alone(rng):
+    """sample_rows: greedy rows take the first maximum; a drawn row's token depends on its own logits, settings and
+    key only (alone, or beside greedy / filtered / unfiltered rows); filtered-out tokens are never drawn."""
+    batch, vocab = 6, 29
+    logits = jnp.asarray(rng.standard_normal((batch, vocab)) * 2, jnp.float32)
+    temperature = jnp.asarray([0.0, 1.0, 0.8, 0.0, 1.5, 1.0], jnp.float32)
+    top_k = jnp.asarray([vocab, vocab, 5, 3, vocab, 2], jnp.int32)
+    top_p = jnp.asarray([1.0, 1.0, 0.9, 0.5, 0.6, 1.0], jnp.float32)
+    draw = jax.jit(sample_rows)
+    for trial in range(20):
+        keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), batch)
+        tokens = np.asarray(draw(logits, temperature, top_k, top_p, keys))
+        greedy = np.asarray(jnp.argmax(logits, -1))
+        assert tokens[0] == greedy[0] and tokens[3] == greedy[3]
+        kept = np.isfinite(np.asarray(filter_rows(logits, temperature, top_k, top_p)))
+        assert all(kept[b, tokens[b]] for b in range(batch))
+        for b in (1, 2, 4, 5):
+            alone = draw(logits[b:b + 1], temperature[b:b + 1], top_k[b:b + 1], top_p[b:b + 1], keys[b:b + 1])
+            assert int(alone[0]) == tokens[b], (trial, b)
+        unfiltered = draw(logits, temperature.at[2].set(0).at[4].set(0).at[5].set(0), top_k, top_p, keys)
+        assert int(unfiltered[1]) == tokens[1]  # no row filters: the draws skip the sort
 
 
 def _batcher(model, params, **kw):
     """The live server's shapes (tests/serve/conftest.py), so both share compiled steps."""
-    return Batcher(model, params, lambda ids: " ".join(map(str, ids)), **{"max_batch": 8, "max_context": 1024,
-                                                                          "chunk_size": 32, **kw})
+    return Batcher(model, params, lambda ids: " ".join(map(str, ids)), **{
+        "max_batch": 8, "max_context": 1024, "chunk_size": 32, "decode_steps": DECODE_STEPS,
+        "prefill_batch": PREFILL_BATCH, **kw})
 
 
 def test_greedy_equals_generate_alone_and_batched(model_and_params, rng):
-    """More requests than slots, awkward prompt lengths, insertions mid-decode: each greedy completion equals the
-    same request alone in the batcher and its row of one static m1jax.generate batch, and per-request routing
-    counts sum to the static batch's (test_server compares one request with m1jax.generate on its prompt alone)."""
+    """More requests than slots, awkward prompt lengths, prefill groups, insertions between multi-step decode calls:
+    each greedy completion equals the same request alone in the batcher and its row of one static m1jax.generate
+    batch, and per-request routing counts sum to the static batch's (test_server compares one request with
+    m1jax.generate on its prompt alone)."""
     model, params = model_and_params
     lengths = [1, 5, 17, 33, 47, 3, 20, 16, 64, 9, 30]
     prompts = [rng.integers(0, 512, n).tolist() for n in lengths]
@@ -75,6 +129,7 @@ def test_greedy_equals_generate_alone_and_batched(model_and_params, rng):
     alone.run_until_idle()
     assert single.token_ids == jobs[pick].token_ids
     np.testing.assert_array_equal(single.counts, jobs[pick].counts)
+    np.testing.assert_array_equal(single.calls, jobs[pick].calls)
     assert batcher.busy_slots == 0 and batcher.index <= 1024
 
 
