@@ -29,13 +29,11 @@ DENSE_SCORES_MAX_BYTES = 2 ** 28  # above this many bytes of float32 scores (B, 
 
 
 def attention_impl(batch: int, length: int, heads: int, dtype, masked: bool, platform: str | None = None) -> str:
-    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16; a packing mask goes in as a bias), "dense"
-    (XLA's, builds the (B, H, T, T) scores), or "blocked" (online softmax over key blocks, memory O(B H T D)) when
-    the dense scores would exceed DENSE_SCORES_MAX_BYTES. `masked` (packed rows) does not change the choice today;
-    it is part of the signature because the workspace does depend on it (see `attention_workspace_bytes`)."""
-    del masked
+    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16; a packing mask goes in as a bias, which cuDNN
+    takes for training only at an even length), "dense" (XLA's, builds the (B, H, T, T) scores), or "blocked"
+    (online softmax over key blocks, memory O(B H T D)) when the dense scores would exceed DENSE_SCORES_MAX_BYTES."""
     platform = platform or jax.default_backend()
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not (masked and length % 2):
         return "cudnn"
     return "blocked" if batch * heads * length * length * 4 > DENSE_SCORES_MAX_BYTES else "dense"
 

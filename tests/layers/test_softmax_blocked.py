@@ -83,6 +83,11 @@ def test_auto_picks_blocked_beyond_the_dense_budget_and_never_builds_t_by_t():
     assert attention_impl(1, length, heads, jnp.float32, False, platform="cpu") == "blocked"
     assert attention_impl(1, length, heads, jnp.bfloat16, False, platform="gpu") == "cudnn"
     assert attention_impl(1, length, heads, jnp.bfloat16, True, platform="gpu") == "cudnn"  # packed rows too
+    # cuDNN refuses a bias (the packing mask) at an odd training length (seen on an H200: "Unsupported sequence
+    # length Q 4099, KV 4099"): those rows keep the XLA paths
+    assert attention_impl(1, length + 1, heads, jnp.bfloat16, True, platform="gpu") == "blocked"
+    assert attention_impl(1, 511, heads, jnp.bfloat16, True, platform="gpu") == "dense"
+    assert attention_impl(1, length + 1, heads, jnp.bfloat16, False, platform="gpu") == "cudnn"
     assert attention_impl(1, length, heads, jnp.float32, True, platform="gpu") == "blocked"
     q = jax.ShapeDtypeStruct((1, length, heads, 16), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
