@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m1jax.config import M1Config, RunPolicy, deepnorm_alpha, m1_schedule
 from m1jax.inference.cache import init_cache
-from m1jax.model import M1ForCausalLM
+from m1jax.model import M1ForCausalLM, param_logical_axes
 from m1jax.plan import GIB, plan
 from m1jax.sharding import batch_sharding, create_mesh, param_shardings
 
@@ -98,7 +98,7 @@ def main():
     batch = args.batch_size or mesh.size
     model = M1ForCausalLM(cfg, policy, mesh=mesh)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    shardings = param_shardings(abstract, mesh)
+    shardings = param_shardings(abstract, mesh, param_logical_axes(abstract))
     params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"],
                      out_shardings=shardings)()
     rng = np.random.default_rng(0)

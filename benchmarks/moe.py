@@ -31,6 +31,7 @@ from benchmarks.common import json_logger, rel_err, timed  # noqa: E402
 from m1jax.config import M1Config, RunPolicy  # noqa: E402
 from m1jax.layers.moe import MoE, moe_dense_reference  # noqa: E402
 from m1jax.layers.moe_core import expert_capacity  # noqa: E402
+from m1jax.layers.partitioning import logical_axes  # noqa: E402
 from m1jax.sharding import activation_sharding, create_mesh, shard_params  # noqa: E402
 
 RESEARCH = dict(hidden=2048, width=1408, experts=32, k=2, batch=8, length=2048)
@@ -69,11 +70,17 @@ def forward_backward(cfg, policy, grouped_matmul=None, mesh=None):
     return jax.jit(run)
 
 
+def layer_names(cfg, policy, x):
+    """The logical axis names of one MoE layer's variables (experts split over the "expert" mesh axis)."""
+    return {"params": logical_axes(MoE(cfg, policy=policy), x)}
+
+
 def on_mesh(cfg, policy, mesh, params, x, d_out):
     fn = forward_backward(cfg, policy, mesh=mesh)
     with jax.set_mesh(mesh):
         tokens = activation_sharding(mesh, ("batch", None, None))
-        return fn(shard_params(params, mesh), jax.device_put(x, tokens), jax.device_put(d_out, tokens))
+        placed = shard_params(params, mesh, layer_names(cfg, policy, x))
+        return fn(placed, jax.device_put(x, tokens), jax.device_put(d_out, tokens))
 
 
 def check_correctness(sizes):
@@ -177,7 +184,7 @@ def time_variants(sizes, smoke, table):
             sharded_fn = forward_backward(cfg, variant_policy, mesh=mesh)
             with jax.set_mesh(mesh):
                 tokens_sharding = activation_sharding(mesh, ("batch", None, None))
-                args = (shard_params(params, mesh), jax.device_put(x, tokens_sharding),
+                args = (shard_params(params, mesh, layer_names(cfg, policy, x)), jax.device_put(x, tokens_sharding),
                         jax.device_put(d_out, tokens_sharding))
                 add(f"layer on mesh {axes}", n, lambda: sharded_fn(*args))
     return flops, peak

@@ -10,7 +10,7 @@
 
 Nothing here is a second engine: the tokenizer is m1jax.tokenizer's (the directory's tokenizer.json, else the byte
 tokenizer), chat prompts come from m1jax.serve.chat_template (the directory's template, else M1's), loading is
-m1jax.checkpoint.state.load_any and generation is m1jax.generate. As in transformers, generate returns the prompt
+m1jax.checkpoint.load.load_any and generation is m1jax.generate. As in transformers, generate returns the prompt
 (left-padded across a batch) followed by the new tokens, shape (B, P + n).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class MiniMaxM1ForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | None = None) -> "MiniMaxM1ForCausalLM":
-        from m1jax.checkpoint.state import load_any
+        from m1jax.checkpoint.load import load_any
         config, params = load_any(path, dtype=dtype)
         tokenizer = MiniMaxM1Tokenizer.from_pretrained(path)
         return cls(config, params, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -14,11 +14,11 @@ ValueError naming it (nothing large is replicated by accident).
 A dimension is sharded only when its size divides the product of its mesh axes, else it is replicated; the batch and
 the experts are the exceptions: a mismatch there raises ValueError (before anything compiles).
 
-Use: mesh = create_mesh({"data": 2, "expert": 4}); params = shard_params(params, mesh) (names: those the model
-gives, `m1jax.model.param_logical_axes`; any other tree passes logical_axes=); inputs placed with
-batch_sharding(mesh); the model built with the mesh, M1ForCausalLM(config, mesh=mesh), so that its MoE layers
-dispatch expert-parallel (the mesh is passed, never picked up from `jax.set_mesh`; under an ambient mesh a model
-built without one refuses to run); `with jax.set_mesh(mesh):` still lets `constrain` place activations.
+Use: mesh = create_mesh({"data": 2, "expert": 4}); params = shard_params(params, mesh, param_logical_axes(config))
+(the names the model gives, `m1jax.model.param_logical_axes`; this module does not import the model); inputs
+placed with batch_sharding(mesh); the model built with the mesh, M1ForCausalLM(config, mesh=mesh), so that its MoE
+layers dispatch expert-parallel (the mesh is passed, never picked up from `jax.set_mesh`; under an ambient mesh a
+model built without one refuses to run); `with jax.set_mesh(mesh):` still lets `constrain` place activations.
 """
 import math
 from typing import Any, Iterable, Mapping, Sequence
@@ -138,32 +138,18 @@ def _path_string(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
-def _is_names(x) -> bool:
-    return isinstance(x, tuple)
-
-
-def param_logical_axes(params: Any) -> Any:
-    """Pytree (same structure as params, leaves with .shape) of tuples of logical names, one per dim: the names
-    M1ForCausalLM gives its parameters where it creates them (`m1jax.model.param_logical_axes`). Another tree (a
-    single layer's, say) gets no names: (None,) * ndim per leaf."""
-    from m1jax.model import param_logical_axes as model_names  # the model imports this module
-    try:
-        return model_names(params)
-    except ValueError:
-        return jax.tree.map(lambda leaf: (None,) * len(leaf.shape), params)
-
-
-def param_shardings(abstract_params: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
+def param_shardings(abstract_params: Any, mesh: Mesh, logical_axes: Any) -> Any:
     """Pytree of NamedSharding for a parameter tree (arrays or jax.ShapeDtypeStruct): each parameter's logical names
     mapped through LOGICAL_AXIS_RULES.
 
-    logical_axes: a tree like the parameters of name tuples (None in a tuple: that dim unnamed), e.g. from
-    `m1jax.layers.partitioning.logical_axes(module, *inputs)`; None: the tree is M1ForCausalLM's and its names are
-    the model's. Raises ValueError when the number of experts does not divide the mesh's "expert" axis, and when a
-    parameter over UNNAMED_MAX_BYTES has an unnamed dim (it would be silently replicated on every device).
+    logical_axes: a tree like the parameters of name tuples (None in a tuple: that dim unnamed): for
+    M1ForCausalLM's tree `m1jax.model.param_logical_axes(config or params)`, for a module's
+    `m1jax.layers.partitioning.logical_axes(module, *inputs)`; None: every dim unnamed. Raises ValueError when the
+    number of experts does not divide the mesh's "expert" axis, and when a parameter over UNNAMED_MAX_BYTES has an
+    unnamed dim (it would be silently replicated on every device).
     """
     if logical_axes is None:
-        logical_axes = param_logical_axes(abstract_params)
+        logical_axes = jax.tree.map(lambda leaf: (None,) * len(leaf.shape), abstract_params)
 
     def sharding(path, leaf, names):
         where = _path_string(path)
@@ -183,7 +169,7 @@ def param_shardings(abstract_params: Any, mesh: Mesh, logical_axes: Any = None) 
     return jax.tree_util.tree_map_with_path(sharding, abstract_params, logical_axes)
 
 
-def shard_params(params: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
+def shard_params(params: Any, mesh: Mesh, logical_axes: Any) -> Any:
     """Place every parameter on `mesh` by its logical names (see param_shardings)."""
     return jax.device_put(params, param_shardings(params, mesh, logical_axes))
 

@@ -46,13 +46,14 @@ def test_fsdp_training_step_compiles_without_involuntary_rematerialization(capfd
     import jax.numpy as jnp
 
     from m1jax.model import M1ForCausalLM, abstract_params
+    from m1jax.model import param_logical_axes
     from m1jax.sharding import batch_sharding, create_mesh, param_shardings
 
     cfg = M1Config.from_preset("tiny")
     mesh = create_mesh({"data": 2, "fsdp": 2, "expert": 2})
     model = M1ForCausalLM(cfg, mesh=mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(cfg),
-                          param_shardings(abstract_params(cfg), mesh))
+                          param_shardings(abstract_params(cfg), mesh, param_logical_axes(cfg)))
     ids = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=batch_sharding(mesh, 8))
 
     def loss(params, ids):

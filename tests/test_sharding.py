@@ -8,8 +8,9 @@ from jax.sharding import PartitionSpec as P
 
 from m1jax import M1Config, M1ForCausalLM, abstract_params
 from m1jax.config import RunPolicy
+from m1jax.model import param_logical_axes
 from m1jax.sharding import (MESH_AXES, activation_sharding, batch_sharding, check_mesh, constrain, create_mesh,
-                            param_logical_axes, param_shardings, shard_params)
+                            param_shardings, shard_params)
 
 
 def random_params(cfg, rng):
@@ -42,10 +43,11 @@ def test_create_mesh_has_all_axes_and_checks_the_device_count():
 
 def test_every_parameter_of_m1_has_a_rule_and_the_big_ones_are_split():
     params = abstract_params(M1Config.from_preset("minimax-m1-80k"), RunPolicy(param_dtype="bfloat16"))
-    logical = jax.tree_util.tree_leaves_with_path(param_logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
-    unnamed = [jax.tree_util.keystr(path) for path, names in logical if None in names]
+    logical = param_logical_axes(params)
+    leaves = jax.tree_util.tree_leaves_with_path(logical, is_leaf=lambda x: isinstance(x, tuple))
+    unnamed = [jax.tree_util.keystr(path) for path, names in leaves if None in names]
     assert not unnamed, f"parameters without a sharding rule: {unnamed}"
-    shardings = param_shardings(params, create_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}))
+    shardings = param_shardings(params, create_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}), logical)
     moe = shardings["groups"]["layer_0"]["moe"]
     assert moe["w1"].spec == P(None, "expert", "fsdp", "tensor")
     assert moe["w2"].spec == P(None, "expert", "tensor", "fsdp")
@@ -61,15 +63,15 @@ def test_every_parameter_of_m1_has_a_rule_and_the_big_ones_are_split():
 
 def test_dims_that_do_not_divide_are_replicated_but_experts_raise():
     cfg = M1Config.from_preset("tiny", hidden_size=60, expert_size=90, num_experts=4)  # 60 % 8, 90 % 4 != 0
-    params = abstract_params(cfg)
-    shardings = param_shardings(params, create_mesh({"fsdp": 8}))
+    params, names = abstract_params(cfg), param_logical_axes(cfg)
+    shardings = param_shardings(params, create_mesh({"fsdp": 8}), names)
     assert shardings["groups"]["layer_0"]["moe"]["w1"].spec == P(None, None, None, None)
     assert shardings["lm_head"]["kernel"].spec == P(None, None)
-    shardings = param_shardings(params, create_mesh({"expert": 2, "tensor": 4}))
+    shardings = param_shardings(params, create_mesh({"expert": 2, "tensor": 4}), names)
     assert shardings["groups"]["layer_0"]["moe"]["w1"].spec == P(None, "expert", None, None)  # 90 % 4: whole
     assert shardings["groups"]["layer_1"]["attn"]["q_proj"]["kernel"].spec == P(None, None, "tensor")
     with pytest.raises(ValueError, match=r"moe/w1: its 'experts' dimension has size 4.*'expert': 8"):
-        param_shardings(params, create_mesh({"expert": 8}))
+        param_shardings(params, create_mesh({"expert": 8}), names)
     with pytest.raises(ValueError, match=r"'experts' dimension has size 4.*'expert': 8"):
         check_mesh(create_mesh({"expert": 8}), num_experts=4)
 
@@ -99,7 +101,7 @@ def test_shard_params_places_every_leaf_and_keeps_values(rng):
     cfg = M1Config.from_preset("tiny")
     params = random_params(cfg, rng)
     mesh = create_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-    placed = shard_params(params, mesh)
+    placed = shard_params(params, mesh, param_logical_axes(cfg))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), placed, params)
     w1 = placed["groups"]["layer_1"]["moe"]["w1"]
     assert w1.sharding.spec == P(None, "expert", "fsdp", "tensor")
@@ -127,7 +129,8 @@ def test_whole_model_on_a_mesh_equals_one_device(rng):
     mesh = create_mesh({"data": 2, "expert": 2, "tensor": 2})
     forward = jax.jit(lambda p, i, s: M1ForCausalLM(cfg, policy, mesh=mesh).apply({"params": p}, i, segment_ids=s))
     with jax.set_mesh(mesh):
-        args = (shard_params(params, mesh), *(jax.device_put(a, batch_sharding(mesh)) for a in (ids, segments)))
+        placed = shard_params(params, mesh, param_logical_axes(params))
+        args = (placed, *(jax.device_put(a, batch_sharding(mesh)) for a in (ids, segments)))
         assert "shard_map" in str(jax.make_jaxpr(forward)(*args))
         got = forward(*args)
     real = np.asarray(segments, bool)
@@ -140,10 +143,9 @@ def test_whole_model_on_a_mesh_equals_one_device(rng):
 def test_names_come_from_where_parameters_are_created_and_big_unnamed_ones_raise():
     from m1jax.layers.moe import MoE
     from m1jax.layers.partitioning import logical_axes
-    from m1jax.model import param_logical_axes as model_names
     cfg = M1Config.from_preset("tiny")
-    assert param_logical_axes(abstract_params(cfg)) == model_names(cfg)  # the tree's names are the model's
-    assert model_names(cfg)["groups"]["layer_1"]["attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv_heads")
+    assert param_logical_axes(abstract_params(cfg)) == param_logical_axes(cfg)  # a tree's names are its config's
+    assert param_logical_axes(cfg)["groups"]["layer_1"]["attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv_heads")
     x = jnp.zeros((2, 3, cfg.hidden_size))
     names = logical_axes(MoE(cfg), x)
     assert names == {"gate": ("embed", "router"), "w1": ("experts", "embed", "expert_mlp"),
@@ -151,11 +153,11 @@ def test_names_come_from_where_parameters_are_created_and_big_unnamed_ones_raise
     mesh = create_mesh({"expert": 4, "tensor": 2})
     layer = jax.eval_shape(lambda: MoE(cfg).init(jax.random.key(0), x))["params"]
     assert param_shardings(layer, mesh, names)["w2"].spec == P("expert", "tensor", None)
-    assert param_shardings(layer, mesh)["w2"].spec == P(None, None, None)  # small and unnamed: replicated
+    assert param_shardings(layer, mesh, None)["w2"].spec == P(None, None, None)  # small and unnamed: replicated
     big = {"params": {"extra": jax.ShapeDtypeStruct((1024, 512), jnp.float32)}}  # 2 MiB, no names
     with pytest.raises(ValueError, match=r"parameter params/extra \(1024, 512\) \(2.0 MiB\) has no logical axis "
                                          r"name.*LOGICAL_AXIS_RULES in m1jax/sharding.py"):
-        param_shardings(big, mesh)
+        param_shardings(big, mesh, None)
     assert param_shardings(big, mesh, {"params": {"extra": ("embed", "vocab")}})["params"]["extra"].spec == \
         P(None, "tensor")
     with pytest.raises(ValueError, match=r"unknown logical axis name 'hidden'"):
@@ -165,7 +167,7 @@ def test_names_come_from_where_parameters_are_created_and_big_unnamed_ones_raise
 def test_one_mesh_parser_for_every_command():
     import argparse
 
-    from m1jax.cli import mesh_spec
+    from m1jax.cli_args import mesh_spec
     from m1jax.sharding import parse_mesh
     assert parse_mesh("data=2, expert=4") == mesh_spec("data=2, expert=4") == {"data": 2, "expert": 4}
     assert parse_mesh("") is None and parse_mesh(None) is None

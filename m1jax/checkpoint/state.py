@@ -206,19 +206,3 @@ def load_training_output(out_dir: str | os.PathLike, step: int | None = None):
     finally:
         checkpoints.close()
     return config, params
-
-
-def load_any(path: str | os.PathLike, *, dtype: str | None = None):
-    """(M1Config, params) from a Hugging Face directory (config.json + safetensors) or a training output."""
-    path = os.fspath(path)
-    if os.path.exists(os.path.join(path, "model_config.json")):
-        config, params = load_training_output(path)
-        if dtype is not None:
-            params = jax.tree_util.tree_map_with_path(  # the router stays float32
-                lambda p, x: x if getattr(p[-1], "key", None) == "gate" else x.astype(dtype), params)
-        return config, params
-    if os.path.exists(os.path.join(path, "config.json")):
-        from m1jax.checkpoint.hf import load_pretrained
-        return load_pretrained(path, dtype=dtype)
-    raise FileNotFoundError(f"{path} is neither a Hugging Face checkpoint (config.json) nor a training output "
-                            "(model_config.json)")

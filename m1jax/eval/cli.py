@@ -19,7 +19,7 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from m1jax.cli import SEED, count, real
+    from m1jax.cli_args import SEED, count, real
     from m1jax.eval.long_suite import DEFAULT_LENGTHS, TASKS, parse_length
     p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     p.add_argument("--suite", required=True, choices=SUITES)
@@ -78,7 +78,7 @@ def eval_main(args: argparse.Namespace | list[str] | None = None) -> int:
     """Run `m1jax eval` (args parsed by the m1jax CLI, or a list of strings); prints results.md, returns 0."""
     if args is None or not isinstance(args, argparse.Namespace):
         args = add_eval_arguments(argparse.ArgumentParser(prog="m1jax eval")).parse_args(args)
-    from m1jax.checkpoint.state import load_any
+    from m1jax.checkpoint.load import load_any
     from m1jax.eval.prompts import load_formatter
     from m1jax.eval.runner import run_eval
     from m1jax.model import M1ForCausalLM

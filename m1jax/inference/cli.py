@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from m1jax.tokenizer import checkpoint_tokenizer, decode_known
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from m1jax.cli import SEED, count, real  # the command line's checked number types
+    from m1jax.cli_args import SEED, count, real  # the command line's checked number types
     parser.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
@@ -89,14 +89,12 @@ def _summary_lines(out: GenerateOutput) -> list[str]:
     return lines
 
 
-def generate_main(args: argparse.Namespace | Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run `m1jax generate` (args: parsed by the m1jax CLI, or a list of strings). Returns the exit code."""
-    if args is None or not isinstance(args, argparse.Namespace):
-        from m1jax.cli import parse_args
-        args = parse_args(["generate", *(sys.argv[1:] if args is None else args)])
+def generate_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run `m1jax generate` with arguments parsed by the m1jax CLI (`m1jax.cli.parse_args(["generate", ...])`).
+    Returns the exit code."""
     out = out or sys.stdout
     quiet = bool(getattr(args, "quiet", False))
-    from m1jax.checkpoint.state import load_any
+    from m1jax.checkpoint.load import load_any
     from m1jax.progress import progress_bar, stderr_is_terminal, status
     status(f"loading {args.checkpoint} ...", quiet=quiet)
     config, params = load_any(args.checkpoint)
@@ -129,4 +127,3 @@ def generate_main(args: argparse.Namespace | Sequence[str] | None = None, out: T
     return 0
 
 
-generate_cli_main = generate_main

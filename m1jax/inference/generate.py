@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from m1jax.config import M1Config
-from m1jax.inference import engine
+import m1jax.inference.engine as engine
 from m1jax.inference.engine import InferenceState, Request, Timings
 from m1jax.inference.sampling import SamplingParams
 from m1jax.model import M1ForCausalLM, abstract_params

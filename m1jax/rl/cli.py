@@ -37,7 +37,7 @@ def _lm_head(value) -> bool | None:
 
 
 def add_rl_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from m1jax.cli import SEED, count, mesh_spec, real  # the command line's checked number types
+    from m1jax.cli_args import SEED, count, mesh_spec, real  # the command line's checked number types
     p.add_argument("--init", required=True, help="a training output or HF checkpoint to start from")
     p.add_argument("--task", default="arith", choices=sorted(RL_TASKS), help="a task with verifiable answers")
     p.add_argument("--algo", default="cispo", choices=["cispo", "grpo", "dapo", "ppo"], help="the policy loss")

@@ -44,7 +44,8 @@ import optax
 
 import m1jax.rl.losses as losses
 from m1jax import sharding
-from m1jax.checkpoint.state import TrainCheckpoints, load_any
+from m1jax.checkpoint.load import load_any
+from m1jax.checkpoint.state import TrainCheckpoints
 from m1jax.config import M1Config
 from m1jax.inference.generate import generate
 from m1jax.model import M1ForCausalLM

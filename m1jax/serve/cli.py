@@ -16,14 +16,13 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 
 log = logging.getLogger("m1jax.serve")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from m1jax.cli import count, mesh_spec, real
+    from m1jax.cli_args import count, mesh_spec, real
     from m1jax.serve.batcher import DECODE_STEPS, PREFILL_BATCH
     p.add_argument("--checkpoint", required=True, help="a training output or a Hugging Face directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -63,7 +62,7 @@ def _check(args) -> None:
 def build_server(args):
     """Load, warm up and return (Server, FastAPI app) for parsed arguments (also used by tests and benchmarks)."""
     import jax
-    from m1jax.checkpoint.state import load_any
+    from m1jax.checkpoint.load import load_any
     from m1jax.tokenizer import checkpoint_tokenizer
     from m1jax.model import M1ForCausalLM
     from m1jax.serve.app import Server, build_app
@@ -74,6 +73,7 @@ def build_server(args):
     config, params = load_any(args.checkpoint, dtype=args.dtype)
     mesh = None
     if args.mesh:
+        from m1jax.model import param_logical_axes
         from m1jax.sharding import create_mesh, shard_params
         import math
         split = {k: v for k, v in args.mesh.items() if k != "tensor" and v > 1}
@@ -84,7 +84,7 @@ def build_server(args):
         if size > jax.device_count():
             raise SystemExit(f"m1jax serve: --mesh needs {size} devices, there are {jax.device_count()}")
         mesh = create_mesh(args.mesh, devices=jax.devices()[:size])
-        params = shard_params(params, mesh)
+        params = shard_params(params, mesh, param_logical_axes(config))
     tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size, args.tokenizer)
     max_context = args.max_context or min(4096, config.max_position_embeddings // 16 * 16)
     if max_context > config.max_position_embeddings:
@@ -142,8 +142,3 @@ def serve_main(args) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-if __name__ == "__main__":
-    from m1jax.cli import main
-    sys.exit(main(["serve", *sys.argv[1:]]))

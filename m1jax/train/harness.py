@@ -36,6 +36,7 @@ import optax
 from m1jax import sharding
 from m1jax.checkpoint.state import TrainCheckpoints
 from m1jax.config import M1Config, same_architecture
+from m1jax.model import param_logical_axes
 from m1jax.progress import status
 from m1jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from m1jax.train.run_log import RunLog
@@ -132,7 +133,7 @@ def state_shardings(abstract_state: TrainState, optimizer: optax.GradientTransfo
     """Shardings of a TrainState: params by the project's rules (m1jax.sharding), optimizer moments like their
     parameters, scalars replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = sharding.param_shardings(abstract_state.params, mesh)
+    params = sharding.param_shardings(abstract_state.params, mesh, param_logical_axes(abstract_state.params))
     opt_state = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_state.opt_state, params,
                                       transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)

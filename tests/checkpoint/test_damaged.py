@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from m1jax.checkpoint import CheckpointError
-from m1jax.checkpoint.state import TrainCheckpoints, abstract_like, load_any, load_training_output
+from m1jax.checkpoint.load import load_any
+from m1jax.checkpoint.state import TrainCheckpoints, abstract_like, load_training_output
 from m1jax.config import M1Config
 
 

@@ -97,7 +97,7 @@ def test_bad_inputs(tiny_checkpoint, tmp_path, capsys):
 def test_filler_rows_and_padding_leave_completions_unchanged(tiny_checkpoint):
     """The batch the runner builds (bucketed width, filler rows) against generate() on the prompts alone, greedy.
     Fixed weights and prompts: deterministic, nothing drawn."""
-    from m1jax.checkpoint.state import load_any
+    from m1jax.checkpoint.load import load_any
     from m1jax.inference import generate
     from m1jax.model import M1ForCausalLM
     config, params = load_any(tiny_checkpoint)

@@ -112,7 +112,7 @@ def server(bpe_checkpoint):
 
 def _direct_loglikelihood(checkpoint, ids, continuation_len):
     import jax
-    from m1jax.checkpoint.state import load_any
+    from m1jax.checkpoint.load import load_any
     from m1jax.model import M1ForCausalLM
     config, params = load_any(checkpoint)
     logits = M1ForCausalLM(config).apply({"params": params}, np.asarray([ids], np.int32)).logits[0]

@@ -5,8 +5,14 @@ import json
 import pytest
 
 from m1jax import save_pretrained
-from m1jax.inference.cli import generate_main
+from m1jax.cli import parse_args
+from m1jax.inference import cli
 from m1jax.tokenizer import ByteTokenizer
+
+
+def generate_main(argv, out):
+    """`m1jax generate ARGV` as the command line runs it, printing into `out`."""
+    return cli.generate_main(parse_args(["generate", *argv]), out=out)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def loss_and_grads(cfg, mesh=None, grouped_matmul=None, policy=RunPolicy()):
 def on_mesh(cfg, mesh, params, x, mask, grouped_matmul=None, policy=RunPolicy()):
     """The layer given `mesh`, on inputs placed on it; no ambient mesh is set."""
     fn = loss_and_grads(cfg, mesh, grouped_matmul, policy)
-    placed = (shard_params(params, mesh), jax.device_put(x, activation_sharding(mesh, ("batch", None, None))), mask)
+    placed = (shard_params(params, mesh, None), jax.device_put(x, activation_sharding(mesh, ("batch", None, None))), mask)
     jaxpr = str(jax.make_jaxpr(fn)(*placed))
     assert "shard_map" in jaxpr  # the expert-parallel path ran, not XLA's own partitioning of the local one
     return fn(*placed)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 import m1jax
-from m1jax.checkpoint.state import load_any
+from m1jax.checkpoint.load import load_any
 from m1jax.inference.sampling import filter_rows, sample_rows
 from m1jax.serve.batcher import BUCKET, Batcher, Job, QueueFull, chunk_lengths
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import m1jax
-from m1jax.checkpoint.state import load_any
+from m1jax.checkpoint.load import load_any
 from m1jax.config import RunPolicy
 from m1jax.inference.cache import init_cache
 from m1jax.params import draw_params
@@ -217,12 +217,14 @@ def test_incremental_text_decode(model_and_params):
 def test_tensor_parallel_batcher_equals_generate(model_and_params, rng):
     """--mesh tensor=2 (two fake CPU devices): prefill groups, inserts and multi-step decode on sharded parameters
     give the tokens of m1jax.generate on one device."""
+    from m1jax.model import param_logical_axes
     from m1jax.sharding import create_mesh, shard_params
     model, params = model_and_params
     mesh = create_mesh({"tensor": 2}, devices=jax.devices()[:2])
     sharded = m1jax.M1ForCausalLM(model.config, mesh=mesh)
-    batcher = Batcher(sharded, shard_params(params, mesh), angle, max_batch=4, max_context=128, chunk_size=16,
-                      decode_steps=3, prefill_batch=2, mesh=mesh)
+    placed = shard_params(params, mesh, param_logical_axes(params))
+    batcher = Batcher(sharded, placed, angle, max_batch=4, max_context=128, chunk_size=16, decode_steps=3,
+                      prefill_batch=2, mesh=mesh)
     prompts = [rng.integers(0, 512, int(n)).tolist() for n in (5, 17, 9)]
     jobs = _run(batcher, [Job(p, 7) for p in prompts])
     reference = m1jax.generate(model, params, prompts, max_new_tokens=7)

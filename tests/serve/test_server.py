@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import m1jax
-from m1jax.checkpoint.state import load_any
+from m1jax.checkpoint.load import load_any
 from m1jax.serve import steps
 
 from .conftest import BROKEN_BLOCK, TOOL_BLOCK

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_sigterm_drains_in_flight_requests(checkpoint):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "m1jax.serve.cli", "--checkpoint", checkpoint, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "m1jax.cli", "serve", "--checkpoint", checkpoint, "--port", "0",
                              "--max-batch", "2", "--max-context", "128", "--chunk-size", "16"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
