@@ -124,7 +124,7 @@ def train_config(args):
 def cmd_train(args) -> int:
     _maybe_distributed(args)
     from m1jax.train.loop import train
-    cfg = train_config(args)
+    cfg = args.run_config  # built and checked once, by train_config while parsing
     result = train(cfg)
     summary = {"steps": cfg.steps, "resumed_from": result.resumed_from, "out": cfg.out,
                "final_loss": result.history[-1]["loss"] if result.history else None, **result.final_eval}
@@ -175,7 +175,7 @@ def cmd_generate(args) -> int:
     return generate_main(args)
 
 
-def check_rl(args) -> None:
+def check_rl(args):
     from m1jax.rl.cli import config_from_args
     _check_exists(args.init, "--init")
     _check_out_dir(args.out)
@@ -189,7 +189,7 @@ def check_rl(args) -> None:
         get_rl_task(args.task, seed=args.seed, **options)
     except ValueError as err:
         raise UsageError(" ".join(f"--{k} {v!r}" for k, v in options.items()) + f": {err}") from None
-    config_from_args(args)  # the RLConfig's own checks
+    return config_from_args(args)  # the RLConfig, with its own checks
 
 
 def cmd_rl(args) -> int:
@@ -343,9 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
             command_parser.error(f"argument {'/'.join(action.option_strings)}: expected one value, got '--'")
     check = getattr(args, "check", None)
-    if check is not None:
+    if check is not None:  # a check that builds the command's config returns it: the command runs that one
         try:
-            check(args)
+            args.run_config = check(args)
         except (ValueError, FileNotFoundError) as err:  # UsageError, or a config's own check
             args.command_parser.error(_one_line(err))
     return args

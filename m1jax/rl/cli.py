@@ -103,8 +103,9 @@ def _mesh(value) -> dict[str, int] | None:
 
 
 def rl_main(args) -> int:
+    """Run `m1jax rl` with arguments parsed (and the RLConfig built) by `m1jax.cli.parse_args`."""
     from m1jax.progress import progress_bar, status
-    cfg = config_from_args(args)
+    cfg = args.run_config
     quiet = not cfg.progress
     status(f"loading {cfg.init} and compiling the sampler and the update (the first step takes longer) ...",
            quiet=quiet)
