@@ -101,6 +101,24 @@ def _tile(qi, kj, seg_q, seg_k, i, j, block):
     return scores, mask[:, None, None]
 
 
+def _online_softmax_init(shape: tuple[int, ...], dim: int):
+    """The (running max, running sum, accumulator) an online softmax starts from: shape (..., queries), and the
+    accumulator (..., queries, dim); all float32."""
+    return (jnp.full(shape, -1e30, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (dim,), jnp.float32))
+
+
+def _online_softmax_step(carry, scores, visible, values, spec: str):
+    """One key block of an online softmax (FlashAttention's update): scores (..., queries, keys) float32, visible
+    (broadcastable to scores), values multiplied in by the einsum `spec` (probabilities, values -> (..., queries,
+    dim)). The running max rescales what was summed before, so the result equals one softmax over all blocks."""
+    running_max, running_sum, acc = carry
+    new_max = jnp.maximum(running_max, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
+    probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
+    rescale = jnp.exp(running_max - new_max)
+    pv = jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return new_max, rescale * running_sum + probs.sum(-1), rescale[..., None] * acc + pv
+
+
 def _blocked_forward(q, k, v, seg, block):
     """q: (n, B, block, K, G, D); k, v: (n, B, block, K, D); seg: (n, B, block).
     Returns out (n, B, block, K, G, D) float32 and lse (n, B, K, G, block) float32."""
@@ -110,17 +128,10 @@ def _blocked_forward(q, k, v, seg, block):
         qi, seg_q = q[i], seg[i]
 
         def visit(j, carry):
-            m, l, acc = carry
             scores, mask = _tile(qi, k[j], seg_q, seg[j], i, j, block)
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))
-            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
-            rescale = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
-            return m_new, rescale * l + p.sum(-1), rescale[..., None] * acc + pv
+            return _online_softmax_step(carry, scores, mask, v[j], "bkgqs,bskd->bkgqd")
 
-        shape = (batch, kv_heads, groups, block)
-        init = (jnp.full(shape, -1e30, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(shape + (dim,), jnp.float32))
+        init = _online_softmax_init((batch, kv_heads, groups, block), dim)
         m, l, acc = jax.lax.fori_loop(0, i + 1, visit, init)  # every row sees its own position: l > 0
         out = acc / l[..., None]
         return out.transpose(0, 3, 1, 2, 4), m + jnp.log(l)
@@ -262,7 +273,6 @@ def blockwise_cache_attention(q: jax.Array, key_cache: jax.Array, value_cache: j
     num_blocks = (query_slots[-1] + block) // block  # blocks holding slots 0 .. last query slot
 
     def visit(b, carry):
-        running_max, running_sum, acc = carry
         first = b * block
         offset = jnp.minimum(first, slots - block)  # the last block is shifted back to stay inside the cache
         keys = jax.lax.dynamic_slice_in_dim(key_cache, offset, block, axis=2)
@@ -271,16 +281,9 @@ def blockwise_cache_attention(q: jax.Array, key_cache: jax.Array, value_cache: j
         key_slots = offset + jnp.arange(block)
         visible = _visible(query_slots, key_slots, start) & (key_slots >= first)[None, None]  # no slot twice
         visible = visible[:, None, None]  # (B, 1, 1, T, block)
-        block_max = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        new_max = jnp.maximum(running_max, block_max)
-        probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
-        rescale = jnp.exp(running_max - new_max)
-        pv = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-        return new_max, rescale * running_sum + probs.sum(-1), rescale[..., None] * acc + pv
+        return _online_softmax_step(carry, scores, visible, values, "bkgts,bksd->bkgtd")
 
-    init = (jnp.full((batch, kv_heads, groups, length), -1e30, jnp.float32),
-            jnp.zeros((batch, kv_heads, groups, length), jnp.float32),
-            jnp.zeros((batch, kv_heads, groups, length, dim), jnp.float32))
+    init = _online_softmax_init((batch, kv_heads, groups, length), dim)
     _, total, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
     out = acc / total[..., None]  # every query sees at least its own slot: total > 0
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim).astype(q.dtype)
