@@ -163,26 +163,32 @@ class Grid:
             best = min(row["ours_ms"], key=row["ours_ms"].get)
             row["best"], row["best_ms"] = best, row["ours_ms"][best]
         if self.fla is not None and not self.over_budget():
-            torch = self.torch
-            try:
-                tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
-                g_gamma = -torch.from_dlpack(slopes)
+            def make_call():
+                tq, tk, tv = (self.torch.from_dlpack(x) for x in (q, k, v))
+                g_gamma = -self.torch.from_dlpack(slopes)
                 call = lambda: self.fla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)[0]  # noqa: E731
                 if reference is not None:
                     fla_out = jnp.from_dlpack(call().detach().contiguous())
                     row["fla_vs_ours"] = rel_err(ends(fla_out), reference)
                     del fla_out
-                row["fla_ms"] = 1e3 * bench(call, lambda _: torch.cuda.synchronize(), reps=reps)
-            except Exception as err:
-                row["errors"]["fla"] = f"{type(err).__name__}: {str(err)[:300]}"
-            finally:
-                torch.cuda.empty_cache()
+                return call
+            self.time_fla(row, "fla", make_call, reps)
         if row.get("fla_ms") and row.get("best_ms"):
             row["ratio_best"] = row["fla_ms"] / row["best_ms"]
         if row.get("fla_ms") and row["ours_ms"].get("shipped"):
             row["ratio_shipped"] = row["fla_ms"] / row["ours_ms"]["shipped"]
         self.log(row)
         say(json.dumps(row))
+
+    def time_fla(self, row: dict, key: str, make_call, reps: int) -> None:
+        """row[key + "_ms"]: FLA's call (from make_call()) timed like ours; a failure is recorded, not raised."""
+        try:
+            call = make_call()
+            row[key + "_ms"] = 1e3 * bench(call, lambda _: self.torch.cuda.synchronize(), reps=reps)
+        except Exception as err:  # noqa: BLE001 - one shape's failure must not end the grid
+            row["errors"][key] = f"{type(err).__name__}: {str(err)[:300]}"
+        finally:
+            self.torch.cuda.empty_cache()
 
     def fwdbwd(self, index, shape):
         row = next(r for r in self.rows if r["index"] == index)
@@ -199,8 +205,8 @@ class Grid:
         except Exception as err:
             row["errors"]["ours_fb"] = f"{type(err).__name__}: {str(err)[:300]}"
         if self.fla is not None and not self.over_budget():
-            torch = self.torch
-            try:
+            def make_call():
+                torch = self.torch
                 tq, tk, tv = (torch.from_dlpack(x).requires_grad_(True) for x in (q, k, v))
                 tdo = torch.from_dlpack(do)
                 g_gamma = -torch.from_dlpack(slopes)
@@ -208,12 +214,8 @@ class Grid:
                 def call():
                     o = self.fla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)[0]
                     return torch.autograd.grad(o, (tq, tk, tv), tdo)
-
-                row["fla_fb_ms"] = 1e3 * bench(call, lambda _: torch.cuda.synchronize(), reps=reps)
-            except Exception as err:
-                row["errors"]["fla_fb"] = f"{type(err).__name__}: {str(err)[:300]}"
-            finally:
-                torch.cuda.empty_cache()
+                return call
+            self.time_fla(row, "fla_fb", make_call, reps)
         if row.get("fla_fb_ms") and row.get("ours_fb_ms"):
             row["ratio_fb"] = row["fla_fb_ms"] / row["ours_fb_ms"]
         self.log(row)
