@@ -184,6 +184,7 @@ def run_cli(argv, **extra):
     args = cli.build_parser().parse_args(argv)
     for name, value in extra.items():
         setattr(args, name, value)
+    args.run_config = args.check(args)  # what cli.parse_args does next: check, and build the RLConfig once
     assert args.func(args) == 0
 
 
