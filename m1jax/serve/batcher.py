@@ -20,8 +20,7 @@ compiled (`warm_up` compiles them). A group takes waiting requests in order whil
 factor 2 of each other. Rows of one decode batch share the model's expert_threshold: a request with another threshold
 waits until the batch has drained (first come, first served).
 
-Text is decoded incrementally (a window of a few tokens per new token, as vLLM does); the whole completion is decoded
-once, when the request ends.
+Text is decoded incrementally (`m1jax.serve.job.TokenOutput`, which the batcher extends).
 
 Requests come in through `submit` (a bounded queue: QueueFull when full) and go out through their `on_event`
 callback (called on the scheduler thread: "token" events, then one "done") and `Job.done` (a threading.Event).
@@ -43,68 +42,12 @@ from m1jax.inference.cache import init_cache
 from m1jax.inference.generate import model_with_threshold
 from m1jax.model import M1ForCausalLM
 from m1jax.serve import steps
+from m1jax.serve.job import Job, QueueFull, TokenOutput  # noqa: F401 - Job and QueueFull: the batcher's API
 from m1jax.serve.steps import Slots
 
 BUCKET = 16  # prompts are left-padded to a multiple of this
 DECODE_STEPS = 8  # decode steps per device call (the server's --decode-steps)
 PREFILL_BATCH = 8  # requests prefilled together (the server's --prefill-batch)
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound: retry later (HTTP 429)."""
-
-
-@dataclasses.dataclass
-class Job:
-    """One generation request. prompt_ids: token ids; max_new_tokens >= 1 (0 only with prompt_logprobs, to score a
-    prompt); stop_ids end it (the id is kept in token_ids, not in text); stop_strings end it with the text cut before
-    the string (tokens drawn after it are discarded). expert_threshold None keeps the model's. prompt_logprobs:
-    compute log p(prompt[j] | prompt[:j]). want_logprobs: record each drawn token's log-prob and the top 20
-    (job.logprobs; None per token otherwise)."""
-    prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    expert_threshold: float | None = None
-    prompt_logprobs: bool = False
-    want_logprobs: bool = False
-    logit_bias: dict[int, float] | None = None
-    timeout: float | None = None
-    on_event: Callable[[str, dict], Any] | None = None
-    # filled in by the batcher
-    id: int = 0
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[tuple[float, list[int], list[float]] | None] = dataclasses.field(default_factory=list)
-    prompt_scores: list[tuple[float, list[int], list[float]] | None] = dataclasses.field(default_factory=list)
-    text: str = ""
-    sent: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
-    error_status: int = 500
-    counts: np.ndarray | None = None
-    calls: np.ndarray | None = None
-    times: dict[str, float] = dataclasses.field(default_factory=dict)
-    # incremental decoding: token_ids[prefix:read] were decoded last time, token_ids[read:] are new
-    prefix_offset: int = 0
-    read_offset: int = 0
-    solo: bool = False  # prefill alone (after its group's prefill failed)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def timing_ms(self) -> dict[str, float]:
-        t = self.times
-        ms = lambda a, b: round(1000 * (t.get(b, t.get(a, 0.0)) - t.get(a, 0.0)), 3) if a in t else 0.0
-        return {"queue_ms": round(1000 * (t.get("prefill", self.arrival) - self.arrival), 3),
-                "prefill_ms": ms("prefill", "first"), "decode_ms": ms("first", "end")}
 
 
 @dataclasses.dataclass
@@ -166,7 +109,7 @@ def group_rows(count: int, prefill_batch: int) -> int:
     return min(1 << (count - 1).bit_length(), prefill_batch)
 
 
-class Batcher:
+class Batcher(TokenOutput):
     """Continuous batching over `max_batch` slots of a cache of `max_context` slots (prompt + output per request).
 
     decode_text(ids) -> str turns completion ids into text (for stop strings and streamed deltas). decode_steps:
@@ -611,90 +554,3 @@ class Batcher:
     def _routing_from(job: Job, counts, calls) -> None:
         job.counts = np.rint(np.asarray(counts)).astype(np.int64)
         job.calls = np.rint(np.asarray(calls)).astype(np.int64)
-
-    # ----- tokens to text -----
-    def _accept(self, job: Job, token: int, logprob: tuple | None) -> bool:
-        """Record a drawn token; emit the new text. Returns True when the job is finished (finish_reason set)."""
-        job.token_ids.append(token)
-        job.logprobs.append(logprob)
-        if token in job.stop_ids:
-            job.finish_reason = "stop"
-            return self._end_text(job, job.token_ids[:-1])
-        before = len(job.text)
-        job.text += self._new_text(job)
-        if self._cut_at_stop(job, before):
-            return self._emit(job, final=True)
-        if len(job.token_ids) >= job.max_new_tokens:
-            job.finish_reason = "length"
-            return self._end_text(job, job.token_ids)
-        return self._emit(job, final=False)
-
-    def _new_text(self, job: Job) -> str:
-        """The text the new tokens add (vLLM's incremental detokenization): decode the unread tokens together with
-        the few before them, so that what they add comes out as in the decoding of the whole (spaces, characters
-        spanning tokens); nothing while it ends in an incomplete UTF-8 character (U+FFFD)."""
-        ids = job.token_ids
-        before = self.decode_text(ids[job.prefix_offset:job.read_offset])
-        now = self.decode_text(ids[job.prefix_offset:])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        job.prefix_offset, job.read_offset = job.read_offset, len(ids)
-        return now[len(before):]
-
-    def _cut_at_stop(self, job: Job, before: int) -> bool:
-        """End the job at the first stop string that the text past `before` completes (the text cut before it)."""
-        if not job.stop_strings:
-            return False
-        hits = [at for at in (job.text.find(stop, max(0, before - len(stop))) for stop in job.stop_strings)
-                if at >= 0]
-        if not hits:
-            return False
-        job.text = job.text[:min(hits)]
-        job.finish_reason = "stop"
-        return True
-
-    def _end_text(self, job: Job, ids: list[int]) -> bool:
-        """The final text: the whole completion decoded once (with any incomplete tail), stop strings applied."""
-        before = len(job.text)
-        job.text = self.decode_text(ids)
-        if self._cut_at_stop(job, before):
-            job.finish_reason = "stop"
-        return self._emit(job, final=True)
-
-    def _emit(self, job: Job, final: bool) -> bool:
-        """Send the text that can no longer change: held back is any tail that could grow into a stop string."""
-        safe = job.text
-        if not final:
-            for stop in job.stop_strings:
-                for n in range(min(len(stop) - 1, len(safe)), 0, -1):
-                    if safe.endswith(stop[:n]):
-                        safe = safe[:-n]
-                        break
-        delta = safe[len(job.sent):] if safe.startswith(job.sent) else ""
-        step = len(job.token_ids) - 1
-        if job.on_event is not None:
-            job.on_event("token", {"text": delta, "token_id": job.token_ids[-1], "logprob": job.logprobs[-1],
-                                   "step": step})
-        job.sent += delta
-        if self.metrics is not None:
-            self.metrics.observe_token(job)
-        return final
-
-    def _finish(self, job: Job, reason: str) -> None:
-        job.finish_reason = reason
-        job.times["end"] = time.perf_counter()
-        unsent = job.text.startswith(job.sent) and job.sent != job.text
-        if reason != "cancelled" and unsent and job.on_event is not None:
-            job.on_event("token", {"text": job.text[len(job.sent):], "token_id": None, "logprob": None, "step": None})
-            job.sent = job.text
-        if job.on_event is not None:
-            job.on_event("done", {})
-        job.done.set()
-
-    def _fail(self, job: Job, message: str, status: int = 500) -> None:
-        job.error, job.error_status = message, status
-        job.finish_reason = "error"
-        job.times["end"] = time.perf_counter()
-        if job.on_event is not None:
-            job.on_event("done", {})
-        job.done.set()
