@@ -1,7 +1,7 @@
 """Where a training step's time goes: one profiled research-1b step, device time summed by category.
 
     PYTHONPATH=. python3 benchmarks/train_profile.py [--preset research-1b] [--batch-size 4] [--seq-len 8192]
-        [--remat none] [--flags-variant default] [--xla-flags "..."] [--smoke]
+        [--remat none] [--lm-head float32] [--flags-variant default] [--xla-flags "..."] [--smoke]
 
 The step is benchmarks/train.py's (`setup`: bf16 compute, float32 master weights and AdamW, random tokens), compiled
 ahead of time; 2 warm steps, --steps untraced steps (median ms/step and MFU, as train.py measures them), then
@@ -350,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--remat", default="none", help="none, dots or full (M1ForCausalLM's remat policies)")
+    parser.add_argument("--lm-head", default="float32", choices=("float32", "bfloat16"),
+                        help="the vocabulary head's precision (benchmarks/train.py --lm-head)")
     parser.add_argument("--steps", type=int, default=5, help="untraced timed steps (median)")
     parser.add_argument("--trace-steps", type=int, default=3)
     parser.add_argument("--flags-variant", default="default", choices=sorted(VARIANTS))
@@ -380,9 +382,10 @@ def main(argv=None) -> int:
         softmax_attention.attention_impl = lambda *a, **k: args.softmax_impl
     device = jax.devices()[0]
     log(what="setup", softmax_impl=args.softmax_impl, preset=args.preset, batch=args.batch_size, seq_len=args.seq_len, remat=args.remat,
+        lm_head=args.lm_head,
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""), variant=args.flags_variant, date=time.strftime("%Y-%m-%d %H:%M"))
-    cfg, step, state, batch = setup(args.preset, args.batch_size, args.seq_len, args.remat)
+    cfg, step, state, batch = setup(args.preset, args.batch_size, args.seq_len, args.remat, args.lm_head)
     options = {}
     if (jax.default_backend() == "gpu" and not args.keep_command_buffers
             and "command_buffer" not in os.environ.get("XLA_FLAGS", "")):
@@ -452,6 +455,7 @@ def main(argv=None) -> int:
             print(f"  {row['ms_per_step']:8.3f}  {row['category']:22s} {row['hlo_op'][:28]:28s} {row['op_name'][-90:]}")
         print(f"\nkernels from: {result['source']}; {result['num_events']} events; matched by {result['matched_by']}")
     print(f"\n== train step profile: {args.preset}, {args.batch_size} x {args.seq_len}, remat {args.remat}, "
+          f"lm_head {args.lm_head}, "
           f"{device.device_kind}, XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
     mfu_text = f"{100 * mfu:.1f}%" if mfu else "n/a"
     if options:
