@@ -140,13 +140,63 @@ def default_grouped_matmul() -> GroupedMatmul:
     return lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="auto")
 
 
+@jax.custom_vjp
+def sort_rows(x: jax.Array, pairs: jax.Array, row_of_pair: jax.Array) -> jax.Array:
+    """Tokens into expert-sorted rows: x (N, hidden) -> rows (R, hidden), rows[r] = x[pairs[r] // k].
+
+    pairs (R,) int: the (token, choice) pair n*k + j held by sorted row r (the first R entries of a permutation of
+    the N*k pairs); row_of_pair (N, k) int: its inverse, the row holding pair (n, j), >= R for pairs left out.
+    Backward: autodiff transposes the gather into a scatter-add into (N, hidden). Each pair sits in at most one row,
+    so instead d_x[n] = sum_j d_rows[row_of_pair[n, j]] (0 for pairs left out): a gather of N*k rows and a sum over
+    k, the same bytes moved with no atomics (for k > 2 summed in choice order, not autodiff's row order: rounding
+    may differ). The index arrays get no gradient.
+    """
+    return x[pairs // row_of_pair.shape[1]]
+
+
+def _sort_rows_fwd(x, pairs, row_of_pair):
+    return sort_rows(x, pairs, row_of_pair), row_of_pair
+
+
+def _sort_rows_bwd(row_of_pair, d_rows):
+    per_pair = jnp.take(d_rows, row_of_pair, axis=0, mode="fill", fill_value=0)  # (N, k, hidden)
+    return jnp.sum(per_pair, axis=1), None, None
+
+
+sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
+
+
+@jax.custom_vjp
+def unsort_rows(rows: jax.Array, pairs: jax.Array, row_of_pair: jax.Array) -> jax.Array:
+    """Expert-sorted rows back to (token, choice) order: rows (R, hidden) -> (N, k, hidden), out[n, j] =
+    rows[row_of_pair[n, j]], 0 where row_of_pair[n, j] >= R (pairs, row_of_pair as in `sort_rows`).
+
+    Backward: autodiff transposes the gather into a scatter-add into (R, hidden). Row r feeds exactly one pair, so
+    instead d_rows[r] = d_out.reshape(N*k, hidden)[pairs[r]]: a gather of R rows, exact (no sums), no atomics.
+    """
+    return jnp.take(rows, row_of_pair, axis=0, mode="fill", fill_value=0)
+
+
+def _unsort_rows_fwd(rows, pairs, row_of_pair):
+    return unsort_rows(rows, pairs, row_of_pair), (pairs, row_of_pair)
+
+
+def _unsort_rows_bwd(residuals, d_out):
+    pairs, row_of_pair = residuals
+    return d_out.reshape(row_of_pair.size, -1)[pairs], None, None
+
+
+unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
+
+
 def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                     w2: jax.Array, grouped_matmul: GroupedMatmul = ragged_dot_grouped_matmul,
                     max_rows: int | None = None) -> jax.Array:
     """Expert computation of the kept calls, sorted by expert.
 
     Rows are the N*k (token, expert) calls sorted by expert (stable, so each expert sees its tokens in order); the
-    no-call pairs sort last and are left out of the group sizes, so they cost no grouped-matmul work.
+    no-call pairs sort last and are left out of the group sizes, so they cost no grouped-matmul work. The moves into
+    and out of the sorted order are `sort_rows` / `unsort_rows`, whose backward passes are gathers, not scatter-adds.
 
     Args:
       x: (N, hidden) tokens.
@@ -164,12 +214,13 @@ def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ja
     num_rows = num_tokens * k if max_rows is None else min(max_rows, num_tokens * k)
     order = jnp.argsort(flat_experts, stable=True)  # sorted row r holds pair order[r]
     group_sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    rows = x[order[:num_rows] // k]
+    row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    pairs, row_of_pair = order[:num_rows], row_of_pair.reshape(num_tokens, k)
+    rows = sort_rows(x, pairs, row_of_pair)
     with jax.named_scope("moe_experts"):
         hidden = jax.nn.silu(grouped_matmul(rows, w1, group_sizes)) * grouped_matmul(rows, w3, group_sizes)
         out_rows = grouped_matmul(hidden, w2, group_sizes)
-    row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    per_pair = jnp.take(out_rows, row_of_pair, axis=0, mode="fill", fill_value=0)  # back to (token, choice) order
-    kept = (flat_experts < num_experts)[:, None]
-    weighted = jnp.where(kept, per_pair.astype(jnp.float32) * weights.reshape(-1, 1), 0.0)
-    return jnp.sum(weighted.reshape(num_tokens, k, -1), axis=1)
+    per_pair = unsort_rows(out_rows, pairs, row_of_pair)  # (N, k, hidden), back to (token, choice) order
+    kept = (experts < num_experts)[..., None]
+    weighted = jnp.where(kept, per_pair.astype(jnp.float32) * weights[..., None], 0.0)
+    return jnp.sum(weighted, axis=1)

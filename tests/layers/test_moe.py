@@ -1,4 +1,7 @@
-"""MoE: sorted dispatch against the dense all-experts twin, routing rules and statistics, expert_threshold, capacity."""
+"""MoE: sorted dispatch against the dense all-experts twin, routing rules and statistics, expert_threshold, capacity;
+the dispatch's gather-backward moves against autodiff's scatter-adds."""
+import re
+
 import numpy as np
 import pytest
 
@@ -6,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.config import M1Config, RunPolicy
+from m1jax.layers import moe_core
 from m1jax.layers.moe import MoE, moe_dense_reference
 from m1jax.layers.moe_core import (Routing, expert_capacity, over_capacity, route, routing_stats, skip_below_threshold,
                                    sorted_dispatch)
@@ -274,3 +278,102 @@ def test_one_device_dispatch_without_capacity_drops_nothing(rng):
     assert not np.any(dropped)
     assert_allclose(out, moe_dense_reference(x, gate + jnp.asarray([[4.0, 0.0, 0.0]]), w1, w3, w2, 2),
                                rtol=1e-5, atol=1e-6)
+
+
+# ----- sort_rows / unsort_rows: the dispatch's moves with gather backward passes -----
+
+def autodiff_moves(monkeypatch):
+    """Swap sorted_dispatch's moves for plain gathers, whose autodiff transposes are scatter-adds (the slow twin)."""
+    monkeypatch.setattr(moe_core, "sort_rows", lambda x, pairs, row_of_pair: x[pairs // row_of_pair.shape[1]])
+    monkeypatch.setattr(moe_core, "unsort_rows", lambda rows, pairs, row_of_pair: jnp.take(
+        rows, row_of_pair, axis=0, mode="fill", fill_value=0))
+
+
+def dispatch_value_and_grads(x, weights, calls, w1, w3, w2, probe, max_rows):
+    """Jitted (traced afresh) sorted_dispatch output and the gradients of sum(sin(out) * probe) wrt x, weights, w1,
+    w3, w2; also the compiled HLO text."""
+    def loss(x, weights, w1, w3, w2, calls):
+        out = sorted_dispatch(x, weights, calls, w1, w3, w2, max_rows=max_rows)
+        return jnp.sum(jnp.sin(out) * probe), out
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+    (_, out), grads = step(x, weights, w1, w3, w2, calls)
+    return out, grads, step.lower(x, weights, w1, w3, w2, calls).compile().as_text()
+
+
+def float_scatters(hlo: str) -> int:
+    return len(re.findall(r"= (?:f32|bf16)\[[^\]]*\]\S* scatter\(", hlo))
+
+
+@pytest.mark.parametrize("tokens, experts, k, dtype, skip, capacity_factor", [
+    (29, 6, 2, jnp.float32, 0.0, None),  # uneven loads, an unused expert, every row real
+    (29, 6, 2, jnp.float32, 0.3, 0.8),  # skipped and dropped calls, max_rows < N*k
+    (23, 5, 3, jnp.float32, 0.3, 0.9),  # k = 3: d_x sums three terms in another order
+    (13, 4, 1, jnp.float32, 0.0, 0.5),
+    (1, 5, 4, jnp.float32, 0.0, None),
+    (29, 6, 2, jnp.bfloat16, 0.3, 0.8),
+    (23, 5, 3, jnp.bfloat16, 0.3, 0.9),
+])
+def test_dispatch_moves_backward_equals_autodiff(tokens, experts, k, dtype, skip, capacity_factor, rng, monkeypatch):
+    hidden, width = 12, 20
+    _, w1, w3, w2 = random_experts(rng, experts, hidden, width)
+    load = np.arange(experts - 1, 0, -1) ** 2.0  # uneven; the last expert is never called
+    calls = np.stack([rng.choice(experts - 1, size=k, replace=False, p=load / load.sum()) for _ in range(tokens)])
+    calls[:, 1:][rng.random((tokens, k - 1)) < skip] = experts  # lower choices skipped (as by expert_threshold)
+    calls = jnp.asarray(calls, jnp.int32)
+    max_rows = None
+    if capacity_factor is not None:
+        capacity = expert_capacity(tokens, k, experts, capacity_factor)
+        calls = jnp.where(over_capacity(calls, capacity, experts), experts, calls)
+        max_rows = experts * capacity
+        assert int((calls < experts).sum()) <= max_rows < tokens * k  # so some calls were dropped
+    weights = jnp.asarray(rng.random((tokens, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    x, w1, w3, w2 = (a.astype(dtype) for a in (x, w1, w3, w2))
+    probe = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    out, grads, hlo = dispatch_value_and_grads(x, weights, calls, w1, w3, w2, probe, max_rows)
+    with monkeypatch.context() as patch:
+        autodiff_moves(patch)
+        want_out, want_grads, want_hlo = dispatch_value_and_grads(x, weights, calls, w1, w3, w2, probe, max_rows)
+
+    np.testing.assert_array_equal(out, want_out)  # the forward is the same gathers
+    assert float_scatters(hlo) == 0 and float_scatters(want_hlo) == 2  # the twin's backward scatter-adds are gone
+    for name, got, want in zip(("x", "weights", "w1", "w3", "w2"), grads, want_grads):
+        assert got.dtype == want.dtype, name
+        if name == "x" and k > 2:  # the same k terms per token, summed in another order: a few ulps
+            ulp = np.finfo(np.float32).eps if dtype == jnp.float32 else 2.0 ** -7
+            scale = np.abs(np.asarray(want, np.float32)).max()
+            assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=4 * ulp * scale)
+        else:  # every row's gradient moves to one place: exact
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    calls = np.asarray(calls)
+    real = (calls < experts).sum(axis=1)
+    assert k == 1 or np.any(real > 1)  # some tokens sum several calls' gradients
+    assert capacity_factor is not None or skip > 0 or np.all(real == k)
+    assert np.all(np.asarray(grads[0], np.float32)[real > 0].any(axis=1))
+    assert not np.any(np.asarray(grads[0])[real == 0])  # tokens without a call get no gradient
+    assert not np.any(grads[2][experts - 1])  # nor does the unused expert
+
+
+def test_sort_and_unsort_rows_vjp_without_jit(rng):
+    """The moves alone, eagerly: rows past R (left-out pairs) read 0 and get no gradient; index arrays get float0."""
+    tokens, k, hidden, kept_rows = 5, 3, 4, 11
+    order = jnp.asarray(rng.permutation(tokens * k), jnp.int32)
+    row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(tokens * k, dtype=jnp.int32)).reshape(tokens, k)
+    pairs = order[:kept_rows]
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    rows, sort_vjp = jax.vjp(moe_core.sort_rows, x, pairs, row_of_pair)
+    np.testing.assert_array_equal(rows, np.asarray(x)[np.asarray(pairs) // k])
+    d_rows = jnp.asarray(rng.standard_normal(rows.shape), jnp.float32)
+    d_x, d_pairs, d_row_of_pair = sort_vjp(d_rows)
+    want = np.zeros((tokens, hidden), np.float32)
+    np.add.at(want, np.asarray(pairs) // k, np.asarray(d_rows))
+    assert_allclose(d_x, want, rtol=1e-6, atol=1e-6)
+    assert d_pairs.dtype == jax.dtypes.float0 and d_row_of_pair.dtype == jax.dtypes.float0
+
+    back, unsort_vjp = jax.vjp(moe_core.unsort_rows, rows, pairs, row_of_pair)
+    kept = np.asarray(row_of_pair) < kept_rows
+    np.testing.assert_array_equal(np.asarray(back)[kept], np.asarray(x)[np.nonzero(kept)[0]])
+    assert not np.any(np.asarray(back)[~kept])
+    d_back = jnp.asarray(rng.standard_normal(back.shape), jnp.float32)
+    d_rows_back = unsort_vjp(d_back)[0]
+    np.testing.assert_array_equal(d_rows_back, np.asarray(d_back).reshape(tokens * k, hidden)[np.asarray(pairs)])
