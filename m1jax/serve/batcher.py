@@ -81,6 +81,13 @@ class _Call:
     want_logprobs: bool
 
 
+@dataclasses.dataclass
+class _FirstTokens:
+    """A prefilled group's first tokens (group.first) and their scores on the device, read in turn with the calls."""
+    group: _Group
+    scores: Any
+
+
 def chunk_lengths(length: int, chunk_size: int) -> list[int]:
     """A multiple of BUCKET split into powers of two, chunk_size (a power of two >= BUCKET) at most."""
     out, rest = [], length
@@ -164,7 +171,7 @@ class Batcher(TokenOutput):
         self.start = [0] * self.max_batch
         self.prefilling: _Group | None = None
         self.batch_threshold: float | None = None
-        self.in_flight: collections.deque[_Call] = collections.deque()
+        self.in_flight: collections.deque[_Call | _FirstTokens] = collections.deque()
 
     def _model(self, threshold: float | None) -> M1ForCausalLM:
         if threshold not in self._models:
@@ -255,8 +262,9 @@ class Batcher(TokenOutput):
             except Exception as error:  # a failure of the shared batch: fail its requests, keep serving
                 for job in [j for j in self.active if j is not None]:
                     self._fail(job, f"decode failed: {error!r}")
-                if self.prefilling is not None:
-                    for job in self.prefilling.jobs:
+                groups = [item.group for item in self.in_flight if isinstance(item, _FirstTokens)]
+                for group in groups + ([self.prefilling] if self.prefilling is not None else []):
+                    for job in group.jobs:
                         if not job.done.is_set():
                             self._fail(job, f"prefill failed: {error!r}")
                 self._reset_device_state()
@@ -278,8 +286,10 @@ class Batcher(TokenOutput):
         launched = bool(self.busy_slots)
         if launched:
             self._launch()
-        if self.in_flight and (len(self.in_flight) > 1 or not launched):
-            self._read(self.in_flight.popleft())
+        # keep one decode call in flight: read what came before it (first tokens of prefilled groups, decode calls)
+        while self.in_flight and (len(self.in_flight) > 1 or not launched):
+            item = self.in_flight.popleft()
+            self._read_first(item) if isinstance(item, _FirstTokens) else self._read(item)
         if self.metrics is not None:
             self.metrics.observe_batcher(self.queue_depth, self.busy_slots, self.max_batch)
 
@@ -418,30 +428,40 @@ class Batcher(TokenOutput):
                                                top_lps[pad + t - 1].tolist()) for t in range(1, len(job.prompt_ids))]
         want = any(job.want_logprobs for job in group.jobs)
         temperature, top_k, top_p, bias, keys, _ = group.sampling
-        first, scores = steps.JITTED["first"](want, logits, temperature, top_k, top_p, bias, keys)
-        group.first = first
-        first, scores = jax.device_get((first, scores))
+        group.first, scores = steps.JITTED["first"](want, logits, temperature, top_k, top_p, bias, keys)
+        # The first tokens are read later, in order with the decode calls (no wait here: the device goes on decoding
+        # the running batch). A row that needs no second token takes no slot; one that ends on its first token
+        # (a stop id or string) gives its slot back when that token is read.
+        group.pending = [j for j, job in enumerate(group.jobs) if not job.done.is_set() and job.max_new_tokens > 1]
+        self.in_flight.append(_FirstTokens(group, scores))
+        self._try_insert()
+
+    def _read_first(self, record: "_FirstTokens") -> None:
+        """Give each request of a prefilled group its first token; end those that it finishes."""
+        group = record.group
+        first, scores, counts, calls = jax.device_get((group.first, record.scores, group.counts, group.calls))
         now = time.perf_counter()
-        ended = []
         for j, job in enumerate(group.jobs):
-            job.times["first"] = now
             if job.done.is_set():
                 continue
+            job.times["first"] = now
             if job.max_new_tokens == 0:
                 job.finish_reason = "length"
-                ended.append(j)
-                continue
-            score = (float(scores[0][j]), scores[1][j].tolist(), scores[2][j].tolist()) if job.want_logprobs else None
-            if self._accept(job, int(first[j]), score):  # finished by its first token: no slot needed
-                ended.append(j)
             else:
-                group.pending.append(j)
-        if ended:
-            counts, calls = jax.device_get((group.counts, group.calls))
-            for j in ended:
-                self._routing_from(group.jobs[j], counts[j], calls[j])
-                self._finish(group.jobs[j], group.jobs[j].finish_reason)
-        self._try_insert()
+                score = (float(scores[0][j]), scores[1][j].tolist(), scores[2][j].tolist()) if job.want_logprobs \
+                    else None
+                if not self._accept(job, int(first[j]), score):
+                    continue
+            if j in group.pending:
+                group.pending.remove(j)
+            elif job in self.active:  # inserted already: its slot's later tokens are never read
+                b = self.active.index(job)
+                self._release([b])
+                self.active[b] = None
+            self._routing_from(job, counts[j], calls[j])
+            self._finish(job, job.finish_reason)
+        if self.prefilling is group and not group.pending:
+            self.prefilling = None
 
     # ----- insert -----
     def _try_insert(self) -> None:
