@@ -23,8 +23,42 @@ as a matmul operand); at C = 128 and D = 128 they are one q-sized tensor each wa
 Packed rows follow the sweep's rules: run indices (segment number of each token) mask pairs from
 different runs; the state entering a chunk reaches only tokens in the run of the token before the
 chunk; a chunk's contributions to the outgoing state keep only the run of its last real token.
-Inputs are padded to whole chunks (zeros; runs repeat the last); the last chunk's decays end at the
-last real token, so padding never changes the final state.
+
+Ragged rows (T not a multiple of the chunk): q, k, v come in unpadded, as (B, T, H, D), and o goes out
+as (B, T, H, D): padding them to whole chunks and slicing o back cost four extra q-sized HBM copies
+(about 2 GB at (16, 1000, 64, 128): an estimated 0.5 ms of the 1.42 ms forward on an H200). Only the
+run indices (B, T) int32 are padded to whole chunks (repeating the last run). The grid covers
+ceil(T / block) query blocks and k, v are taken as whole-row blocks of ceil(T / C) * C rows, so the
+last chunk and the last query block run past row T - 1. Those rows act as the zero padding did: k, v
+(and q) rows at t >= T load as zeros, and the last chunk's decays end at token T - 1 (so they never
+touch the final state); output rows at t >= T are never written. At T a multiple of the chunk nothing
+is masked (`ragged` is static): the kernels are the same code as when the inputs were padded.
+
+What this relies on, read in jax 0.11.2 (jax/_src/pallas/triton/):
+  - The Triton lowering does NOT clip or mask a block that runs past the array end. In lowering.py,
+    `lower_jaxpr_to_triton_module` hands each kernel ref over as a bare `!tt.ptr` to the whole operand
+    (BlockInfo keeps the full array shape and the block's start index from `_eval_index_map`);
+    `_compute_offsets_from_indices` adds (start + index) * stride with the full array's strides and
+    no bounds check; `_masked_load_lowering_rule` / `_load` emit `tt.load(ptr, mask, other)` with only
+    the mask and fill the kernel passes (none for `ref[...]`), and `_masked_swap_lowering_rule` /
+    `_store` emit a store (plus a load of the old value) with only the kernel's mask.
+    pallas_call_registration.py's `pallas_call_lowering` passes the operands to the custom call as they
+    are. So an unmasked access to row t >= T of batch row b would hit row t - T of batch row b + 1 (or
+    memory past the buffer for the last b): an unmasked load reads another row's values (or faults)
+    and an unmasked store overwrites another program's output.
+  - Hence every access that may cross T is masked explicitly (common.py `load_rows` / `store_rows`,
+    i.e. `plgpu.load(ref.at[rows], mask=row < T, other=0)` and `plgpu.store(..., mask=row < T)`): in
+    Triton a masked-off lane of `tt.load` is not read from memory and takes `other`, and a masked-off
+    lane of `tt.store` is not written; the out-of-range pointers are formed but never dereferenced.
+    Masked here: the k, v loads of every chunk (states kernel), the q load, the diagonal key block's
+    k, v loads and the o store (output kernel). The output kernel's earlier key blocks come before the
+    last block, so they are in range and load unmasked. A block larger than its array is accepted
+    (the pallas_call machinery does not check it) and costs nothing on the GPU (a ref is a pointer).
+  - Interpret mode differs: hlo_interpreter.py `_pad_to_block_dimension` pads every operand to whole
+    blocks with `uninitialized_value` (NaN for floats, INT_MIN for ints) and slices the outputs back.
+    A missing load mask therefore shows as NaN in the CPU tests; a missing store mask or a missing q
+    mask (it only feeds rows that are never written) does not, so test_lightning_chunk.py lowers the
+    kernels for CUDA on the CPU and checks the masks in the Triton IR.
 """
 import dataclasses
 import functools
@@ -35,7 +69,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.lightning_attention.common import (block_end_decays, block_runs, decay_to, dot, from_start,
-                                                       matmul_precision, pair_decay, run_before)
+                                                       load_rows, matmul_precision, pair_decay, run_before,
+                                                       store_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +100,7 @@ class ChunkConfig:
         return self.block * min(self.chunk_blocks, 1 << (row_blocks - 1).bit_length())
 
 
-def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
+def _states_kernel(*refs, chunk, num_chunks, num_tokens, last_in_tail, has_state, packed):
     refs = list(refs)
     slope_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     state_in_ref = refs.pop(0) if has_state else None
@@ -75,12 +110,12 @@ def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
     dtype = k_ref.dtype
     neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
     end_decays = block_end_decays(neg_s, jnp.arange(chunk, dtype=jnp.int32), chunk, num_chunks, last_in_tail)
+    ragged = last_in_tail != chunk - 1  # static: the last chunk runs past the row's end (its tail rows load as 0)
 
     def body(c, state):
         states_ref[c] = state.astype(states_ref.dtype)  # the state entering chunk c
-        rows = pl.ds(c * chunk, chunk)
-        k, v = k_ref[rows, :], v_ref[rows, :]
-        last, key_decay, carry = end_decays(c)  # a padded last chunk's decays end at its last real token
+        k, v = (load_rows(ref, c * chunk, chunk, num_tokens, ragged) for ref in (k_ref, v_ref))
+        last, key_decay, carry = end_decays(c)  # a ragged last chunk's decays end at its last real token
         if packed:
             runs, before, run_last = block_runs(runs_ref, c, chunk, last)
             key_decay = jnp.where(runs == run_last, key_decay, 0.0)
@@ -93,7 +128,7 @@ def _states_kernel(*refs, chunk, num_chunks, last_in_tail, has_state, packed):
     final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, state)
 
 
-def _output_kernel(*refs, block, chunk_blocks, col_tiles, packed):
+def _output_kernel(*refs, block, chunk_blocks, col_tiles, num_tokens, packed):
     refs = list(refs)
     slope_ref, q_ref, k_ref, v_ref, states_ref = (refs.pop(0) for _ in range(5))
     runs_ref = refs.pop(0) if packed else None
@@ -106,7 +141,9 @@ def _output_kernel(*refs, block, chunk_blocks, col_tiles, packed):
     neg_s = -slope_ref[...].astype(jnp.float32)  # (1,)
     pos = jnp.arange(block, dtype=jnp.int32)
     starts = from_start(neg_s, pos)  # exp(-s (r+1))
-    q = q_ref[...]  # (block, D)
+    ragged = num_tokens % block != 0  # static: the last query block runs past the row's end
+    in_block = num_tokens - query_block * block  # rows of this query block before the row's end (may be > block)
+    q = load_rows(q_ref, 0, block, in_block, ragged)  # (block, D)
     if packed:
         query_runs = runs_ref[pl.ds(query_block * block, block)]
 
@@ -116,35 +153,37 @@ def _output_kernel(*refs, block, chunk_blocks, col_tiles, packed):
         query_decay = jnp.where(query_runs == run_before(runs_ref, first * block), query_decay, 0.0)
     acc = dot((q * query_decay[:, None]).astype(dtype), states_ref[...].astype(dtype), precision)  # (block, BV)
 
-    def add_block(key_block, weights, acc):
-        rows = pl.ds(key_block * block, block)
+    def add_block(key_block, weights, acc, ragged=False):  # only the diagonal block can run past the row's end
+        start = key_block * block
         if packed:
-            weights = jnp.where(query_runs[:, None] == runs_ref[rows][None, :], weights, 0.0)
-        scores = dot(q, k_ref[rows, :], precision, ((1,), (1,)))  # (block, block)
-        return acc + dot((scores * weights).astype(dtype), v_ref[rows, :], precision)
+            weights = jnp.where(query_runs[:, None] == runs_ref[pl.ds(start, block)][None, :], weights, 0.0)
+        k, v = (load_rows(ref, start, block, num_tokens, ragged) for ref in (k_ref, v_ref))
+        scores = dot(q, k, precision, ((1,), (1,)))  # (block, block)
+        return acc + dot((scores * weights).astype(dtype), v, precision)
 
     def earlier_block(key_block, acc):  # every pair is causal; decay exp(-s (r+1)) exp(-s (block*(i-j) - 1 - c))
         key_decay = decay_to(neg_s, pos, block * (query_block - key_block) - 1)
         return add_block(key_block, starts[:, None] * key_decay[None, :], acc)
 
     acc = jax.lax.fori_loop(first, query_block, earlier_block, acc)
-    acc = add_block(query_block, pair_decay(neg_s, pos), acc)
-    o_ref[...] = acc.astype(o_ref.dtype)
+    acc = add_block(query_block, pair_decay(neg_s, pos), acc, ragged)
+    store_rows(o_ref, 0, acc.astype(o_ref.dtype), in_block, ragged)
 
 
-def chunk_forward(q, k, v, slopes, state_in, runs, *, num_tokens, config, interpret):
-    """The chunk-parallel forward on padded inputs.
+def chunk_forward(q, k, v, slopes, state_in, runs, *, config, interpret):
+    """The chunk-parallel forward on unpadded inputs (the kernels mask the ragged last chunk themselves).
 
-    q, k, v: (B, Tp, H, D), Tp a multiple of the chunk length config.chunk_len(num_tokens) (zero padded);
-    num_tokens: the real length T <= Tp; slopes (H,) f32; state_in (B, H, D, D) f32 or None (zeros);
-    runs (B, Tp) int32 run index of each token, or None.
-    Returns (o (B, ceil(T / block) * block, H, D) in q.dtype, final state (B, H, D, D) f32).
+    q, k, v: (B, T, H, D); slopes (H,) f32; state_in (B, H, D, D) f32 or None (zeros);
+    runs (B, Tp) int32 run index of each token, or None, with Tp = T rounded up to whole chunks of
+    config.chunk_len(T) (padded by repeating the last run).
+    Returns (o (B, T, H, D) in q.dtype, final state (B, H, D, D) f32).
     """
-    batch, padded, heads, head_dim = q.shape
+    batch, num_tokens, heads, head_dim = q.shape
     block, chunk = config.block, config.chunk_len(num_tokens)
-    if padded % chunk:
-        raise ValueError(f"the padded length {padded} must be a multiple of the chunk length {chunk}")
-    num_chunks = padded // chunk
+    num_chunks = -(-num_tokens // chunk)
+    padded = num_chunks * chunk  # the whole-row blocks of k and v span whole chunks, past T when T is ragged
+    if runs is not None and runs.shape != (batch, padded):
+        raise ValueError(f"runs must be padded to whole chunks: shape {(batch, padded)}, got {runs.shape}")
     dtype = q.dtype
     slopes = slopes.astype(jnp.float32)
     tile = min(config.state_tile, head_dim)
@@ -166,7 +205,7 @@ def chunk_forward(q, k, v, slopes, state_in, runs, *, num_tokens, config, interp
         in_specs.append(runs_spec)
         operands.append(runs)
     states, final_state = pl.pallas_call(
-        functools.partial(_states_kernel, chunk=chunk, num_chunks=num_chunks,
+        functools.partial(_states_kernel, chunk=chunk, num_chunks=num_chunks, num_tokens=num_tokens,
                           last_in_tail=num_tokens - 1 - (num_chunks - 1) * chunk,
                           has_state=state_in is not None, packed=runs is not None),
         grid=(state_tiles * state_tiles, heads, batch),
@@ -199,11 +238,11 @@ def chunk_forward(q, k, v, slopes, state_in, runs, *, num_tokens, config, interp
         operands.append(runs)
     o = pl.pallas_call(
         functools.partial(_output_kernel, block=block, chunk_blocks=chunk_blocks, col_tiles=col_tiles,
-                          packed=runs is not None),
+                          num_tokens=num_tokens, packed=runs is not None),
         grid=(query_blocks * col_tiles, heads, batch),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block, None, block_v), lambda g, h, b: (b, g // col_tiles, h, g % col_tiles)),
-        out_shape=jax.ShapeDtypeStruct((batch, query_blocks * block, heads, head_dim), dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, num_tokens, heads, head_dim), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="lightning_chunk_output",

@@ -7,8 +7,13 @@ Within a block (or chunk) of L tokens at local positions i, j in [0, L), slope s
     to last          exp(-s (e - j)) for j <= e, else 0             token j's key reaching the state after token e
     carry            exp(-s (e + 1))                                the entering state surviving to after token e
 
-where e is the block's last real token: L - 1, or less in the padded tail block of a row whose length T is not a
+where e is the block's last real token: L - 1, or less in the ragged tail block of a row whose length T is not a
 multiple of L. Decays are formed from non-negative distances only (never exp(+s t)), in float32.
+
+Ragged rows: q, k, v and the outputs are (B, T, H, D) arrays that are NOT padded to whole blocks; the kernels take
+blocks that run past token T - 1 and read / write the rows of a block through `load_rows` / `store_rows`, which mask
+the rows at tokens >= T (see chunk_kernel.py's docstring for why that is safe on the GPU). Run indices are small and
+are padded to whole blocks (repeating the last run).
 
 Packed rows: the run index of token t counts the document starts (segment_ids changes) up to t. Two tokens interact
 only in the same run; the state entering a block reaches token i only when i's run is the run of the token before
@@ -17,6 +22,7 @@ the block (`run_before`); a block's contribution to the outgoing state keeps onl
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
 def run_indices(segment_ids: jax.Array) -> jax.Array:
@@ -57,7 +63,7 @@ def from_start(neg_s, pos):
 
 def block_end_decays(neg_s, pos, length: int, num_blocks: int, last_in_tail: int):
     """index -> (e, to_last (L,), carry ()) for block `index` of a row of num_blocks blocks of `length` tokens:
-    e its last real token, to_last = decay_to(e), carry = exp(-s (e + 1)). Only the last block can be a padded tail
+    e its last real token, to_last = decay_to(e), carry = exp(-s (e + 1)). Only the last block can be a ragged tail
     (its last real token `last_in_tail`, static); full blocks reuse values computed once, outside the kernel's loop.
     """
     full_to_last, full_carry = decay_to(neg_s, pos, length - 1), jnp.exp(neg_s * float(length))
@@ -70,6 +76,31 @@ def block_end_decays(neg_s, pos, length: int, num_blocks: int, last_in_tail: int
         return last, decay_to(neg_s, pos, last), jnp.where(is_tail, jnp.exp(neg_s * float(last_in_tail + 1)),
                                                            full_carry)
     return at
+
+
+def _rows_before(start, length: int, limit):
+    """(length, 1) bool: rows start .. start + length - 1 that lie before position `limit`."""
+    return (start + jnp.arange(length, dtype=jnp.int32) < limit)[:, None]
+
+
+def load_rows(ref, start, length: int, limit, ragged: bool):
+    """ref[start : start + length, :]. With `ragged` (static: the rows may run past the end of the array) it is a
+    masked load: rows at positions >= `limit` (the row length, in ref's coordinates) read as zeros and, on the GPU,
+    are never read from memory. Without it a plain load, exactly the code of ref[pl.ds(start, length), :]."""
+    rows = (pl.ds(start, length), slice(None))
+    if not ragged:
+        return ref[rows]
+    return plgpu.load(ref.at[rows], mask=_rows_before(start, length, limit), other=0)
+
+
+def store_rows(ref, start, value, limit, ragged: bool):
+    """ref[start : start + len(value), :] = value; with `ragged`, a masked store that writes only the rows at
+    positions < `limit` (nothing past the end of the array)."""
+    rows = (pl.ds(start, value.shape[0]), slice(None))
+    if not ragged:
+        ref[rows] = value
+    else:
+        plgpu.store(ref.at[rows], value, mask=_rows_before(start, value.shape[0], limit))
 
 
 def run_before(runs_ref, start):

@@ -64,16 +64,16 @@ def _chain_spans(local_states, carries, state_in, reverse):
 
 
 def _run_sweep(a, b, c, *, slopes, state_in, runs, reverse, config, interpret, entering=None):
-    """One sweep on (B, T, H, D) inputs: pads T up to whole blocks (zeros; runs repeat the last), cuts
-    rows into spans, finds the state entering each span (or takes `entering`), sweeps.
+    """One sweep on (B, T, H, D) inputs, passed unpadded (the kernel masks the ragged last block; only the
+    small runs are padded to whole blocks, repeating the last): cuts rows into spans, finds the state
+    entering each span (or takes `entering`), sweeps.
     Returns (y (B, T, H, D), state after the sweep (B, H, D, D), entering states (B, H, P, D, D) or None)."""
     batch, num_tokens, heads, head_dim = a.shape
     padded = -(-num_tokens // config.block) * config.block
-    a, b, c = (_pad_time(x, padded) for x in (a, b, c))
     runs = None if runs is None else _pad_time(runs, padded, mode="edge")
     span_blocks = config.blocks_per_span(batch, heads, head_dim, num_tokens)
     num_spans = -(-padded // (span_blocks * config.block))
-    run = functools.partial(sweep, slopes=slopes, runs=runs, num_tokens=num_tokens, reverse=reverse, config=config,
+    run = functools.partial(sweep, slopes=slopes, runs=runs, reverse=reverse, config=config,
                             span_blocks=span_blocks, interpret=interpret)
     if num_spans == 1:
         entering = None if state_in is None else state_in[:, :, None]
@@ -82,7 +82,7 @@ def _run_sweep(a, b, c, *, slopes, state_in, runs, reverse, config, interpret, e
         carries = _span_carries(slopes, runs, num_tokens, span_blocks * config.block, num_spans)
         entering = _chain_spans(local, carries, state_in, reverse)
     y, state_out = run(a, b, c, state_in=entering)
-    return y[:, :num_tokens], state_out, entering
+    return y, state_out, entering
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -91,16 +91,13 @@ def _attention(q, k, v, slopes, state0, runs, config, backward_config, interpret
 
 
 def _run_chunk_forward(q, k, v, *, slopes, state_in, runs, config, interpret):
-    """The chunk-parallel forward on (B, T, H, D) inputs: pads T up to whole chunks (zeros; runs repeat
-    the last). Returns (o (B, T, H, D), final state (B, H, D, D))."""
+    """The chunk-parallel forward on (B, T, H, D) inputs, passed unpadded (the kernels mask the ragged last
+    chunk; only the small runs are padded to whole chunks, repeating the last).
+    Returns (o (B, T, H, D), final state (B, H, D, D))."""
     num_tokens = q.shape[1]
     chunk = config.chunk_len(num_tokens)
-    padded = -(-num_tokens // chunk) * chunk
-    q, k, v = (_pad_time(x, padded) for x in (q, k, v))
-    runs = None if runs is None else _pad_time(runs, padded, mode="edge")
-    o, final_state = chunk_forward(q, k, v, slopes, state_in, runs, num_tokens=num_tokens, config=config,
-                                   interpret=interpret)
-    return o[:, :num_tokens], final_state
+    runs = None if runs is None else _pad_time(runs, -(-num_tokens // chunk) * chunk, mode="edge")
+    return chunk_forward(q, k, v, slopes, state_in, runs, config=config, interpret=interpret)
 
 
 def _forward(q, k, v, slopes, state0, runs, config, backward_config, interpret):

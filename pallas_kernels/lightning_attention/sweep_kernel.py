@@ -9,7 +9,7 @@ state. For a block with rows a, b (C, D) and c (C, BV), local positions i, j and
   reverse sweep  y_j = sum_{i>=j} exp(-s (i-j)) (a_j . b_i) c_i + (exp(-s (e-j)) a_j) @ R
                  R  <- exp(-s (e+1)) R + sum_i exp(-s (i+1)) b_i^T c_i
 
-where e is the block's last real token (C - 1, or less in a padded tail block). The forward sweep
+where e is the block's last real token (C - 1, or less in the ragged tail block). The forward sweep
 with (a, b, c) = (q, k, v) is the attention itself (R = the KV state); the backward pass is three
 more sweeps (see pallas_attention.py). Packed rows pass run indices (document number of each token):
 pairs from different runs are masked, the carried state reaches only tokens in the run of the token
@@ -23,6 +23,12 @@ span from its entering state.
 
 Matmuls run in the input dtype (bf16 tensor cores) with float32 accumulation; decays and the state
 are float32 (the state is rounded to the input dtype only as a matmul operand).
+
+Ragged rows: a, b, c come in unpadded (B, T, H, D) and y goes out as (B, T, H, D); only the run indices
+are padded to whole blocks. The whole-row blocks span ceil(T / C) * C rows, so the last block runs past
+row T - 1: its a, b, c rows at t >= T load as zeros through masked loads and its y rows there are not
+stored (masked store). The Pallas Triton lowering masks nothing by itself; chunk_kernel.py's docstring
+says what it does with such a block and why the explicit masks make it safe on the GPU.
 """
 import dataclasses
 import functools
@@ -32,8 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.lightning_attention.common import (block_end_decays, block_runs, dot, from_start,
-                                                       matmul_precision, pair_decay)
+from pallas_kernels.lightning_attention.common import (block_end_decays, block_runs, dot, from_start, load_rows,
+                                                       matmul_precision, pair_decay, store_rows)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -57,7 +63,7 @@ class SweepConfig:
         return min(num_blocks, max(self.min_span_blocks, -(-num_blocks // wanted)))
 
 
-def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, last_in_tail, reverse,
+def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, num_tokens, last_in_tail, reverse,
                   has_state, packed, states_only):
     refs = list(refs)
     slope_ref = refs.pop(0)
@@ -75,6 +81,7 @@ def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, l
     pair_weights = pair_decay(neg_s, pos, reverse)
     starts = from_start(neg_s, pos)  # exp(-s (i+1))
     end_decays = block_end_decays(neg_s, pos, block, num_blocks, last_in_tail)
+    ragged = last_in_tail != block - 1  # static: the last block runs past the row's end (its tail rows load as 0)
     if num_spans == 1:  # static trip count
         span, first, count = 0, 0, num_blocks
     else:
@@ -84,9 +91,9 @@ def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, l
 
     def body(step, state):
         blk = first + ((count - 1 - step) if reverse else step)
-        rows = pl.ds(blk * block, block)
-        b, c = b_ref[rows, :], c_ref[rows, :]
-        last, decay_to_last, carry_decay = end_decays(blk)  # a padded tail block's decays end at its last real token
+        start = blk * block
+        b, c = (load_rows(ref, start, block, num_tokens, ragged) for ref in (b_ref, c_ref))
+        last, decay_to_last, carry_decay = end_decays(blk)  # a ragged tail block's decays end at its last real token
         weights = pair_weights
         if packed:
             runs, run_before, run_last = block_runs(runs_ref, blk, block, last)
@@ -99,12 +106,12 @@ def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, l
         out_decay, update_decay = (reaches_last, sees_before) if reverse else (sees_before, reaches_last)
 
         if not states_only:
-            a = a_ref[rows, :]
+            a = load_rows(a_ref, start, block, num_tokens, ragged)
             scores = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32)  # (C, C)
             y = dot((scores * weights).astype(dtype), c, precision)
             y += dot((a * out_decay[:, None]).astype(dtype), state.astype(dtype), precision)
-            y_ref[rows, :] = y.astype(y_ref.dtype)
+            store_rows(y_ref, start, y.astype(y_ref.dtype), num_tokens, ragged)
         update = dot((b * update_decay[:, None]).astype(dtype), c, precision, ((0,), (0,)))  # (D, BV)
         return carry_decay * state + update
 
@@ -119,20 +126,23 @@ def _sweep_kernel(*refs, block, num_blocks, span_blocks, num_spans, col_tiles, l
             state_out_ref[...] = state
 
 
-def sweep(a, b, c, slopes, state_in, runs, *, num_tokens, reverse, config, span_blocks, interpret,
+def sweep(a, b, c, slopes, state_in, runs, *, reverse, config, span_blocks, interpret,
           states_only=False):
     """Run one sweep over rows cut into spans of `span_blocks` blocks.
 
-    a, b, c: (B, Tp, H, D) with Tp a multiple of config.block (padded with zeros; a is ignored when
-    states_only); num_tokens: the real length T <= Tp; slopes (H,) f32; runs (B, Tp) int32 run index
-    of each token, or None; state_in (B, H, P, D, D) f32: the state entering each of the P spans
-    (in sweep order), or None for zeros.
-    Returns (y (B, Tp, H, D) in b.dtype, the state after the whole sweep (B, H, D, D) f32), or with
+    a, b, c: (B, T, H, D), unpadded (the kernel masks the ragged last block; a is ignored when
+    states_only); slopes (H,) f32; runs (B, Tp) int32 run index of each token, or None, with Tp = T
+    rounded up to whole blocks (padded by repeating the last run); state_in (B, H, P, D, D) f32: the
+    state entering each of the P spans (in sweep order), or None for zeros.
+    Returns (y (B, T, H, D) in b.dtype, the state after the whole sweep (B, H, D, D) f32), or with
     states_only each span's own state contribution (B, H, P, D, D) f32.
     """
-    batch, padded, heads, head_dim = b.shape
+    batch, num_tokens, heads, head_dim = b.shape
     block, block_v = config.block, min(config.block_v, head_dim)
-    num_blocks = padded // block
+    num_blocks = -(-num_tokens // block)
+    padded = num_blocks * block  # the whole-row blocks span whole blocks, past T when T is ragged
+    if runs is not None and runs.shape != (batch, padded):
+        raise ValueError(f"runs must be padded to whole blocks: shape {(batch, padded)}, got {runs.shape}")
     num_spans = -(-num_blocks // span_blocks)
     col_tiles = head_dim // block_v
     last_in_tail = num_tokens - 1 - (num_blocks - 1) * block
@@ -164,7 +174,7 @@ def sweep(a, b, c, slopes, state_in, runs, *, num_tokens, reverse, config, span_
                      jax.ShapeDtypeStruct((batch, heads, head_dim, head_dim), jnp.float32)]
     kernel = functools.partial(
         _sweep_kernel, block=block, num_blocks=num_blocks, span_blocks=span_blocks,
-        num_spans=num_spans, col_tiles=col_tiles, last_in_tail=last_in_tail, reverse=reverse,
+        num_spans=num_spans, col_tiles=col_tiles, num_tokens=num_tokens, last_in_tail=last_in_tail, reverse=reverse,
         has_state=state_in is not None, packed=runs is not None, states_only=states_only)
     out = pl.pallas_call(
         kernel,
