@@ -189,4 +189,4 @@ def test_bad_options_raise_naming_the_argument():
         get_task("copy").batch(-1, 0, 1, 8)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         get_task("copy").batch(0, 0, 0, 8)
-    assert set(TASKS) == {"mqar", "copy", "arith", "chains"}
+    assert set(TASKS) == {"mqar", "copy", "arith", "chains", "countdown"}

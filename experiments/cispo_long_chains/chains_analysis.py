@@ -104,10 +104,9 @@ def markdown(args, size, setup: dict, lrs: dict, summary: dict, runs: dict, seco
     algos = summary["algorithms"]
     steps = max(len(rows) for rows in runs.values())
     lines = [
-        f"CISPO vs DAPO vs GRPO on long chains, size {args.size!r}: chains of {size.min_digits}-{size.max_digits} "
-        f"digits, {steps} generation batches of {size.prompts} prompts x {size.group} samples, {size.updates} "
-        f"updates per batch, learning rates {lrs} (sweep of {sorted(map(float, _swept(setup, size)))}), seeds "
-        f"{args.seeds} (paired). "
+        f"CISPO vs DAPO vs GRPO on {size.describe()}, size {args.size!r}: {steps} generation batches of "
+        f"{size.prompts} prompts x {size.group} samples, {size.updates} updates per batch, learning rates {lrs} "
+        f"(sweep of {sorted(map(float, _swept(setup, size)))}), seeds {args.seeds} (paired). "
         f"Training reward smoothed over {SMOOTH} steps; mean ± std over seeds.", "",
         f"| algorithm | steps to DAPO's final reward {summary['dapo_final_level']:.3f} (per seed) | mean reward | "
         "final reward | held-out greedy accuracy | tokens r > 1.28 | tokens r < 0.8 | gradient dropped (own rule) |",

@@ -3,11 +3,14 @@
 MiniMax-M1 (section 3.1): in zero-RL, CISPO matched DAPO with half the steps and beat GRPO, because PPO-style
 clipping drops the gradient of rare low-probability "fork" tokens whose ratio grows over 16 off-policy updates.
 Here the responses are worked long additions (`m1jax.tasks.chains`, 40-130 bytes) whose fork is the carry
-decision after each "x+y" ("+1" or "="), so the mechanism has room to act.
+decision after each "x+y" ("+1" or "="), so the mechanism has room to act; or, with --task countdown, randomized
+search traces of Countdown (`m1jax.tasks.countdown`, 50-500 bytes) that take wrong branches and back out, whose
+forks (which numbers to combine next, when to give up a branch) are real choices.
 
     python experiments/cispo_long_chains/run.py --size cpu                      # every code path, ~10 min of compiling
     python experiments/cispo_long_chains/run.py --size gpu --phase pretrain --export DIR   # GPU call 1
     python experiments/cispo_long_chains/run.py --size gpu --phase compare --export DIR    # GPU call 2
+    python experiments/cispo_long_chains/run.py --task countdown --size gpu --phase all --deadline 540 --export DIR
 
 Phase "pretrain": supervised training on worked chains of 1..max digits, stopped (or picked among its snapshots)
 where the sampled accuracy on RL prompts is moderate (15-50%); the mismatch of a bf16 engine (bf16 and float32
@@ -16,7 +19,8 @@ one seed apart from the comparison's). The checkpoint is one float32 .npz (model
 Phase "compare": from that checkpoint, every algorithm with its swept rate, seeds paired (a seed gives every
 algorithm the same prompts and the same first batch), the same generation batches, group size and 16 updates per
 batch. Records (every step, tagged) and clipped-token summaries are appended to --export as they come.
-Results: experiments/results/cispo_long_chains[_cpu].{json,md,png} (or --results DIR).
+Results: experiments/results/cispo_long_chains[_cpu].{json,md,png}, with --task countdown cispo_countdown[_cpu].*
+(or --results DIR).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from m1jax.model import M1ForCausalLM  # noqa: E402
 from m1jax.rl.rollout import NEWLINE_ID, RolloutConfig, collect_rollout, decode_completion, get_rl_task  # noqa: E402
 from m1jax.rl.trainer import LossConfig, RLConfig, train_rl  # noqa: E402
 from m1jax.tasks.chains import Chains, chain_consistent  # noqa: E402
+from m1jax.tasks.countdown import Countdown, trace_consistent  # noqa: E402
 from m1jax.tokenizer import ByteTokenizer  # noqa: E402
 from m1jax.train.data import TaskData  # noqa: E402
 from m1jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
@@ -54,15 +59,15 @@ VARIANTS = {"cispo": ("cispo", False), "dapo": ("dapo", True), "grpo": ("grpo", 
 ALGOS = tuple(VARIANTS)
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-CHECKPOINT = os.path.join(HERE, "checkpoint", "pretrained.npz")  # ignored by git; carried to the GPU
-PRETRAIN_LOG = os.path.join(RESULTS, "cispo_long_chains_pretrain.jsonl")  # the GPU pretraining's evaluations
+STEMS = {"chains": "cispo_long_chains", "countdown": "cispo_countdown"}  # results and checkpoint names by --task
+CHECKPOINTS = {"chains": os.path.join(HERE, "checkpoint", "pretrained.npz"),  # ignored by git; carried to the GPU
+               "countdown": os.path.join(HERE, "checkpoint", "pretrained_countdown.npz")}
 SWEEP_SEED = 100  # the learning-rate sweep's prompts: apart from the comparison's seeds
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
     model: dict  # M1Config fields (a small M1: lightning/softmax hybrid, top-2 MoE)
-    pretrain_digits: int  # pretraining chains have 1..pretrain_digits digits per operand
     pretrain_steps: int
     pretrain_batch: int
     seq_len: int
@@ -70,8 +75,6 @@ class Size:
     pretrain_eval_every: int
     pretrain_seconds: float  # time box of the pretraining loop
     target_accuracy: tuple[float, float]  # sampled accuracy band to stop pretraining in
-    min_digits: int  # RL prompts
-    max_digits: int
     rl_steps: int
     prompts: int
     group: int
@@ -82,6 +85,40 @@ class Size:
     eval_prompts: int
     eval_every: int
     mismatch_prompts: int
+    pretrain_digits: int = 0  # chains: pretraining chains have 1..pretrain_digits digits per operand
+    min_digits: int = 0  # chains: RL prompts
+    max_digits: int = 0
+    countdown: dict | None = None  # countdown: Countdown's options, for pretraining and RL prompts alike
+    data_workers: int = 0  # processes drawing pretraining batches ahead (countdown's search is Python: ~0.6 ms/trace)
+    checkpoint_every: int = 0  # RL checkpoints every N batches, so that a longer --steps resumes (0: at the end)
+
+    @property
+    def task(self) -> str:
+        return "chains" if self.countdown is None else "countdown"
+
+    @property
+    def task_options(self) -> dict:
+        """The RL task's options (RLConfig.task_options)."""
+        if self.countdown is None:
+            return {"min_digits": self.min_digits, "max_digits": self.max_digits}
+        return {k: v for k, v in self.countdown.items() if k != "keep_failed"}
+
+    def rl_task(self, seed: int):
+        return get_rl_task(self.task, seed=seed, **self.task_options)
+
+    def pretrain_task(self):
+        return Chains(1, self.pretrain_digits) if self.countdown is None else Countdown(**self.countdown)
+
+    def consistent(self, completion: str, example: dict) -> bool:
+        """The response's reasoning is right in full: the worked chain, or a well-formed search trace."""
+        return (chain_consistent if self.countdown is None else trace_consistent)(completion, example["prompt"])
+
+    def describe(self) -> str:
+        if self.countdown is None:
+            return f"long chains of {self.min_digits}-{self.max_digits} digits"
+        t = self.pretrain_task()
+        return (f"countdown search traces ({t.count} numbers in 1..{t.max_number}, targets {t.min_target}-"
+                f"{t.max_target}, breadth {t.breadth}, temperature {t.temperature:g}, traces <= {t.max_len} bytes)")
 
 
 def _model(hidden: int, layers: int, period: int, heads: int, head_dim: int, experts: int, expert_size: int) -> dict:
@@ -114,6 +151,25 @@ SIZES = {
                  target_accuracy=(0.10, 0.30), min_digits=5, max_digits=12, rl_steps=50, prompts=32, group=16,
                  updates=16, max_new_tokens=230, sweep_lrs=(1e-5, 3e-5, 1e-4), sweep_steps=4, eval_prompts=256,
                  eval_every=10, mismatch_prompts=64),
+}
+
+COUNTDOWN = dict(count=4, max_number=20, min_target=10, max_target=100, breadth=2, temperature=0.1)
+COUNTDOWN_SIZES = {  # --task countdown
+    # the code paths of "gpu" with tiny numbers: 3 numbers in 1..9 (prompts "9,9,9>9:" as wide as chains' cpu ones)
+    "cpu": Size(model=_model(32, 2, 2, 2, 16, 4, 32), pretrain_steps=4, pretrain_batch=4, seq_len=96,
+                pretrain_lr=3e-3, pretrain_eval_every=4, pretrain_seconds=30.0, target_accuracy=(0.15, 0.5),
+                rl_steps=1, prompts=2, group=2, updates=2, max_new_tokens=16, sweep_lrs=(1e-4,), sweep_steps=1,
+                eval_prompts=2, eval_every=1, mismatch_prompts=2,
+                countdown=dict(count=3, max_number=9, min_target=1, max_target=9, max_len=88)),
+    # one H200: 3.8M parameters (192 wide, 6 layers with 1 softmax every 3, 4 experts of 192 top-2; its .npz, 14.6
+    # MiB, fits a device call's 16 MiB file limit); 4 numbers in 1..20, targets 10-100, traces of 51-496 bytes (prompt
+    # 16 + 496 new tokens = 512 columns, a power of two for the Pallas kernels); 32 prompts x 16 samples and 16
+    # updates per batch; 150 batches planned, cut by --deadline and resumed from checkpoints by a longer --steps
+    "gpu": Size(model=_model(192, 6, 3, 6, 32, 4, 192), pretrain_steps=20000, pretrain_batch=64, seq_len=1024,
+                pretrain_lr=2e-3, pretrain_eval_every=250, pretrain_seconds=210.0, target_accuracy=(0.15, 0.5),
+                rl_steps=150, prompts=32, group=16, updates=16, max_new_tokens=496, sweep_lrs=(3e-5,),
+                sweep_steps=3, eval_prompts=128, eval_every=10, mismatch_prompts=16, checkpoint_every=10,
+                countdown=dict(COUNTDOWN, max_len=496), data_workers=12),
 }
 
 
@@ -153,7 +209,8 @@ def load_policy(path: str) -> tuple[M1Config, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
-def sampled_accuracy(model, params, task, count: int, max_new_tokens: int, temperature: float, seed: int = 0):
+def sampled_accuracy(model, params, task, count: int, max_new_tokens: int, temperature: float, seed: int = 0,
+                     consistent=lambda text, example: chain_consistent(text, example["prompt"])):
     """(accuracy, consistent-chain fraction, mean response bytes) of one sample per held-out prompt."""
     tokenizer = ByteTokenizer()
     examples = dataclasses.replace(task, seed=task.seed + 1_000_003).examples(0, count)
@@ -162,13 +219,37 @@ def sampled_accuracy(model, params, task, count: int, max_new_tokens: int, tempe
                    pad_id=tokenizer.pad_id)
     texts = [decode_completion(tokenizer, c) for c in out.completions]
     correct = [task.is_correct(t, e) for t, e in zip(texts, examples)]
-    chains = [chain_consistent(t, e["prompt"]) for t, e in zip(texts, examples)]
+    chains = [consistent(t, e) for t, e in zip(texts, examples)]
     return float(np.mean(correct)), float(np.mean(chains)), float(np.mean([len(t) for t in texts]))
 
 
+def batches(data: TaskData, first: int, last: int, workers: int):
+    """data.batch(step) for steps first..last, drawn by `workers` processes up to 2 * workers steps ahead (0: drawn
+    here, one at a time). Leaving the loop early cancels what is still queued."""
+    if not workers:
+        yield from (data.batch(step) for step in range(first, last + 1))
+        return
+    import collections
+    import concurrent.futures
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        queued = collections.deque(pool.submit(data.batch, s) for s in range(first, min(first + 2 * workers, last + 1)))
+        upcoming = first + len(queued)
+        while queued:
+            batch = queued.popleft().result()
+            if upcoming <= last:
+                queued.append(pool.submit(data.batch, upcoming))
+                upcoming += 1
+            yield batch
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def pretrain(size: Size, export: Export) -> tuple[M1Config, dict, dict]:
-    """Supervised chains until the sampled accuracy on RL prompts enters the target band (or the time box ends);
-    returns (config, params, summary) of the snapshot whose sampled accuracy is nearest the band's middle."""
+    """Supervised chains (or search traces) until the sampled accuracy on RL prompts enters the target band (or the
+    time box ends); returns (config, params, summary) of the snapshot whose sampled accuracy is nearest the band's
+    middle."""
     config = M1Config(**size.model)
     model = M1ForCausalLM(config)
     warmup = min(100, size.pretrain_steps // 4)
@@ -176,19 +257,20 @@ def pretrain(size: Size, export: Export) -> tuple[M1Config, dict, dict]:
                                                total_steps=size.pretrain_steps, schedule="constant", weight_decay=0.0))
     state = jax.jit(lambda: init_state(model, optimizer, 0))()
     step_fn = make_train_step(model, optimizer)
-    data = TaskData(Chains(1, size.pretrain_digits), size.pretrain_batch, size.seq_len, seed=0)
-    task = get_rl_task("chains", min_digits=size.min_digits, max_digits=size.max_digits, seed=0)
+    data = TaskData(size.pretrain_task(), size.pretrain_batch, size.seq_len, seed=0)
+    task = size.rl_task(0)
     low, high = size.target_accuracy
     begin, snapshots = time.perf_counter(), []
     params_count = sum(x.size for x in jax.tree.leaves(state.params))
-    for step in range(1, size.pretrain_steps + 1):
-        state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in data.batch(step).items()})
+    for step, batch in enumerate(batches(data, 1, size.pretrain_steps, size.data_workers), start=1):
+        state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
         last = step == size.pretrain_steps or time.perf_counter() - begin > size.pretrain_seconds
         if step % size.pretrain_eval_every and not last:
             continue
-        greedy, _, _ = sampled_accuracy(model, state.params, task, size.eval_prompts, size.max_new_tokens, 0.0)
+        greedy, _, _ = sampled_accuracy(model, state.params, task, size.eval_prompts, size.max_new_tokens, 0.0,
+                                        consistent=size.consistent)
         sampled, consistent, length = sampled_accuracy(model, state.params, task, size.eval_prompts,
-                                                       size.max_new_tokens, 1.0)
+                                                       size.max_new_tokens, 1.0, consistent=size.consistent)
         record = {"step": step, "loss": float(metrics["loss"]), "greedy_accuracy": greedy,
                   "sampled_accuracy": sampled, "sampled_consistent_chain": consistent, "response_bytes": length,
                   "seconds": time.perf_counter() - begin, "params": int(params_count)}
@@ -207,9 +289,9 @@ ENGINES = (("float32 engine (control)", "float32", True), ("bfloat16 engine, bf1
 
 def measure_mismatch(config: M1Config, params, size: Size, engines=ENGINES) -> list[dict]:
     """Token probabilities of a bfloat16 engine (bf16 or float32 lm_head; float32 as the control) against the
-    float32 trainer, on sampled chains of the pretrained model."""
+    float32 trainer, on sampled responses of the pretrained model."""
     model = M1ForCausalLM(config)  # the trainer: the default run policy, float32 throughout
-    task = get_rl_task("chains", min_digits=size.min_digits, max_digits=size.max_digits, seed=12345)
+    task = size.rl_task(12345)
     rows = []
     for name, dtype, head in engines:
         rollout = collect_rollout(model, params, task.examples(0, size.mismatch_prompts), seed=7,
@@ -224,13 +306,14 @@ def measure_mismatch(config: M1Config, params, size: Size, engines=ENGINES) -> l
 def rl_config(size: Size, out: str, variant: str, seed: int, lr: float, steps: int, eval_every: int) -> RLConfig:
     algo, dynamic_sampling = VARIANTS[variant]
     return RLConfig(
-        out=out, task="chains", task_options={"min_digits": size.min_digits, "max_digits": size.max_digits},
+        out=out, task=size.task, task_options=size.task_options,
         steps=steps, prompts_per_step=size.prompts, updates_per_batch=size.updates, seed=seed,
         rollout=RolloutConfig(group_size=size.group, max_new_tokens=size.max_new_tokens,
                               sampler_compute_dtype="bfloat16", sampler_float32_lm_head=True),
         loss=LossConfig(algo=algo), dynamic_sampling=dynamic_sampling,  # GRPO with its paper's KL (beta 0.04)
         optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=0, schedule="constant", eps=1e-15, weight_decay=0.0),
-        eval_prompts=size.eval_prompts, eval_every=eval_every, checkpoint_every=steps, progress=False,
+        eval_prompts=size.eval_prompts, eval_every=eval_every, checkpoint_every=size.checkpoint_every or steps,
+        progress=False,
         token_stats=True)
 
 
@@ -277,9 +360,11 @@ def fitting_steps(swept: dict, runs: int, seconds_left: float, most: int) -> int
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--task", choices=sorted(STEMS), default="chains",
+                        help="chains: worked long additions; countdown: search traces (sizes in COUNTDOWN_SIZES)")
+    parser.add_argument("--size", choices=sorted(set(SIZES) | set(COUNTDOWN_SIZES)), default="cpu")
     parser.add_argument("--phase", choices=("pretrain", "compare", "all", "rl"), default="all",
-                        help="rl: all but the pretraining (the checkpoint and PRETRAIN_LOG exist)")
+                        help="rl: all but the pretraining (the checkpoint and results/<stem>_pretrain.jsonl exist)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's)")
     parser.add_argument("--out", default=os.path.join("runs", "cispo_long_chains"))
@@ -289,20 +374,27 @@ def main():
                         help="with --phase compare: sweep these rates too before comparing (the setup is updated)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole invocation: with --phase all, cut the RL steps to fit")
-    parser.add_argument("--checkpoint", default=None, help=f"the pretrained .npz (default {CHECKPOINT}, cpu: --out)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the pretrained .npz (default: CHECKPOINTS[task] for --size gpu, else under --out)")
     args = parser.parse_args()
-    size, out = SIZES[args.size], os.path.join(args.out, args.size)
+    sizes = SIZES if args.task == "chains" else COUNTDOWN_SIZES
+    if args.size not in sizes:
+        parser.error(f"--size {args.size} is not defined for --task {args.task}; choose one of {sorted(sizes)}")
+    size = sizes[args.size]
+    out = os.path.join(args.out, args.size if args.task == "chains" else f"{args.task}-{args.size}")
     steps = args.steps or size.rl_steps
     export = Export(args.export)
-    checkpoint = args.checkpoint or (CHECKPOINT if args.size == "gpu" else os.path.join(out, "pretrained.npz"))
-    stem = os.path.join(args.results, "cispo_long_chains" + ("" if args.size == "gpu" else f"_{args.size}"))
+    checkpoint = args.checkpoint or (CHECKPOINTS[args.task] if args.size == "gpu"
+                                     else os.path.join(out, "pretrained.npz"))
+    stem = os.path.join(args.results, STEMS[args.task] + ("" if args.size == "gpu" else f"_{args.size}"))
     start = time.perf_counter()
-    print(json.dumps({"devices": [str(d) for d in jax.devices()], "size": args.size, "phase": args.phase}), flush=True)
+    print(json.dumps({"devices": [str(d) for d in jax.devices()], "task": args.task, "size": args.size,
+                      "phase": args.phase}), flush=True)
     setup_path = stem + "_setup.json"
     if args.phase in ("pretrain", "all", "rl"):
         if args.phase == "rl":
             config, params = load_policy(checkpoint)
-            with open(PRETRAIN_LOG) as f:
+            with open(os.path.join(RESULTS, STEMS[args.task] + "_pretrain.jsonl")) as f:  # the GPU pretraining's
                 snapshots = [json.loads(line) for line in f if line.strip()]
             pre = {"chosen": snapshots[-1], "snapshots": snapshots, "params": snapshots[-1]["params"]}
         else:

@@ -45,6 +45,7 @@ from m1jax.rl.rewards import RewardFn, arith_reward, chain_reward, example_check
 from m1jax.tokenizer import ByteTokenizer
 from m1jax.tasks import TASKS, Arith, arith_problem, build_task, row_rng, score_arith
 from m1jax.tasks.chains import Chains, chain_problem, score_chain
+from m1jax.tasks.countdown import CountdownPrompts
 
 SAMPLER_PATHS = ("decode", "forward")
 OLD_LOGPROBS = ("trainer", "sampler")
@@ -120,10 +121,10 @@ class ChainPrompts:
         return {"min_digits": self.min_digits, "max_digits": self.max_digits, "seed": self.seed}
 
 
-RL_TASKS = {"arith": ArithPrompts, "chains": ChainPrompts}
+RL_TASKS = {"arith": ArithPrompts, "chains": ChainPrompts, "countdown": CountdownPrompts}  # the last: tasks/countdown
 
 
-def get_rl_task(name: str, **options) -> ArithPrompts | ChainPrompts:
+def get_rl_task(name: str, **options) -> ArithPrompts | ChainPrompts | CountdownPrompts:
     """An RL task by name: one whose prompts come with an answer a program can verify."""
     if name not in RL_TASKS:
         if name in TASKS:

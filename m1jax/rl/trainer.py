@@ -205,14 +205,15 @@ def _token_text(token: int) -> str:
 
 
 def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, loss_cfg: LossConfig,
-                     examples: int = 12) -> dict:
+                     examples: int = 12, roles_fn: Callable = token_roles, role_names: tuple = TOKEN_ROLES) -> dict:
     """Which response tokens left the clip band in their update, for one generation batch (host numpy).
 
     ratios (B, T): r = pi_theta / pi_old of each token at the update that used it; mask (B, T): the tokens that
     entered the loss. "high" r > 1 + 0.28, "low" r < 1 - 0.2 (REFERENCE_BAND, the same for every algorithm);
     "dropped": tokens whose gradient the algorithm's own clipping zeroes (none for CISPO). Counts by role
-    (`token_roles`) and by byte, histograms of the old-policy probability pi_old(o_t) over PROB_BINS, and the
-    `examples` tokens with the largest ratios (their preceding text, pi_old, r, advantage).
+    (`roles_fn`: (B, T) response ids -> index into `role_names`; default the chains task's `token_roles`) and by
+    byte, histograms of the old-policy probability pi_old(o_t) over PROB_BINS, and the `examples` tokens with the
+    largest ratios (their preceding text, pi_old, r, advantage).
     """
     valid = np.asarray(mask) > 0
     ratios = np.asarray(ratios, np.float64)
@@ -229,9 +230,9 @@ def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, los
         dropped = np.asarray(losses.ppo_dropped_tokens(terms, *loss_cfg.clip_band))
     width = rollout.prompt_width
     ids = np.asarray(rollout.tokens)[:, width:]
-    roles = token_roles(ids)
+    roles = roles_fn(ids)
     sets = dict(zip(_COUNTS, (valid, high, low, dropped)))
-    by_role = {role: [int((m & (roles == i)).sum()) for m in sets.values()] for i, role in enumerate(TOKEN_ROLES)}
+    by_role = {role: [int((m & (roles == i)).sum()) for m in sets.values()] for i, role in enumerate(role_names)}
     present = np.unique(ids[valid])
     by_byte = {_token_text(int(t)): [int((m & (ids == t)).sum()) for m in sets.values()] for t in present}
     hist = {name: np.histogram(old_prob[m], bins=PROB_BINS)[0].tolist() for name, m in sets.items()}
@@ -242,7 +243,7 @@ def clip_token_stats(rollout: Rollout, ratios: np.ndarray, mask: np.ndarray, los
         if not high[b, t]:
             break
         top.append({"context": "".join(_token_text(int(x)) for x in ids[b, max(0, t - 16):t]),
-                    "token": _token_text(int(ids[b, t])), "role": TOKEN_ROLES[roles[b, t]],
+                    "token": _token_text(int(ids[b, t])), "role": role_names[roles[b, t]],
                     "old_prob": float(old_prob[b, t]), "ratio": float(ratios[b, t]),
                     "advantage": float(advantages[b, t])})
     return {"counts": {name: int(m.sum()) for name, m in sets.items()},
@@ -476,7 +477,9 @@ def _token_stats(run: _Run, rollout: Rollout, batch: dict, parts, update_metrics
     ratios = np.ones_like(batch["response_mask"])
     for rows, metrics in zip(parts, update_metrics):
         ratios[rows] = metrics.pop("token_ratio")
-    return clip_token_stats(rollout, ratios, batch["response_mask"], run.cfg.loss)
+    task = run.task  # a task with roles of its own (e.g. countdown's fork tokens) labels its tokens itself
+    roles = {"roles_fn": task.token_roles, "role_names": task.token_role_names} if hasattr(task, "token_roles") else {}
+    return clip_token_stats(rollout, ratios, batch["response_mask"], run.cfg.loss, **roles)
 
 
 def _step_metrics(run: _Run, rollout: Rollout, keep_groups: np.ndarray, update_metrics: list[dict],

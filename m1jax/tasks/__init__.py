@@ -2,6 +2,9 @@
 
 - mqar, copy (recall.py): recall over small integer vocabularies; mqar is the canonical hybrid ablation.
 - arith (arith.py): byte-level arithmetic text, packed rows for pretraining and (prompt, answer) pairs for RL.
+- chains (chains.py): long additions with their carries written out (reasoning chains with one correct path).
+- countdown (countdown.py): reach a target from a few numbers; responses are randomized search traces that branch
+  and back out (Stream-of-Search), for pretraining and for RL (`CountdownPrompts`).
 
 base.py holds the shared batch layout (inputs / targets / loss_mask / segment_ids, each (B, T)) and the rule that
 makes every batch seekable: row b of step s depends only on (seed, s, b, seq_len).
@@ -13,9 +16,10 @@ import dataclasses
 from m1jax.tasks.arith import ARITH_OPS, MAX_ARITH_DIGITS, Arith, arith_problem, score_arith
 from m1jax.tasks.base import PAD_ID, Task, row_rng, token_accuracy
 from m1jax.tasks.chains import Chains
+from m1jax.tasks.countdown import Countdown
 from m1jax.tasks.recall import MQAR, Copy
 
-TASKS = {"mqar": MQAR, "copy": Copy, "arith": Arith, "chains": Chains}
+TASKS = {"mqar": MQAR, "copy": Copy, "arith": Arith, "chains": Chains, "countdown": Countdown}
 
 
 def build_task(registry: dict, name: str, options: dict):

@@ -1,5 +1,6 @@
 """Smoke test of experiments/cispo_long_chains: the checkpoint round trip and one RL step with its token statistics
-(the --size cpu numbers cut further), then the summaries, tables and plot on records of every algorithm."""
+(the --size cpu numbers cut further), the same for --task countdown, then the summaries, tables and plot on records of
+every algorithm."""
 import dataclasses
 import importlib.util
 import json
@@ -56,6 +57,33 @@ def test_checkpoint_round_trip_and_one_rl_step(tmp_path):
     assert tokens[0]["counts"]["tokens"] == sum(v[0] for v in tokens[0]["by_role"].values())
     with open(tmp_path / "export" / "records.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1]
+
+
+def test_countdown_rl_step_counts_fork_tokens(tmp_path):
+    """--task countdown at the cpu size cut further: one RL step of CISPO on countdown prompts (the same shapes as the
+    chains step above, so its compilations are reused), its clipped tokens counted by the fork roles; and the
+    pretraining batches drawn ahead by a worker process equal those drawn in place."""
+    import jax
+    from m1jax.config import M1Config
+    from m1jax.model import init_params
+    from m1jax.tasks.countdown import TOKEN_ROLES
+    from m1jax.train.data import TaskData
+
+    size = dataclasses.replace(run.COUNTDOWN_SIZES["cpu"], eval_prompts=0)
+    assert size.task == "countdown" and size.rl_task(0).max_prompt_len == 2 * SMOKE.max_digits + 2  # chains' width
+    config = M1Config(**size.model)
+    export = run.Export(str(tmp_path / "export"))
+    history = run.run_one(size, (config, init_params(config, jax.random.key(0))), str(tmp_path / "cispo"), "cispo",
+                          0, 1e-4, 1, 0, export, "compare")
+    assert len(history) == 1 and 0.0 <= history[0]["reward_mean"] <= 1.0
+    with open(tmp_path / "export" / "tokens.jsonl") as f:
+        tokens = [json.loads(line) for line in f]
+    assert list(tokens[0]["by_role"]) == list(TOKEN_ROLES)
+    assert tokens[0]["counts"]["tokens"] == sum(v[0] for v in tokens[0]["by_role"].values())
+    data = TaskData(size.pretrain_task(), 2, size.seq_len, seed=0)
+    here, ahead = list(run.batches(data, 1, 3, 0)), list(run.batches(data, 1, 3, 1))
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(here, ahead, strict=True) for k in a)
+    assert "countdown search traces" in size.describe()
 
 
 def fake_records(rng, steps: int) -> list[dict]:
