@@ -27,6 +27,7 @@ import numpy as np
 
 from m1jax.config import REMAT_CHOICES, M1Config, RunPolicy
 from m1jax.layers.block import DecoderLayer
+from m1jax.layers.embedding import Embed
 from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.partitioning import Module, logical_axes, named
@@ -48,29 +49,6 @@ class M1Output:
     z_loss: jax.Array
     routing: dict[str, jax.Array]
     cache: Any = None
-
-
-class Embed(Module):
-    """Token embedding: ids (B, T) -> (B, T, hidden) in the compute dtype; parameter `embedding` (V, hidden).
-
-    Under a mesh the table's hidden dim is FSDP-sharded; it is gathered (constrained to ("vocab", None)) before the
-    lookup, as FSDP gathers every weight just in time. Gathering rows from the sharded table instead leaves the output
-    split over hidden, and XLA can only reach the activations' batch sharding from there by replicating the whole
-    activation (its "[SPMD] Involuntary full rematerialization" warnings, forward and backward).
-    """
-
-    vocab_size: int
-    hidden_size: int
-    dtype: Any
-    param_dtype: Any
-    init: Any
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        table = self.param("embedding", named(self.init, "vocab", "embed"), (self.vocab_size, self.hidden_size),
-                           self.param_dtype)
-        table = constrain(table.astype(self.dtype), "vocab", None)
-        return constrain(jnp.take(table, input_ids, axis=0), "batch", "length", "act_embed")
 
 
 class LayerGroup(Module):
