@@ -154,3 +154,17 @@ def test_pallas_bad_inputs():
         lightning_attention(q16, q16.astype(jnp.bfloat16), q16, slopes, impl="pallas", interpret=True)
     # auto never picks the kernel on the CPU, and takes any head dim
     assert lightning_attention(q, k, v, slopes).shape == q.shape
+
+
+def test_forward_tiling_choice_by_shape():
+    """The measured rule: chunk kernels up to 16K tokens, the sweep beyond, and the sweep for short rows at head
+    dim <= 64 in bf16 (float32 keeps its chunk tiling)."""
+    from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig
+    from pallas_kernels.lightning_attention.pallas_attention import choose_forward_config
+    bf16 = jnp.bfloat16
+    assert isinstance(choose_forward_config((16, 1000, 64, 64), bf16), SweepConfig)
+    assert isinstance(choose_forward_config((16, 1024, 8, 32), bf16), SweepConfig)
+    assert isinstance(choose_forward_config((16, 1025, 64, 64), bf16), ChunkConfig)
+    assert isinstance(choose_forward_config((16, 1000, 64, 128), bf16), ChunkConfig)
+    assert isinstance(choose_forward_config((16, 1000, 64, 64), jnp.float32), ChunkConfig)
+    assert isinstance(choose_forward_config((1, 16385, 8, 128), bf16), SweepConfig)
