@@ -12,6 +12,7 @@ Targets (hf-bench model, bf16, random weights, for the inference ones):
   ablation  experiments/hybrid_ablation arm "1" (8 layers, width 128, T 128, 9 members vmapped): ms per population
             step at 64 and 256 rows per member, and at 64 rows with the pure-JAX lightning path instead of Pallas;
             trace of one 20-step chunk at 64 rows
+  engine-phases   the same load untraced: the scheduler thread's time per phase, device_get waits, occupancy
   engine    m1jax.serve Batcher under benchmarks/serve.py's 64-client load (prompts of 512, 256 output tokens,
             K = 16): tokens/s in a 1.5 s window, then a traced window (device time per output token)
   static    m1jax.inference.engine.decode at batch 64 after a 512-token prefill: 128 steps traced
@@ -137,9 +138,50 @@ def _hf(smoke: bool):
     return config, M1ForCausalLM(config, policy=policy), params
 
 
-def target_engine(smoke: bool):
+PHASES = ("_step_all", "_drop_cancelled", "_begin_group", "_prefill_step", "_try_insert", "_launch", "_read",
+          "_read_first", "_end_rows", "_release")
+
+
+def instrument(batcher) -> dict:
+    """Wrap the batcher's phases (on this instance) and jax.device_get with wall-clock counters: {name: [calls,
+    seconds]} (inclusive: a phase's time includes the phases it calls), plus "occupancy" (busy slots summed over
+    launches). Call the returned dict's "undo"() to restore."""
+    stats = {name: [0, 0.0] for name in PHASES + ("device_get",)}
+    stats["occupancy"] = [0, 0.0]
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stats[name][0] += 1
+                stats[name][1] += time.perf_counter() - begin
+        return wrapper
+    for name in PHASES:
+        setattr(batcher, name, timed(name, getattr(batcher, name)))
+    launch = batcher._launch
+
+    def counted_launch():
+        stats["occupancy"][0] += 1
+        stats["occupancy"][1] += batcher.busy_slots
+        return launch()
+    batcher._launch = counted_launch
+    device_get = jax.device_get
+    jax.device_get = timed("device_get", device_get)
+
+    def undo():
+        jax.device_get = device_get
+        for name in PHASES:
+            batcher.__dict__.pop(name, None)
+    stats["undo"] = undo
+    return stats
+
+
+def target_engine(smoke: bool, trace: bool = True):
     """benchmarks/serve.py's 64-client workload (each client sends requests back to back: prefills interleave with
-    decode calls, as in the measured 45.6%), traced for a window in its steady state."""
+    decode calls, as in the measured 45.6%): tokens/s and the scheduler thread's time per phase in a window of its
+    steady state, then (trace=True) a traced window."""
     from m1jax.serve import steps
     from m1jax.serve.batcher import Batcher, Job
     config, model, params = _hf(smoke)
@@ -148,7 +190,8 @@ def target_engine(smoke: bool):
     batcher = Batcher(model, params, lambda ids: "", max_batch=slots, max_context=context, chunk_size=512 if not
                       smoke else 16, max_queue=4096, decode_steps=k, prefill_batch=16 if not smoke else 2)
     batcher.warm_up(prompt)
-    text = steps.JITTED["decode"].lower(batcher._model(None), False, k, params, batcher.slots).compile().as_text()
+    text = steps.JITTED["decode"].lower(batcher._model(None), False, k, params, batcher.slots).compile().as_text() \
+        if trace else ""
     stamps: list[float] = []
     stop = threading.Event()
 
@@ -167,15 +210,27 @@ def target_engine(smoke: bool):
     try:
         time.sleep(1.0 if smoke else 4.0)  # past the first admissions
         window = 0.5 if smoke else 1.5
+        stats = instrument(batcher)
         begin = time.perf_counter()
         time.sleep(window)
         end = time.perf_counter()
+        stats.pop("undo")()
         tokens = sum(begin <= t < end for t in list(stamps))
+        calls, busy = stats.pop("occupancy")
+        log(target="engine", what="scheduler phases", window_s=window, tokens=tokens,
+            mean_busy_slots=busy / max(calls, 1), phases={n: {"calls": c, "ms": 1e3 * t} for n, (c, t) in stats.items()})
+        print(f"\n-- engine scheduler thread over {window} s: {tokens} tokens, {calls} decode launches, mean busy slots "
+              f"{busy / max(calls, 1):.1f} of {slots}")
+        for name, (count, seconds) in stats.items():
+            print(f"  {name:16s} {count:6d} calls {1e3 * seconds:9.1f} ms ({100 * seconds / window:5.1f}% of the "
+                  f"window, inclusive)")
         ms = 1e3 * window / max(tokens, 1)
         row = dict(target="engine", variant=f"{slots} clients, K {k}", ms_per_unit=ms * slots,
                    unit="ms x slots / token", rows_per_s=tokens / window)
         log(what="timing", tokens_in_window=tokens, **row)
         SUMMARY.append(row)
+        if not trace:
+            return
         box = {}
 
         def run():
@@ -230,6 +285,7 @@ def _decode_target(smoke: bool, batch: int, context: int, steps: int, label: str
 TARGETS = {
     "ablation": target_ablation,
     "engine": target_engine,
+    "engine-phases": lambda smoke: target_engine(smoke, trace=False),
     "static": lambda smoke: _decode_target(smoke, 4 if smoke else 64, 24 if smoke else 512, 8 if smoke else 128,
                                            "static"),
     "decode1": lambda smoke: _decode_target(smoke, 1, 32 if smoke else 2048, 8 if smoke else 64, "decode1"),
