@@ -28,6 +28,7 @@ callback (called on the scheduler thread: "token" events, then one "done") and `
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import threading
@@ -75,10 +76,15 @@ class _Group:
 
 @dataclasses.dataclass
 class _Call:
-    """A decode call launched: its device outputs, the request of each slot when it started, its variant."""
-    drawn: steps.Drawn
+    """A decode call launched: its outputs (a future of (slots, Drawn) from the device thread), the request of each
+    slot when it started, its variant."""
+    future: concurrent.futures.Future
     jobs: list[Job | None]
     want_logprobs: bool
+
+    @property
+    def drawn(self) -> steps.Drawn:
+        return self.future.result()[1]
 
 
 @dataclasses.dataclass
@@ -149,6 +155,11 @@ class Batcher(TokenOutput):
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Decode calls are dispatched from a thread of their own: a call's while loop keeps the dispatching thread
+        # busy until the loop ends (on the GPU the loop's condition is read by the host every step), and the
+        # scheduler reads the previous call's tokens meanwhile.
+        self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="m1jax-decode")
+        self._pending: concurrent.futures.Future | None = None
         self._reset_device_state()
 
     # ----- device state -----
@@ -178,6 +189,19 @@ class Batcher(TokenOutput):
             self._models[threshold] = model_with_threshold(self.model, threshold)
         return self._models[threshold]
 
+    @property
+    def slots(self) -> Slots:
+        """The running batch, once the decode call in flight (if any) has been dispatched; re-raises its failure."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._slots = pending.result()[0]
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: Slots) -> None:
+        self._pending = None
+        self._slots = value
+
     # ----- public -----
     def start_thread(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="m1jax-batcher", daemon=True)
@@ -190,6 +214,8 @@ class Batcher(TokenOutput):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._device.shutdown(wait=True)
 
     @property
     def queue_depth(self) -> int:
@@ -519,10 +545,11 @@ class Batcher(TokenOutput):
     def _launch(self) -> None:
         """Start a decode call of K steps (asynchronously: it runs while the host reads the previous call)."""
         want = any(job is not None and job.want_logprobs for job in self.active)
-        self.slots, drawn = steps.JITTED["decode"](self._model(self.batch_threshold), want, self.decode_steps,
-                                                   self.params, self.slots)
+        future = self._device.submit(steps.JITTED["decode"], self._model(self.batch_threshold), want,
+                                     self.decode_steps, self.params, self.slots)
+        self._pending = future
         self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
-        self.in_flight.append(_Call(drawn, list(self.active), want))
+        self.in_flight.append(_Call(future, list(self.active), want))
 
     def _read(self, call: _Call) -> None:
         """Give each request its new tokens of a finished call, in order, and free the slots of those that ended."""
