@@ -22,7 +22,7 @@
 # - `length_extrapolation_gpu.json`: the same trained models at 2x-32x their training length.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
-# Read each figure with its experiment's README: round 3 trained arms 0, 1 and 8 past the plateau but not to convergence.
+# Read each figure with its experiment's README: rounds 3 and 4 trained arms 0, 1 and 8 past the plateau but not to convergence.
 # budget: 30 s
 
 # %%
