@@ -148,21 +148,27 @@ _attention.defvjp(_forward, _backward)
 # 0.195 / 0.732 ms at T 4K / 16K (H 64) against the sweep's 0.256 / 0.740, but 3.207 ms at 64K against
 # the sweep's 2.733: rows longer than this many tokens take the sweep.
 CHUNK_FORWARD_MAX_TOKENS = 16384
-# At head dim 64 and short rows the sweep's single kernel beats the chunk kernels' two (H200, 2026-11-30,
-# benchmarks/lightning_grid.py): (16, 1000, 64, 64) took 0.183 ms as a sweep against 0.294 as chunks (FLA 0.273),
-# while at 4,099 and 16,384 tokens the chunks were faster. Rows of at most this many tokens at D <= 64 take the sweep.
+# Short rows at head dim <= 64 (H200, 2026-11-30, benchmarks/lightning_grid.py, ms; sweep / 64-token chunks /
+# 128-token chunks): with many (row, head) pairs the sweep's single kernel wins, (16, 1000, 64, 64) 0.155 / 0.303 /
+# 0.293 and (64, 512, 16, 64) 0.090 / 0.159 / 0.163; with few, the sweep must cut rows into spans and chain their
+# states, and 64-token chunks (more chunks, so more programs in the states pass) win, (16, 1000, 8, 64) 0.146 /
+# 0.061 / 0.067 and (4, 1023, 32, 64) 0.111 / 0.101 / 0.238. So rows of at most this many tokens at D <= 64 take the
+# sweep when B * H alone fills the sweep's target number of programs, 64-token chunks otherwise.
 SWEEP_SHORT_ROWS_MAX_TOKENS = 1024
 
 
 def choose_forward_config(shape, dtype, block=None):
     """The forward's tiling for q of `shape` (B, T, H, D): the chunk-parallel kernels up to
-    CHUNK_FORWARD_MAX_TOKENS tokens per row, the sweep (rows cut into spans) for longer rows and for short rows at
-    head dim <= 64. Float32 chunk tiles are smaller, to fit shared memory (the tiling that passed the float32 checks
-    on the GPU)."""
+    CHUNK_FORWARD_MAX_TOKENS tokens per row, the sweep (rows cut into spans) for longer rows; short rows at head
+    dim <= 64 take the sweep when B * H >= the sweep's target programs, else 64-token chunks. Float32 chunk tiles
+    are smaller, to fit shared memory (the tiling that passed the float32 checks on the GPU)."""
     block = block or ChunkConfig.block
-    short_narrow = shape[3] <= 64 and shape[1] <= SWEEP_SHORT_ROWS_MAX_TOKENS and dtype != jnp.float32
-    if shape[1] > CHUNK_FORWARD_MAX_TOKENS or short_narrow:
+    if shape[1] > CHUNK_FORWARD_MAX_TOKENS:
         return SweepConfig(block=block)
+    if shape[3] <= 64 and shape[1] <= SWEEP_SHORT_ROWS_MAX_TOKENS and dtype != jnp.float32:
+        if shape[0] * shape[2] >= SweepConfig().target_programs:
+            return SweepConfig(block=block)
+        return ChunkConfig(block=block, chunk_blocks=1)
     if dtype == jnp.float32:
         return ChunkConfig(block=block, chunk_blocks=4, state_tile=32, block_v=64, num_stages=1,
                            states_num_stages=1)

@@ -158,12 +158,14 @@ def test_pallas_bad_inputs():
 
 def test_forward_tiling_choice_by_shape():
     """The measured rule: chunk kernels up to 16K tokens, the sweep beyond, and the sweep for short rows at head
-    dim <= 64 in bf16 (float32 keeps its chunk tiling)."""
+    dim <= 64 with B * H >= 512 in bf16, 64-token chunks with fewer (float32 keeps its chunk tiling)."""
     from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig
     from pallas_kernels.lightning_attention.pallas_attention import choose_forward_config
     bf16 = jnp.bfloat16
     assert isinstance(choose_forward_config((16, 1000, 64, 64), bf16), SweepConfig)
-    assert isinstance(choose_forward_config((16, 1024, 8, 32), bf16), SweepConfig)
+    assert isinstance(choose_forward_config((64, 1024, 8, 32), bf16), SweepConfig)
+    few_pairs = choose_forward_config((16, 1000, 8, 64), bf16)  # few (row, head) pairs: 64-token chunks
+    assert isinstance(few_pairs, ChunkConfig) and few_pairs.chunk_blocks == 1
     assert isinstance(choose_forward_config((16, 1025, 64, 64), bf16), ChunkConfig)
     assert isinstance(choose_forward_config((16, 1000, 64, 128), bf16), ChunkConfig)
     assert isinstance(choose_forward_config((16, 1000, 64, 64), jnp.float32), ChunkConfig)
