@@ -16,10 +16,14 @@
 # MiniMax-M1 credits CISPO's gain to the gradient of rare, low-probability "fork" tokens: over 16 off-policy
 # updates their importance ratio r = pi_theta / pi_old leaves PPO's clip band, and PPO-style clipping (GRPO, DAPO)
 # then drops their gradient, while CISPO keeps it and clips only the weight. This notebook reads the committed
-# results of `experiments/cispo_long_chains/run.py` (one H200; worked long additions of 5-12 digits, whose fork is
-# the carry decision after each "x+y") and shows the curves, the summary table, where the tokens outside the band
-# sit (role, old-policy probability) and the most-clipped tokens with their text. Two rounds: round 1 (start at 40%
-# sampled accuracy, 12 generation batches) and round 2 (start at 22%, 50 batches, sweep down to 1e-5); set ROUND.
+# results of `experiments/cispo_long_chains/run.py` (one H200) and shows the curves, the summary table, where the
+# tokens outside the band sit (role, old-policy probability) and the most-clipped tokens with their text. Three
+# rounds; set ROUND:
+# - 1 and 2: worked long additions of 5-12 digits, whose fork is the carry decision after each "x+y"; round 1 starts
+#   at 40% sampled accuracy with 12 generation batches, round 2 at 22% with 50 batches and a sweep down to 1e-5;
+# - "countdown" (the newest, the default): countdown search traces (`--task countdown`), whose forks are the first
+#   byte of each attempted step (`step_fork`: which numbers to combine) and the back-out `<` (`back_fork`); a 3.8M
+#   model started at 18.8% sampled accuracy, 17 generation batches (cut by the deadline), 2 seeds, one learning rate.
 # budget: 30 s
 
 # %%
@@ -31,15 +35,22 @@ import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 RESULTS = os.path.join(ROOT, "experiments", "results")
-ROUNDS = {1: "cispo_long_chains.json", 2: "cispo_long_chains_gpu2.json"}
-ROUND = 2  # the newest; 1 for the first round
+ROUNDS = {1: "cispo_long_chains.json", 2: "cispo_long_chains_gpu2.json", "countdown": "cispo_countdown.json"}
+ROUND = "countdown"  # the newest; 1 or 2 for the long-addition rounds
 with open(os.path.join(RESULTS, ROUNDS[ROUND])) as f:
-    result = json.load(f)
+    result = json.load(f)  # result["setup"] holds the same as the round's *_setup.json
 summary = result["summary"]
 algos = [a for a, row in summary["algorithms"].items() if row["per_seed"]]
-print("seeds", result["seeds"], "learning rates", result["learning_rates"], "device", result["setup"]["devices"])
+steps_run = min(len(c["reward_mean"]) for c in result["curves"].values())
+swept = sorted({float(lr) for rewards in result["setup"]["sweep"]["second_half_reward"].values() for lr in rewards})
+print("round", ROUND, "| seeds", result["seeds"], "| learning rates", result["learning_rates"], "| swept", swept,
+      "| generation batches per run", steps_run, "| device", result["setup"]["devices"])
 print("pretrained:", {k: result["setup"]["pretrain"]["chosen"][k] for k in ("step", "greedy_accuracy",
                                                                          "sampled_accuracy", "response_bytes")})
+print("pretraining evaluations (step: greedy / sampled accuracy, response bytes):")
+for snap in result["setup"]["pretrain"]["snapshots"]:
+    print(f"  {snap['step']:6d}: {100 * snap['greedy_accuracy']:5.1f}% / {100 * snap['sampled_accuracy']:5.1f}%, "
+          f"{snap['response_bytes']:.0f} bytes")
 
 # %% [markdown]
 # ## Curves (mean over seeds; band: min to max)
@@ -47,7 +58,8 @@ print("pretrained:", {k: result["setup"]["pretrain"]["chosen"][k] for k in ("ste
 # %%
 colors = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
 panels = [("reward_mean", "training reward (5-step mean)"), ("eval_accuracy", "held-out greedy accuracy"),
-          ("clip_high_frac", "tokens with r > 1.28"), ("dropped_frac", "gradient dropped by clipping"),
+          ("clip_high_frac", "tokens with r > 1 + own eps_high (1.28; GRPO 1.2)"),
+          ("dropped_frac", "gradient dropped by clipping"),
           ("entropy_rollout", "entropy (nats/token)"), ("grad_norm", "grad norm")]
 
 
@@ -76,6 +88,8 @@ fig.tight_layout()
 
 # %% [markdown]
 # ## Summary (mean ± std over seeds)
+# "r>1.28" is pooled over seeds and steps against the one reference band (as in the results .md); the curve above
+# counts each algorithm's own band, which for GRPO (eps 0.2) is r > 1.2.
 
 # %%
 def pm(stat, scale=1.0, digits=3):
@@ -87,8 +101,10 @@ print(f"{'algo':6} {'mean reward':>16} {'final reward':>16} {'held-out acc %':>1
 for algo in algos:
     row = summary["algorithms"][algo]
     steps = [s["steps_to_dapo_final"] for s in row["per_seed"]]
+    counts = row["tokens"]["counts"]
     print(f"{algo:6} {pm(row['mean_reward']):>16} {pm(row['final_reward']):>16} {pm(row['final_eval'], 100, 1):>14} "
-          f"{pm(row['clip_high_frac'], 100, 2):>14} {pm(row['dropped_frac'], 100, 2):>14} {str(steps):>22}")
+          f"{100 * counts['high'] / max(counts['tokens'], 1):14.2f} {pm(row['dropped_frac'], 100, 2):>14} "
+          f"{str(steps):>22}")
 for name, diff in summary["paired"].items():
     print(name, "paired: mean reward", pm(diff["mean_reward"]), "| final reward", pm(diff["final_reward"]),
           "| held-out accuracy", pm(diff["final_eval"], 100, 1), "points")
@@ -96,8 +112,9 @@ for name, diff in summary["paired"].items():
 # %% [markdown]
 # ## Which tokens leave the band?
 # Share of each role's tokens with r > 1.28 (summed over seeds and steps), and the old-policy probability of all
-# tokens against those outside the band: fork tokens would be rare (low pi_old) and concentrated at the carry
-# decision.
+# tokens against those outside the band: fork tokens would be rare (low pi_old) and concentrated at the fork roles
+# (`carry_decision` for the long additions, `step_fork` and `back_fork` for countdown). The second table gives
+# each role's share of all the tokens outside the band.
 
 # %%
 roles = list(next(summary["algorithms"][a]["tokens"] for a in algos)["by_role"])
@@ -105,6 +122,11 @@ print(f"{'algo':6} " + " ".join(f"{r:>15}" for r in roles))
 for algo in algos:
     tok = summary["algorithms"][algo]["tokens"]
     print(f"{algo:6} " + " ".join(f"{100 * v[1] / max(v[0], 1):14.2f}%" for v in (tok["by_role"][r] for r in roles)))
+print("share of all tokens with r > 1.28:")
+for algo in algos:
+    by_role = summary["algorithms"][algo]["tokens"]["by_role"]
+    high = sum(v[1] for v in by_role.values())
+    print(f"{algo:6} " + " ".join(f"{100 * by_role[r][1] / max(high, 1):14.1f}%" for r in roles))
 
 bins = ["0-.01", ".01-.1", ".1-.3", ".3-.5", ".5-.7", ".7-.9", ".9-.99", ".99-1"]
 fig, axes = plt.subplots(1, len(algos), figsize=(4.5 * len(algos), 3.2), sharey=True)

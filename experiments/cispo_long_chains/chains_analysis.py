@@ -205,7 +205,7 @@ def plot(path: str, payload: dict) -> None:
         return
     colors = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
     panels = (("reward_mean", f"training reward ({SMOOTH}-step mean)", True), ("eval_accuracy", "held-out greedy "
-              "accuracy", False), ("clip_high_frac", "tokens with r > 1.28", False), ("entropy_rollout",
+              "accuracy", False), ("clip_high_frac", "tokens with r > 1 + own eps_high", False), ("entropy_rollout",
               "entropy (nats/token)", False), ("response_length", "response length (bytes)", False),
               ("grad_norm", "grad norm (mean of 16 updates)", False))
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
