@@ -83,7 +83,6 @@ def traced(run, text: str, steps: int, label: str) -> dict | None:
 def target_ablation(smoke: bool):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                                     "hybrid_ablation"))
-    import dataclasses
 
     import recall
     from run import SIZES, make_arms
@@ -126,7 +125,6 @@ def target_ablation(smoke: bool):
                 return out
             traced(run, text, chunk, f"ablation ({impl}, {rows} rows/member)")
             params, opt_state = state["p"], state["o"]
-        del params, opt_state, pop
 
 
 def _hf(smoke: bool):

@@ -32,7 +32,6 @@ from m1jax.layers.moe_core import GroupedMatmul
 from m1jax.layers.norms import RMSNorm
 from m1jax.layers.partitioning import Module, logical_axes, named
 from m1jax.layers.rope import segment_positions
-from m1jax.sharding import constrain
 
 REMAT_POLICIES = dict(zip(REMAT_CHOICES, (None,  # RunPolicy.remat -> jax.checkpoint policy
                                            jax.checkpoint_policies.nothing_saveable,

@@ -1,5 +1,5 @@
-"""The issue-14 benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped trace, and the
---smoke runs of decode_flags.py and lightning_grid.py."""
+"""The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
+trace, and the --smoke runs of decode_flags.py, lightning_grid.py and step_profile.py."""
 import importlib.util
 import json
 import os
@@ -94,3 +94,19 @@ def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
         assert all(err < lg.MISMATCH for err in r["vs_shipped"].values())  # every tiling computes the same
     assert any("ours_fb_ms" in r for r in rows)
     assert "MIN FLA/ours" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_step_profile_smoke(tmp_path, monkeypatch):
+    """The static decode target (trace parsed into categories) and the engine's per-phase timing, tiny sizes."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the module appends a GPU flag: undone after
+    sp = load("step_profile")
+    log = tmp_path / "step_profile.jsonl"
+    monkeypatch.setattr(sp, "OUT", str(tmp_path))
+    monkeypatch.setattr(sp, "LOG", str(log))
+    assert sp.main(["--smoke", "--targets", "static,engine-phases"]) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    phases = next(r for r in rows if r.get("what") == "scheduler phases")
+    assert phases["tokens"] > 0 and phases["phases"]["_launch"]["calls"] > 0 and phases["mean_busy_slots"] > 0
+    profile = next(r for r in rows if r.get("what") == "profile")
+    assert profile["target"].startswith("static") and profile["profile"]["num_events"] > 0

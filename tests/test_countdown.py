@@ -12,6 +12,7 @@ from m1jax.rl.rewards import score_batch
 from m1jax.rl.rollout import get_rl_task
 from m1jax.rl.trainer import LossConfig, clip_token_stats
 from m1jax.tasks import TASKS, get_task, row_rng
+from m1jax.tasks.base import packed_texts
 from m1jax.tasks.countdown import (FORK_ROLES, TOKEN_ROLES, Countdown, CountdownPrompts, check_path,
                                    countdown_problem, countdown_reward, fork_mask, parse_prompt, score_countdown,
                                    solvable, token_roles, trace_consistent)
@@ -209,12 +210,9 @@ def test_pretraining_rows_hold_solved_traces(seed):
     task = get_task("countdown", count=3, max_number=9, min_target=1, max_target=30, max_len=120)
     assert TASKS["countdown"] is Countdown and task.vocab_size == 260
     batch = task.batch(seed % 1000, 1, 3, 400)
-    tokens = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
-    graded = np.concatenate([np.zeros((3, 1)), batch["loss_mask"]], axis=1) > 0
-    for row, mask in zip(tokens, graded):
-        text = bytes(int(t) for t in row if t < 256).decode()
+    for text, graded in packed_texts(batch):
         lines = [line for line in text.split("\n") if line]
-        assert lines and int(mask.sum()) == sum(len(line.split(":", 1)[1]) + 1 for line in lines)
+        assert lines and graded == sum(len(line.split(":", 1)[1]) + 1 for line in lines)
         for line in lines:
             prompt, trace = line.split(":", 1)
             assert trace_consistent(trace, prompt + ":") and score_countdown(trace, prompt + ":")

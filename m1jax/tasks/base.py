@@ -70,6 +70,14 @@ def pack_problems(problems: Iterable[tuple[str, str]], room: int) -> tuple[np.nd
     return sequence, graded
 
 
+def packed_texts(batch: dict) -> list[tuple[str, int]]:
+    """A byte-level batch's rows as (text, number of graded tokens): the row's tokens (its first input, then the
+    targets) with ids >= 256 (padding, specials) left out. For reading a packed batch back."""
+    tokens = np.concatenate([np.asarray(batch["inputs"])[:, :1], np.asarray(batch["targets"])], axis=1)
+    graded = np.asarray(batch["loss_mask"]) > 0
+    return [(bytes(int(t) for t in row if t < 256).decode(), int(mask.sum())) for row, mask in zip(tokens, graded)]
+
+
 def problem_accuracy(predictions, batch: dict) -> dict:
     """token_accuracy's metrics, with "accuracy" the fraction of problems (maximal runs of graded positions) whose
     every graded token is predicted right, and "problems" their count."""

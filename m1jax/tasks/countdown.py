@@ -322,14 +322,12 @@ def _check_options(count, max_number, min_target, max_target, breadth, temperatu
     check_int(breadth, "breadth", 1, "each node below the root tries at least one child")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature={temperature!r}: pass a number >= 0 (0: children in heuristic order)")
-    check_int(max_len, "max_len", 64, "traces need room for a path; the issue asks for 64-512 tokens")
+    check_int(max_len, "max_len", 64, "traces need room for a path (64-512 bytes is the intended range)")
 
 
 @dataclasses.dataclass(frozen=True)
-class Countdown(Task):
-    """Pretraining rows of countdown problems "<prompt><trace>\\n" (module docstring) packed until the next would not
-    fit, graded on the trace and its newline; traces that gave up are left out unless keep_failed. "accuracy" is
-    the fraction of traces predicted right in full under teacher forcing."""
+class CountdownOptions:
+    """The problem and trace options shared by the pretraining task and the RL prompts (module docstring)."""
 
     count: int = 4
     max_number: int = 20
@@ -338,14 +336,25 @@ class Countdown(Task):
     breadth: int = 2
     temperature: float = 0.1
     max_len: int = 512
+
+    def __post_init__(self):
+        _check_options(self.count, self.max_number, self.min_target, self.max_target, self.breadth, self.temperature,
+                       self.max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Countdown(CountdownOptions, Task):
+    """Pretraining rows of countdown problems "<prompt><trace>\\n" (module docstring) packed until the next would not
+    fit, graded on the trace and its newline; traces that gave up are left out unless keep_failed. "accuracy" is
+    the fraction of traces predicted right in full under teacher forcing."""
+
     keep_failed: bool = False
     name = "countdown"
     tokenizer = ByteTokenizer()
     pad_id = ByteTokenizer.pad_id
 
     def __post_init__(self):
-        _check_options(self.count, self.max_number, self.min_target, self.max_target, self.breadth, self.temperature,
-                       self.max_len)
+        super().__post_init__()
         if not isinstance(self.keep_failed, bool):
             raise ValueError(f"keep_failed={self.keep_failed!r}: pass True or False")
 
@@ -374,17 +383,10 @@ class Countdown(Task):
 
 
 @dataclasses.dataclass(frozen=True)
-class CountdownPrompts:
+class CountdownPrompts(CountdownOptions):
     """Countdown as RL prompts with a verifiable answer (an object like `m1jax.rl.rollout.ChainPrompts`): example i
     of step s is drawn from row_rng(seed, s, i); the reward checks the final path only (`countdown_reward`)."""
 
-    count: int = 4
-    max_number: int = 20
-    min_target: int = 10
-    max_target: int = 100
-    breadth: int = 2
-    temperature: float = 0.1
-    max_len: int = 512
     seed: int = 0
     name = "countdown"
     reward_fn = staticmethod(countdown_reward)
@@ -392,13 +394,12 @@ class CountdownPrompts:
     token_roles = staticmethod(token_roles)
 
     def __post_init__(self):
+        super().__post_init__()
         check_int(self.seed, "seed", 0, "use a non-negative seed")
-        self.task  # checks the options
 
     @property
     def task(self) -> Countdown:
-        return Countdown(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Countdown)
-                            if f.name != "keep_failed"})
+        return Countdown(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CountdownOptions)})
 
     @property
     def max_prompt_len(self) -> int:

@@ -13,6 +13,7 @@ from m1jax.rl.rewards import chain_reward, score_batch
 from m1jax.rl.rollout import ChainPrompts, get_rl_task
 from m1jax.rl.trainer import PROB_BINS, REFERENCE_BAND, TOKEN_ROLES, LossConfig, clip_token_stats, token_roles
 from m1jax.tasks import TASKS, get_task
+from m1jax.tasks.base import packed_texts
 from m1jax.tasks.chains import (Chains, chain_answer, chain_consistent, chain_problem, chain_solution, max_chain_len,
                                 score_chain)
 
@@ -85,14 +86,11 @@ def test_pretraining_rows_grade_whole_chains(seed):
     task = get_task("chains", min_digits=2, max_digits=6)
     assert TASKS["chains"] is Chains
     batch = task.batch(seed % 1000, 3, 4, 160)
-    tokens = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
-    graded = np.concatenate([np.zeros((4, 1)), batch["loss_mask"]], axis=1) > 0
-    for row, mask in zip(tokens, graded):
-        text = bytes(int(t) for t in row if t < 256).decode()
+    for text, graded in packed_texts(batch):
         problems = [p for p in text.split("\n") if p]
         assert problems and all(p.split("=", 1)[1] == chain_solution(*map(int, p.split("=", 1)[0].split("+")))
                                 for p in problems)
-        assert int(mask.sum()) == sum(len(p.split("=", 1)[1]) + 1 for p in problems)
+        assert graded == sum(len(p.split("=", 1)[1]) + 1 for p in problems)
     perfect = task.accuracy(batch["targets"], batch)
     assert perfect["accuracy"] == 1.0 and perfect["problems"] >= 4
     wrong = batch["targets"].copy()
