@@ -9,10 +9,11 @@ Each turn of the loop does, in order:
      `shift_slots`; a request whose prompt plus output fills the whole context therefore always fits once the
      batch is empty); so a long prompt never stalls the running batch for more than one chunk per decode call;
   3. launch one decode call of up to `decode_steps` (K) steps for every slot (steps.decode_steps: sampling, stop ids
-     and length are applied on the device), and, while it runs, read the call before it: each live row's new tokens
-     go to its request in order (stop strings, streaming), and the slots of requests that ended are freed (for the
-     next turn's admission). A request ended on the host (a stop string) was drawn for in the call already launched
-     too: those tokens are discarded, and their routing counts taken back.
+     and length are applied on the device) from the decode thread (dispatching a call keeps its thread busy until
+     the call's while loop ends), and meanwhile read what came before it, in order: prefilled groups' first tokens
+     and the previous call's tokens go to their requests (stop strings, streaming); slots of ended requests are
+     freed. A request ended on the host (a stop string) was drawn for in the call already launched too: those
+     tokens are discarded, and their routing counts taken back.
 
 A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, groups have
 a power-of-two number of rows (a short group repeats its first prompt), so only a handful of step shapes are ever
@@ -76,8 +77,7 @@ class _Group:
 
 @dataclasses.dataclass
 class _Call:
-    """A decode call launched: its outputs (a future of (slots, Drawn) from the device thread), the request of each
-    slot when it started, its variant."""
+    """A decode call launched: a future of its (slots, Drawn), the request of each slot when it started, its variant."""
     future: concurrent.futures.Future
     jobs: list[Job | None]
     want_logprobs: bool
@@ -155,9 +155,7 @@ class Batcher(TokenOutput):
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Decode calls are dispatched from a thread of their own: a call's while loop keeps the dispatching thread
-        # busy until the loop ends (on the GPU the loop's condition is read by the host every step), and the
-        # scheduler reads the previous call's tokens meanwhile.
+        # decode calls are dispatched from a thread of their own (module docstring, step 3)
         self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="m1jax-decode")
         self._pending: concurrent.futures.Future | None = None
         self._reset_device_state()
@@ -455,9 +453,8 @@ class Batcher(TokenOutput):
         want = any(job.want_logprobs for job in group.jobs)
         temperature, top_k, top_p, bias, keys, _ = group.sampling
         group.first, scores = steps.JITTED["first"](want, logits, temperature, top_k, top_p, bias, keys)
-        # The first tokens are read later, in order with the decode calls (no wait here: the device goes on decoding
-        # the running batch). A row that needs no second token takes no slot; one that ends on its first token
-        # (a stop id or string) gives its slot back when that token is read.
+        # read later, in turn with the decode calls (no wait here). A row that needs no second token takes no slot;
+        # one that ends on its first token (a stop id or string) gives its slot back when that token is read.
         group.pending = [j for j, job in enumerate(group.jobs) if not job.done.is_set() and job.max_new_tokens > 1]
         self.in_flight.append(_FirstTokens(group, scores))
         self._try_insert()
