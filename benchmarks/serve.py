@@ -62,6 +62,9 @@ def percentiles(values: list[float]) -> dict:
 
 
 # ----- ours: the batcher in-process -----
+ROUTING = {"want_routing": True}  # --no-routing: requests without routing logs, as the OpenAI routes send them
+
+
 def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
     """`concurrency` client threads share the prompts; each sends its requests one after another."""
     ttft, itl, tpot, tokens = [], [], [], [0]
@@ -71,7 +74,7 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
         for prompt in mine:
             stamps = []
             job = Job(prompt, output, on_event=lambda kind, data: stamps.append(time.perf_counter())
-                      if kind == "token" and data["token_id"] is not None else None)
+                      if kind == "token" and data["token_id"] is not None else None, **ROUTING)
             batcher.submit(job)
             job.done.wait()
             if job.error is not None:
@@ -311,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="ours,static,transformers")
     parser.add_argument("--decode-steps", default="8,16", help="decode steps per device call, one engine run each")
     parser.add_argument("--prefill-batch", type=int, default=None, help="requests prefilled together")
+    parser.add_argument("--no-routing", action="store_true",
+                        help="engine requests without per-request routing logs (as /v1/completions sends them)")
     args = parser.parse_args(argv)
+    ROUTING["want_routing"] = not args.no_routing
     os.makedirs(args.out, exist_ok=True)
     LOG.path = os.path.join(args.out, "serve.jsonl")
     size = SIZES["smoke" if args.smoke else "full"]
@@ -321,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     params = random_params(config, policy=policy)
     record(section="setup", what="device", device=str(jax.devices()[0].device_kind), jax=jax.__version__, **{
         k: v for k, v in size.items() if k not in ("concurrency", "prefill_batch")}, decode_steps=decode_steps,
-        prefill_batch=prefill_batch, param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
+        prefill_batch=prefill_batch, routing=not args.no_routing, param_dtype=policy.param_dtype,
+        compute_dtype=policy.compute_dtype)
     sections = {"ours": lambda: section_ours(size, config, policy, params, args.http, decode_steps, prefill_batch),
                 "static": lambda: section_static(size, config, policy, params),
                 "transformers": lambda: section_transformers(size, config)}

@@ -82,10 +82,6 @@ class _Call:
     jobs: list[Job | None]
     want_logprobs: bool
 
-    @property
-    def drawn(self) -> steps.Drawn:
-        return self.future.result()[1]
-
 
 @dataclasses.dataclass
 class _FirstTokens:
@@ -96,8 +92,7 @@ class _FirstTokens:
 
 def chunk_lengths(length: int, chunk_size: int) -> list[int]:
     """A multiple of BUCKET split into powers of two, chunk_size (a power of two >= BUCKET) at most."""
-    out, rest = [], length
-    size = chunk_size
+    out, rest, size = [], length, chunk_size
     while rest:
         while size > rest:
             size //= 2
@@ -112,7 +107,7 @@ def key_data(seed: int) -> np.ndarray:
     try:
         cpu = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # no CPU backend: the default device
-        return np.asarray(jax.random.key_data(jax.random.key(seed)))
+        cpu = None
     with jax.default_device(cpu):
         return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
@@ -259,12 +254,12 @@ class Batcher(TokenOutput):
             self._turn()
 
     def warm_up(self, prompt_length: int) -> None:
-        """Compile the steps a prompt of this length meets: every group size, both decode variants (with and
-        without log-probs). Runs on the calling thread, before start_thread."""
+        """Compile the steps a prompt of this length meets: every group size, the four decode variants (log-probs
+        and routing statistics, each on or off). Runs on the calling thread, before start_thread."""
         length = max(1, min(prompt_length, self.max_context - 2))
         for size in sorted({group_rows(n, self.prefill_batch) for n in range(1, self.prefill_batch + 1)}):
-            for logprobs in (False, True):
-                jobs = [self.submit(Job([0] * length, 2, want_logprobs=logprobs)) for _ in range(size)]
+            for lp, rt in ((False, True), (True, True), (False, False), (True, False)):  # log-probs, routing
+                jobs = [self.submit(Job([0] * length, 2, want_logprobs=lp, want_routing=rt)) for _ in range(size)]
                 self.run_until_idle()
                 failed = [job.error for job in jobs if job.error is not None]
                 if failed:
@@ -542,15 +537,16 @@ class Batcher(TokenOutput):
     def _launch(self) -> None:
         """Start a decode call of K steps (asynchronously: it runs while the host reads the previous call)."""
         want = any(job is not None and job.want_logprobs for job in self.active)
+        routing = any(job is not None and job.want_routing for job in self.active)
         future = self._device.submit(steps.JITTED["decode"], self._model(self.batch_threshold), want,
-                                     self.decode_steps, self.params, self.slots)
+                                     self.decode_steps, self.params, self.slots, with_routing=routing)
         self._pending = future
         self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
         self.in_flight.append(_Call(future, list(self.active), want))
 
     def _read(self, call: _Call) -> None:
         """Give each request its new tokens of a finished call, in order, and free the slots of those that ended."""
-        d = call.drawn
+        d = call.future.result()[1]
         tokens, emitted, logp, top_ids, top_logp = jax.device_get((d.tokens, d.emitted, d.logp, d.top_ids,
                                                                    d.top_logp))
         ended: list[tuple[int, int]] = []  # (slot, the step of its request's last token)
@@ -575,7 +571,7 @@ class Batcher(TokenOutput):
         went on drawing for it). Only that call's outputs are read: nothing waits for the call launched since."""
         slots = [b for b, _ in ended]
         self._release(slots)
-        d = call.drawn
+        d = call.future.result()[1]
         counts, calls = jax.device_get((d.counts, d.calls))
         after = [(b, i) for b, i in ended if i + 1 < self.decode_steps and emitted[i + 1, b]]
         if after:
@@ -596,5 +592,7 @@ class Batcher(TokenOutput):
 
     @staticmethod
     def _routing_from(job: Job, counts, calls) -> None:
+        if not job.want_routing:  # its decode steps may not have counted: no routing log
+            return
         job.counts = np.rint(np.asarray(counts)).astype(np.int64)
         job.calls = np.rint(np.asarray(calls)).astype(np.int64)

@@ -193,8 +193,10 @@ def shift(slots: Slots, delta: jax.Array) -> Slots:
     return slots.replace(cache=shift_slots(slots.cache, delta))
 
 
-def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots):
+def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots,
+                 with_routing: bool = True):
     """Up to num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
+    with_routing False (no live request reports routing) skips the per-row routing statistics: their counts stay 0.
 
     The cache index always advances by K, also when the loop ends early (no row live: nothing is written then), so
     the host knows it without waiting for the call: it can launch the next call before reading this one's tokens."""
@@ -215,8 +217,12 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
 
     def step(carry):
         s, d, i = carry
-        out, counts, calls = routed_per_row(model, params, s.last[:, None], segment_ids=s.live[:, None].astype(
-            jnp.int32), cache=s.cache)
+        inputs = dict(segment_ids=s.live[:, None].astype(jnp.int32), cache=s.cache)
+        if with_routing:
+            out, counts, calls = routed_per_row(model, params, s.last[:, None], **inputs)
+        else:
+            out = model.apply({"params": params}, s.last[:, None], **inputs)
+            counts = calls = jnp.zeros((batch,) + layers_experts, jnp.float32)
         logits = out.logits[:, -1]
         token = sample_rows(logits + s.bias, s.temperature, s.top_k, s.top_p, row_keys(s.keys, s.steps))
         remaining = s.remaining - s.live.astype(jnp.int32)
@@ -244,5 +250,5 @@ JITTED = {
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
     "shift": jax.jit(shift, donate_argnums=0),
-    "decode": jax.jit(decode_steps, static_argnums=(0, 1, 2), donate_argnums=4),
+    "decode": jax.jit(decode_steps, static_argnums=(0, 1, 2), static_argnames="with_routing", donate_argnums=4),
 }

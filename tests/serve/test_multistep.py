@@ -160,6 +160,25 @@ def test_request_routing_is_the_same_alone_and_batched(model_and_params, rng):
     assert alone.calls.sum() < alone.counts.sum(), "the threshold skipped nothing: the calls check would be vacuous"
 
 
+def test_routing_statistics_only_when_a_row_asks(model_and_params, rng):
+    """The decode call skips the per-row routing statistics when no live row wants them (OpenAI requests): the
+    tokens are unchanged; a row that wants them among rows that do not still gets its own counts, equal to alone."""
+    model, params = model_and_params
+    batcher = _batcher(model, params)
+    lowered = {flag: jax.jit(steps.decode_steps, static_argnums=(0, 1, 2), static_argnames="with_routing").lower(
+        model, False, 2, params, batcher.slots, with_routing=flag).as_text() for flag in (False, True)}
+    assert len(lowered[False]) < len(lowered[True])  # the statistics' work is gone from the compiled call
+    prompts = [rng.integers(0, 512, int(n)).tolist() for n in rng.integers(3, 40, 4)]
+    counted = _run(_batcher(model, params), [Job(p, 9) for p in prompts])
+    plain = _run(_batcher(model, params), [Job(p, 9, want_routing=False) for p in prompts])
+    assert [j.token_ids for j in plain] == [j.token_ids for j in counted]
+    mixed = _run(_batcher(model, params), [Job(p, 9, want_routing=k == 1) for k, p in enumerate(prompts)])
+    assert [j.token_ids for j in mixed] == [j.token_ids for j in counted]
+    np.testing.assert_array_equal(mixed[1].counts, counted[1].counts)
+    np.testing.assert_array_equal(mixed[1].calls, counted[1].calls)
+    assert counted[1].counts.sum() > 0
+
+
 def test_top_logprobs_only_when_a_row_asks(model_and_params, rng):
     """The decode call computes the top-20 log-probabilities only in its with-logprobs variant (chosen when a live
     row asked); a row that asked gets each token's log-prob and top 20 (equal to a full forward's), the others None."""
