@@ -248,28 +248,18 @@ def target_engine(smoke: bool, trace: bool = True):
 
 
 def _decode_target(smoke: bool, batch: int, context: int, steps: int, label: str):
+    from benchmarks.inference import ours_decode, random_prompts
     from m1jax.inference import engine
     from m1jax.inference.engine import Request, Timings
     config, model, params = _hf(smoke)
     request = Request(max_new_tokens=steps, chunk_size=context)
-    prompts = np.random.default_rng(1).integers(0, config.vocab_size, (batch, context)).tolist()
-
-    def fresh():
-        state = engine.start(config, prompts, request, policy=model.policy)
-        return engine.prefill(model, params, state, request, timings=Timings())
-    per_step = []
-    for rep in range(3):
-        state, timings = fresh(), Timings()
-        state = engine.decode(model, params, state, request, timings=timings)
-        if rep:
-            per_step.append(timings.decode_seconds / steps)
-        del state
-    ms = 1e3 * statistics.median(per_step)
+    ms = ours_decode(model, params, batch, context, steps, reps=2)["ms_per_token"]  # benchmarks/inference.py's timing
     row = dict(target=label, variant=f"batch {batch}, context {context}", ms_per_unit=ms, unit="decode step",
                rows_per_s=batch / ms * 1e3)
     log(what="timing", **row)
     SUMMARY.append(row)
-    state = fresh()
+    state = engine.prefill(model, params, engine.start(config, random_prompts(config, batch, context), request,
+                                                        policy=model.policy), request, timings=Timings())
     # the compiled decode loop's text (engine.decode compiles ahead of time and keeps the executable), for op names
     text = "\n".join(c.as_text() for key, c in engine._COMPILED.items() if key[0] == "decode")
     box = {"s": state}
