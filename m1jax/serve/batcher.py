@@ -9,8 +9,8 @@ Each turn of the loop does, in order:
      `shift_slots`; a request whose prompt plus output fills the whole context therefore always fits once the
      batch is empty); so a long prompt never stalls the running batch for more than one chunk per decode call;
   3. launch one decode call of up to `decode_steps` (K) steps for every slot (steps.decode_steps: sampling, stop ids
-     and length are applied on the device) from the decode thread (dispatching a call keeps its thread busy until
-     the call's while loop ends), and meanwhile read what came before it, in order: prefilled groups' first tokens
+     and length are applied on the device) from the decode thread (should a dispatch ever block until its call
+     ends, the scheduler still goes on), and meanwhile read what came before it, in order: prefilled groups' first tokens
      and the previous call's tokens go to their requests (stop strings, streaming); slots of ended requests are
      freed. A request ended on the host (a stop string) was drawn for in the call already launched too: those
      tokens are discarded, and their routing counts taken back.

@@ -11,10 +11,12 @@ A slot b holds its request's tokens at cache slots start_b .. index-1 (positions
 static batch), so a row inserted late simply has a later start. Rows that are free or finished have live = False:
 they still run (fixed shapes) but are masked as padding, so they change no other row and count in no statistic.
 
-Multi-step decode: `decode_steps` runs a `lax.while_loop` of at most K steps. Each step feeds every row its last
+Multi-step decode: `decode_steps` runs a loop of exactly K steps. Each step feeds every row its last
 token, draws the next one with the row's own settings (`m1jax.inference.sampling.sample_rows`), and ends a row on
 the device when it draws one of its stop ids or reaches its length (live becomes False: the following steps treat it
-as padding). The loop also ends early once no row is live (the index still advances by K). The K tokens of every row
+as padding). The trip count is static on purpose: a loop that ended early once no row is live would be a
+data-dependent `while`, whose condition XLA's GPU runtime copies to the host every step, so dispatching the call
+would hold the host for the call's whole duration (measured: 24 ms of a 16-step call). The K tokens of every row
 come back in one transfer, with a mask of the steps in which each row was live; the host applies stop strings,
 streams, and admits new requests between two calls. A stop string found on the host ends its row at that token: the
 tokens the device drew after it are discarded, and the per-step routing counts of those steps (`step_counts`, kept on
@@ -195,11 +197,11 @@ def shift(slots: Slots, delta: jax.Array) -> Slots:
 
 def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots,
                  with_routing: bool = True):
-    """Up to num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
+    """num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
     with_routing False (no live request reports routing) skips the per-row routing statistics: their counts stay 0.
 
-    The cache index always advances by K, also when the loop ends early (no row live: nothing is written then), so
-    the host knows it without waiting for the call: it can launch the next call before reading this one's tokens."""
+    The cache index advances by K, so the host knows it without waiting for the call: it can launch the next call
+    before reading this one's tokens."""
     batch = slots.last.shape[0]
     layers_experts = slots.counts.shape[1:]
     n = min(TOP_LOGPROBS, slots.bias.shape[-1])
@@ -211,12 +213,8 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
                   step_counts=jnp.zeros((num_steps, batch) + layers_experts, jnp.float32),
                   step_calls=jnp.zeros((num_steps, batch) + layers_experts, jnp.float32))
 
-    def going(carry):
-        s, _, i = carry
-        return (i < num_steps) & jnp.any(s.live)
-
-    def step(carry):
-        s, d, i = carry
+    def step(i, carry):
+        s, d = carry
         inputs = dict(segment_ids=s.live[:, None].astype(jnp.int32), cache=s.cache)
         if with_routing:
             out, counts, calls = routed_per_row(model, params, s.last[:, None], **inputs)
@@ -235,10 +233,10 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
             d = d._replace(logp=at(d.logp, logp), top_ids=at(d.top_ids, top_ids), top_logp=at(d.top_logp, top_logp))
         s = s.replace(cache=out.cache, last=jnp.where(s.live, token, s.last), live=s.live & ~stopped,
                       steps=s.steps + 1, remaining=remaining, counts=s.counts + counts, calls=s.calls + calls)
-        return s, d, i + 1
+        return s, d
 
     index = slots.cache.index
-    slots, drawn, _ = jax.lax.while_loop(going, step, (slots, drawn, jnp.zeros((), jnp.int32)))
+    slots, drawn = jax.lax.fori_loop(0, num_steps, step, (slots, drawn))
     drawn = drawn._replace(counts=slots.counts, calls=slots.calls)  # outputs of their own (slots are donated)
     return slots.replace(cache=slots.cache.replace(index=index + num_steps)), drawn
 
