@@ -146,7 +146,7 @@ class M1ForCausalLM(Module):
                               kernel_init=named(init, "embed", "vocab"), name="lm_head")(h.astype(head_dtype))
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(layers=new_layers, index=cache.index + input_ids.shape[1])
+            new_cache = cache.replace(layers=new_layers, index=cache.index + input_ids.shape[1], fresh=False)
         return M1Output(logits=logits.astype(jnp.float32),
                         aux_loss=jnp.mean(routing["load_balancing_loss"]),
                         z_loss=jnp.mean(routing["z_loss"]),
@@ -164,8 +164,9 @@ class M1ForCausalLM(Module):
         for g in range(cfg.num_groups):
             group_params = jax.tree.map(lambda x, g=g: x[g], stacked)
             layer_caches = {f"layer_{j}": cache.layers[g * period + j] for j in range(period)}
+            slots = (cache.index, cache.start, cache.fresh)
             h, (group_stats, new_caches) = group.apply({"params": group_params}, h, g, positions,
-                                                       segment_ids, layer_caches, (cache.index, cache.start))
+                                                       segment_ids, layer_caches, slots)
             stats.append(group_stats)
             new_layers += [new_caches[f"layer_{j}"] for j in range(period)]
         return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats), tuple(new_layers)

@@ -167,8 +167,8 @@ COUNTDOWN_SIZES = {  # --task countdown
     # updates per batch; 150 batches planned, cut by --deadline and resumed from checkpoints by a longer --steps
     "gpu": Size(model=_model(192, 6, 3, 6, 32, 4, 192), pretrain_steps=20000, pretrain_batch=64, seq_len=1024,
                 pretrain_lr=2e-3, pretrain_eval_every=250, pretrain_seconds=210.0, target_accuracy=(0.15, 0.5),
-                rl_steps=150, prompts=32, group=16, updates=16, max_new_tokens=496, sweep_lrs=(3e-5,),
-                sweep_steps=3, eval_prompts=128, eval_every=10, mismatch_prompts=16, checkpoint_every=10,
+                rl_steps=150, prompts=32, group=16, updates=16, max_new_tokens=496, sweep_lrs=(1e-5, 3e-5, 1e-4),
+                sweep_steps=4, eval_prompts=128, eval_every=10, mismatch_prompts=16, checkpoint_every=10,
                 countdown=dict(COUNTDOWN, max_len=496), data_workers=12),
 }
 

@@ -5,6 +5,8 @@
       softmax           {"key", "value": (B, K, S, D)}          the policy's compute dtype, S = max_len slots
     index             () int32    the next slot to write; every row advances together
     start             (B,) int32  first real slot of each row (prompts are left-padded: slots before it are padding)
+    fresh             bool (static) nothing written yet and no row padded, as known on the host: the first chunk
+                                  then attends causally within itself (cuDNN flash attention on GPU)
 
 A row's token at slot s has position s - start[b] (0 at its first real token, as transformers does with left
 padding). Each layer's entry is its own buffer (not stacked by layer group like the parameters), so a decode step
@@ -25,10 +27,12 @@ from m1jax.config import LIGHTNING, M1Config, RunPolicy
 
 @flax.struct.dataclass
 class Cache:
-    """layers: one {"state"} or {"key", "value"} dict per layer; index () int32; start (B,) int32."""
+    """layers: one {"state"} or {"key", "value"} dict per layer; index () int32; start (B,) int32; fresh: a static
+    bool (part of the tree's structure, not a traced value: no device-side branch reads it)."""
     layers: tuple[dict[str, jax.Array], ...]
     index: jax.Array
     start: jax.Array
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def batch_size(self) -> int:
@@ -64,11 +68,12 @@ def init_cache(config: M1Config, batch: int, max_len: int, start: Any = None, *,
     abstract = abstract_cache(config, batch, max_len, policy=policy)
     if start is None:
         start = np.zeros((batch,), np.int32)
+    fresh = not isinstance(start, jax.core.Tracer) and not np.any(np.asarray(start))
     start = jnp.asarray(start, jnp.int32)
     if start.shape != (batch,):
         raise ValueError(f"start must have shape (batch,) = ({batch},), got {start.shape}")
     layers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract.layers)
-    return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start)
+    return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start, fresh=fresh)
 
 
 def cache_bytes(config: M1Config, batch: int, max_len: int, *, policy: RunPolicy = RunPolicy()) -> int:
@@ -103,7 +108,7 @@ def shift_slots(cache: Cache, delta: jax.Array) -> Cache:
         return {name: jnp.take(x, source, axis=2) for name, x in entry.items()}
 
     return cache.replace(layers=tuple(move(e) for e in cache.layers), index=cache.index + delta,
-                         start=cache.start + delta)
+                         start=cache.start + delta, fresh=False)
 
 
 def insert_row(cache: Cache, row: Cache, slot: jax.Array) -> Cache:
@@ -119,4 +124,4 @@ def insert_row(cache: Cache, row: Cache, slot: jax.Array) -> Cache:
     layers = tuple({name: jax.lax.dynamic_update_index_in_dim(big[name], small[name][0], slot, axis=0)
                     for name in big} for big, small in zip(cache.layers, moved.layers))
     start = jax.lax.dynamic_update_index_in_dim(cache.start, moved.start[0], slot, axis=0)
-    return cache.replace(layers=layers, start=start)
+    return cache.replace(layers=layers, start=start, fresh=False)

@@ -165,6 +165,7 @@ def _decode_until(model: M1ForCausalLM, sampling: SamplingParams, params, state:
         out = model.apply({"params": params}, previous, segment_ids=live, cache=s.cache)
         return _record(sampling, _add_routing(s.replace(cache=out.cache), out.routing), out.logits[:, -1])
 
+    state = state.replace(cache=state.cache.replace(fresh=False))  # as the steps return it (the loop's carry)
     return jax.lax.while_loop(unfinished, step, state)
 
 

@@ -98,22 +98,37 @@ def sample_tokens(logits: jax.Array, params: SamplingParams, key: jax.Array) -> 
     return jax.random.categorical(key, filtered_logits(logits, params), axis=-1).astype(jnp.int32)
 
 
+ROW_SAMPLING = ("greedy", "draw", "filter")  # the least general that covers a batch's rows: see `row_sampling`
+
+
+def row_sampling(temperature, top_k, top_p, vocab: int) -> str:
+    """The `sample_rows` mode for rows with these host-side settings (sequences of equal length): "greedy" when no
+    row draws, "draw" when rows draw but none filters (top_k >= vocab, top_p >= 1), else "filter"."""
+    drawn = [i for i, t in enumerate(temperature) if t > 0]
+    if not drawn:
+        return "greedy"
+    return "filter" if any(top_k[i] < vocab or top_p[i] < 1 for i in drawn) else "draw"
+
+
 def sample_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                keys: jax.Array) -> jax.Array:
+                keys: jax.Array, mode: str = "filter") -> jax.Array:
     """(B, V) logits, one setting per row ((B,) temperature, top_k, top_p) and one key per row (B,) -> (B,) int32:
     the first maximum where temperature is 0, else a draw from the row's filtered logits with the row's key (so a
-    row's draw does not depend on the other rows). Skips the draws when every row is greedy, and the sort when no
-    drawn row filters."""
-    vocab = logits.shape[-1]
+    row's draw does not depend on the other rows).
+
+    mode (static, from `row_sampling` on the host): "greedy" skips the draws, "draw" the sort of the filters;
+    "filter" does both. The rows' results are the same in every mode that covers them. The choice is the host's,
+    not a `lax.cond` on the device: XLA's GPU runtime reads a conditional's predicate back to the host, which would
+    make every decode step wait for the device before the next could be queued."""
+    if mode not in ROW_SAMPLING:
+        raise ValueError(f"mode must be one of {ROW_SAMPLING}, got {mode!r}")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
     drawn_rows = temperature > 0
-
-    def draw():
-        filters = jnp.any(drawn_rows & ((top_k < vocab) | (top_p < 1)))
-        filtered = jax.lax.cond(
-            filters, lambda: filter_rows(logits, temperature, top_k, top_p),
-            lambda: logits.astype(jnp.float32) / jnp.where(drawn_rows, temperature, 1.0)[:, None])
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(drawn_rows, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(drawn_rows), draw, lambda: greedy)
+    if mode == "filter":
+        filtered = filter_rows(logits, temperature, top_k, top_p)
+    else:
+        filtered = logits.astype(jnp.float32) / jnp.where(drawn_rows, temperature, 1.0)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(drawn_rows, drawn, greedy)

@@ -20,8 +20,8 @@ class DecoderLayer(Module):
     """h: (B, T, hidden) -> (h', routing statistics, new cache). `kind` is "lightning" or "softmax".
 
     Without a cache, segment_ids marks packed documents (0: padding) and the new cache is None. With one (a layer's
-    entry: {"state"} for lightning, {"key", "value"} for softmax; cache_slots = (index, start)), segment_ids is the
-    token mask (0: padding) and the layer returns its updated entry.
+    entry: {"state"} for lightning, {"key", "value"} for softmax; cache_slots = (index, start, fresh) of
+    m1jax.inference.Cache), segment_ids is the token mask (0: padding) and the layer returns its updated entry.
     """
 
     config: M1Config
@@ -33,7 +33,7 @@ class DecoderLayer(Module):
     @nn.compact
     def __call__(self, h: jax.Array, layer_index: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None, cache: dict | None = None,
-                 cache_slots: tuple[jax.Array, jax.Array] | None = None):
+                 cache_slots: tuple[jax.Array, jax.Array, bool] | None = None):
         cfg, policy = self.config, self.policy
         pdtype = jnp.dtype(policy.param_dtype)
         alpha, beta = cfg.residual_scales(self.kind)

@@ -289,12 +289,14 @@ def blockwise_cache_attention(q: jax.Array, key_cache: jax.Array, value_cache: j
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim).astype(q.dtype)
 
 
-def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array):
+def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, fresh: bool = False):
     """Write this step's keys/values at slots index .. index+T-1, then attend over the cache.
 
     q: (B, T, H, D); k, v: (B, T, K, D); cache {"key", "value"}: (B, K, S, D). Returns (out, new cache).
-    A first chunk of an unpadded batch (index 0, every start 0) needs nothing from the cache and takes the causal
-    path (cuDNN flash attention on GPU); one token takes `decode_attention`; other chunks the blockwise path.
+    One token takes `decode_attention`. A first chunk of an unpadded batch (fresh: index 0 and every start 0, known on
+    the host: `Cache.fresh`) needs nothing from the cache and takes the causal path (cuDNN flash attention on GPU);
+    other chunks the blockwise path. The choice is static: a `lax.cond` on index and start would make XLA's GPU
+    runtime read its predicate back to the host, so a prefill could not be queued behind a running decode call.
     """
     length = q.shape[1]
     write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index,
@@ -304,12 +306,11 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array):
     key_cache, value_cache = jax.lax.optimization_barrier((write(cache["key"], k), write(cache["value"], v)))
     if length == 1:
         out = decode_attention(q, key_cache, value_cache, index, start)
+    elif fresh:
+        out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype)).astype(q.dtype)
     else:
         query_slots = index + jnp.arange(length, dtype=jnp.int32)
-        out = jax.lax.cond(
-            (index == 0) & jnp.all(start == 0),
-            lambda: causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype)).astype(q.dtype),
-            lambda: blockwise_cache_attention(q, key_cache, value_cache, query_slots, start))
+        out = blockwise_cache_attention(q, key_cache, value_cache, query_slots, start)
     return out, {"key": key_cache, "value": value_cache}
 
 
@@ -317,7 +318,8 @@ class SoftmaxAttention(Module):
     """x: (B, T, hidden) -> ((B, T, hidden), new cache or None). Parameters q_proj, k_proj, v_proj, o_proj.
 
     Without a cache: causal attention over x (segment_ids separate packed documents). With a cache
-    {"key", "value"}: (B, K, S, D) and cache_slots = (index () int32, start (B,) int32): see `cached_attention`.
+    {"key", "value"}: (B, K, S, D) and cache_slots = (index () int32, start (B,) int32, fresh bool): see
+    `cached_attention`.
     """
 
     config: M1Config
@@ -325,7 +327,7 @@ class SoftmaxAttention(Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: dict | None = None, cache_slots: tuple[jax.Array, jax.Array] | None = None):
+                 cache: dict | None = None, cache_slots: tuple[jax.Array, jax.Array, bool] | None = None):
         cfg, policy = self.config, self.policy
         batch, length, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -221,6 +221,7 @@ def _replay(model, params, cache, drawn, live, temperature: float):
         out = model.apply({"params": params}, token[:, None], segment_ids=is_live[:, None], cache=cache)
         return out.cache, out.logits[:, -1]
 
+    cache = cache.replace(fresh=False)  # as the steps return it (the scan's carry)
     _, logits = jax.lax.scan(step, cache, (drawn[:, :-1].T, live[:, :-1].T))
     return token_logprobs(jnp.swapaxes(logits, 0, 1), drawn[:, 1:], temperature)[0]
 

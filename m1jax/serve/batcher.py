@@ -8,9 +8,9 @@ Each turn of the loop does, in order:
      remaining tokens (the shared cache index is first moved so that the earliest live row starts at slot 0:
      `shift_slots`; a request whose prompt plus output fills the whole context therefore always fits once the
      batch is empty); so a long prompt never stalls the running batch for more than one chunk per decode call;
-  3. launch one decode call of up to `decode_steps` (K) steps for every slot (steps.decode_steps: sampling, stop ids
-     and length are applied on the device) from the decode thread (should a dispatch ever block until its call
-     ends, the scheduler still goes on), and meanwhile read what came before it, in order: prefilled groups' first tokens
+  3. launch one decode call of `decode_steps` (K) steps for every slot (steps.decode_steps: sampling, stop ids and
+     length are applied on the device; no step of it reads back to the host, so dispatch returns at once) from the
+     decode thread, and meanwhile read what came before it, in order: prefilled groups' first tokens
      and the previous call's tokens go to their requests (stop strings, streaming); slots of ended requests are
      freed. A request ended on the host (a stop string) was drawn for in the call already launched too: those
      tokens are discarded, and their routing counts taken back.
@@ -44,7 +44,7 @@ from m1jax.inference.cache import init_cache
 from m1jax.inference.generate import model_with_threshold
 from m1jax.model import M1ForCausalLM
 from m1jax.serve import steps
-from m1jax.serve.job import Job, QueueFull, TokenOutput  # noqa: F401 - Job and QueueFull: the batcher's API
+from m1jax.serve.job import Job, QueueFull, TokenOutput, row_settings, sampling_mode  # noqa: F401 - Job, QueueFull: API
 from m1jax.serve.steps import Slots
 
 BUCKET = 16  # prompts are left-padded to a multiple of this
@@ -99,17 +99,6 @@ def chunk_lengths(length: int, chunk_size: int) -> list[int]:
         out.append(size)
         rest -= size
     return out
-
-
-def key_data(seed: int) -> np.ndarray:
-    """The key data of jax.random.key(seed), made on the host's CPU device: reading it back never waits for a decode
-    call in flight on the accelerator."""
-    try:
-        cpu = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # no CPU backend: the default device
-        cpu = None
-    with jax.default_device(cpu):
-        return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def group_rows(count: int, prefill_batch: int) -> int:
@@ -255,11 +244,16 @@ class Batcher(TokenOutput):
 
     def warm_up(self, prompt_length: int) -> None:
         """Compile the steps a prompt of this length meets: every group size, the four decode variants (log-probs
-        and routing statistics, each on or off). Runs on the calling thread, before start_thread."""
+        and routing statistics, each on or off) greedy, and the OpenAI routes' variant (neither) with draws and with
+        top-p (steps.decode_steps's sampling modes; the rarer combinations compile on first use). Runs on the calling
+        thread, before start_thread."""
         length = max(1, min(prompt_length, self.max_context - 2))
+        variants = [(False, True, {}), (True, True, {}), (False, False, {}), (True, False, {}),
+                    (False, False, {"temperature": 1.0}), (False, False, {"temperature": 1.0, "top_p": 0.9})]
         for size in sorted({group_rows(n, self.prefill_batch) for n in range(1, self.prefill_batch + 1)}):
-            for lp, rt in ((False, True), (True, True), (False, False), (True, False)):  # log-probs, routing
-                jobs = [self.submit(Job([0] * length, 2, want_logprobs=lp, want_routing=rt)) for _ in range(size)]
+            for lp, rt, sampling in variants:  # log-probs, routing, sampling settings
+                jobs = [self.submit(Job([0] * length, 2, want_logprobs=lp, want_routing=rt, **sampling))
+                        for _ in range(size)]
                 self.run_until_idle()
                 failed = [job.error for job in jobs if job.error is not None]
                 if failed:
@@ -373,7 +367,7 @@ class Batcher(TokenOutput):
         starts = np.asarray([length - len(jobs[j if j < len(jobs) else 0].prompt_ids) for j in range(rows)], np.int32)
         try:
             group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(length, self.chunk_size),
-                           self._sampling(jobs, rows), any(job.prompt_logprobs for job in jobs))
+                           row_settings(jobs, rows, self.config.vocab_size), any(job.prompt_logprobs for job in jobs))
             if rows not in self.row_caches:
                 self.row_caches[rows] = init_cache(self.config, rows, self.max_context, policy=self.model.policy)
             self.row_caches[rows] = steps.JITTED["reset"](self.row_caches[rows], jnp.asarray(starts))
@@ -384,22 +378,6 @@ class Batcher(TokenOutput):
             return
         self.prefilling = group
         self._prefill_step()
-
-    def _sampling(self, jobs: list[Job], rows: int):
-        """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of the group's rows on the device."""
-        vocab = self.config.vocab_size
-        pick = lambda j: jobs[j] if j < len(jobs) else jobs[0]
-        bias = np.zeros((rows, vocab), np.float32)
-        stop = np.zeros((rows, vocab), bool)
-        for j in range(rows):
-            for token, value in (pick(j).logit_bias or {}).items():
-                bias[j, token] = value
-            stop[j, [i for i in pick(j).stop_ids if 0 <= i < vocab]] = True
-        keys = np.stack([key_data(pick(j).seed) for j in range(rows)])
-        return (jnp.asarray([pick(j).temperature for j in range(rows)], jnp.float32),
-                jnp.asarray([pick(j).top_k or vocab for j in range(rows)], jnp.int32),
-                jnp.asarray([1.0 if pick(j).top_p is None else pick(j).top_p for j in range(rows)], jnp.float32),
-                jnp.asarray(bias), jnp.asarray(keys.astype(np.uint32)), jnp.asarray(stop))
 
     def _prefill_step(self) -> None:
         group = self.prefilling
@@ -447,7 +425,8 @@ class Batcher(TokenOutput):
                                                top_lps[pad + t - 1].tolist()) for t in range(1, len(job.prompt_ids))]
         want = any(job.want_logprobs for job in group.jobs)
         temperature, top_k, top_p, bias, keys, _ = group.sampling
-        group.first, scores = steps.JITTED["first"](want, logits, temperature, top_k, top_p, bias, keys)
+        group.first, scores = steps.JITTED["first"](want, sampling_mode(group.jobs, self.config.vocab_size), logits,
+                                                    temperature, top_k, top_p, bias, keys)
         # read later, in turn with the decode calls (no wait here). A row that needs no second token takes no slot;
         # one that ends on its first token (a stop id or string) gives its slot back when that token is read.
         group.pending = [j for j, job in enumerate(group.jobs) if not job.done.is_set() and job.max_new_tokens > 1]
@@ -539,7 +518,8 @@ class Batcher(TokenOutput):
         want = any(job is not None and job.want_logprobs for job in self.active)
         routing = any(job is not None and job.want_routing for job in self.active)
         future = self._device.submit(steps.JITTED["decode"], self._model(self.batch_threshold), want,
-                                     self.decode_steps, self.params, self.slots, with_routing=routing)
+                                     self.decode_steps, self.params, self.slots, with_routing=routing,
+                                     sampling=sampling_mode(self.active, self.config.vocab_size))
         self._pending = future
         self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
         self.in_flight.append(_Call(future, list(self.active), want))

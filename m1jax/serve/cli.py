@@ -39,7 +39,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "new requests) every this many steps")
     p.add_argument("--prefill-batch", type=count(1), default=PREFILL_BATCH,
                    help="waiting requests prefilled together (each group keeps a cache of that many rows)")
-    p.add_argument("--request-timeout", type=real(0, low_open=True), default=600.0, help="seconds before a request is given up (504)")
+    p.add_argument("--request-timeout", type=real(0, low_open=True), default=600.0,
+                   help="seconds before a request is given up (504)")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: the checkpoint's, else byte-level)")
     p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint's folder name)")
     return p

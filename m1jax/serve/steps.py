@@ -147,7 +147,7 @@ def reset_rows(cache: Cache, start: jax.Array) -> Cache:
     """A P-row cache ready for new prompts: index 0, the given starts (P,), lightning states zero (keys may be stale:
     slots at or beyond the index are never visible)."""
     layers = tuple({"state": jnp.zeros_like(e["state"])} if "state" in e else e for e in cache.layers)
-    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32))
+    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32), fresh=False)
 
 
 def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cache, ids: jax.Array,
@@ -159,10 +159,10 @@ def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cach
     return out.cache, out.logits[:, -1], (counts, calls), extra
 
 
-def first_tokens(with_logprobs: bool, logits: jax.Array, temperature, top_k, top_p, bias, keys):
+def first_tokens(with_logprobs: bool, sampling: str, logits: jax.Array, temperature, top_k, top_p, bias, keys):
     """The prefill's last logits (P, V) -> (tokens (P,), (log-prob, top ids, top log-probs) or None): step 0 of each
-    row's seed."""
-    token = sample_rows(logits + bias, temperature, top_k, top_p, row_keys(keys, jnp.zeros_like(top_k)))
+    row's seed. sampling: sample_rows's mode for these rows."""
+    token = sample_rows(logits + bias, temperature, top_k, top_p, row_keys(keys, jnp.zeros_like(top_k)), sampling)
     return token, (top_logprobs(logits, token) if with_logprobs else None)
 
 
@@ -178,7 +178,8 @@ def insert(slots: Slots, rows: Cache, slot_of_row: jax.Array, first: jax.Array, 
     layers = tuple({name: put(big[name], small[name]) for name in big}
                    for big, small in zip(slots.cache.layers, moved.layers))
     ones = jnp.ones(slot_of_row.shape, jnp.int32)
-    return slots.replace(cache=slots.cache.replace(layers=layers, start=put(slots.cache.start, moved.start)),
+    cache = slots.cache.replace(layers=layers, start=put(slots.cache.start, moved.start), fresh=False)
+    return slots.replace(cache=cache,
                          last=put(slots.last, first), live=put(slots.live, ones), steps=put(slots.steps, ones),
                          keys=put(slots.keys, keys), temperature=put(slots.temperature, temperature),
                          top_k=put(slots.top_k, top_k), top_p=put(slots.top_p, top_p), bias=put(slots.bias, bias),
@@ -196,12 +197,14 @@ def shift(slots: Slots, delta: jax.Array) -> Slots:
 
 
 def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots,
-                 with_routing: bool = True):
+                 with_routing: bool = True, sampling: str = "filter"):
     """num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
     with_routing False (no live request reports routing) skips the per-row routing statistics: their counts stay 0.
+    sampling: sample_rows's mode, the least general one that covers the live rows (job.sampling_mode).
 
     The cache index advances by K, so the host knows it without waiting for the call: it can launch the next call
     before reading this one's tokens."""
+    slots = slots.replace(cache=slots.cache.replace(fresh=False))  # as the steps return it (the loop's carry)
     batch = slots.last.shape[0]
     layers_experts = slots.counts.shape[1:]
     n = min(TOP_LOGPROBS, slots.bias.shape[-1])
@@ -222,7 +225,7 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
             out = model.apply({"params": params}, s.last[:, None], **inputs)
             counts = calls = jnp.zeros((batch,) + layers_experts, jnp.float32)
         logits = out.logits[:, -1]
-        token = sample_rows(logits + s.bias, s.temperature, s.top_k, s.top_p, row_keys(s.keys, s.steps))
+        token = sample_rows(logits + s.bias, s.temperature, s.top_k, s.top_p, row_keys(s.keys, s.steps), sampling)
         remaining = s.remaining - s.live.astype(jnp.int32)
         stopped = jnp.take_along_axis(s.stop, token[:, None], axis=1)[:, 0] | (remaining <= 0)
         at = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, axis=0)
@@ -244,9 +247,10 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
 JITTED = {
     "reset": jax.jit(reset_rows, donate_argnums=0),
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
-    "first": jax.jit(first_tokens, static_argnums=0),
+    "first": jax.jit(first_tokens, static_argnums=(0, 1)),
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
     "shift": jax.jit(shift, donate_argnums=0),
-    "decode": jax.jit(decode_steps, static_argnums=(0, 1, 2), static_argnames="with_routing", donate_argnums=4),
+    "decode": jax.jit(decode_steps, static_argnums=(0, 1, 2), static_argnames=("with_routing", "sampling"),
+                      donate_argnums=4),
 }

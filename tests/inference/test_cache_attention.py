@@ -66,17 +66,23 @@ def test_decode_matches_dense_and_ignores_later_slots(rng):
 
 
 def test_first_unpadded_chunk_takes_the_causal_path_with_the_same_result(rng):
+    """fresh=True (a cache nothing was written to, no row padded) takes the causal path; the blockwise path over the
+    cache gives the same attention, at slot 0 and at slot 5 of rows padded up to it."""
     batch, length, heads, kv_heads, dim, slots = 2, 19, 4, 2, 8, 40
     q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
     cache = {"key": jnp.zeros((batch, kv_heads, slots, dim)), "value": jnp.zeros((batch, kv_heads, slots, dim))}
-    out, new_cache = jax.jit(cached_attention)(q, k, v, cache, jnp.int32(0), jnp.zeros((batch,), jnp.int32))
+    attend = jax.jit(cached_attention, static_argnames="fresh")
+    out, new_cache = attend(q, k, v, cache, jnp.int32(0), jnp.zeros((batch,), jnp.int32), fresh=True)
     np.testing.assert_allclose(out, causal_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    blockwise, blockwise_cache = attend(q, k, v, cache, jnp.int32(0), jnp.zeros((batch,), jnp.int32))
+    np.testing.assert_allclose(blockwise, out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(blockwise_cache["key"], new_cache["key"])
     np.testing.assert_array_equal(new_cache["key"][:, :, :length], k.transpose(0, 2, 1, 3))
     assert not np.any(new_cache["key"][:, :, length:])
     # the same chunk written at slot 5 of a row padded up to slot 5 gives the same attention
-    shifted, _ = jax.jit(cached_attention)(q, k, v, cache, jnp.int32(5), jnp.full((batch,), 5, jnp.int32))
+    shifted, _ = attend(q, k, v, cache, jnp.int32(5), jnp.full((batch,), 5, jnp.int32))
     np.testing.assert_allclose(shifted, out, rtol=2e-5, atol=2e-5)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import m1jax
 from m1jax.checkpoint.load import load_any
-from m1jax.inference.sampling import filter_rows, sample_rows
+from m1jax.inference.sampling import filter_rows, row_sampling, sample_rows
 from m1jax.serve.batcher import BUCKET, Batcher, Job, QueueFull, chunk_lengths
 
 from .conftest import DECODE_STEPS, PREFILL_BATCH
@@ -83,7 +83,8 @@ def test_sample_rows_draws_each_row_alone(rng):
     temperature = jnp.asarray([0.0, 1.0, 0.8, 0.0, 1.5, 1.0], jnp.float32)
     top_k = jnp.asarray([vocab, vocab, 5, 3, vocab, 2], jnp.int32)
     top_p = jnp.asarray([1.0, 1.0, 0.9, 0.5, 0.6, 1.0], jnp.float32)
-    draw = jax.jit(sample_rows)
+    draw = jax.jit(sample_rows, static_argnames="mode")
+    assert row_sampling(np.asarray(temperature), np.asarray(top_k), np.asarray(top_p), vocab) == "filter"
     for trial in range(20):
         keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), batch)
         tokens = np.asarray(draw(logits, temperature, top_k, top_p, keys))
@@ -94,8 +95,16 @@ def test_sample_rows_draws_each_row_alone(rng):
         for b in (1, 2, 4, 5):
             alone = draw(logits[b:b + 1], temperature[b:b + 1], top_k[b:b + 1], top_p[b:b + 1], keys[b:b + 1])
             assert int(alone[0]) == tokens[b], (trial, b)
-        unfiltered = draw(logits, temperature.at[2].set(0).at[4].set(0).at[5].set(0), top_k, top_p, keys)
-        assert int(unfiltered[1]) == tokens[1]  # no row filters: the draws skip the sort
+        unfiltered = temperature.at[2].set(0).at[4].set(0).at[5].set(0)
+        assert row_sampling(np.asarray(unfiltered), np.asarray(top_k), np.asarray(top_p), vocab) == "draw"
+        fast = draw(logits, unfiltered, top_k, top_p, keys, mode="draw")  # no row filters: the draws skip the sort
+        np.testing.assert_array_equal(fast, draw(logits, unfiltered, top_k, top_p, keys))
+        assert int(fast[1]) == tokens[1]
+    none_drawn = jnp.zeros_like(temperature)
+    assert row_sampling(np.asarray(none_drawn), np.asarray(top_k), np.asarray(top_p), vocab) == "greedy"
+    np.testing.assert_array_equal(draw(logits, none_drawn, top_k, top_p, keys, mode="greedy"), greedy)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sample_rows(logits, temperature, top_k, top_p, keys, mode="nucleus")
 
 
 def _batcher(model, params, **kw):
