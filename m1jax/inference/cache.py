@@ -5,8 +5,8 @@
       softmax           {"key", "value": (B, K, S, D)}          the policy's compute dtype, S = max_len slots
     index             () int32    the next slot to write; every row advances together
     start             (B,) int32  first real slot of each row (prompts are left-padded: slots before it are padding)
-    fresh             bool (static) nothing written yet and no row padded, as known on the host: the first chunk
-                                  then attends causally within itself (cuDNN flash attention on GPU)
+    fresh             bool (static) nothing written yet (index 0), as known on the host: the first chunk then
+                                  attends causally within itself (cuDNN flash attention on GPU)
 
 A row's token at slot s has position s - start[b] (0 at its first real token, as transformers does with left
 padding). Each layer's entry is its own buffer (not stacked by layer group like the parameters), so a decode step
@@ -68,12 +68,11 @@ def init_cache(config: M1Config, batch: int, max_len: int, start: Any = None, *,
     abstract = abstract_cache(config, batch, max_len, policy=policy)
     if start is None:
         start = np.zeros((batch,), np.int32)
-    fresh = not isinstance(start, jax.core.Tracer) and not np.any(np.asarray(start))
     start = jnp.asarray(start, jnp.int32)
     if start.shape != (batch,):
         raise ValueError(f"start must have shape (batch,) = ({batch},), got {start.shape}")
     layers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract.layers)
-    return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start, fresh=fresh)
+    return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start, fresh=True)
 
 
 def cache_bytes(config: M1Config, batch: int, max_len: int, *, policy: RunPolicy = RunPolicy()) -> int:

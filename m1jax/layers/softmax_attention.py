@@ -293,10 +293,11 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
     """Write this step's keys/values at slots index .. index+T-1, then attend over the cache.
 
     q: (B, T, H, D); k, v: (B, T, K, D); cache {"key", "value"}: (B, K, S, D). Returns (out, new cache).
-    One token takes `decode_attention`. A first chunk of an unpadded batch (fresh: index 0 and every start 0, known on
-    the host: `Cache.fresh`) needs nothing from the cache and takes the causal path (cuDNN flash attention on GPU);
-    other chunks the blockwise path. The choice is static: a `lax.cond` on index and start would make XLA's GPU
-    runtime read its predicate back to the host, so a prefill could not be queued behind a running decode call.
+    One token takes `decode_attention`. A first chunk (fresh: nothing written before it, index 0, known on the host:
+    `Cache.fresh`) needs nothing from the cache and takes the causal path within itself, its left padding (slots
+    before each row's start) a segment of its own (cuDNN flash attention on GPU); other chunks the blockwise path.
+    The choice is static: a `lax.cond` on the index would make XLA's GPU runtime read its predicate back to the
+    host, so a prefill could not be queued behind a running decode call.
     """
     length = q.shape[1]
     write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index,
@@ -306,8 +307,9 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
     key_cache, value_cache = jax.lax.optimization_barrier((write(cache["key"], k), write(cache["value"], v)))
     if length == 1:
         out = decode_attention(q, key_cache, value_cache, index, start)
-    elif fresh:
-        out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype)).astype(q.dtype)
+    elif fresh:  # real tokens see the real tokens before them, as in the cache (padding outputs are never read)
+        real = (jnp.arange(length, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)
+        out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype), real).astype(q.dtype)
     else:
         query_slots = index + jnp.arange(length, dtype=jnp.int32)
         out = blockwise_cache_attention(q, key_cache, value_cache, query_slots, start)

@@ -145,9 +145,9 @@ def routed_per_row(model: M1ForCausalLM, params: Any, ids: jax.Array, **kwargs):
 # ----- prefill (jitted with the model static; the big state is donated) -----
 def reset_rows(cache: Cache, start: jax.Array) -> Cache:
     """A P-row cache ready for new prompts: index 0, the given starts (P,), lightning states zero (keys may be stale:
-    slots at or beyond the index are never visible)."""
+    slots at or beyond the index are never visible), fresh (its first chunk attends within itself)."""
     layers = tuple({"state": jnp.zeros_like(e["state"])} if "state" in e else e for e in cache.layers)
-    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32), fresh=False)
+    return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32), fresh=True)
 
 
 def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cache, ids: jax.Array,

@@ -66,8 +66,8 @@ def test_decode_matches_dense_and_ignores_later_slots(rng):
 
 
 def test_first_unpadded_chunk_takes_the_causal_path_with_the_same_result(rng):
-    """fresh=True (a cache nothing was written to, no row padded) takes the causal path; the blockwise path over the
-    cache gives the same attention, at slot 0 and at slot 5 of rows padded up to it."""
+    """fresh=True (a cache nothing was written to) takes the causal path; the blockwise path over the cache gives the
+    same attention, at slot 0, at slot 5 of rows padded up to it, and to the real tokens of left-padded rows."""
     batch, length, heads, kv_heads, dim, slots = 2, 19, 4, 2, 8, 40
     q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
@@ -84,6 +84,13 @@ def test_first_unpadded_chunk_takes_the_causal_path_with_the_same_result(rng):
     # the same chunk written at slot 5 of a row padded up to slot 5 gives the same attention
     shifted, _ = attend(q, k, v, cache, jnp.int32(5), jnp.full((batch,), 5, jnp.int32))
     np.testing.assert_allclose(shifted, out, rtol=2e-5, atol=2e-5)
+    # a fresh chunk of left-padded rows: the real tokens' attention is the blockwise path's over the cache
+    start = jnp.asarray([4, 0], jnp.int32)
+    padded, _ = attend(q, k, v, cache, jnp.int32(0), start, fresh=True)
+    blockwise, _ = attend(q, k, v, cache, jnp.int32(0), start)
+    np.testing.assert_allclose(padded[0, 4:], blockwise[0, 4:], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(padded[1], blockwise[1], rtol=2e-5, atol=2e-5)
+    assert not np.allclose(padded[0, 4:], out[0, 4:], atol=1e-3)  # the padding is not seen
 
 
 def test_bfloat16_cache_stays_close_to_float32(rng):
