@@ -90,6 +90,17 @@ def _mqar_batch(key, pairs, max_pairs, seq_len, vocab):
     return _as_batch(tokens, graded, pairs)
 
 
+def hide_answers(batch: dict) -> dict:
+    """The batch with each graded answer removed from the inputs (FILLER in its place), as in Zoology's MQAR, where
+    the token after a query key is not the answer. `mqar_batch` rows are a shifted token stream, so the answer
+    to a query also sits in the inputs one position later, where every later query sees it: a model that never
+    matches keys then learns to name the row's values not yet answered, which alone scores sum_{k<=P} 1/k / P
+    (52% / 34% / 21% / 13% at P = 4 / 8 / 16 / 32) and is a trap training does not leave. The targets and the mask
+    are unchanged; a needle's answer is the row's last target, not an input, so needle rows pass through."""
+    answer_next = jnp.concatenate([jnp.zeros_like(batch["mask"][:, :1]), batch["mask"][:, :-1]], axis=1) > 0
+    return dict(batch, inputs=jnp.where(answer_next, FILLER, batch["inputs"]))
+
+
 def needle_batch(key, batch: int, seq_len: int, vocab: int) -> dict:
     """One pair at a random even depth, filler elsewhere, its key asked as the last input token.
     Returns mqar_batch's dict plus "depth" (B,) int32, the needle's position."""
@@ -243,7 +254,7 @@ class Population:
         k_pairs, k_rows = jax.random.split(key)
         pairs = jnp.asarray(r.pair_choices, jnp.int32)[
             jax.random.randint(k_pairs, (r.batch_size,), 0, len(r.pair_choices))]
-        return mqar_batch(k_rows, pairs, max(r.pair_choices), r.seq_len, r.vocab)
+        return hide_answers(mqar_batch(k_rows, pairs, max(r.pair_choices), r.seq_len, r.vocab))
 
     def _member_step(self, params, opt_state, lr, seed, step, total):
         batch = self._batch(seed, step)
@@ -276,13 +287,15 @@ class Population:
         return self._chunk(params, opt_state, jnp.int32(start), jnp.float32(total))
 
     def evaluate(self, params, batch: dict) -> np.ndarray:
-        """batch (same for every member, B rows) -> correct (M, B, T) float32 on the host."""
+        """batch (same for every member, B rows) -> correct (M, B, T) float32 on the host. The answers are hidden
+        from the inputs (`hide_answers`), as in training."""
         shape = batch["inputs"].shape
         if shape not in self._eval:
             def one(p, b):
                 return masked_metrics(self.model.apply({"params": p}, b["inputs"]).logits, b)[1]
             self._eval[shape] = jax.jit(lambda ps, b: _population(lambda p: one(p, b), self.recipe.population)(ps))
-        return np.asarray(self._eval[shape](params, {k: batch[k] for k in ("inputs", "targets", "mask")}))
+        batch = hide_answers({k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "mask")})
+        return np.asarray(self._eval[shape](params, batch))
 
 
 def accuracy_by(correct: np.ndarray, batch: dict, field: str) -> dict:

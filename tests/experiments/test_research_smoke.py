@@ -65,6 +65,24 @@ def test_mqar_rows_recall_their_pairs(seq_len, max_pairs, vocab, seed, rng):
         assert np.all(rest == recall.FILLER)
 
 
+def test_hidden_answers_leave_only_what_key_matching_needs(seed, rng):
+    """hide_answers: no graded answer is an input any more (the elimination shortcut: name the row's values not yet
+    answered); the pairs, the query keys, the targets and the mask are untouched; needle rows pass through."""
+    pairs = jnp.asarray(rng.integers(1, 9, size=6), jnp.int32)
+    out = recall.mqar_batch(jax.random.key(seed), pairs, 8, 48, 41)
+    hidden = recall.hide_answers(out)
+    inputs, new, mask = np.asarray(out["inputs"]), np.asarray(hidden["inputs"]), np.asarray(out["mask"])
+    answer_at = np.zeros_like(mask, bool)
+    answer_at[:, 1:] = mask[:, :-1] > 0  # the input one after each graded position is its answer
+    assert answer_at.sum() == mask.sum() - (mask[:, -1] > 0).sum()
+    assert np.all(new[answer_at] == recall.FILLER)
+    np.testing.assert_array_equal(new[~answer_at], inputs[~answer_at])
+    for k in ("targets", "mask"):
+        np.testing.assert_array_equal(hidden[k], out[k])
+    needle = recall.needle_batch(jax.random.key(seed), 4, 40, 41)
+    np.testing.assert_array_equal(recall.hide_answers(needle)["inputs"], needle["inputs"])
+
+
 def test_mqar_layout_errors():
     with pytest.raises(ValueError, match="seq_len"):
         recall.mqar_batch(jax.random.key(0), jnp.ones((1,), jnp.int32), 9, 35, 64)
