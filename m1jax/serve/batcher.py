@@ -162,6 +162,7 @@ class Batcher(TokenOutput):
         self.active: list[Job | None] = [None] * self.max_batch
         self.index = 0
         self.start = [0] * self.max_batch
+        self.drawn = [0] * self.max_batch  # tokens a slot's request will have drawn once the launched calls end
         self.prefilling: _Group | None = None
         self.batch_threshold: float | None = None
         self.in_flight: collections.deque[_Call | _FirstTokens] = collections.deque()
@@ -296,7 +297,8 @@ class Batcher(TokenOutput):
             self._prefill_step()
         else:
             self._try_insert()
-        launched = bool(self.busy_slots)
+        # no call in which every row has surely ended by its length (it would only hold back the next admissions)
+        launched = any(job is not None and self.drawn[b] < job.max_new_tokens for b, job in enumerate(self.active))
         if launched:
             self._launch()
         # keep one decode call in flight: read what came before it (first tokens of prefilled groups, decode calls)
@@ -508,6 +510,7 @@ class Batcher(TokenOutput):
             raise
         for j, b in zip(chosen, free):
             self.start[b] = self.index - len(group.jobs[j].prompt_ids)
+            self.drawn[b] = 1  # its first token, drawn from the prefill
             self.active[b] = group.jobs[j]
             group.pending.remove(j)
         self.batch_threshold = group.threshold
@@ -522,6 +525,7 @@ class Batcher(TokenOutput):
                                      sampling=sampling_mode(self.active, self.config.vocab_size))
         self._pending = future
         self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
+        self.drawn = [n + self.decode_steps for n in self.drawn]
         self.in_flight.append(_Call(future, list(self.active), want))
 
     def _read(self, call: _Call) -> None:

@@ -69,6 +69,22 @@ def test_decode_steps_per_call_do_not_change_results(model_and_params, rng):
             assert one == other, f"request {b}: {DECODE_STEPS} vs {k} steps per call"
 
 
+def test_no_decode_call_after_every_row_has_ended_by_length(model_and_params, rng):
+    """The host counts what its launched calls will draw: once every live row will have reached its length, it
+    launches no further call (such a call would only compute padding and hold back the next admissions). A request
+    of 1 + 2K tokens takes exactly 2 calls of K steps; two of 1 + K and 1 + 2K tokens take 2 as well."""
+    model, params = model_and_params
+    k = DECODE_STEPS
+    for lengths, calls in (((1 + 2 * k,), 2), ((1 + k, 1 + 2 * k), 2), ((2 + k,), 2)):
+        batcher = _batcher(model, params)
+        launches = []
+        launch = batcher._launch
+        batcher._launch = lambda: (launches.append(batcher.busy_slots), launch())
+        jobs = _run(batcher, [Job(rng.integers(0, 512, 6).tolist(), n) for n in lengths])
+        assert [len(job.token_ids) for job in jobs] == list(lengths)
+        assert len(launches) == calls, (lengths, launches)
+
+
 def test_a_stop_string_in_the_middle_of_a_call_discards_the_rest(model_and_params, rng):
     """The device draws K tokens per call, and the next call is launched before the host reads them; a stop string
     found on the host ends the request at its token: the tokens drawn after it (later in its call, and in the call
