@@ -22,7 +22,10 @@
 # - `length_extrapolation_gpu.json`: the same trained models at 2x-32x their training length.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
-# Read each figure with its experiment's README: rounds 3 and 4 trained arms 0, 1 and 8 past the plateau but not to convergence.
+# Read each figure with its experiment's README. The committed ablation and length figures are round 4's, whose rows
+# still showed each answer in the inputs: every arm sat at the level of naming the row's values not yet answered
+# (52.6 / 34.5 / 21.7 / 13.4% at P = 4 / 8 / 16 / 32), so they measure that shortcut, not the state; the task now
+# hides the answers and the next GPU round replaces these files.
 # budget: 30 s
 
 # %%

@@ -22,8 +22,9 @@
 # - 1 and 2: worked long additions of 5-12 digits, whose fork is the carry decision after each "x+y"; round 1 starts
 #   at 40% sampled accuracy with 12 generation batches, round 2 at 22% with 50 batches and a sweep down to 1e-5;
 # - "countdown" (the newest, the default): countdown search traces (`--task countdown`), whose forks are the first
-#   byte of each attempted step (`step_fork`: which numbers to combine) and the back-out `<` (`back_fork`); a 3.8M
-#   model started at 18.8% sampled accuracy, 17 generation batches (cut by the deadline), 2 seeds, one learning rate.
+#   byte of each attempted step (`step_fork`: which numbers to combine) and the back-out `<` (`back_fork`); round 2
+#   of it (the committed files): a 3.8M model started at 31% sampled accuracy, 24 generation batches, 3 paired
+#   seeds, learning rates swept (1e-5, 3e-5, 1e-4) per algorithm (round 1's tables are in the experiment's README).
 # budget: 30 s
 
 # %%
