@@ -158,8 +158,14 @@ def markdown(args, size, setup: dict, lrs: dict, summary: dict, runs: dict, seco
     lines += ["", f"Pretrained checkpoint: step {chosen['step']}, {setup['pretrain']['params']:,} parameters, "
               f"greedy accuracy {100 * chosen['greedy_accuracy']:.1f}%, sampled (T=1) "
               f"{100 * chosen['sampled_accuracy']:.1f}%, mean response {chosen['response_bytes']:.0f} bytes.",
-              f"Time: {seconds / 60:.1f} min for this invocation."]
+              f"Time: {seconds / 60:.1f} min " + _time_of(args, runs)]
     return lines
+
+
+def _time_of(args, runs: dict) -> str:
+    if getattr(args, "records", None):  # run.py --phase report
+        return f"of RL, summed over the {len(runs)} runs exported to {len(args.records)} directories."
+    return "for this invocation."
 
 
 def _swept(setup: dict, size) -> list:
@@ -217,6 +223,8 @@ def plot(path: str, payload: dict) -> None:
             if key == "eval_accuracy":  # the evaluation before RL at step 0
                 initial = [s["initial_eval"] for s in sorted(payload["summary"]["algorithms"][algo]["per_seed"],
                                                             key=lambda s: s["seed"])]
+                if None in initial:  # runs without evaluations
+                    continue
                 points = [[(0, x0)] + [(i + 1, x) for i, x in enumerate(s) if x is not None]
                           for x0, s in zip(initial, series)]
                 at = [p[0] for p in points[0]]

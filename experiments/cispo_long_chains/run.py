@@ -11,6 +11,9 @@ forks (which numbers to combine next, when to give up a branch) are real choices
     python experiments/cispo_long_chains/run.py --size gpu --phase pretrain --export DIR   # GPU call 1
     python experiments/cispo_long_chains/run.py --size gpu --phase compare --export DIR    # GPU call 2
     python experiments/cispo_long_chains/run.py --task countdown --size gpu --phase all --deadline 540 --export DIR
+    python experiments/cispo_long_chains/run.py --task countdown --size gpu --phase compare --runs cispo:0 dapo:0 \
+        --export DIR1                                       # a subset of the runs per process (one per GPU and call)
+    python experiments/cispo_long_chains/run.py --task countdown --size gpu --phase report --records DIR1 DIR2 ...
 
 Phase "pretrain": supervised training on worked chains of 1..max digits, stopped (or picked among its snapshots)
 where the sampled accuracy on RL prompts is moderate (15-50%); the mismatch of a bf16 engine (bf16 and float32
@@ -19,6 +22,10 @@ one seed apart from the comparison's). The checkpoint is one float32 .npz (model
 Phase "compare": from that checkpoint, every algorithm with its swept rate, seeds paired (a seed gives every
 algorithm the same prompts and the same first batch), the same generation batches, group size and 16 updates per
 batch. Records (every step, tagged) and clipped-token summaries are appended to --export as they come.
+Each (algorithm, seed) pair is one complete run in this process; --algos (with --seeds) or --runs ALGO:SEED picks
+which, so that the 9 runs of a comparison can be spread over GPUs and device calls (a subset's own summary goes to
+results/<stem>_part-<runs>.*). Phase "report": the results of the runs exported by several such invocations
+(--records: their --export directories; `merge.py`), paired by seed, as one --phase compare over them writes them.
 Results: experiments/results/cispo_long_chains[_cpu].{json,md,png}, with --task countdown cispo_countdown[_cpu].*
 (or --results DIR).
 """
@@ -358,15 +365,59 @@ def fitting_steps(swept: dict, runs: int, seconds_left: float, most: int) -> int
     return int(max(5, min(most, (seconds_left / runs - first) / (1.2 * later))))
 
 
-def main():
+def run_pair(text: str) -> tuple[str, int]:
+    """--runs ALGO:SEED."""
+    algo, _, seed = text.partition(":")
+    if algo not in VARIANTS or not seed.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ALGO:SEED with ALGO one of {', '.join(ALGOS)}")
+    return algo, int(seed)
+
+
+def selected(args) -> list[tuple[str, int]]:
+    """The (algo, seed) runs of this invocation, seed-major (a cut invocation still leaves paired seeds)."""
+    pairs = set(args.runs) if args.runs else {(a, s) for a in args.algos or ALGOS for s in args.seeds or [0, 1, 2]}
+    return sorted(pairs, key=lambda p: (p[1], ALGOS.index(p[0])))
+
+
+def sha256(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def report(stem: str, args, size: Size, setup: dict, lrs: dict, runs: dict, tokens: list[dict], seconds: float):
+    """summarise and write_results (results/<stem>.{json,md,png}), copied to --export."""
+    summary = summarise(runs, tokens, ALGOS)
+    write_results(stem, args, size, setup, lrs, summary, runs, seconds)
+    if args.export and os.path.abspath(args.export) != os.path.abspath(os.path.dirname(stem)):
+        for ext in (".json", ".md", ".png"):
+            if os.path.exists(stem + ext):
+                shutil.copy(stem + ext, os.path.join(args.export, os.path.basename(stem + ext)))
+    return summary
+
+
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(STEMS), default="chains",
                         help="chains: worked long additions; countdown: search traces (sizes in COUNTDOWN_SIZES)")
     parser.add_argument("--size", choices=sorted(set(SIZES) | set(COUNTDOWN_SIZES)), default="cpu")
-    parser.add_argument("--phase", choices=("pretrain", "compare", "all", "rl"), default="all",
-                        help="rl: all but the pretraining (the checkpoint and results/<stem>_pretrain.jsonl exist)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's)")
+    parser.add_argument("--phase", choices=("pretrain", "compare", "all", "rl", "report"), default="all",
+                        help="rl: all but the pretraining (the checkpoint and results/<stem>_pretrain.jsonl exist); "
+                             "report: the results from the exports in --records (no device work)")
+    parser.add_argument("--algos", choices=ALGOS, nargs="+", default=None,
+                        help="the algorithms to run (default: all three), each with each of --seeds; every (algo, "
+                             "seed) pair is one complete run in this process. With --phase report: the algorithms "
+                             "every seed must have (default: all three)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default 0 1 2; with --phase report, every seed found in --records")
+    parser.add_argument("--runs", type=run_pair, nargs="+", default=None, metavar="ALGO:SEED",
+                        help="instead of --algos x --seeds: exactly these runs (e.g. cispo:0 dapo:0 on GPU 0, grpo:0 "
+                             "cispo:1 on GPU 1), each one complete run, in seed-major order")
+    parser.add_argument("--records", nargs="+", default=None, metavar="DIR",
+                        help="with --phase report: former --export directories of --phase compare (records.jsonl, "
+                             "tokens.jsonl, events.jsonl, the setup), of any invocations and device calls")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's); with "
+                        "--phase report, the number of steps every run must have (default: no check)")
     parser.add_argument("--out", default=os.path.join("runs", "cispo_long_chains"))
     parser.add_argument("--export", default=None, help="also append raw JSON lines here (a device call's $OUT)")
     parser.add_argument("--results", default=RESULTS)
@@ -376,10 +427,14 @@ def main():
                         help="seconds for the whole invocation: with --phase all, cut the RL steps to fit")
     parser.add_argument("--checkpoint", default=None,
                         help="the pretrained .npz (default: CHECKPOINTS[task] for --size gpu, else under --out)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = SIZES if args.task == "chains" else COUNTDOWN_SIZES
     if args.size not in sizes:
         parser.error(f"--size {args.size} is not defined for --task {args.task}; choose one of {sorted(sizes)}")
+    if args.runs and (args.algos or args.seeds):
+        parser.error("--runs names the runs itself: leave out --algos and --seeds")
+    if (args.phase == "report") != bool(args.records):
+        parser.error("--records goes with --phase report, and --phase report needs --records")
     size = sizes[args.size]
     out = os.path.join(args.out, args.size if args.task == "chains" else f"{args.task}-{args.size}")
     steps = args.steps or size.rl_steps
@@ -387,10 +442,33 @@ def main():
     checkpoint = args.checkpoint or (CHECKPOINTS[args.task] if args.size == "gpu"
                                      else os.path.join(out, "pretrained.npz"))
     stem = os.path.join(args.results, STEMS[args.task] + ("" if args.size == "gpu" else f"_{args.size}"))
+    setup_path = stem + "_setup.json"
+    if args.phase == "report":
+        from merge import RecordsError, collect
+        local = None
+        if os.path.exists(setup_path):  # used only when no directory holds the setup (exports of older versions)
+            with open(setup_path) as f:
+                local = json.load(f)
+        algos = [a for a in ALGOS if a in (args.algos or ALGOS)]  # in ALGOS' order, as --phase compare
+        seeds = sorted(set(args.seeds)) if args.seeds else None
+        try:
+            merged = collect(args.records, os.path.basename(setup_path), algos, seeds, args.steps,
+                             local and local["sweep"]["chosen"])
+            if not (merged["setup"] or local):
+                raise RecordsError(f"no {os.path.basename(setup_path)} in {' '.join(args.records)} nor {setup_path}")
+        except RecordsError as error:
+            parser.exit(2, f"{parser.prog}: no report: {error}\n")
+        setup = merged["setup"] or local
+        for note in merged["notes"]:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        args.seeds = merged["seeds"]
+        report(stem, args, size, setup, merged["lrs"], merged["runs"], merged["tokens"], merged["seconds"])
+        return
+    pairs = selected(args)
+    args.seeds = sorted({s for _, s in pairs})
     start = time.perf_counter()
     print(json.dumps({"devices": [str(d) for d in jax.devices()], "task": args.task, "size": args.size,
-                      "phase": args.phase}), flush=True)
-    setup_path = stem + "_setup.json"
+                      "phase": args.phase, "runs": pairs}), flush=True)
     if args.phase in ("pretrain", "all", "rl"):
         if args.phase == "rl":
             config, params = load_policy(checkpoint)
@@ -428,29 +506,28 @@ def main():
             with open(setup_path, "w") as f:
                 json.dump(setup, f, indent=1)
             export.write("sweep", setup["sweep"])
+        if args.export and os.path.abspath(args.export) != os.path.abspath(args.results):  # --phase report's input
+            shutil.copy(setup_path, os.path.join(args.export, os.path.basename(setup_path)))
         lrs = {k: float(v) for k, v in setup["sweep"]["chosen"].items()}
         if args.deadline and not args.steps and "step_seconds" in setup["sweep"]:
             left = args.deadline - (time.perf_counter() - start) - 30.0
-            steps = fitting_steps(setup["sweep"], len(args.seeds) * len(ALGOS), left, size.rl_steps)
+            steps = fitting_steps(setup["sweep"], len(pairs), left, size.rl_steps)
             export.write("plan", {"steps": steps, "seconds_left": left})
+        export.write("compare", {"task": args.task, "size": args.size, "runs": pairs, "steps": steps, "lrs": lrs,
+                                 "checkpoint_sha256": sha256(checkpoint)})
         runs = {}
-        for seed in args.seeds:  # seed-major: a cut run still leaves paired seeds
-            for variant in ALGOS:
-                begin = time.perf_counter()
-                runs[(variant, seed)] = run_one(size, policy, os.path.join(out, f"{variant}-seed{seed}"), variant,
-                                                seed, lrs[variant], steps, size.eval_every, export, "compare")
-                export.write("timing", {"algo": variant, "seed": seed, "seconds": time.perf_counter() - begin})
+        for variant, seed in pairs:  # seed-major: a cut run still leaves paired seeds
+            begin = time.perf_counter()
+            runs[(variant, seed)] = run_one(size, policy, os.path.join(out, f"{variant}-seed{seed}"), variant,
+                                            seed, lrs[variant], steps, size.eval_every, export, "compare")
+            export.write("timing", {"algo": variant, "seed": seed, "seconds": time.perf_counter() - begin})
         tokens = []
-        for variant in ALGOS:
-            for seed in args.seeds:
-                with open(os.path.join(out, f"{variant}-seed{seed}", "tokens.jsonl")) as f:
-                    tokens += [{"algo": variant, "seed": seed, **json.loads(line)} for line in f]
-        summary = summarise(runs, tokens, ALGOS)
-        write_results(stem, args, size, setup, lrs, summary, runs, time.perf_counter() - start)
-        if args.export and os.path.abspath(args.export) != os.path.abspath(args.results):
-            for ext in (".json", ".md", ".png"):
-                if os.path.exists(stem + ext):
-                    shutil.copy(stem + ext, os.path.join(args.export, os.path.basename(stem + ext)))
+        for variant, seed in sorted(pairs, key=lambda p: (ALGOS.index(p[0]), p[1])):
+            with open(os.path.join(out, f"{variant}-seed{seed}", "tokens.jsonl")) as f:
+                tokens += [{"algo": variant, "seed": seed, **json.loads(line)} for line in f]
+        if args.runs or args.algos:  # a subset: its own summary, apart from the comparison's results
+            stem += "_part-" + "-".join(f"{a}{s}" for a, s in pairs)
+        report(stem, args, size, setup, lrs, runs, tokens, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,70 @@ def test_steps_to_and_fitting_steps():
     swept = {"step_seconds": [[20.0, 1.0, 1.0], [10.0, 1.0, 1.0]]}
     assert run.fitting_steps(swept, 9, 9 * (15.0 + 1.2 * 30), most=40) == 30
     assert run.fitting_steps(swept, 9, 1.0, most=40) == 5
+
+
+def test_split_compare_then_report(tmp_path, capsys):
+    """The runs of one comparison split over two --phase compare invocations (as over two GPUs or device calls),
+    --task countdown --size cpu from an untrained checkpoint, then --phase report over both exports: the summary
+    holds every algorithm and seed and equals the summary of the same runs read back from their run directories (what
+    one --phase compare over all of them computes); a seed without every algorithm, or two different executions of
+    one run, are refused. In-process, so the compilations of the tests above are reused."""
+    import shutil
+    import jax
+    from m1jax.config import M1Config
+    from m1jax.model import init_params
+
+    merge = load("cispo_long_chains_merge", "merge.py")
+    size = run.COUNTDOWN_SIZES["cpu"]
+    config = M1Config(**size.model)
+    run.save_policy(str(tmp_path / "pre.npz"), config, init_params(config, jax.random.key(0)))
+    results, out = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    setup = {"size": "cpu", "sweep": {"chosen": {a: 1e-4 for a in run.ALGOS}},
+             "mismatch": [{"engine": "e", "mismatch_corr": 0.99, "mismatch_max_gap": 0.1, "tokens": 5}],
+             "pretrain": {"chosen": {"step": 1, "greedy_accuracy": 0.5, "sampled_accuracy": 0.3,
+                                     "response_bytes": 80.0}, "params": 10}}
+    (results / "cispo_countdown_cpu_setup.json").write_text(json.dumps(setup))
+    common = ["--task", "countdown", "--size", "cpu", "--checkpoint", str(tmp_path / "pre.npz"), "--results",
+              str(results), "--out", str(out)]  # 1 step per run, as above: their compiled CISPO and DAPO updates
+    a, b = str(tmp_path / "gpu0"), str(tmp_path / "gpu1")
+    run.main(common + ["--phase", "compare", "--runs", "dapo:0", "cispo:1", "cispo:0", "--export", a])
+    run.main(common + ["--phase", "compare", "--algos", "grpo", "dapo", "--seeds", "1", "--export", b])
+    assert (results / "cispo_countdown_cpu_part-cispo0-dapo0-cispo1.json").exists()  # a subset's own summary
+    assert not (results / "cispo_countdown_cpu.json").exists()
+    with pytest.raises(SystemExit) as refused:  # seed 0 lacks grpo
+        run.main(common + ["--phase", "report", "--records", a, b])
+    assert refused.value.code == 2 and "grpo seed 0" in capsys.readouterr().err
+    run.main(common + ["--phase", "compare", "--runs", "grpo:0", "--export", str(tmp_path / "call2")])
+    run.main(common + ["--phase", "report", "--records", a, b, str(tmp_path / "call2"), a])  # a twice: identical
+    payload = json.loads((results / "cispo_countdown_cpu.json").read_text())
+    assert payload["seeds"] == [0, 1] and set(payload["curves"]) == {f"{x}-seed{s}" for x in run.ALGOS for s in (0, 1)}
+    assert all([r["seed"] for r in payload["summary"]["algorithms"][x]["per_seed"]] == [0, 1] for x in run.ALGOS)
+    assert all(len(pair["mean_reward"]["per_seed"]) == 2 for pair in payload["summary"]["paired"].values())
+    reference_runs, reference_tokens = {}, []
+    for s in (0, 1):
+        for x in run.ALGOS:
+            with open(out / "countdown-cpu" / f"{x}-seed{s}" / "metrics.jsonl") as f:
+                reference_runs[(x, s)] = [json.loads(line) for line in f]
+    for x in run.ALGOS:
+        for s in (0, 1):
+            with open(out / "countdown-cpu" / f"{x}-seed{s}" / "tokens.jsonl") as f:
+                reference_tokens += [{"algo": x, "seed": s, **json.loads(line)} for line in f]
+    assert all(len(rows) == size.rl_steps for rows in reference_runs.values())
+    reference = analysis.summarise(reference_runs, reference_tokens, run.ALGOS)
+    assert payload["summary"] == json.loads(json.dumps(reference))
+    merged = merge.collect([a, b, str(tmp_path / "call2")], "cispo_countdown_cpu_setup.json", run.ALGOS)
+    assert merged["runs"] == reference_runs and merged["tokens"] == reference_tokens
+    assert list(merged["runs"]) == [(x, s) for s in (0, 1) for x in run.ALGOS]  # seed-major, as compare
+    changed = tmp_path / "rerun"  # another execution of b's runs, with other numbers
+    shutil.copytree(b, changed)
+    lines = (changed / "records.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "reward_mean": 0.123})
+    (changed / "records.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(merge.RecordsError, match="different records"):
+        merge.collect([a, b, str(changed)], "cispo_countdown_cpu_setup.json", run.ALGOS)
+    with pytest.raises(merge.RecordsError, match="--steps 3"):
+        merge.collect([a, b, str(tmp_path / "call2")], "cispo_countdown_cpu_setup.json", run.ALGOS, steps=3)
+    (changed / "events.jsonl").write_text("")  # as if the call had been cut before the runs' ends
+    with pytest.raises(merge.RecordsError, match="dapo seed 1 in .* did not finish"):
+        merge.collect([str(changed)], "cispo_countdown_cpu_setup.json", ("dapo", "grpo"))
