@@ -43,9 +43,9 @@ SIZES = {
                    compute_dtype="float32"),
     "gpu": dict(num_layers=8, width=128, heads=4, head_dim=32,
                 arm_order=("0", "1", "8", "2", "4", "L-D64", "L-D16"),
-                recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=128, steps=6000,
-                            chunk=100, warmup=100),
-                lrs=(3e-4, 6e-4, 1e-3), seeds=(0, 1, 2), eval_rows=128, eval_every=3, lengths=(256, 1024, 4096),
+                recipe=dict(seq_len=128, pair_choices=(4, 8, 16, 32), vocab=256, batch_size=128, steps=15000,
+                            chunk=100, warmup=200),
+                lrs=(1e-3, 2e-3, 3e-3), seeds=(0, 1, 2), eval_rows=128, eval_every=3, lengths=(256, 1024, 4096),
                 long_rows=8, compute_dtype="bfloat16"),
 }
 
