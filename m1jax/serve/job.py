@@ -19,11 +19,15 @@ import numpy as np
 from m1jax.inference.sampling import row_sampling
 
 
+def draw_settings(jobs: list, vocab: int) -> tuple[list[float], list[int], list[float]]:
+    """(temperature, top_k, top_p) of each job, the filters' "off" values filled in (top_k V, top_p 1)."""
+    return ([job.temperature for job in jobs], [job.top_k or vocab for job in jobs],
+            [1.0 if job.top_p is None else job.top_p for job in jobs])
+
+
 def sampling_mode(jobs: list, vocab: int) -> str:
     """The decode step's sampling mode (m1jax.inference.sampling.row_sampling) for these jobs (None: a free slot)."""
-    jobs = [job for job in jobs if job is not None]
-    return row_sampling([job.temperature for job in jobs], [job.top_k or vocab for job in jobs],
-                        [1.0 if job.top_p is None else job.top_p for job in jobs], vocab)
+    return row_sampling(*draw_settings([job for job in jobs if job is not None], vocab), vocab)
 
 
 def key_data(seed: int) -> np.ndarray:
@@ -48,9 +52,8 @@ def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
             bias[j, token] = value
         stop[j, [i for i in pick(j).stop_ids if 0 <= i < vocab]] = True
     keys = np.stack([key_data(pick(j).seed) for j in range(rows)])
-    return (jnp.asarray([pick(j).temperature for j in range(rows)], jnp.float32),
-            jnp.asarray([pick(j).top_k or vocab for j in range(rows)], jnp.int32),
-            jnp.asarray([1.0 if pick(j).top_p is None else pick(j).top_p for j in range(rows)], jnp.float32),
+    temperature, top_k, top_p = draw_settings([pick(j) for j in range(rows)], vocab)
+    return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32),
             jnp.asarray(bias), jnp.asarray(keys.astype(np.uint32)), jnp.asarray(stop))
 
 
