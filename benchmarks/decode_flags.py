@@ -18,6 +18,8 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-gather              decode-sized MoE (<= 64 rows): gather each row's expert matrices, one batched matvec
                           (reads exactly the chosen experts' weights) instead of the Pallas grouped matmul
   moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
+  moe-tiles-bn64/-bn32    decode-sized MoE through the Pallas grouped matmul with narrow tiles (block_m 16, block_n
+                          64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
   bf16-lm-head            RunPolicy(float32_lm_head=False) (run-time policy: the same model)
   cuda-graphs+moe-gather  both
 --flag-set NAME="--xla_..." adds a variant: the default engine under those flags (repeatable).
@@ -42,6 +44,9 @@ VARIANTS = {
     "lightning-jnp": dict(flags="", code={"lightning_decode": "jnp"}),
     "moe-gather": dict(flags="", code={"moe": "gather"}),
     "moe-ragged-dot": dict(flags="", code={"moe": "ragged_dot"}),
+    "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
+    "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
+    "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),
     "bf16-lm-head": dict(flags="", code={"float32_lm_head": False}),
     "cuda-graphs+moe-gather": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "gather"}),
     "cuda-graphs+lightning-jnp": dict(flags=CMD_BUFFER_FLAGS, code={"lightning_decode": "jnp"}),
@@ -53,11 +58,13 @@ OUT = os.environ.get("OUT", ".")
 
 # ----- the worker: one process, one XLA_FLAGS, several code variants -----
 def _decode_grouped_matmul(kind: str):
-    """A GroupedMatmul for the MoE layer: `kind` for decode-sized calls, the default (Pallas on GPU) otherwise."""
+    """A GroupedMatmul for the MoE layer: `kind` for decode-sized calls, the default (Pallas on GPU) otherwise.
+    kind "tiles:BM,BN,BK,WARPS,STAGES" is the Pallas grouped matmul (interpret mode on the CPU) with that Tiling."""
     import jax
     import jax.numpy as jnp
 
     from m1jax.layers.moe_core import default_grouped_matmul
+    from pallas_kernels.grouped_matmul import Tiling, grouped_matmul
     fallback = default_grouped_matmul()
 
     def gather(lhs, rhs, group_sizes):
@@ -71,7 +78,12 @@ def _decode_grouped_matmul(kind: str):
     def ragged(lhs, rhs, group_sizes):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
-    small = {"gather": gather, "ragged_dot": ragged}[kind]
+    if kind.startswith("tiles:"):
+        tiling = Tiling(*map(int, kind.split(":")[1].split(",")))
+        small = lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="pallas", tiling=tiling,
+                                                             interpret=jax.default_backend() != "gpu")
+    else:
+        small = {"gather": gather, "ragged_dot": ragged}[kind]
     return lambda lhs, rhs, group_sizes: (small if lhs.shape[0] <= DECODE_ROWS_MAX else fallback)(lhs, rhs,
                                                                                                  group_sizes)
 

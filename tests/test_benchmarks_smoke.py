@@ -1,5 +1,5 @@
 """The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
-trace, and the --smoke runs of decode_flags.py, lightning_grid.py and step_profile.py."""
+trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py and step_profile.py."""
 import importlib.util
 import json
 import os
@@ -75,10 +75,23 @@ def test_analyse_gpu_shaped_trace():
 def test_decode_flags_smoke(tmp_path, monkeypatch):
     df = load("decode_flags")
     monkeypatch.setattr(df, "OUT", str(tmp_path))
-    assert df.main(["--smoke", "--variants", "default,moe-gather", "--flag-set", "bad=--xla_not_a_flag=1"]) == 1
+    assert df.main(["--smoke", "--variants", "default,moe-gather,moe-tiles-bn64",
+                    "--flag-set", "bad=--xla_not_a_flag=1"]) == 1
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "decode_flags.jsonl").read_text().splitlines())}
-    assert rows["default"]["ms_per_token"] > 0 and rows["moe-gather"]["ms_per_token"] > 0
+    assert all(rows[name]["ms_per_token"] > 0 for name in ("default", "moe-gather", "moe-tiles-bn64"))
     assert "Unknown flag" in rows["bad"]["error"]  # a refused flag is reported, the rest still run
+
+
+@pytest.mark.slow
+def test_grouped_matmul_decode_smoke(tmp_path, monkeypatch, capsys):
+    gd = load("grouped_matmul_decode")
+    monkeypatch.setattr(gd, "OUT", str(tmp_path))
+    assert gd.main(["--smoke"]) == 0  # every tiling agrees with the float32 reference
+    rows = [json.loads(line) for line in (tmp_path / "grouped_matmul_decode.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["event"] == "time"]
+    variants = 1 + gd.SMOKE["candidates"]
+    assert len(timed) == 2 * variants and all(r["us"] > 0 and r["rel_err"] < 2e-2 for r in timed)
+    assert "bytes-read floor" in capsys.readouterr().out
 
 
 @pytest.mark.slow
