@@ -13,7 +13,9 @@ Each turn of the loop does, in order:
      decode thread, and meanwhile read what came before it, in order: prefilled groups' first tokens
      and the previous call's tokens go to their requests (stop strings, streaming); slots of ended requests are
      freed. A request ended on the host (a stop string) was drawn for in the call already launched too: those
-     tokens are discarded, and their routing counts taken back.
+     tokens are discarded, and their routing counts taken back. No call is launched when admission moved this turn
+     and the requests coming in are at least as many as the rows decoding: a wave of requests then enters in
+     prefill calls back to back and decodes in step.
 
 A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, groups have
 a power-of-two number of rows (a short group repeats its first prompt), so only a handful of step shapes are ever
@@ -142,6 +144,7 @@ class Batcher(TokenOutput):
         # decode calls are dispatched from a thread of their own (module docstring, step 3)
         self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="m1jax-decode")
         self._pending: concurrent.futures.Future | None = None
+        self.admissions = 0  # prefill chunks launched and groups' rows inserted, all told
         self._reset_device_state()
 
     # ----- device state -----
@@ -291,14 +294,17 @@ class Batcher(TokenOutput):
 
     def _step_all(self) -> None:
         self._drop_cancelled()
+        admissions = self.admissions
         if self.prefilling is None:
             self._begin_group()
         elif self.prefilling.first is None:
             self._prefill_step()
         else:
             self._try_insert()
-        # no call in which every row has surely ended by its length (it would only hold back the next admissions)
-        launched = any(job is not None and self.drawn[b] < job.max_new_tokens for b, job in enumerate(self.active))
+        # no call in which every row has surely ended by its length (it would only hold back the next admissions),
+        # nor one of a half-empty batch while a wave of requests is coming in (module docstring, step 3)
+        live = sum(job is not None and self.drawn[b] < job.max_new_tokens for b, job in enumerate(self.active))
+        launched = live > 0 and not (self.admissions > admissions and self._coming() >= live)
         if launched:
             self._launch()
         # keep one decode call in flight: read what came before it (first tokens of prefilled groups, decode calls)
@@ -307,6 +313,13 @@ class Batcher(TokenOutput):
             self._read_first(item) if isinstance(item, _FirstTokens) else self._read(item)
         if self.metrics is not None:
             self.metrics.observe_batcher(self.queue_depth, self.busy_slots, self.max_batch)
+
+    def _coming(self) -> int:
+        """Requests on their way into the batch: the prefilling group's rows not yet in a slot, and the waiting
+        requests that the other free slots can take."""
+        group = self.prefilling
+        rows = 0 if group is None else len(group.pending) if group.first is not None else len(group.jobs)
+        return rows + min(len(self._waiting), max(self.active.count(None) - rows, 0))
 
     def _drop_cancelled(self) -> None:
         now = time.perf_counter()
@@ -409,6 +422,7 @@ class Batcher(TokenOutput):
             self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows],
             jnp.asarray(ids), jnp.asarray(following))
         self.row_caches[group.rows] = cache
+        self.admissions += 1
         group.counts = counts if group.counts is None else group.counts + counts
         group.calls = calls if group.calls is None else group.calls + calls
         group.position += size
@@ -513,6 +527,7 @@ class Batcher(TokenOutput):
             self.drawn[b] = 1  # its first token, drawn from the prefill
             self.active[b] = group.jobs[j]
             group.pending.remove(j)
+        self.admissions += 1
         self.batch_threshold = group.threshold
 
     # ----- decode: one call in flight while the host reads the one before -----

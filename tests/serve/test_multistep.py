@@ -85,6 +85,39 @@ def test_no_decode_call_after_every_row_has_ended_by_length(model_and_params, rn
         assert len(launches) == calls, (lengths, launches)
 
 
+def test_a_wave_of_requests_enters_before_the_first_decode_call(model_and_params, rng):
+    """Requests that arrive together, more than one prefill group of them, all enter the batch before a decode call
+    runs (no K-step call for a batch of one group while the rest wait); a request arriving while the batch decodes
+    joins it between calls as before. Results equal the requests run one at a time."""
+    model, params = model_and_params
+    prompts = [rng.integers(0, 512, int(n)).tolist() for n in rng.integers(3, 30, 8)]
+    lengths = rng.integers(2, 3 * DECODE_STEPS, 8).tolist()
+    batcher = _batcher(model, params)  # prefill groups of PREFILL_BATCH (4) rows at most, 8 slots
+    launches = []
+    launch = batcher._launch
+    batcher._launch = lambda: (launches.append(batcher.busy_slots), launch())
+    jobs = _run(batcher, [Job(p, n) for p, n in zip(prompts, lengths)])
+    assert launches[0] == 8, launches
+    alone = [_run(_batcher(model, params), [Job(p, n)])[0].token_ids for p, n in zip(prompts, lengths)]
+    assert [job.token_ids for job in jobs] == alone
+
+    # Two requests decoding, then a long prompt (4 chunks of 32) arrives: fewer requests come in than decode, so every
+    # turn that prefills one of its chunks also launches a decode call, as before.
+    late = _batcher(model, params)
+    late_launches = []
+    launch_late = late._launch
+    late._launch = lambda: (late_launches.append(late.busy_slots), launch_late())
+    for prompt in prompts[:2]:
+        late.submit(Job(prompt, 8 * DECODE_STEPS))
+    late._turn()
+    late.submit(Job(rng.integers(0, 512, 4 * 32).tolist(), 2))
+    for turn in range(3):
+        late._turn()
+        assert late.prefilling is not None and late.prefilling.chunk_index == turn + 1
+        assert late_launches == [2] * (turn + 2)
+    late.run_until_idle()
+
+
 def test_a_stop_string_in_the_middle_of_a_call_discards_the_rest(model_and_params, rng):
     """The device draws K tokens per call, and the next call is launched before the host reads them; a stop string
     found on the host ends the request at its token: the tokens drawn after it (later in its call, and in the call
