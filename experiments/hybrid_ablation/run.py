@@ -2,6 +2,8 @@
 
     python experiments/hybrid_ablation/run.py --size cpu|gpu [--out DIR] [--arms 0,1,8] [--deadline-s 480]
     python experiments/hybrid_ablation/run.py --report DIR/hybrid_gpu.jsonl     # summaries + figures
+    python experiments/hybrid_ablation/run.py --size gpu --arms 8 --recipe seq_len=64 --recipe pair_choices=4 \
+        --lrs 3e-3 --out DIR2    # a control: the size with recipe entries and rates replaced (recorded per row)
 
 Arms (same width, vocab, MLP, norms): 8 layers with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers, and lightning-only
 at a second head dim (state H*D*D). Every arm trains a population of learning rates x seeds in one compiled loop
@@ -67,6 +69,26 @@ def append(path: str, row: dict):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k not in ("curve",)})[:400], flush=True)
+
+
+def override(size: dict, items: list[str], lrs: str | None) -> dict:
+    """The size with recipe entries replaced (KEY=VALUE; pair_choices as 4+8) and, given, its learning rates."""
+    size = dict(size, recipe=dict(size["recipe"]))
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in size["recipe"] or not value:
+            raise SystemExit(f"--recipe {item!r}: expected KEY=VALUE with KEY one of {sorted(size['recipe'])}")
+        try:
+            size["recipe"][key] = tuple(int(v) for v in value.split("+")) if key == "pair_choices" else int(value)
+        except ValueError:
+            kind = "integers joined by +" if key == "pair_choices" else "an integer"
+            raise SystemExit(f"--recipe {item!r}: {key} takes {kind}")
+    if lrs is not None:
+        try:
+            size["lrs"] = tuple(float(v) for v in lrs.split(","))
+        except ValueError:
+            raise SystemExit(f"--lrs {lrs!r}: expected comma-separated numbers, e.g. 1e-3,3e-3")
+    return size
 
 
 def done_arms(path: str) -> set:
@@ -188,6 +210,10 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("runs", "hybrid_ablation"))
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: the size's order)")
     parser.add_argument("--steps", type=int, default=None, help="override the size's training steps")
+    parser.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an entry of the size's recipe (repeatable), e.g. seq_len=64 pair_choices=4+8 "
+                             "vocab=64; give a fresh --out, since finished arms in --out are skipped")
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the size's)")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="stop training arms after this many seconds")
     parser.add_argument("--train-budget-s", type=float, default=None,
                         help="per arm: shorten the planned steps (the cosine too) to fit this many seconds")
@@ -198,9 +224,8 @@ def main(argv=None):
     if args.report:
         import report
         return report.write_all([args.report], args.results_dir)
-    size = dict(SIZES[args.size])
-    if args.steps is not None:
-        size["recipe"] = dict(size["recipe"], steps=args.steps)
+    size = override(SIZES[args.size], args.recipe + ([f"steps={args.steps}"] if args.steps is not None else []),
+                    args.lrs)
     arms = make_arms(size)
     del MODES[:args.mode]
     names = args.arms.split(",") if args.arms else list(arms)

@@ -141,6 +141,22 @@ def test_hybrid_ablation_cpu_smoke(tmp_path):
     assert (results / "hybrid_ablation_cpu.png").exists() and (results / "length_extrapolation_cpu.png").exists()
 
 
+def test_hybrid_ablation_recipe_overrides(tmp_path):
+    """--recipe and --lrs replace the size's entries (recorded in the row); a bad key or value names the fix."""
+    hybrid = load("hybrid_ablation_run_overrides", "hybrid_ablation", "run.py")
+    path = hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "2", "--steps", "2",
+                        "--recipe", "seq_len=16", "--recipe", "pair_choices=2+3", "--recipe", "vocab=32",
+                        "--lrs", "2e-3"])
+    final = [json.loads(line) for line in open(path) if '"final"' in line][0]
+    assert final["recipe"]["seq_len"] == 16 and tuple(final["recipe"]["pair_choices"]) == (2, 3)
+    assert final["recipe"]["vocab"] == 32 and final["steps_done"] == 2 and set(final["lrs"]) == {2e-3}
+    assert set(final["accuracy_by_pairs"]) == {"2", "3"}
+    for bad, words in ((["--recipe", "seq_length=16"], "KEY one of"), (["--recipe", "pair_choices=4,8"], "joined by +"),
+                       (["--lrs", "fast"], "comma-separated numbers")):
+        with pytest.raises(SystemExit, match=words):
+            hybrid.main(["--size", "cpu", "--out", str(tmp_path / "bad"), *bad])
+
+
 def test_scaling_cpu_smoke(tmp_path):
     """The scaling script's op and whole-model timings at one tiny length each, then its report and figure."""
     scaling = load("scaling_run", "scaling", "run.py")
