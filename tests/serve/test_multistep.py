@@ -44,6 +44,13 @@ def _run(batcher, jobs):
     return jobs
 
 
+def _count_launches(batcher):
+    """The batcher's decode launches as they happen: the busy slots at each (a list that grows)."""
+    launches, launch = [], batcher._launch
+    batcher._launch = lambda: (launches.append(batcher.busy_slots), launch())
+    return launches
+
+
 def _outcome(job):
     return job.token_ids, job.text, job.finish_reason, job.counts.tolist(), job.calls.tolist()
 
@@ -77,9 +84,7 @@ def test_no_decode_call_after_every_row_has_ended_by_length(model_and_params, rn
     k = DECODE_STEPS
     for lengths, calls in (((1 + 2 * k,), 2), ((1 + k, 1 + 2 * k), 2), ((2 + k,), 2)):
         batcher = _batcher(model, params)
-        launches = []
-        launch = batcher._launch
-        batcher._launch = lambda: (launches.append(batcher.busy_slots), launch())
+        launches = _count_launches(batcher)
         jobs = _run(batcher, [Job(rng.integers(0, 512, 6).tolist(), n) for n in lengths])
         assert [len(job.token_ids) for job in jobs] == list(lengths)
         assert len(launches) == calls, (lengths, launches)
@@ -93,9 +98,7 @@ def test_a_wave_of_requests_enters_before_the_first_decode_call(model_and_params
     prompts = [rng.integers(0, 512, int(n)).tolist() for n in rng.integers(3, 30, 8)]
     lengths = rng.integers(2, 3 * DECODE_STEPS, 8).tolist()
     batcher = _batcher(model, params)  # prefill groups of PREFILL_BATCH (4) rows at most, 8 slots
-    launches = []
-    launch = batcher._launch
-    batcher._launch = lambda: (launches.append(batcher.busy_slots), launch())
+    launches = _count_launches(batcher)
     jobs = _run(batcher, [Job(p, n) for p, n in zip(prompts, lengths)])
     assert launches[0] == 8, launches
     alone = [_run(_batcher(model, params), [Job(p, n)])[0].token_ids for p, n in zip(prompts, lengths)]
@@ -104,9 +107,7 @@ def test_a_wave_of_requests_enters_before_the_first_decode_call(model_and_params
     # Two requests decoding, then a long prompt (4 chunks of 32) arrives: fewer requests come in than decode, so every
     # turn that prefills one of its chunks also launches a decode call, as before.
     late = _batcher(model, params)
-    late_launches = []
-    launch_late = late._launch
-    late._launch = lambda: (late_launches.append(late.busy_slots), launch_late())
+    late_launches = _count_launches(late)
     for prompt in prompts[:2]:
         late.submit(Job(prompt, 8 * DECODE_STEPS))
     late._turn()
