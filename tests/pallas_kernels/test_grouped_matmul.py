@@ -90,6 +90,23 @@ def test_default_tiling_under_jit_with_traced_group_sizes():
     assert rel_err(got, grouped_matmul_reference(lhs, rhs, group_sizes)) < 1e-2
 
 
+def test_default_tiling_narrows_for_few_rows_per_group():
+    from pallas_kernels.grouped_matmul.ops import SMALL_ROWS_PER_GROUP, default_tiling
+    wide, narrow = default_tiling(jnp.bfloat16), default_tiling(jnp.bfloat16, 2, 32)  # batch-1 decode: 2 of 32
+    assert narrow.forward.block_m < wide.forward.block_m and narrow.d_lhs == narrow.forward
+    assert narrow.d_rhs == wide.d_rhs
+    assert default_tiling(jnp.bfloat16, SMALL_ROWS_PER_GROUP * 8, 8) == narrow
+    assert default_tiling(jnp.bfloat16, SMALL_ROWS_PER_GROUP * 8 + 1, 8) == wide
+    assert default_tiling(jnp.float32, 2, 32) == default_tiling(jnp.float32)
+
+
+def test_decode_sized_default_tiling_matches_reference():
+    """A few rows over many groups (empty groups, K and N not multiples of the narrow tiles), default tiles."""
+    sizes = np.array([0, 3, 0, 1, 0, 0, 5, 2, 0, 0, 0, 1], np.int32)
+    lhs, rhs, group_sizes, d_out = random_operands(13, sizes, jnp.bfloat16, m=14, k=200, n=90)
+    assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-2)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tiled_ragged_dot_and_auto_agree_with_reference_on_cpu(case):
     sizes = CASES[case]
