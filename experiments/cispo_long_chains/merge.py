@@ -57,14 +57,26 @@ def read_export(directory: str, setup_name: str) -> tuple[dict, dict | None, lis
     return runs, setup, events
 
 
-def _finished(run: dict) -> str | None:
-    """Why the run is not a complete run, or None."""
+def _finished(run: dict, cut: int | None = None) -> str | None:
+    """Why the run is not a complete run, or None. With cut: why its first `cut` steps are not whole, or None."""
     steps = [r["step"] for r in run["records"]]
+    if cut is not None and steps[:cut] == list(range(1, cut + 1)):
+        return None
     if run["seconds"] is None or not run["tokens"]:
         return f"did not finish ({len(steps)} steps recorded, no end-of-run lines)"
     if steps != list(range(1, len(steps) + 1)):
         return f"has steps {steps[0]}..{steps[-1]} with gaps or a late start (resumed from a run of another call?)"
     return None
+
+
+def _cut(run: dict, steps: int) -> dict:
+    """The run's first `steps` steps: records and token lines of later steps dropped; seconds summed over the kept
+    steps when the run has no end-of-run timing (it was stopped, e.g. by a device call's time limit)."""
+    records = [r for r in run["records"] if r["step"] <= steps]
+    seconds = run["seconds"] if len(run["records"]) == steps and run["seconds"] is not None else \
+        sum(float(r.get("step_seconds", 0.0)) for r in records)
+    return {"records": records, "tokens": [t for t in run["tokens"] if t["step"] <= steps], "seconds": seconds,
+            "stopped": run["seconds"] is None}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -81,7 +93,8 @@ def collect(directories: list[str], setup_name: str, algos, seeds=None, steps: i
     algorithm, "seconds": the runs' summed time, "seeds", "sources": {(algo, seed): directory}, "notes"}.
     chosen: the setup's rates when no directory holds a setup. Raises RecordsError when a seed lacks an algorithm,
     a run did not finish, two directories hold different executions of one run, the runs came from different
-    checkpoints or setups, an algorithm ran at two rates, or (with steps) a run has another number of steps."""
+    checkpoints or setups, an algorithm ran at two rates, or (with steps) a run has fewer steps. steps: every run's
+    first `steps` steps are compared (a run stopped after them counts too, without its token lines)."""
     found, unfinished, setups, hashes, notes = {}, {}, [], {}, []
     for directory in directories:
         runs, setup, events = read_export(directory, setup_name)
@@ -91,7 +104,9 @@ def collect(directories: list[str], setup_name: str, algos, seeds=None, steps: i
             if event["log"] == "compare" and event.get("checkpoint_sha256"):
                 hashes.setdefault(event["checkpoint_sha256"], directory)
         for key, run in runs.items():
-            why = _finished(run)
+            why = _finished(run, steps)
+            if why is None and steps is not None:
+                run = _cut(run, steps)
             if why:
                 unfinished[key] = f"{key[0]} seed {key[1]} in {directory} {why}"
             elif key in found:
@@ -126,8 +141,12 @@ def collect(directories: list[str], setup_name: str, algos, seeds=None, steps: i
     runs = {k: found[k][1]["records"] for k in wanted}
     lengths = {k: len(rows) for k, rows in runs.items()}
     if steps is not None and set(lengths.values()) != {steps}:
-        raise RecordsError(f"--steps {steps}, but these runs have another number of steps: "
+        raise RecordsError(f"--steps {steps}, but these runs have fewer steps: "
                            + ", ".join(f"{a} seed {s}: {n}" for (a, s), n in lengths.items() if n != steps))
+    stopped = [k for k in wanted if found[k][1].get("stopped")]
+    if stopped:
+        notes.append(f"cut to their first {steps} steps, without token lines (stopped before their end): "
+                     + ", ".join(f"{a} seed {s}" for a, s in stopped))
     if len(set(lengths.values())) > 1:
         notes.append("runs of unequal length: " + ", ".join(f"{a} seed {s}: {n}" for (a, s), n in lengths.items()))
     setup = setups[-1][1] if setups else None

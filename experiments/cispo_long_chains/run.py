@@ -373,6 +373,18 @@ def run_pair(text: str) -> tuple[str, int]:
     return algo, int(seed)
 
 
+def algo_rate(text: str) -> tuple[str, float]:
+    """--lr ALGO=RATE."""
+    algo, _, rate = text.partition("=")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = 0.0
+    if algo not in VARIANTS or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ALGO=RATE with ALGO one of {', '.join(ALGOS)}, RATE > 0")
+    return algo, value
+
+
 def selected(args) -> list[tuple[str, int]]:
     """The (algo, seed) runs of this invocation, seed-major (a cut invocation still leaves paired seeds)."""
     pairs = set(args.runs) if args.runs else {(a, s) for a in args.algos or ALGOS for s in args.seeds or [0, 1, 2]}
@@ -417,7 +429,11 @@ def main(argv: list[str] | None = None):
                         help="with --phase report: former --export directories of --phase compare (records.jsonl, "
                              "tokens.jsonl, events.jsonl, the setup), of any invocations and device calls")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's); with "
-                        "--phase report, the number of steps every run must have (default: no check)")
+                        "--phase report, compare every run's first STEPS steps (a run stopped after them counts too, "
+                        "without its token lines; default: whole runs)")
+    parser.add_argument("--lr", type=algo_rate, nargs="+", default=None, metavar="ALGO=RATE",
+                        help="with --phase compare: run ALGO at RATE instead of the sweep's choice (a diagnostic "
+                             "outside the swept comparison; every record carries its rate)")
     parser.add_argument("--out", default=os.path.join("runs", "cispo_long_chains"))
     parser.add_argument("--export", default=None, help="also append raw JSON lines here (a device call's $OUT)")
     parser.add_argument("--results", default=RESULTS)
@@ -508,7 +524,7 @@ def main(argv: list[str] | None = None):
             export.write("sweep", setup["sweep"])
         if args.export and os.path.abspath(args.export) != os.path.abspath(args.results):  # --phase report's input
             shutil.copy(setup_path, os.path.join(args.export, os.path.basename(setup_path)))
-        lrs = {k: float(v) for k, v in setup["sweep"]["chosen"].items()}
+        lrs = {k: float(v) for k, v in setup["sweep"]["chosen"].items()} | dict(args.lr or [])
         if args.deadline and not args.steps and "step_seconds" in setup["sweep"]:
             left = args.deadline - (time.perf_counter() - start) - 30.0
             steps = fitting_steps(setup["sweep"], len(pairs), left, size.rl_steps)
@@ -527,6 +543,7 @@ def main(argv: list[str] | None = None):
                 tokens += [{"algo": variant, "seed": seed, **json.loads(line)} for line in f]
         if args.runs or args.algos:  # a subset: its own summary, apart from the comparison's results
             stem += "_part-" + "-".join(f"{a}{s}" for a, s in pairs)
+            stem += "".join(f"_{a}-lr{r:g}" for a, r in args.lr or [])
         report(stem, args, size, setup, lrs, runs, tokens, time.perf_counter() - start)
 
 

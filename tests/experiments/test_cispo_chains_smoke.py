@@ -204,3 +204,35 @@ def test_split_compare_then_report(tmp_path, capsys):
     (changed / "events.jsonl").write_text("")  # as if the call had been cut before the runs' ends
     with pytest.raises(merge.RecordsError, match="dapo seed 1 in .* did not finish"):
         merge.collect([str(changed)], "cispo_countdown_cpu_setup.json", ("dapo", "grpo"))
+
+
+def test_report_cuts_runs_to_their_first_steps(tmp_path):
+    """--phase report --steps N compares every run's first N steps: a finished longer run is cut, and a run stopped
+    by a call's time limit after N steps counts too (without token lines, said in a note); fewer steps refuse."""
+    merge = load("cispo_long_chains_merge", "merge.py")
+    export = tmp_path / "export"
+    export.mkdir()
+    tag = lambda algo, step: {"phase": "compare", "algo": algo, "seed": 0, "lr": 1e-4, "step": step}  # noqa: E731
+    records = [{**tag("cispo", s), "reward_mean": s / 10, "step_seconds": 1.0} for s in (1, 2, 3)]
+    records += [{**tag("dapo", s), "reward_mean": s / 20, "step_seconds": 2.0} for s in (1, 2, 3, 4)]  # stopped
+    tokens = [{**tag("cispo", s), "counts": {"tokens": s}} for s in (1, 2, 3)]
+    for name, lines in (("records", records), ("tokens", tokens),
+                        ("events", [{"log": "timing", "algo": "cispo", "seed": 0, "seconds": 9.0}])):
+        (export / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(merge.RecordsError, match="dapo seed 0 in .* did not finish"):
+        merge.collect([str(export)], "setup.json", ("cispo", "dapo"), chosen={"cispo": 1e-4, "dapo": 1e-4})
+    merged = merge.collect([str(export)], "setup.json", ("cispo", "dapo"), steps=2,
+                           chosen={"cispo": 1e-4, "dapo": 1e-4})
+    assert all([r["step"] for r in merged["runs"][(algo, 0)]] == [1, 2] for algo in ("cispo", "dapo"))
+    assert [t["step"] for t in merged["tokens"]] == [1, 2] and {t["algo"] for t in merged["tokens"]} == {"cispo"}
+    assert merged["seconds"] == 2.0 + 4.0  # the kept steps' seconds of both runs
+    assert any("without token lines" in note and "dapo seed 0" in note for note in merged["notes"])
+    with pytest.raises(merge.RecordsError, match="fewer steps: cispo seed 0: 3"):
+        merge.collect([str(export)], "setup.json", ("cispo", "dapo"), steps=4, chosen={"cispo": 1e-4, "dapo": 1e-4})
+
+
+def test_lr_override_parses_algo_and_rate():
+    assert run.algo_rate("cispo=1e-5") == ("cispo", 1e-5)
+    for bad in ("cispo", "ppo=1e-5", "dapo=-1", "grpo=fast"):
+        with pytest.raises(Exception, match="ALGO=RATE"):
+            run.algo_rate(bad)
