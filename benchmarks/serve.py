@@ -22,6 +22,11 @@ ITL p50 is near 0 and p99 near a call's time), and time per output token p50/p99
 (tokens - 1) per request). Target: engine at 64 clients >= 80% of static.
 Writes $OUT/serve.jsonl as it goes, $OUT/serve_table.md and $OUT/serve_latency_throughput.png (matplotlib) and
 prints the table last.
+--timeline: also a timeline of the engine's scheduler turns in every engine run (m1jax.serve.timeline: prefill,
+insert and decode calls, device waits, host work, idle), written to $OUT/timeline.jsonl (events, one "request" line
+per request, a "summary" line per run), and the summary of the runs at the top concurrency printed after the table
+(seconds per category, decode calls' occupancy, the gap from the last token of a wave to the next wave's first
+decode call).
 """
 import argparse
 import os
@@ -39,6 +44,7 @@ from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.config import RunPolicy  # noqa: E402
 from m1jax.inference.generate import generate  # noqa: E402
 from m1jax.serve.batcher import Batcher, Job  # noqa: E402
+from m1jax.serve.timeline import Timeline, summary_table  # noqa: E402
 
 SIZES = {
     "full": dict(model="hf-bench", prompt=512, output=256, concurrency=(1, 16, 64), static_batch=64, chunk=512,
@@ -63,10 +69,13 @@ def percentiles(values: list[float]) -> dict:
 
 # ----- ours: the batcher in-process -----
 ROUTING = {"want_routing": True}  # --no-routing: requests without routing logs, as the OpenAI routes send them
+TIMELINE = {"path": None, "printed": []}  # --timeline: $OUT/timeline.jsonl, and the summaries printed last
 
 
-def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
-    """`concurrency` client threads share the prompts; each sends its requests one after another."""
+def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int,
+               timeline: Timeline | None = None) -> dict:
+    """`concurrency` client threads share the prompts; each sends its requests one after another. With a timeline
+    (attached to the batcher), it records from the clients' start to their end."""
     ttft, itl, tpot, tokens = [], [], [], [0]
     lock = threading.Lock()
 
@@ -88,12 +97,14 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
 
     groups = [prompts[i::concurrency] for i in range(concurrency)]
     threads = [threading.Thread(target=client, args=(g,)) for g in groups]
-    begin = time.perf_counter()
+    begin = time.perf_counter() if timeline is None else timeline.begin()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - begin
+    if timeline is not None:
+        timeline.end(begin + wall)
     return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
             "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
             "tpot_ms": percentiles(tpot)}
@@ -171,12 +182,21 @@ def section_ours(size: dict, config: M1Config, policy: RunPolicy, params, http: 
         batcher.warm_up(size["prompt"])  # every prefill group size, both decode variants
         record(section="engine", what="compile", decode_steps=k, prefill_batch=batcher.prefill_batch,
                context=context, seconds=time.perf_counter() - begin)
+        timeline = Timeline(batcher) if TIMELINE["path"] else None
         batcher.start_thread()
         try:
             for c in size["concurrency"]:
                 prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
                 record(section="engine", what="serve", concurrency=c, decode_steps=k,
-                       prefill_batch=batcher.prefill_batch, **run_engine(batcher, prompts, size["output"], c))
+                       prefill_batch=batcher.prefill_batch,
+                       **run_engine(batcher, prompts, size["output"], c, timeline))
+                if timeline is not None:
+                    summary = timeline.write(TIMELINE["path"], wave=c, decode_steps=k, concurrency=c)
+                    if c == max(size["concurrency"]):
+                        title = f"K={k}, {c} clients, {len(prompts)} requests (prefill batch {batcher.prefill_batch})"
+                        TIMELINE["printed"].append(summary_table(summary, title))
+            if timeline is not None:
+                timeline.detach()
             if http and k == decode_steps[-1]:
                 section_http(size, config, batcher)
         finally:
@@ -316,10 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-batch", type=int, default=None, help="requests prefilled together")
     parser.add_argument("--no-routing", action="store_true",
                         help="engine requests without per-request routing logs (as /v1/completions sends them)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="record the engine's scheduler turns: $OUT/timeline.jsonl and a summary printed last")
     args = parser.parse_args(argv)
     ROUTING["want_routing"] = not args.no_routing
     os.makedirs(args.out, exist_ok=True)
     LOG.path = os.path.join(args.out, "serve.jsonl")
+    TIMELINE["path"], TIMELINE["printed"] = None, []
+    if args.timeline:
+        TIMELINE["path"] = os.path.join(args.out, "timeline.jsonl")
+        open(TIMELINE["path"], "w").close()
     size = SIZES["smoke" if args.smoke else "full"]
     decode_steps = [int(k) for k in args.decode_steps.split(",")]
     prefill_batch = args.prefill_batch or size["prefill_batch"]
@@ -345,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the table matters more than the figure
         say(f"plot failed: {type(err).__name__}: {err}")
     say(text)
+    for summary in TIMELINE["printed"]:
+        say("\n" + summary)
     return 0
 
 
