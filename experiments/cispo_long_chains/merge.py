@@ -86,7 +86,8 @@ def _same(a: dict, b: dict) -> bool:
 
 def collect(directories: list[str], setup_name: str, algos, seeds=None, steps: int | None = None,
             chosen: dict | None = None) -> dict:
-    """The paired comparison over algos x seeds (seeds None: every seed found) from the export directories.
+    """The paired comparison over algos x seeds (seeds None: every seed found) from the export directories (each
+    "DIR" or "DIR=ALGO+ALGO": only those algorithms' runs of DIR, e.g. to pair a diagnostic run with others).
 
     Returns {"runs": {(algo, seed): metrics rows} seed-major, "tokens": tagged token lines algo-major (the order of
     `--phase compare`), "setup": the exported setup (None when no directory has one), "lrs": the rates per
@@ -97,7 +98,10 @@ def collect(directories: list[str], setup_name: str, algos, seeds=None, steps: i
     first `steps` steps are compared (a run stopped after them counts too, without its token lines)."""
     found, unfinished, setups, hashes, notes = {}, {}, [], {}, []
     for directory in directories:
+        directory, _, only = directory.partition("=")  # DIR=ALGO+ALGO: only these algorithms' runs of DIR
         runs, setup, events = read_export(directory, setup_name)
+        if only:
+            runs = {k: v for k, v in runs.items() if k[0] in only.split("+")}
         if setup is not None:
             setups.append((directory, setup))
         for event in events:

@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None):
                              "cispo:1 on GPU 1), each one complete run, in seed-major order")
     parser.add_argument("--records", nargs="+", default=None, metavar="DIR",
                         help="with --phase report: former --export directories of --phase compare (records.jsonl, "
-                             "tokens.jsonl, events.jsonl, the setup), of any invocations and device calls")
+                             "tokens.jsonl, events.jsonl, the setup), of any invocations and device calls; DIR=A+B "
+                             "reads only algorithms A and B from DIR")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the size's); with "
                         "--phase report, compare every run's first STEPS steps (a run stopped after them counts too, "
                         "without its token lines; default: whole runs)")

@@ -227,6 +227,8 @@ def test_report_cuts_runs_to_their_first_steps(tmp_path):
     assert [t["step"] for t in merged["tokens"]] == [1, 2] and {t["algo"] for t in merged["tokens"]} == {"cispo"}
     assert merged["seconds"] == 2.0 + 4.0  # the kept steps' seconds of both runs
     assert any("without token lines" in note and "dapo seed 0" in note for note in merged["notes"])
+    only = merge.collect([f"{export}=dapo"], "setup.json", ("dapo",), steps=2, chosen={"dapo": 1e-4})
+    assert list(only["runs"]) == [("dapo", 0)] and only["tokens"] == []
     with pytest.raises(merge.RecordsError, match="fewer steps: cispo seed 0: 3"):
         merge.collect([str(export)], "setup.json", ("cispo", "dapo"), steps=4, chosen={"cispo": 1e-4, "dapo": 1e-4})
 
