@@ -71,13 +71,25 @@ def append(path: str, row: dict):
     print(json.dumps({k: v for k, v in row.items() if k not in ("curve",)})[:400], flush=True)
 
 
+MODEL_KEYS = ("num_layers", "width", "heads", "head_dim", "compute_dtype")  # the size's model entries --recipe sets
+
+
 def override(size: dict, items: list[str], lrs: str | None) -> dict:
-    """The size with recipe entries replaced (KEY=VALUE; pair_choices as 4+8) and, given, its learning rates."""
+    """The size with recipe or model entries replaced (KEY=VALUE; pair_choices as 4+8, compute_dtype as float32 or
+    bfloat16) and, given, its learning rates."""
     size = dict(size, recipe=dict(size["recipe"]))
     for item in items:
         key, _, value = item.partition("=")
+        if key in MODEL_KEYS and value:
+            if key == "compute_dtype" and value not in ("float32", "bfloat16"):
+                raise SystemExit(f"--recipe {item!r}: compute_dtype takes float32 or bfloat16")
+            if key != "compute_dtype" and not (value.isdigit() and int(value) > 0):
+                raise SystemExit(f"--recipe {item!r}: {key} takes a positive integer")
+            size[key] = value if key == "compute_dtype" else int(value)
+            continue
         if key not in size["recipe"] or not value:
-            raise SystemExit(f"--recipe {item!r}: expected KEY=VALUE with KEY one of {sorted(size['recipe'])}")
+            raise SystemExit(f"--recipe {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted(size['recipe']) + list(MODEL_KEYS)}")
         try:
             size["recipe"][key] = tuple(int(v) for v in value.split("+")) if key == "pair_choices" else int(value)
         except ValueError:
@@ -186,7 +198,7 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
            "recipe": {k: getattr(recipe, k) for k in ("seq_len", "pair_choices", "vocab", "batch_size", "steps",
                                                       "chunk", "warmup", "weight_decay", "population")},
            "lightning_impl": MODES[0][1],
-           "width": size["width"], "device": jax.devices()[0].device_kind}
+           "width": size["width"], "compute_dtype": size["compute_dtype"], "device": jax.devices()[0].device_kind}
     append(path, row)
     for length in size["lengths"]:
         if time.perf_counter() > deadline + 60:
@@ -211,8 +223,9 @@ def main(argv=None):
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: the size's order)")
     parser.add_argument("--steps", type=int, default=None, help="override the size's training steps")
     parser.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an entry of the size's recipe (repeatable), e.g. seq_len=64 pair_choices=4+8 "
-                             "vocab=64; give a fresh --out, since finished arms in --out are skipped")
+                        help="override an entry of the size's recipe or model (repeatable), e.g. seq_len=64 "
+                             "pair_choices=4+8 vocab=64 num_layers=2 width=64 compute_dtype=float32; give a fresh "
+                             "--out, since finished arms in --out are skipped")
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the size's)")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="stop training arms after this many seconds")
     parser.add_argument("--train-budget-s", type=float, default=None,
