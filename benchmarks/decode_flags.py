@@ -20,6 +20,7 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
   moe-tiles-bn64/-bn32    decode-sized MoE through the Pallas grouped matmul with narrow tiles (block_m 16, block_n
                           64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
+  moe-split-k2/-k4        the small-row default tiles (16 x 64 x 128) with the K steps split over 2 or 4 programs
   bf16-lm-head            RunPolicy(float32_lm_head=False) (run-time policy: the same model)
   cuda-graphs+moe-gather  both
 --flag-set NAME="--xla_..." adds a variant: the default engine under those flags (repeatable).
@@ -47,6 +48,8 @@ VARIANTS = {
     "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
     "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
     "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),
+    "moe-split-k2": dict(flags="", code={"moe": "tiles:16,64,128,4,4,2"}),
+    "moe-split-k4": dict(flags="", code={"moe": "tiles:16,64,128,4,4,4"}),
     "bf16-lm-head": dict(flags="", code={"float32_lm_head": False}),
     "cuda-graphs+moe-gather": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "gather"}),
     "cuda-graphs+lightning-jnp": dict(flags=CMD_BUFFER_FLAGS, code={"lightning_decode": "jnp"}),
@@ -59,7 +62,8 @@ OUT = os.environ.get("OUT", ".")
 # ----- the worker: one process, one XLA_FLAGS, several code variants -----
 def _decode_grouped_matmul(kind: str):
     """A GroupedMatmul for the MoE layer: `kind` for decode-sized calls, the default (Pallas on GPU) otherwise.
-    kind "tiles:BM,BN,BK,WARPS,STAGES" is the Pallas grouped matmul (interpret mode on the CPU) with that Tiling."""
+    kind "tiles:BM,BN,BK,WARPS,STAGES[,SPLIT_K]" is the Pallas grouped matmul (interpret mode on the CPU) with that
+    Tiling."""
     import jax
     import jax.numpy as jnp
 
@@ -79,7 +83,8 @@ def _decode_grouped_matmul(kind: str):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
     if kind.startswith("tiles:"):
-        tiling = Tiling(*map(int, kind.split(":")[1].split(",")))
+        block_m, block_n, block_k, warps, stages, *split = map(int, kind.split(":")[1].split(","))
+        tiling = Tiling(block_m, block_n, block_k, warps, stages, split_k=split[0] if split else 1)
         small = lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="pallas", tiling=tiling,
                                                              interpret=jax.default_backend() != "gpu")
     else:

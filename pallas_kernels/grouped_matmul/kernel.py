@@ -47,6 +47,7 @@ class Tiling:
     num_warps: int = 8
     num_stages: int = 3
     schedule: str = "group"  # row tiles of the grouped kernel (forward, d_lhs): "group" or "aligned"
+    split_k: int = 1  # grouped kernel: programs per output tile, each summing a slice of the K steps (few rows)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -59,6 +60,8 @@ class Tiling:
             raise ValueError(f"Tiling.num_stages must be a positive int, got {self.num_stages!r}")
         if self.schedule not in ("group", "aligned"):
             raise ValueError(f"Tiling.schedule must be 'group' or 'aligned', got {self.schedule!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"Tiling.split_k must be a positive int, got {self.split_k!r}")
 
     def fitted(self, m: int, n: int, k: int) -> "Tiling":
         """The same tiling with each block shrunk to the problem (next power of two, at least 16)."""
@@ -129,17 +132,22 @@ def _check_sizes(*shapes):
 
 
 def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *,
-                    tiling, num_col_tiles, transpose_w, depth, width):
+                    tiling, num_col_tiles, transpose_w, depth, width, num_rows):
     """Rows [row_start, row_stop) of one work item x one block_n column tile of out (M, P) = x (M, Q) @ W[g]
-    (Q, P); W is stored (E, Q, P), or (E, P, Q) when transpose_w. depth = Q, width = P."""
-    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    (Q, P); W is stored (E, Q, P), or (E, P, Q) when transpose_w. depth = Q, width = P. With split_k = S > 1,
+    program (item, column tile, part) sums part's slice of the K steps into rows part * M + r of a float32
+    (S * M, P) output, which the caller sums over the S parts."""
+    bm, bn, bk, split = tiling.block_m, tiling.block_n, tiling.block_k, tiling.split_k
     tile = pl.program_id(0)
-    item, col_tile = tile // num_col_tiles, tile % num_col_tiles
+    item, col_tile, part = tile // (num_col_tiles * split), (tile // split) % num_col_tiles, tile % split
     row0, row_stop, col0 = row_start_ref[item], row_stop_ref[item], col_tile * bn
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
     cols = col0 + jnp.arange(bn, dtype=jnp.int32)
     cols_ok = cols < width
     num_k_steps = pl.cdiv(depth, bk)
+    part_steps = pl.cdiv(num_k_steps, split)
+    first_step = part * part_steps
+    last_step = jnp.minimum(first_step + part_steps, num_k_steps)
     precision = _dot_precision(x_ref.dtype)
 
     def visit_group(group, acc):
@@ -163,13 +171,14 @@ def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, end
 
         # An empty group takes zero K steps. (Arithmetic, not jnp.where: the Triton lowering of a select
         # between two Python constants types them as the predicate.)
-        steps = (end > start).astype(jnp.int32) * num_k_steps
-        return jax.lax.fori_loop(0, steps, k_step, acc)
+        steps = (end > start).astype(jnp.int32) * (last_step - first_step)
+        return jax.lax.fori_loop(first_step, first_step + steps, k_step, acc)
 
     acc = jnp.zeros((bm, bn), jnp.float32)
     acc = jax.lax.fori_loop(lo_ref[item], hi_ref[item], visit_group, acc)
     out_mask = (rows < row_stop)[:, None] & cols_ok[None, :] if width % bn else (rows < row_stop)[:, None]
-    pltriton.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
+    out_row0 = row0 if split == 1 else part * num_rows + row0
+    pltriton.store(out_ref.at[pl.ds(out_row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
 
 
 def _load(ref, mask):
@@ -182,24 +191,28 @@ def _load(ref, mask):
 def grouped_matmul_kernel(x, w, group_sizes, *, transpose_w: bool, tiling: Tiling, interpret: bool = False):
     """x (M, Q), w (E, Q, P) [or (E, P, Q) with transpose_w], group_sizes (E,) -> (M, P) in x.dtype.
 
-    out[r] = x[r] @ w[g(r)] (or x[r] @ w[g(r)]^T); rows past sum(group_sizes) are 0."""
-    _check_sizes(x.shape, w.shape)
+    out[r] = x[r] @ w[g(r)] (or x[r] @ w[g(r)]^T); rows past sum(group_sizes) are 0. With tiling.split_k = S > 1
+    the K steps are split over S programs per output tile (more programs for a few rows), whose float32 partial
+    sums are added here."""
     num_rows, depth = x.shape
     width = w.shape[1] if transpose_w else w.shape[2]
+    split = tiling.split_k
+    _check_sizes((split * num_rows, depth), w.shape, (split * num_rows, width))
     tiling = tiling.fitted(num_rows, width, depth)
     starts, ends = group_bounds(group_sizes, num_rows)
     schedule = SCHEDULES[tiling.schedule](starts, ends, num_rows, tiling.block_m)
     num_col_tiles = pl.cdiv(width, tiling.block_n)
     kernel = functools.partial(_grouped_kernel, tiling=tiling, num_col_tiles=num_col_tiles,
-                               transpose_w=transpose_w, depth=depth, width=width)
-    return pl.pallas_call(
+                               transpose_w=transpose_w, depth=depth, width=width, num_rows=num_rows)
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
-        grid=(schedule[0].shape[0] * num_col_tiles,),
+        out_shape=jax.ShapeDtypeStruct((split * num_rows, width), x.dtype if split == 1 else jnp.float32),
+        grid=(schedule[0].shape[0] * num_col_tiles * split,),
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="grouped_matmul",
     )(*schedule, starts, ends, x, w)
+    return out if split == 1 else out.reshape(split, num_rows, width).sum(axis=0).astype(x.dtype)
 
 
 def _transposed_kernel(starts_ref, ends_ref, x_ref, y_ref, out_ref, *, tiling, num_k_tiles, num_n_tiles,

@@ -90,6 +90,20 @@ def test_default_tiling_under_jit_with_traced_group_sizes():
     assert rel_err(got, grouped_matmul_reference(lhs, rhs, group_sizes)) < 1e-2
 
 
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_matches_reference(split_k):
+    """K = 40 in steps of 16 is 3 steps: split 2 gives parts of 2 and 1 steps, split 4 leaves one part empty.
+    Empty groups and padding rows included; d_lhs runs the same split kernel."""
+    sizes = CASES["many_groups_per_tile"]
+    lhs, rhs, group_sizes, d_out = random_operands(17, sizes, jnp.float32, m=int(sizes.sum()) + 5)
+    tiling = Tiling(16, 16, 16, 4, 2, split_k=split_k)
+    out, d_lhs, _ = assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-5, tiling=tiling)
+    np.testing.assert_array_equal(np.asarray(out[int(sizes.sum()):]), 0.0)
+    np.testing.assert_array_equal(np.asarray(d_lhs[int(sizes.sum()):]), 0.0)
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        Tiling(split_k=0)
+
+
 def test_default_tiling_narrows_for_few_rows_per_group():
     from pallas_kernels.grouped_matmul.ops import SMALL_ROWS_PER_GROUP, default_tiling
     wide, narrow = default_tiling(jnp.bfloat16), default_tiling(jnp.bfloat16, 2, 32)  # batch-1 decode: 2 of 32
