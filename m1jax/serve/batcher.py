@@ -45,11 +45,11 @@ import numpy as np
 from m1jax.inference.cache import init_cache
 from m1jax.inference.generate import model_with_threshold
 from m1jax.model import M1ForCausalLM
-from m1jax.serve import steps
-from m1jax.serve.job import Job, QueueFull, TokenOutput, row_settings, sampling_mode  # noqa: F401 - Job, QueueFull: API
+from m1jax.serve import admission, steps
+from m1jax.serve.admission import BUCKET  # noqa: F401 - API
+from m1jax.serve.job import Job, QueueFull, TokenOutput, sampling_mode  # noqa: F401 - Job, QueueFull: API
 from m1jax.serve.steps import Slots
 
-BUCKET = 16  # prompts are left-padded to a multiple of this
 DECODE_STEPS = 8  # decode steps per device call (the server's --decode-steps)
 PREFILL_BATCH = 8  # requests prefilled together (the server's --prefill-batch)
 
@@ -212,7 +212,7 @@ class Batcher(TokenOutput):
         return sum(job is not None for job in self.active)
 
     def check(self, job: Job) -> None:
-        """Raise ValueError naming the field when the job cannot run on this batcher."""
+        """Raise ValueError naming the field when the job cannot run on this batcher (else set job.prompt_array)."""
         if not job.prompt_ids:
             raise ValueError("prompt_ids is empty")
         need = len(job.prompt_ids) + job.max_new_tokens
@@ -221,12 +221,15 @@ class Batcher(TokenOutput):
                              f"{need} exceeds the server's context of {self.max_context} tokens")
         if job.max_new_tokens < (0 if job.prompt_logprobs else 1):
             raise ValueError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
-        bad = [i for i in job.prompt_ids if not 0 <= i < self.config.vocab_size]
+        ids = admission.prompt_array(job.prompt_ids)
+        bad = [i for i in job.prompt_ids if not 0 <= i < self.config.vocab_size] if ids is None else \
+            ids[(ids < 0) | (ids >= self.config.vocab_size)][:5].tolist()
         if bad:
             raise ValueError(f"prompt ids {bad[:5]} are outside [0, vocab_size={self.config.vocab_size})")
         bad = [i for i in (job.logit_bias or {}) if not 0 <= i < self.config.vocab_size]
         if bad:
             raise ValueError(f"logit_bias ids {bad[:5]} are outside [0, vocab_size={self.config.vocab_size})")
+        job.prompt_array = None if ids is None else ids.astype(np.int32)
 
     def submit(self, job: Job) -> Job:
         self.check(job)
@@ -358,34 +361,21 @@ class Batcher(TokenOutput):
         head = self._waiting[0]
         if self.busy_slots and head.expert_threshold != self.batch_threshold:
             return  # wait until the batch has drained
-        padded_length = lambda job: -(-len(job.prompt_ids) // BUCKET) * BUCKET
-        jobs: list[Job] = []
         with self._cond:
-            for job in self._waiting:
-                if len(jobs) == min(free, self.prefill_batch) or (jobs and (job.solo or jobs[0].solo)):
-                    break
-                lengths = [padded_length(j) for j in jobs] + [padded_length(job)]
-                if job.expert_threshold != head.expert_threshold or max(lengths) > 2 * min(lengths):
-                    break
-                jobs.append(job)
-            for _ in jobs:
-                self._waiting.popleft()
+            jobs = [self._waiting.popleft()
+                    for _ in range(admission.group_size(self._waiting, min(free, self.prefill_batch)))]
         now = time.perf_counter()
         for job in jobs:
             job.times["prefill"] = now
         rows = group_rows(len(jobs), self.prefill_batch)
-        length = max(padded_length(job) for job in jobs)
-        padded = np.zeros((rows, length), np.int32)
-        for j, job in enumerate(jobs):
-            padded[j, length - len(job.prompt_ids):] = job.prompt_ids
-        padded[len(jobs):] = padded[0]
-        starts = np.asarray([length - len(jobs[j if j < len(jobs) else 0].prompt_ids) for j in range(rows)], np.int32)
+        padded, starts = admission.padded_prompts(jobs, rows)
         try:
-            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(length, self.chunk_size),
-                           row_settings(jobs, rows, self.config.vocab_size), any(job.prompt_logprobs for job in jobs))
+            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(padded.shape[1], self.chunk_size),
+                           admission.row_settings(jobs, rows, self.config.vocab_size),
+                           any(job.prompt_logprobs for job in jobs))
             if rows not in self.row_caches:
                 self.row_caches[rows] = init_cache(self.config, rows, self.max_context, policy=self.model.policy)
-            self.row_caches[rows] = steps.JITTED["reset"](self.row_caches[rows], jnp.asarray(starts))
+            self.row_caches[rows] = steps.JITTED["reset"](self.row_caches[rows], starts)
         except Exception as error:
             self.row_caches.pop(rows, None)
             for job in jobs:
@@ -419,8 +409,7 @@ class Batcher(TokenOutput):
         if group.position + size < group.padded.shape[1]:
             following[:, -1] = group.padded[:, group.position + size]
         cache, logits, (counts, calls), extra = steps.JITTED["prefill"](
-            self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows],
-            jnp.asarray(ids), jnp.asarray(following))
+            self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows], ids, following)
         self.row_caches[group.rows] = cache
         self.admissions += 1
         group.counts = counts if group.counts is None else group.counts + counts
@@ -428,17 +417,10 @@ class Batcher(TokenOutput):
         group.position += size
         group.chunk_index += 1
         if extra is not None:
-            group.scores.append(jax.tree.map(np.asarray, extra))
+            group.scores.append(extra)  # on the device: read with the first tokens
         if group.position < group.padded.shape[1]:
             return
-        # the whole prompts are in: prompt scores, then the first tokens
-        length = group.padded.shape[1]
-        for j, job in enumerate(group.jobs):
-            if job.prompt_logprobs:
-                logp, top_ids, top_lps = (np.concatenate([s[i][j] for s in group.scores]) for i in range(3))
-                pad = length - len(job.prompt_ids)
-                job.prompt_scores = [None] + [(float(logp[pad + t - 1]), top_ids[pad + t - 1].tolist(),
-                                               top_lps[pad + t - 1].tolist()) for t in range(1, len(job.prompt_ids))]
+        # the whole prompts are in: the first tokens
         want = any(job.want_logprobs for job in group.jobs)
         temperature, top_k, top_p, bias, keys, _ = group.sampling
         group.first, scores = steps.JITTED["first"](want, sampling_mode(group.jobs, self.config.vocab_size), logits,
@@ -452,7 +434,9 @@ class Batcher(TokenOutput):
     def _read_first(self, record: "_FirstTokens") -> None:
         """Give each request of a prefilled group its first token; end those that it finishes."""
         group = record.group
-        first, scores, counts, calls = jax.device_get((group.first, record.scores, group.counts, group.calls))
+        first, scores, counts, calls, prompt = jax.device_get((group.first, record.scores, group.counts, group.calls,
+                                                              group.scores))
+        admission.prompt_scores(group.jobs, prompt, group.padded.shape[1])
         now = time.perf_counter()
         for j, job in enumerate(group.jobs):
             if job.done.is_set():
@@ -489,17 +473,18 @@ class Batcher(TokenOutput):
         free = [b for b, job in enumerate(self.active) if job is None]
         live = [b for b, job in enumerate(self.active) if job is not None]
         lowest = min((self.start[b] for b in live), default=self.index)
-        chosen, new_index = [], 0
+        # where the live rows end (before a shift), and the longest prompt and output of the rows chosen so far
+        live_end = max((self.start[b] + len(self.active[b].prompt_ids) + self.active[b].max_new_tokens for b in live),
+                       default=-float("inf"))
+        chosen, new_index, prompt, output = [], 0, 0, 0
         for j in group.pending[:len(free)]:
-            rows = chosen + [j]
+            job = group.jobs[j]
             # the prompts must end at the index; their left padding may wrap to the end of the cache (never visible)
-            index = max(self.index - lowest, max(len(group.jobs[r].prompt_ids) for r in rows))
-            delta = index - self.index
-            ends = [self.start[b] + delta + len(self.active[b].prompt_ids) + self.active[b].max_new_tokens
-                    for b in live] + [index + group.jobs[r].max_new_tokens for r in rows]
-            if max(ends) > self.max_context:
+            index = max(self.index - lowest, prompt, len(job.prompt_ids))
+            if max(live_end + index - self.index, index + max(output, job.max_new_tokens)) > self.max_context:
                 break  # wait for rows to finish
-            chosen, new_index = rows, index
+            chosen.append(j)
+            new_index, prompt, output = index, max(prompt, len(job.prompt_ids)), max(output, job.max_new_tokens)
         if not chosen:
             return
         delta = new_index - self.index
@@ -510,13 +495,13 @@ class Batcher(TokenOutput):
             remaining[j] = group.jobs[j].max_new_tokens - 1
         try:
             if delta:
-                self.slots = steps.JITTED["shift"](self.slots, jnp.int32(delta))
+                self.slots = steps.JITTED["shift"](self.slots, np.int32(delta))
                 self.index += delta
                 self.start = [s + delta for s in self.start]
             temperature, top_k, top_p, bias, keys, stop = group.sampling
-            self.slots = steps.JITTED["insert"](self.slots, self.row_caches[group.rows], jnp.asarray(slot_of_row),
-                                                group.first, keys, temperature, top_k, top_p, bias, stop,
-                                                jnp.asarray(remaining), group.counts, group.calls)
+            self.slots = steps.JITTED["insert"](self.slots, self.row_caches[group.rows], slot_of_row, group.first,
+                                                keys, temperature, top_k, top_p, bias, stop, remaining, group.counts,
+                                                group.calls)
         except Exception as error:
             self.prefilling = None
             for j in group.pending:
@@ -549,18 +534,19 @@ class Batcher(TokenOutput):
         tokens, emitted, logp, top_ids, top_logp = jax.device_get((d.tokens, d.emitted, d.logp, d.top_ids,
                                                                    d.top_logp))
         ended: list[tuple[int, int]] = []  # (slot, the step of its request's last token)
+        steps_live = np.where(emitted.all(0), emitted.shape[0], emitted.argmin(0)).tolist()  # leading live steps
+        columns = tokens.T.tolist()
         for b, job in enumerate(call.jobs):
             if job is None or job.done.is_set():  # ended before (its tokens in this call are discarded)
                 continue
-            column = tokens[:, b].tolist()
-            for i in range(self.decode_steps):
-                if not emitted[i, b]:
-                    raise RuntimeError(f"slot {b} stopped on the device but its request did not end")
-                score = (float(logp[i, b]), top_ids[i, b].tolist(), top_logp[i, b].tolist()) if (
-                    call.want_logprobs and job.want_logprobs) else None
-                if self._accept(job, column[i], score):
-                    ended.append((b, i))
-                    break
+            n = steps_live[b]
+            scores = list(zip(logp[:n, b].tolist(), top_ids[:n, b].tolist(), top_logp[:n, b].tolist())) if (
+                call.want_logprobs and job.want_logprobs) else None
+            end = self._accept_tokens(job, columns[b][:n], scores)
+            if end is not None:
+                ended.append((b, end))
+            elif n < emitted.shape[0]:
+                raise RuntimeError(f"slot {b} stopped on the device but its request did not end")
         if ended:
             self._end_rows(call, ended, emitted)
 
@@ -587,7 +573,7 @@ class Batcher(TokenOutput):
     def _release(self, slots: list[int]) -> None:
         rows = np.zeros((self.max_batch,), bool)
         rows[slots] = True
-        self.slots = steps.JITTED["release"](self.slots, jnp.asarray(rows))
+        self.slots = steps.JITTED["release"](self.slots, rows)
 
     @staticmethod
     def _routing_from(job: Job, counts, calls) -> None:

@@ -104,6 +104,7 @@ class Job:
     prefix_offset: int = 0
     read_offset: int = 0
     solo: bool = False  # prefill alone (after its group's prefill failed)
+    prompt_array: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # int32, checked
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -122,19 +123,30 @@ class TokenOutput:
 
     def _accept(self, job: Job, token: int, logprob: tuple | None) -> bool:
         """Record a drawn token; emit the new text. Returns True when the job is finished (finish_reason set)."""
-        job.token_ids.append(token)
-        job.logprobs.append(logprob)
-        if token in job.stop_ids:
-            job.finish_reason = "stop"
-            return self._end_text(job, job.token_ids[:-1])
-        before = len(job.text)
-        job.text += self._new_text(job)
-        if self._cut_at_stop(job, before):
-            return self._emit(job, final=True)
-        if len(job.token_ids) >= job.max_new_tokens:
-            job.finish_reason = "length"
-            return self._end_text(job, job.token_ids)
-        return self._emit(job, final=False)
+        return self._accept_tokens(job, [token], [logprob]) is not None
+
+    def _accept_tokens(self, job: Job, tokens: list[int], logprobs: list | None = None) -> int | None:
+        """Record drawn tokens in order (logprobs: one per token; None: None for each), emitting each one's new text,
+        up to the one that finishes the job (finish_reason set): returns its index, or None when the job goes on."""
+        ids, scores, stop_ids = job.token_ids, job.logprobs, job.stop_ids
+        for n, token in enumerate(tokens):
+            ids.append(token)
+            scores.append(None if logprobs is None else logprobs[n])
+            if token in stop_ids:
+                job.finish_reason = "stop"
+                self._end_text(job, ids[:-1])
+                return n
+            before = len(job.text)
+            job.text += self._new_text(job)
+            if self._cut_at_stop(job, before):
+                self._emit(job, final=True)
+                return n
+            if len(ids) >= job.max_new_tokens:
+                job.finish_reason = "length"
+                self._end_text(job, ids)
+                return n
+            self._emit(job, final=False)
+        return None
 
     def _new_text(self, job: Job) -> str:
         """The text the new tokens add (vLLM's incremental detokenization): decode the unread tokens together with

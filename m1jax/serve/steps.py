@@ -166,6 +166,16 @@ def first_tokens(with_logprobs: bool, sampling: str, logits: jax.Array, temperat
     return token, (top_logprobs(logits, token) if with_logprobs else None)
 
 
+def row_settings(vocab: int, temperature, top_k, top_p, keys, bias_at, bias, stop_at):
+    """A prefill group's P rows' settings from the host (m1jax.serve.admission.host_settings) -> (temperature,
+    top_k, top_p, bias (P, V) float32, keys, stop (P, V) bool): bias[r, i] = value and stop[r, i] = True for each
+    (r, i) pair of bias_at (n, 2) and stop_at (m, 2) (rows r >= P are padding: dropped)."""
+    rows = temperature.shape[0]
+    dense = jnp.zeros((rows, vocab), jnp.float32).at[bias_at[:, 0], bias_at[:, 1]].set(bias, mode="drop")
+    stop = jnp.zeros((rows, vocab), bool).at[stop_at[:, 0], stop_at[:, 1]].set(True, mode="drop")
+    return temperature, top_k, top_p, dense, keys, stop
+
+
 # ----- the running batch -----
 def insert(slots: Slots, rows: Cache, slot_of_row: jax.Array, first: jax.Array, keys: jax.Array,
            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, bias: jax.Array, stop: jax.Array,
@@ -248,6 +258,7 @@ JITTED = {
     "reset": jax.jit(reset_rows, donate_argnums=0),
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
     "first": jax.jit(first_tokens, static_argnums=(0, 1)),
+    "settings": jax.jit(row_settings, static_argnums=0),
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
     "shift": jax.jit(shift, donate_argnums=0),

@@ -1,0 +1,135 @@
+"""The host's half of admitting a prefill group (m1jax.serve.batcher): which waiting requests form the group, their
+left-padded prompts, and their rows' sampling settings, built with numpy in one pass and sent to the device in one
+call (`steps.row_settings`: logit biases and stop ids go as (row, id) pairs, scattered there into the (P, V) rows).
+The rows' PRNG keys come from one batched call on the host's CPU device (`seed_keys`: the same key data as
+jax.random.key(seed) of each seed). Nothing here reads a device value back, so admitting never waits for the
+accelerator.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from m1jax.serve import steps
+from m1jax.serve.job import draw_settings
+
+BUCKET = 16  # prompts are left-padded to a multiple of this
+# (row, id) pairs of logit biases and stop ids are padded to a power of two, ENTRIES_PER_ROW x P at least: a group
+# size's warm-up compiles the one shape that requests with a few stop ids and no logit_bias use
+ENTRIES_PER_ROW = 4
+
+
+def padded_length(length: int) -> int:
+    """A prompt's length rounded up to a multiple of BUCKET."""
+    return -(-length // BUCKET) * BUCKET
+
+
+def group_size(waiting: Sequence, limit: int) -> int:
+    """How many waiting requests, from the first, are prefilled together: `limit` at most, a solo request alone,
+    all with the first one's expert_threshold and padded lengths within a factor 2 of each other."""
+    head, count, low, high = waiting[0], 0, 0, 0
+    for job in waiting:
+        if count == limit or (count and (job.solo or head.solo)):
+            break
+        length = padded_length(len(job.prompt_ids))
+        lo, hi = (length, length) if not count else (min(low, length), max(high, length))
+        if job.expert_threshold != head.expert_threshold or hi > 2 * lo:
+            break
+        count, low, high = count + 1, lo, hi
+    return count
+
+
+def prompt_array(ids) -> np.ndarray | None:
+    """The prompt's ids as a numpy integer array, None when they are not all plain integers."""
+    try:
+        array = np.asarray(ids)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return array if array.ndim == 1 and array.dtype.kind in "iu" else None
+
+
+def padded_prompts(jobs: list, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(padded (P, L) int32: the prompts left-padded with 0 to the longest one's padded length, the rows after the
+    jobs repeating row 0; starts (P,) int32: the column where each row's prompt begins). A job's prompt_array
+    (made by Batcher.check) stands for its prompt_ids."""
+    sizes = [len(job.prompt_ids) for job in jobs]
+    length = padded_length(max(sizes))
+    padded = np.zeros((rows, length), np.int32)
+    for j, job in enumerate(jobs):
+        padded[j, length - sizes[j]:] = job.prompt_ids if job.prompt_array is None else job.prompt_array
+    padded[len(jobs):] = padded[0]
+    starts = np.full((rows,), length - sizes[0], np.int32)
+    starts[:len(jobs)] = [length - size for size in sizes]
+    return padded, starts
+
+
+@functools.cache
+def _cpu_device():
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend: the default device
+        return None
+
+
+@jax.jit
+def _keys_of(seeds: jax.Array) -> jax.Array:
+    return jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """(n, 2) uint32: the key data of jax.random.key(seed) for each seed (a Python int is taken as int64, as
+    jax.random.key takes it), in one call on the host's CPU device: reading it never waits for a decode call in
+    flight on the accelerator."""
+    with jax.default_device(_cpu_device()):
+        return np.asarray(_keys_of(np.asarray(seeds, np.int64))).astype(np.uint32)
+
+
+def _pairs(pairs: list[tuple[int, int]], values: list[float] | None, rows: int):
+    """(row, id) pairs (and their values) padded with row `rows` (dropped) to a power of two, ENTRIES_PER_ROW x
+    rows at least."""
+    size = max(ENTRIES_PER_ROW * rows, 1 << max(len(pairs) - 1, 0).bit_length())
+    at = np.zeros((size, 2), np.int32)
+    at[:, 0] = rows
+    if pairs:
+        at[:len(pairs)] = pairs
+    if values is None:
+        return at
+    padded = np.zeros((size,), np.float32)
+    padded[:len(values)] = values
+    return at, padded
+
+
+def host_settings(jobs: list, rows: int, vocab: int) -> tuple:
+    """The numpy arguments of steps.row_settings for a group's P rows (the rows after the jobs repeat the first):
+    temperature, top_k, top_p (P,), keys (P, 2) uint32, logit-bias (row, id) pairs and values, stop (row, id) pairs
+    (stop ids outside [0, vocab) are left out)."""
+    picked = jobs + [jobs[0]] * (rows - len(jobs))
+    bias_at, bias, stop_at = [], [], []
+    for j, job in enumerate(picked):
+        if job.logit_bias:
+            bias_at.extend((j, token) for token in job.logit_bias)
+            bias.extend(job.logit_bias.values())
+        stop_at.extend((j, i) for i in job.stop_ids if 0 <= i < vocab)
+    temperature, top_k, top_p = draw_settings(picked, vocab)
+    return (np.asarray(temperature, np.float32), np.asarray(top_k, np.int32), np.asarray(top_p, np.float32),
+            seed_keys([job.seed for job in picked]), *_pairs(bias_at, bias, rows), _pairs(stop_at, None, rows))
+
+
+def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
+    """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of a prefill group's P rows on the device
+    (rows past the jobs repeat the first), sent there in one call."""
+    return steps.JITTED["settings"](vocab, *host_settings(jobs, rows, vocab))
+
+
+def prompt_scores(jobs: list, scores: list, length: int) -> None:
+    """Each job with prompt_logprobs gets its prompt_scores from the prefill chunks' host scores (log p, top ids,
+    top log-probs), each (P, C...), of prompts left-padded to `length`: None for the first token."""
+    for j, job in enumerate(jobs):
+        if job.prompt_logprobs:
+            logp, top_ids, top_lps = (np.concatenate([s[i][j] for s in scores]) for i in range(3))
+            pad = length - len(job.prompt_ids)
+            job.prompt_scores = [None] + [(float(logp[pad + t - 1]), top_ids[pad + t - 1].tolist(),
+                                           top_lps[pad + t - 1].tolist()) for t in range(1, len(job.prompt_ids))]

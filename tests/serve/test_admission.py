@@ -1,0 +1,140 @@
+"""The host's admission helpers (m1jax.serve.admission) against the per-request code they replace: the batched PRNG
+keys, the rows' settings scattered on the device, group selection, padded prompts; and the batched token intake
+(TokenOutput._accept_tokens) against one token at a time."""
+import numpy as np
+import pytest
+
+import jax
+
+from m1jax.serve import admission
+from m1jax.serve.job import Job, TokenOutput
+
+SEEDS = [0, 1, 7, 1234, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**40 + 3, 12345678901, -1, -2**31, -2**63,
+         2**63 - 1]
+
+
+def test_seed_keys_equal_each_seeds_key():
+    """One batched call gives every seed the key data of jax.random.key(seed) (so outputs do not change)."""
+    one_by_one = np.stack([np.asarray(jax.random.key_data(jax.random.key(seed))) for seed in SEEDS])
+    got = admission.seed_keys(SEEDS)
+    assert got.dtype == np.uint32 and got.shape == one_by_one.shape
+    np.testing.assert_array_equal(got, one_by_one)
+    np.testing.assert_array_equal(admission.seed_keys([np.int64(2**40 + 3), 1]), one_by_one[[8, 1]])
+    with pytest.raises(OverflowError):  # as jax.random.key(2**64 - 1) raises
+        admission.seed_keys([2**64 - 1])
+
+
+def dense_settings(jobs, rows, vocab):
+    """The slow twin: the per-row loops and one key_data call per row that admission.row_settings replaces."""
+    pick = lambda j: jobs[j] if j < len(jobs) else jobs[0]
+    bias = np.zeros((rows, vocab), np.float32)
+    stop = np.zeros((rows, vocab), bool)
+    for j in range(rows):
+        for token, value in (pick(j).logit_bias or {}).items():
+            bias[j, token] = value
+        stop[j, [i for i in pick(j).stop_ids if 0 <= i < vocab]] = True
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(pick(j).seed))) for j in range(rows)])
+    temperature = np.asarray([pick(j).temperature for j in range(rows)], np.float32)
+    top_k = np.asarray([pick(j).top_k or vocab for j in range(rows)], np.int32)
+    top_p = np.asarray([1.0 if pick(j).top_p is None else pick(j).top_p for j in range(rows)], np.float32)
+    return temperature, top_k, top_p, bias, keys.astype(np.uint32), stop
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_row_settings_equal_the_dense_rows(rows, rng):
+    """Settings, logit biases and stop ids (out-of-range ones left out), rows past the jobs repeating the first,
+    scattered on the device, equal the dense rows built on the host; more pairs than ENTRIES_PER_ROW x P too."""
+    vocab = 97
+    jobs = [Job([1], 2, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop_ids=(0, 96, 97, -1),
+                logit_bias={5: 2.5, 96: -100.0, 0: 0.1})]
+    for j in range(1, rows - rows // 4):
+        bias = {int(t): float(rng.normal()) for t in rng.choice(vocab, 90 if j == 1 else int(rng.integers(0, 30)),
+                                                                      replace=False)}
+        jobs.append(Job([1], 2, temperature=float(j % 2), top_k=None if j % 3 else 7, seed=int(rng.integers(2**40)),
+                        stop_ids=tuple(int(i) for i in rng.integers(0, vocab, int(rng.integers(0, 4)))),
+                        logit_bias=bias or None))
+    got = jax.device_get(admission.row_settings(jobs, rows, vocab))
+    for name, a, b in zip(("temperature", "top_k", "top_p", "bias", "keys", "stop"), got,
+                          dense_settings(jobs, rows, vocab)):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_group_size_and_padded_prompts_equal_the_loops(rng):
+    """group_size takes what the per-request loop took (limit, solo, threshold, lengths within a factor 2), and
+    padded_prompts pads as before, from prompt_ids or from the checked prompt_array."""
+
+    def loop(waiting, limit):
+        padded_length = lambda job: -(-len(job.prompt_ids) // admission.BUCKET) * admission.BUCKET
+        jobs = []
+        for job in waiting:
+            if len(jobs) == limit or (jobs and (job.solo or jobs[0].solo)):
+                break
+            lengths = [padded_length(j) for j in jobs] + [padded_length(job)]
+            if job.expert_threshold != waiting[0].expert_threshold or max(lengths) > 2 * min(lengths):
+                break
+            jobs.append(job)
+        return len(jobs)
+
+    for _ in range(300):
+        waiting = [Job(rng.integers(0, 50, int(rng.integers(1, 90))).tolist(), 2,
+                       expert_threshold=None if rng.random() < 0.9 else 0.3) for _ in range(int(rng.integers(1, 12)))]
+        for job in waiting:
+            job.solo = bool(rng.random() < 0.05)
+        limit = int(rng.integers(1, 10))
+        count = admission.group_size(waiting, limit)
+        assert count == loop(waiting, limit)
+        jobs = waiting[:count]
+        rows = 1 << (count - 1).bit_length()
+        for job in jobs:
+            job.prompt_array = admission.prompt_array(job.prompt_ids).astype(np.int32) if rng.random() < 0.5 else None
+        padded, starts = admission.padded_prompts(jobs, rows)
+        length = max(-(-len(job.prompt_ids) // admission.BUCKET) * admission.BUCKET for job in jobs)
+        want = np.zeros((rows, length), np.int32)
+        for j in range(rows):
+            ids = jobs[j if j < count else 0].prompt_ids
+            want[j, length - len(ids):] = ids
+            assert starts[j] == length - len(ids)
+        np.testing.assert_array_equal(padded, want)
+        assert padded.dtype == starts.dtype == np.int32
+    assert admission.prompt_array([1, 2.5]) is None and admission.prompt_array([2**70]) is None
+    assert admission.prompt_array([True, 3]).tolist() == [1, 3]
+
+
+class Text(TokenOutput):
+    metrics = None
+
+    @staticmethod
+    def decode_text(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stop", [dict(), dict(stop_strings=("ld, 東",)), dict(stop_ids=(ord(","),)),
+                                  dict(stop_strings=("zz",), max_new=30)])
+def test_accept_tokens_equals_accept_one_by_one(stop, rng):
+    """Tokens taken a call's worth at a time give the same events, text, log-probs and end as one at a time."""
+    data = list("héllo wörld, 東京 → €uro. ".encode() * 3)
+    stop = dict(stop)
+    max_new = stop.pop("max_new", len(data))
+
+    def run(chunked):
+        events = []
+        job = Job([1], max_new, on_event=lambda kind, d: events.append((kind, dict(d))), **stop)
+        out, at, end = Text(), 0, None
+        while end is None and at < len(data):
+            n = int(rng.integers(1, 9)) if chunked else 1
+            tokens = data[at:at + n]
+            scores = [(float(t), [t], [0.0]) for t in tokens]
+            if chunked:
+                got = out._accept_tokens(job, tokens, scores)
+                end = None if got is None else at + got
+            elif out._accept(job, tokens[0], scores[0]):
+                end = at
+            at += n
+        out._finish(job, job.finish_reason)
+        return end, events, job.text, job.token_ids, job.logprobs, job.finish_reason
+
+    one = run(False)
+    assert one[0] is not None
+    for _ in range(3):
+        assert run(True) == one
