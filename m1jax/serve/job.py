@@ -1,4 +1,4 @@
-"""A generation request (`Job`), its rows' sampling settings on the device (`row_settings`, `sampling_mode`), and
+"""A generation request (`Job`), its rows' sampling settings (`draw_settings`, `sampling_mode`), and
 the way its drawn tokens become text and events (`TokenOutput`).
 
 Text is decoded incrementally (a window of a few tokens per new token, as vLLM does); the whole completion is decoded
@@ -12,8 +12,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from m1jax.inference.sampling import row_sampling
@@ -28,33 +26,6 @@ def draw_settings(jobs: list, vocab: int) -> tuple[list[float], list[int], list[
 def sampling_mode(jobs: list, vocab: int) -> str:
     """The decode step's sampling mode (m1jax.inference.sampling.row_sampling) for these jobs (None: a free slot)."""
     return row_sampling(*draw_settings([job for job in jobs if job is not None], vocab), vocab)
-
-
-def key_data(seed: int) -> np.ndarray:
-    """The key data of jax.random.key(seed), made on the host's CPU device: reading it back never waits for a decode
-    call in flight on the accelerator."""
-    try:
-        cpu = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # no CPU backend: the default device
-        cpu = None
-    with jax.default_device(cpu):
-        return np.asarray(jax.random.key_data(jax.random.key(seed)))
-
-
-def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
-    """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of a prefill group's P rows on the device
-    (rows past the jobs repeat the first)."""
-    pick = lambda j: jobs[j] if j < len(jobs) else jobs[0]
-    bias = np.zeros((rows, vocab), np.float32)
-    stop = np.zeros((rows, vocab), bool)
-    for j in range(rows):
-        for token, value in (pick(j).logit_bias or {}).items():
-            bias[j, token] = value
-        stop[j, [i for i in pick(j).stop_ids if 0 <= i < vocab]] = True
-    keys = np.stack([key_data(pick(j).seed) for j in range(rows)])
-    temperature, top_k, top_p = draw_settings([pick(j) for j in range(rows)], vocab)
-    return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32),
-            jnp.asarray(bias), jnp.asarray(keys.astype(np.uint32)), jnp.asarray(stop))
 
 
 class QueueFull(Exception):
