@@ -75,11 +75,17 @@ MODEL_KEYS = ("num_layers", "width", "heads", "head_dim", "compute_dtype")  # th
 
 
 def override(size: dict, items: list[str], lrs: str | None) -> dict:
-    """The size with recipe or model entries replaced (KEY=VALUE; pair_choices as 4+8, compute_dtype as float32 or
-    bfloat16) and, given, its learning rates."""
+    """The size with recipe or model entries or its seeds replaced (KEY=VALUE; pair_choices and seeds as 4+8,
+    compute_dtype as float32 or bfloat16) and, given, its learning rates."""
     size = dict(size, recipe=dict(size["recipe"]))
     for item in items:
         key, _, value = item.partition("=")
+        if key == "seeds" and value:
+            try:
+                size["seeds"] = tuple(int(v) for v in value.split("+"))
+            except ValueError:
+                raise SystemExit(f"--recipe {item!r}: seeds takes integers joined by +")
+            continue
         if key in MODEL_KEYS and value:
             if key == "compute_dtype" and value not in ("float32", "bfloat16"):
                 raise SystemExit(f"--recipe {item!r}: compute_dtype takes float32 or bfloat16")
@@ -89,7 +95,7 @@ def override(size: dict, items: list[str], lrs: str | None) -> dict:
             continue
         if key not in size["recipe"] or not value:
             raise SystemExit(f"--recipe {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{sorted(size['recipe']) + list(MODEL_KEYS)}")
+                             f"{sorted(size['recipe']) + list(MODEL_KEYS) + ['seeds']}")
         try:
             size["recipe"][key] = tuple(int(v) for v in value.split("+")) if key == "pair_choices" else int(value)
         except ValueError:
@@ -223,9 +229,9 @@ def main(argv=None):
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: the size's order)")
     parser.add_argument("--steps", type=int, default=None, help="override the size's training steps")
     parser.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an entry of the size's recipe or model (repeatable), e.g. seq_len=64 "
-                             "pair_choices=4+8 vocab=64 num_layers=2 width=64 compute_dtype=float32; give a fresh "
-                             "--out, since finished arms in --out are skipped")
+                        help="override an entry of the size's recipe or model, or its seeds (repeatable), e.g. "
+                             "seq_len=64 pair_choices=4+8 vocab=64 num_layers=2 width=64 compute_dtype=float32 "
+                             "seeds=0+1; give a fresh --out, since finished arms in --out are skipped")
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the size's)")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="stop training arms after this many seconds")
     parser.add_argument("--train-budget-s", type=float, default=None,

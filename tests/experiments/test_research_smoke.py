@@ -146,12 +146,13 @@ def test_hybrid_ablation_recipe_overrides(tmp_path):
     hybrid = load("hybrid_ablation_run_overrides", "hybrid_ablation", "run.py")
     path = hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "2", "--steps", "2",
                         "--recipe", "seq_len=16", "--recipe", "pair_choices=2+3", "--recipe", "vocab=32",
-                        "--recipe", "width=16", "--recipe", "compute_dtype=bfloat16", "--lrs", "2e-3"])
+                        "--recipe", "width=16", "--recipe", "compute_dtype=bfloat16", "--recipe", "seeds=3",
+                        "--lrs", "2e-3"])
     final = [json.loads(line) for line in open(path) if '"final"' in line][0]
     assert final["recipe"]["seq_len"] == 16 and tuple(final["recipe"]["pair_choices"]) == (2, 3)
     assert final["recipe"]["vocab"] == 32 and final["steps_done"] == 2 and set(final["lrs"]) == {2e-3}
     assert set(final["accuracy_by_pairs"]) == {"2", "3"}
-    assert final["width"] == 16 and final["compute_dtype"] == "bfloat16"
+    assert final["width"] == 16 and final["compute_dtype"] == "bfloat16" and final["seeds"] == [3]
     for bad, words in ((["--recipe", "seq_length=16"], "KEY one of"), (["--recipe", "pair_choices=4,8"], "joined by +"),
                        (["--recipe", "compute_dtype=fp8"], "float32 or bfloat16"),
                        (["--recipe", "num_layers=two"], "positive integer"),
