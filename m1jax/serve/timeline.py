@@ -269,8 +269,8 @@ def summary_table(s: dict, title: str) -> str:
     """The summary as a markdown table and a few lines."""
     wall = s["wall"] or 1e-9
     rows = [f"timeline {title}: wall {s['wall']:.3f} s, {s['turns']} turns, {s['decode_calls']} decode calls of K="
-            f"{s['k']} (mean occupancy {s['occupancy']} active rows / {s['slots']} slots, {s['useful_occupancy']} "
-            f"useful tokens / K x slots), {len(s['prefill_calls'])} prefill calls",
+            f"{s['k']} on {s['slots']} slots (mean share of slots active {s['occupancy']}, of K x slots drawing a "
+            f"useful token {s['useful_occupancy']}), {len(s['prefill_calls'])} prefill calls",
             "| category | seconds | share |", "|---|---|---|"]
     for name, seconds in s["categories"].items():
         rows.append(f"| {name} | {seconds:.4f} | {seconds / wall:.1%} |")
