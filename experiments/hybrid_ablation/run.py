@@ -52,11 +52,12 @@ SIZES = {
 }
 
 
-def make_arms(size: dict) -> dict[str, recall.Arm]:
-    """Names: "<n>" = n softmax layers of num_layers; "L-D<d>" = lightning only with head dim d (same H*D)."""
+def make_arms(size: dict, names=None) -> dict[str, recall.Arm]:
+    """Names: "<n>" = n softmax layers of num_layers; "L-D<d>" = lightning only with head dim d (same H*D). Only
+    the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm "8"."""
     layers, heads, dim = size["num_layers"], size["heads"], size["head_dim"]
     arms = {}
-    for name in size["arm_order"]:
+    for name in size["arm_order"] if names is None else names:
         if name.startswith("L-D"):
             d = int(name[3:])
             arms[name] = recall.Arm(name, layers, 0, heads * dim // d, d)
@@ -245,12 +246,15 @@ def main(argv=None):
         return report.write_all([args.report], args.results_dir)
     size = override(SIZES[args.size], args.recipe + ([f"steps={args.steps}"] if args.steps is not None else []),
                     args.lrs)
-    arms = make_arms(size)
     del MODES[:args.mode]
-    names = args.arms.split(",") if args.arms else list(arms)
-    unknown = [n for n in names if n not in arms]
+    names = args.arms.split(",") if args.arms else list(size["arm_order"])
+    unknown = [n for n in names if n not in size["arm_order"]]
     if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(arms)}")
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(size['arm_order'])}")
+    try:
+        arms = make_arms(size, names)
+    except ValueError as error:
+        raise SystemExit(f"--arms with --recipe num_layers={size['num_layers']}: {error}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"hybrid_{args.size}.jsonl")
     finished = done_arms(path)
