@@ -21,12 +21,13 @@
 # rounds; set ROUND:
 # - 1 and 2: worked long additions of 5-12 digits, whose fork is the carry decision after each "x+y"; round 1 starts
 #   at 40% sampled accuracy with 12 generation batches, round 2 at 22% with 50 batches and a sweep down to 1e-5;
-# - "countdown" (the newest, the default): countdown search traces (`--task countdown`), whose forks are the first
+# - "countdown" (the default): countdown search traces (`--task countdown`), whose forks are the first
 #   byte of each attempted step (`step_fork`: which numbers to combine) and the back-out `<` (`back_fork`); round 3
 #   of it: a 3.8M model started at 31% sampled accuracy, 110 generation batches, 3 paired seeds, the rates the sweep
 #   (1e-5, 3e-5, 1e-4) chose (3e-5 for all three), in which CISPO collapsed on every seed;
 # - "countdown-cispo-1e-5": the diagnostic beside it, CISPO at 1e-5 against the same DAPO and GRPO runs (seeds 0
-#   and 1, 100 batches); "countdown-2": round 2 (24 batches; round 1's tables are in the experiment's README).
+#   and 1, 100 batches); "countdown-1e-5": round 4, all three at 1e-5 (3 paired seeds, 96 batches; DAPO's token
+#   statistics from seed 2 only); "countdown-2": round 2 (24 batches; round 1's tables are in the experiment's README).
 # budget: 30 s
 
 # %%
@@ -39,8 +40,9 @@ import numpy as np
 ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 RESULTS = os.path.join(ROOT, "experiments", "results")
 ROUNDS = {1: "cispo_long_chains.json", 2: "cispo_long_chains_gpu2.json", "countdown": "cispo_countdown.json",
-          "countdown-cispo-1e-5": "cispo_countdown_cispo-lr1e-5.json", "countdown-2": "cispo_countdown_round2.json"}
-ROUND = "countdown"  # the newest (round 3); see ROUNDS for the others
+          "countdown-cispo-1e-5": "cispo_countdown_cispo-lr1e-5.json", "countdown-2": "cispo_countdown_round2.json",
+          "countdown-1e-5": "cispo_countdown_lr1e-5.json"}
+ROUND = "countdown"  # round 3; see ROUNDS for the others (round 4: "countdown-1e-5")
 with open(os.path.join(RESULTS, ROUNDS[ROUND])) as f:
     result = json.load(f)  # result["setup"] holds the same as the round's *_setup.json
 summary = result["summary"]
