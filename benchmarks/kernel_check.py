@@ -3,9 +3,14 @@
 The CPU tests run the kernels with interpret=True, which checks their logic but not what only the GPU compiler
 sees (tile shapes Triton refuses, shared-memory limits). This script compiles every public op on the card at
 lengths that are no multiple of any block, head dims 32/64/128, packed rows and empty expert groups, and compares
-with the slow twins in float32: forward, every gradient, decode. It prints one line per case and a table last.
+with the slow twins in float32: forward, every gradient, decode. It prints one line per case and a table last, and
+exits nonzero if a case failed.
 
-    PYTHONPATH=. python3 benchmarks/kernel_check.py [--out DIR]
+The "packed" kind checks cuDNN's packed-segment attention (`causal_attention` on packed rows: segment runs as
+cuDNN documents, the bias mask as the fallback) against XLA's dense float32 path, then times it against the old
+bias path and unmasked cuDNN at research-1b's attention shape (B=4, T=8192, 16 heads, 4 kv heads, D=128):
+
+    PYTHONPATH=. python3 benchmarks/kernel_check.py [--out DIR] [--kinds packed]
 """
 import argparse
 import json
@@ -108,11 +113,99 @@ def softmax_case(rng, batch, length, heads, kv_heads, dim):
     return {n: rel_err(x, y) for n, x, y in zip(("o", "dq", "dk", "dv"), res["auto"], res["dense"])}
 
 
+def packed_rows(rng, batch, length, docs, padding=True):
+    """(B, T) int32 segment ids: per row `docs` documents at random cuts (a different layout per row, 1-token
+    documents allowed), ids counting up from 1, and on odd rows trailing padding as id 0 (the task batches' layout)."""
+    rows = []
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length), size=docs - 1, replace=False))
+        if docs > 2:
+            cuts[1] = cuts[0] + 1  # a one-token document
+        row = np.searchsorted(cuts, np.arange(length), side="right") + 1
+        if padding and b % 2:
+            row[length - length // 7:] = 0
+        rows.append(row)
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def packed_case(rng, batch, length, heads, kv_heads, dim, seg, dispatch):
+    """cuDNN on packed rows (bf16) against XLA's dense float32 path: output, the three gradients of sum(o * do),
+    and the output at each document's first four tokens alone (where a boundary off by one would show). dispatch:
+    "cond" (causal_attention: the device-side check picks the packed call or the bias fallback), "direct" (the packed
+    call itself) or "contiguous" (causal_attention's unchecked packed call, as the inference prefill makes it)."""
+    from m1jax.layers.softmax_attention import causal_attention, packed_cudnn_attention, segment_runs
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32) for _ in range(2))
+    ct = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+
+    def attend(a, b, c, kind):
+        if kind == "dense":
+            return causal_attention(a, b, c, seg, impl="dense")
+        if kind == "direct":
+            return packed_cudnn_attention(a, b, c, *segment_runs(seg)[:2])
+        return causal_attention(a, b, c, seg, impl="cudnn", contiguous=kind == "contiguous")
+
+    res = {}
+    for kind, dtype in ((dispatch, jnp.bfloat16), ("dense", jnp.float32)):
+        args = tuple(x.astype(dtype) for x in (q, k, v))
+        loss = lambda a, b, c, i=kind: jnp.sum(attend(a, b, c, i).astype(jnp.float32) * ct)
+        out = jax.jit(lambda a, b, c, i=kind: attend(a, b, c, i))(*args)
+        res[kind] = (out,) + jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+    errs = {n: rel_err(x, y) for n, x, y in zip(("o", "dq", "dk", "dv"), res[dispatch], res["dense"])}
+    seg_np = np.asarray(seg)
+    starts = np.concatenate([np.ones((batch, 1), bool), seg_np[:, 1:] != seg_np[:, :-1]], axis=1)
+    near = np.zeros_like(starts)
+    for shift in range(4):  # a run's first four tokens (or fewer, in a shorter run)
+        near[:, shift:] |= starts[:, :length - shift]
+    errs["o_doc_starts"] = rel_err(np.asarray(res[dispatch][0], np.float32)[near], np.asarray(res["dense"][0])[near])
+    return errs
+
+
+def packed_timing(rng, batch, length, heads, kv_heads, dim, docs):
+    """Forward and forward+backward ms (median), and the gradient step's temporary GiB (XLA's count), of cuDNN on
+    packed rows: causal_attention's dispatch (the runs, the device-side check and the cond; and with contiguous=True,
+    no check), the packed call alone at a few slot counts S (its backward accumulators grow with S), the bias mask (the
+    path before) and unmasked cuDNN (one causal document per row: more work than 5 short documents)."""
+    from benchmarks.common import timed
+    from m1jax.layers.softmax_attention import (PACKED_MAX_RUNS, causal_attention, masked_attention,
+                                                packed_cudnn_attention, segment_runs)
+    seg = packed_rows(rng, batch, length, docs)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.bfloat16) for _ in range(2))
+    ct = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.bfloat16)
+    variants = {"causal_attention (cond)": lambda a, b, c: causal_attention(a, b, c, seg, impl="cudnn"),
+                "causal_attention (contiguous)": lambda a, b, c: causal_attention(a, b, c, seg, impl="cudnn",
+                                                                                  contiguous=True)}
+    if docs >= PACKED_MAX_RUNS:  # the packed call would cover only the first S runs: the dispatch alone is exact
+        variants.pop("causal_attention (contiguous)")
+    for slots in sorted({8, PACKED_MAX_RUNS, 64}):
+        if slots > docs:  # docs and, on odd rows, the padding
+            variants[f"packed call, S={slots}"] = (
+                lambda a, b, c, s=slots: packed_cudnn_attention(a, b, c, *segment_runs(seg, s)[:2]))
+    variants["bias mask (before)"] = lambda a, b, c: masked_attention(a, b, c, seg, "cudnn")
+    variants["no mask (1 document)"] = lambda a, b, c: causal_attention(a, b, c, None, impl="cudnn")
+    rows = []
+    for name, fn in variants.items():
+        fwd = jax.jit(fn)
+        step = jax.jit(jax.grad(lambda a, b, c, f=fn: jnp.sum(f(a, b, c).astype(jnp.float32) * ct), argnums=(0, 1, 2)))
+        try:
+            temp = step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes / 2 ** 30
+            times = [timed(f, q, k, v, reps=7, inner=5) * 1e3 for f in (fwd, step)]
+        except Exception as err:  # noqa: BLE001
+            print(f"packed timing {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            temp, times = float("nan"), [float("nan")] * 2
+        rows.append({"kind": "packed-timing", "variant": name, "shape": (batch, length, heads, kv_heads, dim),
+                     "docs_per_row": docs, "fwd_ms": times[0], "fwd_bwd_ms": times[1], "step_temp_gib": temp})
+        print(f"packed timing {name:29s} docs {docs:3d} fwd {times[0]:7.3f} ms  fwd+bwd {times[1]:7.3f} ms  "
+              f"temp {temp:6.2f} GiB", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--interpret", action="store_true", help="CPU smoke: tiny shapes in interpret mode")
-    parser.add_argument("--kinds", default="softmax,lightning,decode,grouped", help="which kernels to check")
+    parser.add_argument("--kinds", default="softmax,packed,lightning,decode,grouped", help="which kernels to check")
     args = parser.parse_args()
     kinds = set(args.kinds.split(","))
     global INTERPRET
@@ -141,6 +234,39 @@ def main():
                 errs = {"error": float("inf")}
                 print(f"softmax {b, t, h, kvh, d}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             record("softmax", (b, t, h, kvh, d, "packed"), "bfloat16", errs, 2e-2)
+    timings = []
+    if not args.interpret and "packed" in kinds:  # cuDNN's packed segments (GQA, uneven documents, 1-token ones)
+        from m1jax.layers.softmax_attention import PACKED_MAX_RUNS, packed_cudnn_supported, segment_runs
+        if not packed_cudnn_supported():  # the dispatch would silently take the bias path: say so, loudly
+            print(f"packed: cuDNN's packed layout is unsupported here (backend {jax.default_backend()}, devices "
+                  f"{jax.devices()}); causal_attention keeps the bias path. FAIL", flush=True)
+            record("packed", "unsupported", "bfloat16", {"unsupported": float("inf")}, 2e-2)
+        else:
+            cases = [  # (B, T, H, K, D), layout, dispatch; "returning" and "many" must take the bias fallback
+                ((2, 2048, 16, 4, 128), "5 docs", "cond"), ((2, 2048, 16, 4, 128), "5 docs", "direct"),
+                ((2, 2050, 8, 2, 64), "13 docs", "cond"), ((1, 1000, 8, 1, 128), "returning id", "cond"),
+                ((2, 1000, 4, 2, 64), f"{PACKED_MAX_RUNS + 1} docs", "cond"),
+                ((3, 1536, 8, 2, 128), "left padding", "contiguous")]
+            for (b, t, h, kvh, d), layout, dispatch in cases:
+                if layout == "left padding":
+                    seg = jnp.asarray(np.arange(t)[None, :] >= rng.integers(0, t // 2, (b, 1)), jnp.int32)
+                elif layout == "returning id":
+                    seg = packed_rows(rng, b, t, 4, padding=False)
+                    seg = jnp.where(seg == 4, 1, seg)  # the last document takes the first one's id
+                else:
+                    seg = packed_rows(rng, b, t, int(layout.split()[0]))
+                fits = bool(segment_runs(seg)[2])
+                print(f"packed {layout}: {'packed call' if fits else 'bias fallback'}", flush=True)
+                try:
+                    errs = packed_case(rng, b, t, h, kvh, d, seg, dispatch)
+                except Exception as err:  # noqa: BLE001
+                    errs = {"error": float("inf")}
+                    print(f"packed {b, t, h, kvh, d} {layout}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                record("packed", (b, t, h, kvh, d, layout, dispatch), "bfloat16", errs, 2e-2)
+            for docs in (5, 48):
+                timings += packed_timing(rng, 4, 8192, 16, 4, 128, docs)
+            for row in timings:
+                log.write(json.dumps(row) + "\n")
     # lengths that are no multiple of any block (the kernels mask a ragged tail: the last row of a batch is where an
     # unmasked access would run past the buffer); head dims 32/64/128; batch x short rows; packed rows; > 16K tokens
     # per row takes the sweep
@@ -166,8 +292,16 @@ def main():
     for r in rows:
         print(f"| {r['kind']} | {r['shape']} | {r['dtype']} | {max(r['errors'].values()):.2e} | {r['tol']:g} | "
               f"{'ok' if r['ok'] else 'FAIL'} |")
-    print(f"\n{sum(r['ok'] for r in rows)} passed, {sum(not r['ok'] for r in rows)} failed")
+    if timings:
+        print("\n| cuDNN on packed rows (B, T, H, K, D) | docs/row | variant | fwd ms | fwd+bwd ms | step temp GiB |\n"
+              "|---|---|---|---|---|---|")
+        for r in timings:
+            print(f"| {r['shape']} | {r['docs_per_row']} | {r['variant']} | {r['fwd_ms']:.3f} | "
+                  f"{r['fwd_bwd_ms']:.3f} | {r['step_temp_gib']:.2f} |")
+    failed = sum(not r["ok"] for r in rows)
+    print(f"\n{sum(r['ok'] for r in rows)} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

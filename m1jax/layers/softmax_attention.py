@@ -1,10 +1,15 @@
 """Softmax attention layer of M1: grouped-query attention with partial RoPE, no biases, no qk-norm, scale 1/sqrt(D).
 
-On GPU with bf16/fp16 activations it runs cuDNN's flash attention through
-`jax.nn.dot_product_attention(implementation="cudnn")` (packed rows pass their (B, 1, T, T) segment mask, which
-cuDNN applies as a bias); elsewhere XLA's dense implementation while its float32
-(B, H, T, T) scores stay under DENSE_SCORES_MAX_BYTES, and beyond that a blocked online-softmax path
-(`blocked_causal_attention`, FlashAttention's algorithm in plain JAX) whose memory grows linearly in T.
+On GPU with bf16/fp16 activations it runs cuDNN's flash attention. Packed rows (segment_ids) go in as cuDNN's
+packed-sequence layout where they can: each row's runs of equal id become documents, given by their lengths and
+start offsets (`segment_runs`), and cuDNN runs causal attention within each document, skipping the blocks between
+documents. That equals the segment mask (token i sees j <= i with equal id) exactly when no id comes back after
+another id in its row; a row with a returning id or with more than PACKED_MAX_RUNS runs sends the whole batch (a
+`lax.cond` on that device-side check) to `jax.nn.dot_product_attention(implementation="cudnn")` with the (B, 1, T, T)
+segment mask, which cuDNN applies as a bias (its backward is several times slower). Elsewhere XLA's dense
+implementation while its float32 (B, H, T, T) scores stay under DENSE_SCORES_MAX_BYTES, and beyond that a blocked
+online-softmax path (`blocked_causal_attention`, FlashAttention's algorithm in plain JAX) whose memory grows linearly
+in T.
 
 Inference keeps a key/value cache per layer, (B, K, S, D) for S cache slots. Every row of a batch writes slot
 `index` at the same step (prompts are left-padded); slots before a row's `start` hold padding. A query at slot i
@@ -13,6 +18,7 @@ key). The cache keeps (B, K, S, D) rather than (B, S, K, D): attention is then a
 leading axes, and a decode step reads the cache in place instead of transposing it.
 """
 import functools
+import inspect
 
 import flax.linen as nn
 import jax
@@ -26,12 +32,30 @@ from m1jax.layers.rope import apply_rope
 CACHE_BLOCK = 1024  # key slots per step of the blockwise (online-softmax) attention over a cache
 ATTENTION_BLOCK = 512  # query and key rows per step of the blocked (flash-style) causal attention
 DENSE_SCORES_MAX_BYTES = 2 ** 28  # above this many bytes of float32 scores (B, H, T, T), the blocked path is used
+# Documents (runs of equal segment id) per row that cuDNN's packed path describes; a row with more takes the bias path.
+# JAX gives cuDNN B * S sequences of up to T tokens each, so its backward holds float32 accumulators of about
+# 8 * S * B * T * H * D bytes (0.5 GiB per slot at B=4, T=8192, H=16, D=128: 8.2 GiB at S=16 against 1.1 GiB for the
+# bias path, measured on an H200) and its time grows ~0.04 ms per slot there; 16 slots take rows of up to 16
+# documents (e.g. 512-token ones at T=8192). Forward + backward there, 5 documents a row: 3.7 ms (8 slots), 6.0 ms
+# (64), against 16.4 ms with the bias and 8.0 ms for unmasked causal attention (benchmarks/RESULTS.md).
+PACKED_MAX_RUNS = 16
+PACKED_MIN_CUDNN = 90600  # cuDNN's packed layout: 9.6 or later (JAX's tests), on Hopper or later (JAX checks that)
+
+try:  # JAX-private: a JAX without cuDNN's packed layout keeps the bias path
+    from jax._src.cudnn import fused_attention_stablehlo as _cudnn
+    if not {"q_offsets", "kv_offsets", "q_seqlen", "kv_seqlen"} <= set(
+            inspect.signature(_cudnn.dot_product_attention).parameters) or not hasattr(_cudnn.MaskType,
+                                                                                      "PADDING_CAUSAL"):
+        _cudnn = None
+except (ImportError, AttributeError, TypeError, ValueError):
+    _cudnn = None
 
 
 def attention_impl(batch: int, length: int, heads: int, dtype, masked: bool, platform: str | None = None) -> str:
-    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16; a packing mask goes in as a bias, which cuDNN
-    takes for training only at an even length), "dense" (XLA's, builds the (B, H, T, T) scores), or "blocked"
-    (online softmax over key blocks, memory O(B H T D)) when the dense scores would exceed DENSE_SCORES_MAX_BYTES."""
+    """Which causal attention path runs: "cudnn" (GPU, bf16/fp16; packed rows at an even length only, as the bias
+    their packed-layout path falls back to is taken for training only at an even length), "dense" (XLA's, builds the
+    (B, H, T, T) scores), or "blocked" (online softmax over key blocks, memory O(B H T D)) when the dense scores would
+    exceed DENSE_SCORES_MAX_BYTES."""
     platform = platform or jax.default_backend()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not (masked and length % 2):
         return "cudnn"
@@ -43,22 +67,100 @@ def attention_workspace_bytes(impl: str, batch: int, length: int, heads: int, he
     """Bytes one softmax layer's attention needs beyond q, k, v and its output, forward and backward: the dense
     path holds four float32 (B, H, T, T) arrays (scores, probabilities and their gradients; XLA's CPU compilation
     of a gradient step measures exactly that); the blocked path a few (B, H, block, block) tiles and the float32
-    log-sum-exp and accumulators (B, H, T) / (B, H, T, D); cuDNN the log-sum-exp, plus with packed rows the
-    (B, 1, T, T) mask and the bf16 bias made of it."""
+    log-sum-exp and accumulators (B, H, T) / (B, H, T, D); cuDNN the log-sum-exp (B, H, T), plus with packed rows
+    both branches of the packed/bias choice (a `lax.cond` holds buffers for both): the packed path's statistics and
+    backward accumulators per document slot, float32 (S B, H, T) and about two (S B, T, H, D) for S = PACKED_MAX_RUNS
+    (XLA's compilation on an H200 measures that within 4%), and the bias path's (B, 1, T, T) mask and bf16 bias."""
     if impl == "dense":
         return 4 * batch * heads * length * length * 4
     if impl == "blocked":
         block = min(ATTENTION_BLOCK, length)
         return 4 * batch * heads * block * block * 4 + batch * heads * length * (2 + 2 * head_dim) * 4
-    return batch * heads * length * 4 + (3 * batch * length * length if masked else 0)
+    packed = PACKED_MAX_RUNS * batch * heads * length * (4 + 8 * head_dim) + 3 * batch * length * length
+    return batch * heads * length * 4 + (packed if masked else 0)
+
+
+def segment_runs(segment_ids: jax.Array, max_runs: int = PACKED_MAX_RUNS):
+    """cuDNN's packed-sequence description of packed rows. segment_ids: (B, T) int.
+
+    Each row's maximal runs of equal id are its documents, in order. Returns
+    seqlens (B, S) int32: run lengths, -1 in the slots after a row's last run (S = max_runs);
+    offsets (B, S + 1) int32: each run's first position within its row (0 first), -1 after the last run (the
+    extra last column is always -1: JAX's `fused_attention_stablehlo.dot_product_attention` takes (B, M) lengths
+    and (B, M + 1) offsets with -1 padding, and makes cuDNN's flat token offsets itself);
+    fits () bool: the description is exact, i.e. every row has at most S runs and no id in two runs of its row
+    (then "j <= i in the same run" equals the segment mask "j <= i with the same id"). Rows with more runs list
+    their first S, and fits is False.
+    """
+    if not isinstance(max_runs, int) or max_runs < 2:
+        raise ValueError(f"max_runs={max_runs!r}: cuDNN's packed layout needs an integer >= 2 (1 is no packing)")
+    batch, length = segment_ids.shape
+    seg = segment_ids.astype(jnp.int32)
+    change = seg[:, 1:] != seg[:, :-1]
+    first = jnp.concatenate([jnp.ones((batch, 1), bool), change], axis=1)  # a run starts here
+    last = jnp.concatenate([change, jnp.ones((batch, 1), bool)], axis=1)  # a run ends here
+    position = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    rows = jnp.arange(batch)[:, None]
+
+    def listed(flags):  # (B, S): the positions of each row's first S flags, -1 after
+        slot = jnp.where(flags, jnp.cumsum(flags, axis=1) - 1, max_runs)  # slot S and beyond: dropped
+        return jnp.full((batch, max_runs), -1, jnp.int32).at[rows, slot].set(position, mode="drop")
+
+    starts, ends = listed(first), listed(last)
+    valid = starts >= 0
+    seqlens = jnp.where(valid, ends - starts + 1, -1)
+    offsets = jnp.concatenate([starts, jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    ids = jnp.take_along_axis(seg, jnp.maximum(starts, 0), axis=1)  # each run's id
+    pairs = valid[:, :, None] & valid[:, None, :] & ~jnp.eye(max_runs, dtype=bool)
+    returning = jnp.any((ids[:, :, None] == ids[:, None, :]) & pairs)
+    fits = jnp.all(jnp.sum(first, axis=1) <= max_runs) & ~returning
+    return seqlens, offsets, fits
+
+
+@functools.cache
+def packed_cudnn_supported() -> bool:
+    """Whether cuDNN's packed layout can run here: JAX's private entry point is there, the default backend is a CUDA
+    GPU of compute capability 9.0 or later (JAX refuses the packed layout below Hopper) and cuDNN is >= 9.6."""
+    if _cudnn is None or jax.default_backend() != "gpu":
+        return False
+    try:
+        return _cudnn.check_cudnn_version() >= PACKED_MIN_CUDNN and _cudnn.check_compute_capability("9.0")
+    except Exception:  # noqa: BLE001 (a ROCm or unknown backend, no cuDNN: the bias path stays)
+        return False
+
+
+def packed_cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, seqlens: jax.Array,
+                           offsets: jax.Array) -> jax.Array:
+    """cuDNN flash attention, causal within each packed document. q: (B, T, H, D); k, v: (B, T, K, D), bf16/fp16;
+    seqlens (B, S), offsets (B, S + 1): `segment_runs` of the rows. Returns (B, T, H, D). Every position must lie
+    in some run (`segment_runs` covers the whole row), or its output is undefined."""
+    if _cudnn is None:
+        raise RuntimeError("cuDNN's packed layout needs jax._src.cudnn.fused_attention_stablehlo.dot_product_attention "
+                           "with q_offsets, missing from this JAX; call causal_attention, which takes the bias path")
+    return _cudnn.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
+                                        kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                        mask_type=_cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                     impl: str) -> jax.Array:
+    """XLA's dense path (impl "dense") or cuDNN with the segment mask as a (B, 1, T, T) bias (impl "cudnn")."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=q.shape[-1] ** -0.5,
+                                        implementation="cudnn" if impl == "cudnn" else None)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
-                     impl: str = "auto") -> jax.Array:
+                     impl: str = "auto", contiguous: bool = False) -> jax.Array:
     """q: (B, T, H, D); k, v: (B, T, K, D); segment_ids: (B, T) or None. Returns (B, T, H, D).
 
     Token i attends to tokens j <= i of its own segment (packed documents never see each other).
-    impl: "auto" (see `attention_impl`), "dense" or "blocked".
+    impl: "auto" (see `attention_impl`), "dense", "blocked" or "cudnn". With cuDNN and segment_ids, the packed layout
+    (`segment_runs`) runs when every row fits it, else the bias path: a `lax.cond` on a device-side check, decided
+    on the host instead for concrete segment_ids. contiguous=True is the caller's promise that every row has at most
+    PACKED_MAX_RUNS runs and no id in two runs (e.g. left padding, then one prompt): no check, no `lax.cond`.
     """
     batch, length, heads, _ = q.shape
     if impl == "auto":
@@ -66,12 +168,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if impl == "blocked":
         return blocked_causal_attention(q, k, v, segment_ids)
     if impl not in ("dense", "cudnn"):
-        raise ValueError(f"impl={impl!r}; use 'auto', 'dense' or 'blocked'")
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=q.shape[-1] ** -0.5,
-                                        implementation="cudnn" if impl == "cudnn" else None)
+        raise ValueError(f"impl={impl!r}; use 'auto', 'dense', 'blocked' or 'cudnn'")
+    if impl == "dense" or segment_ids is None or not packed_cudnn_supported():
+        return masked_attention(q, k, v, segment_ids, impl)
+    seqlens, offsets, fits = segment_runs(segment_ids, PACKED_MAX_RUNS)
+    if contiguous:
+        return packed_cudnn_attention(q, k, v, seqlens, offsets)
+    if not isinstance(fits, jax.core.Tracer):
+        return (packed_cudnn_attention(q, k, v, seqlens, offsets) if bool(fits)
+                else masked_attention(q, k, v, segment_ids, impl))
+    return jax.lax.cond(fits, lambda q, k, v, seg, n, o: packed_cudnn_attention(q, k, v, n, o),
+                        lambda q, k, v, seg, n, o: masked_attention(q, k, v, seg, "cudnn"),
+                        q, k, v, segment_ids, seqlens, offsets)
 
 
 # ----- blocked causal attention: online softmax forward, recomputing backward (FlashAttention's algorithm) -----
@@ -295,7 +403,8 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
     q: (B, T, H, D); k, v: (B, T, K, D); cache {"key", "value"}: (B, K, S, D). Returns (out, new cache).
     One token takes `decode_attention`. A first chunk (fresh: nothing written before it, index 0, known on the host:
     `Cache.fresh`) needs nothing from the cache and takes the causal path within itself, its left padding (slots
-    before each row's start) a segment of its own (cuDNN flash attention on GPU); other chunks the blockwise path.
+    before each row's start) a segment of its own (cuDNN flash attention on GPU, in its packed layout: two runs at
+    most, so `causal_attention(contiguous=True)` needs no check); other chunks the blockwise path.
     The choice is static: a `lax.cond` on the index would make XLA's GPU runtime read its predicate back to the
     host, so a prefill could not be queued behind a running decode call.
     """
@@ -309,7 +418,8 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
         out = decode_attention(q, key_cache, value_cache, index, start)
     elif fresh:  # real tokens see the real tokens before them, as in the cache (padding outputs are never read)
         real = (jnp.arange(length, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)
-        out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype), real).astype(q.dtype)
+        out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype), real,
+                               contiguous=True).astype(q.dtype)  # ids 0 then 1: at most two runs
     else:
         query_slots = index + jnp.arange(length, dtype=jnp.int32)
         out = blockwise_cache_attention(q, key_cache, value_cache, query_slots, start)
