@@ -29,6 +29,7 @@ per request, a "summary" line per run), and the summary of the runs at the top c
 decode call).
 """
 import argparse
+import json
 import os
 import threading
 import time
@@ -82,8 +83,9 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
     def client(mine):
         for prompt in mine:
             stamps = []
-            job = Job(prompt, output, on_event=lambda kind, data: stamps.append(time.perf_counter())
-                      if kind == "token" and data["token_id"] is not None else None, **ROUTING)
+            job = Job(prompt, output, on_event=lambda kind, data: stamps.extend([time.perf_counter()] *
+                                                                               len(data.get("token_ids", ()))),
+                      **ROUTING)  # one stamp per token; a decode call's tokens arrive in one event
             batcher.submit(job)
             job.done.wait()
             if job.error is not None:
@@ -142,11 +144,14 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
     async def client(http, mine):
         for prompt in mine:
             begin, stamps = time.perf_counter(), []
+            # logprobs 0: each chunk lists its tokens (a chunk carries a decode call's worth), one stamp per token
             async with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": output,
-                                                                    "temperature": 0, "stream": True}) as r:
+                                                                    "temperature": 0, "stream": True,
+                                                                    "logprobs": 0}) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and '"finish_reason": null' in line:
-                        stamps.append(time.perf_counter())
+                        now, lp = time.perf_counter(), json.loads(line[6:])["choices"][0]["logprobs"]
+                        stamps.extend([now] * (0 if lp is None else len(lp["tokens"])))
             ttft.append(stamps[0] - begin)
             itl.extend(np.diff(stamps).tolist())
             if len(stamps) > 1:

@@ -197,8 +197,8 @@ def target_engine(smoke: bool, trace: bool = True):
         rng = np.random.default_rng(seed)
         while not stop.is_set():
             job = Job(rng.integers(0, config.vocab_size, prompt).tolist(), output,
-                      on_event=lambda kind, data: stamps.append(time.perf_counter())
-                      if kind == "token" and data["token_id"] is not None else None)
+                      on_event=lambda kind, data: stamps.extend([time.perf_counter()] *
+                                                                len(data.get("token_ids", ()))))
             batcher.submit(job)
             job.done.wait()
     batcher.start_thread()

@@ -241,7 +241,7 @@ async def _seed_generate(server: Server, request: Request):
     async def events():
         try:
             async for _, kind, data in run.events():
-                if kind == "token" and data["text"]:
+                if kind == "tokens" and data["text"]:
                     yield _sse({"text": data["text"]})
             if job.error is not None:
                 yield _sse(ApiError(job.error_status, job.error, None, "server_error").body())
@@ -285,15 +285,11 @@ def _check_fit(server: Server, ids: list[int], max_tokens: int, field: str, what
                          f"{limit} tokens; shorten the {what} or lower {field}")
 
 
-def _completion_logprobs(server: Server, job: Job, n: int, echo: bool, prompt: list[int], offset0: int) -> dict:
+def _completion_logprobs(server: Server, token_ids: list[int], scores: list, n: int, offset: int = 0) -> dict:
+    """OpenAI completions `logprobs` of tokens (scores: (log-prob, top ids, top log-probs) or None each), n
+    alternatives; text_offset counts from `offset` (the characters before the first of them)."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    offset = offset0
-    entries = []
-    if echo:
-        scores = job.prompt_scores or [None] * len(prompt)
-        entries += [(t, s) for t, s in zip(prompt, scores)]
-    entries += list(zip(job.token_ids, job.logprobs))
-    for token, score in entries:
+    for token, score in zip(token_ids, scores):
         piece = server.token_text(token)
         tokens.append(piece)
         offsets.append(offset)
@@ -343,7 +339,9 @@ async def _completions(server: Server, request: Request):
     def choice(k: int, job: Job) -> dict:
         prompt = prompts[k // n]
         prefix = prompt_texts[k // n] if echo else ""
-        lp = None if logprobs is None else _completion_logprobs(server, job, logprobs, echo, prompt, 0)
+        scored = (prompt, job.prompt_scores or [None] * len(prompt)) if echo else ([], [])
+        lp = None if logprobs is None else _completion_logprobs(server, scored[0] + job.token_ids,
+                                                                scored[1] + job.logprobs, logprobs)
         return {"index": k, "text": prefix + job.text, "logprobs": lp,
                 "finish_reason": "stop" if job.finish_reason == "stop" else "length"}
 
@@ -360,16 +358,16 @@ async def _completions(server: Server, request: Request):
                 for k in range(len(jobs)):
                     yield _sse({**head, "choices": [{"index": k, "text": prompt_texts[k // n], "logprobs": None,
                                                      "finish_reason": None}]})
+            # text_offset so far, counted as the whole response counts it (token texts, the echoed prompt's first)
+            offsets = [sum(len(server.token_text(t)) for t in prompts[k // n]) if echo and logprobs is not None
+                       else 0 for k in range(len(jobs))]
             async for k, kind, data in run.events():
                 job = jobs[k]
-                if kind == "token" and (data["text"] or data["token_id"] is not None):
+                if kind == "tokens" and (data["text"] or data["token_ids"]):
                     lp = None
-                    if logprobs is not None and data["logprob"] is not None:
-                        score = data["logprob"]
-                        lp = {"tokens": [server.token_text(data["token_id"])], "token_logprobs": [score[0]],
-                              "top_logprobs": [{server.token_text(t): v for t, v in
-                                                zip(score[1][:logprobs], score[2][:logprobs])}],
-                              "text_offset": [0]}
+                    if logprobs is not None and data["token_ids"]:
+                        lp = _completion_logprobs(server, data["token_ids"], data["logprobs"], logprobs, offsets[k])
+                        offsets[k] += sum(map(len, lp["tokens"]))
                     yield _sse({**head, "choices": [{"index": k, "text": data["text"], "logprobs": lp,
                                                      "finish_reason": None}]})
                 elif kind == "done":
@@ -388,12 +386,13 @@ async def _completions(server: Server, request: Request):
 
 
 # ----- OpenAI chat -----
-def _chat_logprobs(server: Server, job: Job, n: int) -> dict:
+def _chat_logprobs(server: Server, token_ids: list[int], scores: list, n: int) -> dict:
+    """OpenAI chat `logprobs` of drawn tokens (scores: (log-prob, top ids, top log-probs) each), n alternatives."""
     def entry(token, lp):
         text = server.token_text(token)
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
     return {"content": [{**entry(t, s[0]), "top_logprobs": [entry(i, v) for i, v in zip(s[1][:n], s[2][:n])]}
-                        for t, s in zip(job.token_ids, job.logprobs)]}
+                        for t, s in zip(token_ids, scores)]}
 
 
 def chat_prompt(server: Server, body: dict) -> tuple[list[int], bool]:
@@ -457,7 +456,8 @@ async def _chat(server: Server, request: Request):
                 message["tool_calls"] = calls
             reason = "tool_calls" if calls else ("stop" if job.finish_reason == "stop" else "length")
             choices.append({"index": k, "message": message, "finish_reason": reason,
-                            "logprobs": _chat_logprobs(server, job, top) if want_logprobs else None})
+                            "logprobs": _chat_logprobs(server, job.token_ids, job.logprobs, top) if want_logprobs
+                            else None})
         server.metrics.observe_request(path, 200, len(ids))
         return {**head, "choices": choices, "usage": _usage(jobs, [ids] * n)}
 
@@ -491,14 +491,9 @@ async def _chat(server: Server, request: Request):
                 yield chunk(k, {"role": "assistant", "content": ""})
             async for k, kind, data in run.events():
                 job = jobs[k]
-                if kind == "token":
-                    if want_logprobs and data["logprob"] is not None:
-                        s = data["logprob"]
-                        entry = lambda t, v: {"token": server.token_text(t), "logprob": v,
-                                              "bytes": list(server.token_text(t).encode("utf-8"))}
-                        lp = {"content": [{**entry(data["token_id"], s[0]),
-                                           "top_logprobs": [entry(i, v) for i, v in zip(s[1][:top], s[2][:top])]}]}
-                        yield chunk(k, {}, None, lp)
+                if kind == "tokens":
+                    if want_logprobs and data["token_ids"]:
+                        yield chunk(k, {}, None, _chat_logprobs(server, data["token_ids"], data["logprobs"], top))
                     for piece in render(k, pieces(k, data["text"], False)):
                         yield piece
                 elif kind == "done":

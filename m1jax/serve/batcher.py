@@ -26,7 +26,8 @@ waits until the batch has drained (first come, first served).
 Text is decoded incrementally (`m1jax.serve.job.TokenOutput`, which the batcher extends).
 
 Requests come in through `submit` (a bounded queue: QueueFull when full) and go out through their `on_event`
-callback (called on the scheduler thread: "token" events, then one "done") and `Job.done` (a threading.Event).
+callback (called on the scheduler thread: "tokens" events, one per request per decode call, then one "done") and
+`Job.done` (a threading.Event).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """A generation request (`Job`), its rows' sampling settings (`draw_settings`, `sampling_mode`), and
 the way its drawn tokens become text and events (`TokenOutput`).
 
-Text is decoded incrementally (a window of a few tokens per new token, as vLLM does); the whole completion is decoded
-once, when the request ends. Stop ids end a request at the token; stop strings end it with the text cut before the
+Text is decoded incrementally (a window of a few tokens per run of new tokens, as vLLM does per token); the whole
+completion is decoded once, when the request ends. A run (a decode call's tokens of one request) is detokenized
+once and sent in one event. Stop ids end a request at the token; stop strings end it with the text cut before the
 string; text that could still grow into a stop string is held back from streaming.
 """
 from __future__ import annotations
@@ -26,6 +27,12 @@ def draw_settings(jobs: list, vocab: int) -> tuple[list[float], list[int], list[
 def sampling_mode(jobs: list, vocab: int) -> str:
     """The decode step's sampling mode (m1jax.inference.sampling.row_sampling) for these jobs (None: a free slot)."""
     return row_sampling(*draw_settings([job for job in jobs if job is not None], vocab), vocab)
+
+
+def stop_string_at(text: str, before: int, stops) -> int | None:
+    """Where the first stop string that `text` past position `before` completes begins (None: none does)."""
+    hits = [at for at in (text.find(stop, max(0, before - len(stop))) for stop in stops) if at >= 0]
+    return min(hits) if hits else None
 
 
 class QueueFull(Exception):
@@ -97,26 +104,68 @@ class TokenOutput:
         return self._accept_tokens(job, [token], [logprob]) is not None
 
     def _accept_tokens(self, job: Job, tokens: list[int], logprobs: list | None = None) -> int | None:
-        """Record drawn tokens in order (logprobs: one per token; None: None for each), emitting each one's new text,
-        up to the one that finishes the job (finish_reason set): returns its index, or None when the job goes on."""
+        """Record drawn tokens in order (logprobs: one per token; None: None for each), up to the one that finishes
+        the job (a stop id, a stop string, the length; finish_reason set): returns its index, or None when the job
+        goes on. The run's new text is decoded once and goes out in one "tokens" event: a decode call's K tokens
+        cost one detokenization and one event, not K. A run in whose new text a stop string completes is taken
+        again one token at a time (`_accept_each`, the slow twin), to end at the token that completes it; so is a
+        request's run with stop strings whose text ends in an incomplete character (held back whole, its text
+        could hide a stop string that a token before the tail completes)."""
+        ids = job.token_ids
+        first = len(ids)
+        n = min(len(tokens), job.max_new_tokens - first)
+        if n <= 0:
+            return None
+        stop_at = next((i for i, t in enumerate(tokens[:n]) if t in job.stop_ids), None) if job.stop_ids else None
+        if stop_at is not None:
+            n = stop_at + 1
+        saved = job.text, job.prefix_offset, job.read_offset
+        ids.extend(tokens[:n])
+        job.logprobs.extend([None] * n if logprobs is None else logprobs[:n])
+        before = len(job.text)
+        if stop_at is None:
+            job.text += self._new_text(job)
+        else:  # the final text: the completion without its stop id, decoded whole
+            job.text = self.decode_text(ids[:-1])
+        held = lambda: (stop_at is None and job.read_offset < len(ids)  # text held back: an incomplete character
+                        and self.decode_text(ids[job.prefix_offset:]).endswith("\ufffd"))
+        if job.stop_strings and (stop_string_at(job.text, before, job.stop_strings) is not None or held()):
+            del ids[first:], job.logprobs[first:]
+            job.text, job.prefix_offset, job.read_offset = saved
+            return self._accept_each(job, tokens[:n], logprobs)
+        if stop_at is not None:
+            job.finish_reason = "stop"
+            self._emit(job, first, final=True)
+            return stop_at
+        if len(ids) >= job.max_new_tokens:
+            job.finish_reason = "length"
+            self._end_text(job, ids, first)
+            return n - 1
+        self._emit(job, first, final=False)
+        return None
+
+    def _accept_each(self, job: Job, tokens: list[int], logprobs: list | None = None) -> int | None:
+        """`_accept_tokens` one token at a time (an event and two detokenizations per token): the slow twin, and
+        the path of a run in which a stop string completes or may hide."""
         ids, scores, stop_ids = job.token_ids, job.logprobs, job.stop_ids
         for n, token in enumerate(tokens):
             ids.append(token)
             scores.append(None if logprobs is None else logprobs[n])
+            first = len(ids) - 1
             if token in stop_ids:
                 job.finish_reason = "stop"
-                self._end_text(job, ids[:-1])
+                self._end_text(job, ids[:-1], first)
                 return n
             before = len(job.text)
             job.text += self._new_text(job)
             if self._cut_at_stop(job, before):
-                self._emit(job, final=True)
+                self._emit(job, first, final=True)
                 return n
             if len(ids) >= job.max_new_tokens:
                 job.finish_reason = "length"
-                self._end_text(job, ids)
+                self._end_text(job, ids, first)
                 return n
-            self._emit(job, final=False)
+            self._emit(job, first, final=False)
         return None
 
     def _new_text(self, job: Job) -> str:
@@ -133,26 +182,26 @@ class TokenOutput:
 
     def _cut_at_stop(self, job: Job, before: int) -> bool:
         """End the job at the first stop string that the text past `before` completes (the text cut before it)."""
-        if not job.stop_strings:
+        at = stop_string_at(job.text, before, job.stop_strings)
+        if at is None:
             return False
-        hits = [at for at in (job.text.find(stop, max(0, before - len(stop))) for stop in job.stop_strings)
-                if at >= 0]
-        if not hits:
-            return False
-        job.text = job.text[:min(hits)]
+        job.text = job.text[:at]
         job.finish_reason = "stop"
         return True
 
-    def _end_text(self, job: Job, ids: list[int]) -> bool:
-        """The final text: the whole completion decoded once (with any incomplete tail), stop strings applied."""
+    def _end_text(self, job: Job, ids: list[int], first: int) -> bool:
+        """The final text: the whole completion decoded once (with any incomplete tail), stop strings applied; sent
+        with the tokens from index `first` on."""
         before = len(job.text)
         job.text = self.decode_text(ids)
         if self._cut_at_stop(job, before):
             job.finish_reason = "stop"
-        return self._emit(job, final=True)
+        return self._emit(job, first, final=True)
 
-    def _emit(self, job: Job, final: bool) -> bool:
-        """Send the text that can no longer change: held back is any tail that could grow into a stop string."""
+    def _emit(self, job: Job, first: int, final: bool) -> bool:
+        """Send the tokens from index `first` on and the text that can no longer change, in one "tokens" event
+        {"text", "token_ids", "logprobs", "step" (the index of the first of them)}: held back is any tail that could
+        grow into a stop string."""
         safe = job.text
         if not final:
             for stop in job.stop_strings:
@@ -161,13 +210,12 @@ class TokenOutput:
                         safe = safe[:-n]
                         break
         delta = safe[len(job.sent):] if safe.startswith(job.sent) else ""
-        step = len(job.token_ids) - 1
         if job.on_event is not None:
-            job.on_event("token", {"text": delta, "token_id": job.token_ids[-1], "logprob": job.logprobs[-1],
-                                   "step": step})
+            job.on_event("tokens", {"text": delta, "token_ids": job.token_ids[first:],
+                                    "logprobs": job.logprobs[first:], "step": first})
         job.sent += delta
         if self.metrics is not None:
-            self.metrics.observe_token(job)
+            self.metrics.observe_tokens(job, len(job.token_ids) - first)
         return final
 
     def _finish(self, job: Job, reason: str) -> None:
@@ -175,7 +223,7 @@ class TokenOutput:
         job.times["end"] = time.perf_counter()
         unsent = job.text.startswith(job.sent) and job.sent != job.text
         if reason != "cancelled" and unsent and job.on_event is not None:
-            job.on_event("token", {"text": job.text[len(job.sent):], "token_id": None, "logprob": None, "step": None})
+            job.on_event("tokens", {"text": job.text[len(job.sent):], "token_ids": [], "logprobs": [], "step": None})
             job.sent = job.text
         if job.on_event is not None:
             job.on_event("done", {})

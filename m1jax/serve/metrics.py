@@ -39,16 +39,22 @@ class Metrics:
         self.slots_busy.set(busy)
         self.occupancy.set(busy / total)
 
-    def observe_token(self, job) -> None:
-        """Called by the batcher for every drawn token of a job."""
+    def observe_tokens(self, job, count: int) -> None:
+        """Called by the batcher for each run of `count` drawn tokens of a job that it hands over at once (a decode
+        call's): the run's first token is timed from the job's arrival or its previous token, the others arrive
+        with it (inter-token latency 0)."""
+        if count <= 0:
+            return
         now = time.perf_counter()
         last = job.times.get("last_token")
         if last is None:
             self.ttft.observe(now - job.arrival)
         else:
             self.itl.observe(now - last)
+        for _ in range(count - 1):
+            self.itl.observe(0.0)
         job.times["last_token"] = now
-        self.generation_tokens.inc()
+        self.generation_tokens.inc(count)
 
     def observe_request(self, endpoint: str, status: int, prompt_tokens: int = 0) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

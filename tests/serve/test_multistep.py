@@ -133,12 +133,12 @@ def test_a_stop_string_in_the_middle_of_a_call_discards_the_rest(model_and_param
     assert stop_at is not None, probe
     events = []
     job = Job(prompt, new, temperature=1.0, seed=seed, stop_strings=(f"<{probe[stop_at]}>",),
-              on_event=lambda kind, data: events.append(data) if kind == "token" else None)
+              on_event=lambda kind, data: events.append(data) if kind == "tokens" else None)
     crowd = _run(_batcher(model, params), [job, Job(neighbour, new)])
     assert job.finish_reason == "stop" and job.token_ids == probe[:stop_at + 1]
     assert job.text == angle(probe[:stop_at])
     assert "".join(e["text"] for e in events) == job.text
-    assert [e["token_id"] for e in events if e["token_id"] is not None] == probe[:stop_at + 1]
+    assert [t for e in events for t in e["token_ids"]] == probe[:stop_at + 1]
     twin, alone = _run(_batcher(model, params), [Job(prompt, stop_at + 1, temperature=1.0, seed=seed),
                                                   Job(neighbour, new)])
     assert twin.token_ids == job.token_ids and twin.finish_reason == "length"
@@ -267,7 +267,7 @@ def test_incremental_text_decode(model_and_params):
     text = "héllo wörld, 東京 → €uro. " * 12
     data = list(text.encode())
     pieces = []
-    job = Job([1], len(data), on_event=lambda kind, d: pieces.append(d["text"]) if kind == "token" else None)
+    job = Job([1], len(data), on_event=lambda kind, d: pieces.append(d["text"]) if kind == "tokens" else None)
     assert not any(batcher._accept(job, token, None) for token in data[:-1])
     assert batcher._accept(job, data[-1], None) and job.finish_reason == "length"
     batcher._finish(job, job.finish_reason)
@@ -276,7 +276,7 @@ def test_incremental_text_decode(model_and_params):
     stop = "ld, 東京 → €u"
     pieces.clear()
     job = Job([1], len(data), stop_strings=(stop,), on_event=lambda kind, d: pieces.append(d["text"])
-              if kind == "token" else None)
+              if kind == "tokens" else None)
     end = next(t for t, token in enumerate(data) if batcher._accept(job, token, None))
     assert end == len(text[:text.index(stop) + len(stop)].encode()) - 1  # the token completing the string
     batcher._finish(job, job.finish_reason)

@@ -134,6 +134,29 @@ def test_openai_client_chat_completions_and_stream(live, client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
 
 
+def test_streamed_logprobs_equal_the_whole_response(live, client):
+    """A chunk carries a decode call's tokens: their log-probs, concatenated over the chunks, are the non-streamed
+    response's (chat: content entries; completions: tokens, log-probs, alternatives and text offsets)."""
+    messages = [{"role": "user", "content": "Count to ten"}]
+    whole = client.chat.completions.create(model="tiny-m1", messages=messages, max_tokens=9, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    chunks = list(client.chat.completions.create(model="tiny-m1", messages=messages, max_tokens=9, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in entries] == [e.model_dump() for e in whole.choices[0].logprobs.content]
+    assert len(entries) == whole.usage.completion_tokens > 0
+    for echo in (False, True):
+        body = dict(model="tiny-m1", prompt="Hello world", max_tokens=7, temperature=0, logprobs=2, echo=echo)
+        want = client.completions.create(**body).choices[0]
+        got = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+        pieces = [c.logprobs for c in got if c.logprobs is not None]
+        for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            joined = [x for p in pieces for x in getattr(p, field)]
+            assert joined == getattr(want.logprobs, field)[-len(joined):], field
+        assert len(pieces) and sum(len(p.tokens) for p in pieces) <= 7
+        assert "".join(c.text for c in got) == want.text
+
+
 def test_echo_logprobs_score_the_prompt(live, client, checkpoint):
     """lm-evaluation-harness's log-likelihood request: echo + logprobs with max_tokens 0 (and 1)."""
     url, server = live
