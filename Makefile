@@ -10,7 +10,7 @@ PY_CANDIDATES := python3.13 python3.12 python3 python \
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 REF_PY_CANDIDATES := python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python)
 
-.PHONY: demo test bench fixtures clean notebooks
+.PHONY: demo test bench card-wheels fixtures clean notebooks
 
 $(STAMP): setup.cfg pyproject.toml
 	@set -e; found=""; \
@@ -43,6 +43,15 @@ notebooks: $(STAMP)
 # GPU benchmarks (run on the device machine with its own python: `python3 benchmarks/NAME.py`)
 bench:
 	PYTHONPATH=. python3 benchmarks/lightning_attention.py
+
+# The GPU machine has no fastapi or uvicorn (nothing can be fetched there): `benchmarks/serve.py --http` needs them
+# carried as wheels. This downloads setup.cfg's pins and their needs into .whl/ (git-ignored); a device call names
+# .whl in its carry and starts with the install line printed last.
+card-wheels: $(STAMP)
+	rm -rf .whl; $(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$(grep -Eo '(fastapi|uvicorn|httpx)==[0-9.]+' setup.cfg)
+	@echo 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.'
 
 # Regenerate the parity fixtures with transformers in a separate Python 3.11 venv (never in .venv).
 fixtures:

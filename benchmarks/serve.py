@@ -11,7 +11,8 @@ at concurrency c there are max(2c, 8) requests in all.
   engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed),
                  once for each --decode-steps K (decode steps per device call; tokens reach the host every K steps)
   http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
-                 route, streamed, from asyncio clients on loopback
+                 route, streamed, from asyncio clients on loopback (the GPU machine lacks fastapi and uvicorn:
+                 `make card-wheels` here, carry .whl, and start the call with the install line it prints)
   static         m1jax.generate on 64 prompts at once (decode tokens/s of its jitted while-loop)
   transformers   MiniMaxForCausalLM (random weights, bf16) static batched generate on the same 64 requests; and
                  whether its continuous batching (`generate_batch`) accepts the model (it raised
