@@ -160,6 +160,11 @@ def test_dynamic_sampling_mask_reaches_the_update(setup, rng):
     metrics, moved = run_update(model, params, cache, loss_cfg, update_batch)
     np.testing.assert_allclose(metrics["objective"], want_loss, rtol=1e-5, atol=1e-6, equal_nan=False)
     assert_moved_by(moved, want_grads)
-    unmasked_loss, _ = twin_gradient(model, loss_cfg, params, plain, batch, batch["response_mask"])
-    assert abs(float(unmasked_loss) - float(want_loss)) > 1e-3 * abs(float(want_loss)), \
+    # Compared on the gradient: the loss gap is the kept rows' policy term x 7/18, which cancels to ~0 for some
+    # draws (~1 run in 500); the policy gradient does not (measured >= 0.37 * scale over 2600 draws).
+    _, unmasked_grads = twin_gradient(model, loss_cfg, params, plain, batch, batch["response_mask"])
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    gap = max(float(np.abs(a - b).max())
+              for a, b in zip(jax.tree.leaves(unmasked_grads), jax.tree.leaves(want_grads)))
+    assert gap > 1e-3 * scale, \
         "the dropped rows must change the token mean, or this test could not see the mask go missing"
