@@ -15,7 +15,6 @@ import os
 import numpy as np
 
 
-
 def finish_figure(fig, path):
     """Lay out `fig`; write it to `path` and close it, or, with path None, return it (the notebooks show it)."""
     import matplotlib.pyplot as plt
@@ -24,6 +23,7 @@ def finish_figure(fig, path):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
 
 def read_rows(paths) -> list[dict]:
     rows = []
@@ -34,6 +34,20 @@ def read_rows(paths) -> list[dict]:
             else:
                 rows += json.load(f)["raw"]
     return rows
+
+
+def matched_keys_at(curve: list[dict], member: int) -> int | None:
+    """The first evaluated step at which `member` matches keys: held-out recall at the row's smallest P above
+    (1 + 1/P) / 2, halfway from the "one of the row's values" level 1/P (reached without matching any key) to
+    100% (62.5% at P = 4). None if it never does. Key matching emerges as a jump whose timing varies from seed to
+    seed, so arms are compared by how many seeds reach it, not only by mean recall."""
+    for point in curve:
+        accuracy = point.get("accuracy")
+        if accuracy:
+            p = min(accuracy, key=int)
+            if accuracy[p][member] > (1 + 1 / int(p)) / 2:
+                return int(point["step"])
+    return None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -58,6 +72,7 @@ def summarize(rows: list[dict]) -> dict:
             "accuracy_by_pairs": {p: {"mean": float(acc[i, members].mean()), "std": float(acc[i, members].std()),
                                       "per_seed": acc[i, members].tolist()} for i, p in enumerate(pairs)},
             "final_loss_at_best_lr": float(np.mean(np.asarray(row["curve"][-1]["loss"])[members])),
+            "matched_keys_at": [matched_keys_at(row["curve"], int(m)) for m in np.flatnonzero(members)],
         }
     for row in rows:
         if row["kind"] != "length" or row["arm"] not in arms:
@@ -159,5 +174,7 @@ def write_all(paths, results_dir: str) -> dict:
     for name, arm in summary["arms"].items():
         cells = ", ".join(f"P={p}: {100 * v['mean']:.1f}±{100 * v['std']:.1f}%"
                           for p, v in arm["accuracy_by_pairs"].items())
-        print(f"{name:6s} lr {arm['best_lr']:g} steps {arm['steps']} loss {arm['final_loss_at_best_lr']:.3f} {cells}")
+        matched = [step for step in arm["matched_keys_at"] if step is not None]
+        print(f"{name:6s} lr {arm['best_lr']:g} steps {arm['steps']} loss {arm['final_loss_at_best_lr']:.3f} {cells}; "
+              f"keys matched on {len(matched)} of {len(arm['matched_keys_at'])} seeds (steps {matched})")
     return summary

@@ -138,7 +138,21 @@ def test_hybrid_ablation_cpu_smoke(tmp_path):
     hybrid.main(["--report", path, "--results-dir", str(results)])
     summary = json.loads((results / "hybrid_ablation_cpu.json").read_text())
     assert summary["summary"]["1"]["best_lr"] in (1e-3, 3e-3)
+    assert len(summary["summary"]["1"]["matched_keys_at"]) == 1  # one seed at the best rate
     assert (results / "hybrid_ablation_cpu.png").exists() and (results / "length_extrapolation_cpu.png").exists()
+
+
+def test_matched_keys_at_is_the_first_step_past_halfway_at_the_smallest_p():
+    """Key matching counts once recall at the smallest P passes (1 + 1/P) / 2: the 1/P level of a model that only
+    names one of the row's values never counts, however long it stays there."""
+    report = load("hybrid_ablation_report", "hybrid_ablation", "report.py")
+    curve = [{"step": 100, "loss": [5.0, 5.0]},  # no evaluation at this step
+             {"step": 300, "accuracy": {"8": [0.9, 0.12], "4": [0.26, 0.25]}},
+             {"step": 600, "accuracy": {"8": [0.9, 0.13], "4": [0.625, 0.27]}},  # 0.625 is the bar at P 4: not past
+             {"step": 900, "accuracy": {"8": [0.9, 0.14], "4": [0.63, 0.99]}}]
+    assert report.matched_keys_at(curve, 0) == 900 and report.matched_keys_at(curve, 1) == 900
+    assert report.matched_keys_at(curve[:3], 0) is None
+    assert report.matched_keys_at([{"step": 50, "accuracy": {"2": [0.76]}, "loss": [1.0]}], 0) == 50
 
 
 def test_hybrid_ablation_recipe_overrides(tmp_path):
