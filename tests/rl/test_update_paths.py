@@ -117,8 +117,13 @@ def current_logprobs(model, params, plain):
     return np.asarray(_plain_logprobs(model, params, plain))
 
 
+def grad_scale(grads) -> float:
+    """The largest entry of a gradient pytree: the scale its comparisons are made at."""
+    return max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+
+
 def assert_moved_by(moved, grads):
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+    scale = grad_scale(grads)
     assert scale > 1e-4, "a zero gradient would make this comparison vacuous"
     jax.tree.map(lambda m, g: np.testing.assert_allclose(m, g, rtol=2e-4, atol=1e-5 * scale, equal_nan=False),
                  moved, grads)
@@ -163,7 +168,7 @@ def test_dynamic_sampling_mask_reaches_the_update(setup, rng):
     # Compared on the gradient: the loss gap is the kept rows' policy term x 7/18, which cancels to ~0 for some
     # draws (~1 run in 500); the policy gradient does not (measured >= 0.37 * scale over 2600 draws).
     _, unmasked_grads = twin_gradient(model, loss_cfg, params, plain, batch, batch["response_mask"])
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    scale = grad_scale(want_grads)
     gap = max(float(np.abs(a - b).max())
               for a, b in zip(jax.tree.leaves(unmasked_grads), jax.tree.leaves(want_grads)))
     assert gap > 1e-3 * scale, \
