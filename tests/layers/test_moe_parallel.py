@@ -21,7 +21,9 @@ def assert_allclose(actual, desired, **tolerances):
     np.testing.assert_allclose(actual, desired, equal_nan=False, **tolerances)
 
 
-CAPACITY_POLICY = RunPolicy(capacity_factor=0.8, expert_threshold=0.1)
+# capacity ceil(0.25 * 72 * 3 / 8) = 7 calls per expert: 8 experts hold at most 56 of the >= 67 calls that the
+# unmasked tokens keep (each keeps its first choice), so calls are dropped on every draw
+CAPACITY_POLICY = RunPolicy(capacity_factor=0.25, expert_threshold=0.1)
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 8},
           {"data": 2, "fsdp": 2, "expert": 2}]
 
@@ -103,14 +105,15 @@ def capacity_problem(draw_seed):
     rng = np.random.default_rng(seed)
     cfg = M1Config.from_preset("tiny", num_experts=8, experts_per_token=3, expert_size=90)
     params, x = setup(rng, cfg, length=9)
-    # expert 0 a little favoured (+~13 logit): without it every expert stayed under capacity (no drop) about once in
-    # 1000 runs; with it >= 15 of 216 calls drop and the threshold still skips only some lower choices
-    params["params"]["gate"] = params["params"]["gate"].at[:, 0].add(0.2)
+    # a x10 router (not x20, nor one expert favoured): confident enough that the threshold skips choices (>= 6% of
+    # them over 3,000 draws), soft enough that >= 8 tokens keep two or more, so the gate's gradient is not ~0
+    # (a favoured expert left every token one choice of weight 1 on some draws: a gradient of pure rounding)
+    params["params"]["gate"] = params["params"]["gate"] * 0.5
     mask = jnp.ones((8, 9), bool).at[3, 4:].set(False)
     want = loss_and_grads(cfg, policy=CAPACITY_POLICY)(params, x, mask)
     stats = want[0][1][1]
     assert stats["dropped_fraction"] > 0 and stats["skipped_fraction"] > 0
-    assert stats["expert_calls"].max() <= expert_capacity(72, 3, 8, 0.8)
+    assert stats["expert_calls"].max() <= expert_capacity(72, 3, 8, CAPACITY_POLICY.capacity_factor)
     return seed, cfg, (params, x, mask), want
 
 
