@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -52,14 +53,23 @@ SIZES = {
 }
 
 
+ARM_NAME = re.compile(r"\d+|L-D\d+")
+
+
 def make_arms(size: dict, names=None) -> dict[str, recall.Arm]:
     """Names: "<n>" = n softmax layers of num_layers; "L-D<d>" = lightning only with head dim d (same H*D). Only
-    the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm "8"."""
+    the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm "8".
+    Raises ValueError for a name of neither form, or a d that does not divide H*D."""
     layers, heads, dim = size["num_layers"], size["heads"], size["head_dim"]
     arms = {}
     for name in size["arm_order"] if names is None else names:
+        if not ARM_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an arm: '<n>' (n softmax layers of {layers}) or 'L-D<d>' "
+                             f"(lightning only, head dim d), e.g. {','.join(size['arm_order'])}")
         if name.startswith("L-D"):
             d = int(name[3:])
+            if d == 0 or (heads * dim) % d:
+                raise ValueError(f"arm {name}: head dim {d} does not divide heads x head_dim = {heads * dim}")
             arms[name] = recall.Arm(name, layers, 0, heads * dim // d, d)
         else:
             arms[name] = recall.Arm(name, layers, int(name), heads, dim)
@@ -238,23 +248,24 @@ def main(argv=None):
     parser.add_argument("--train-budget-s", type=float, default=None,
                         help="per arm: shorten the planned steps (the cosine too) to fit this many seconds")
     parser.add_argument("--mode", type=int, default=0, help="start at this entry of MODES (0: vmap + Pallas)")
-    parser.add_argument("--report", default=None, help="a hybrid_*.jsonl: write summaries and figures, no training")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                        help="hybrid_*.jsonl files: write summaries and figures (populations pooled), no training")
     parser.add_argument("--results-dir", default=os.path.join(os.path.dirname(HERE), "results"))
     args = parser.parse_args(argv)
     if args.report:
         import report
-        return report.write_all([args.report], args.results_dir)
+        return report.write_all(args.report, args.results_dir)
     size = override(SIZES[args.size], args.recipe + ([f"steps={args.steps}"] if args.steps is not None else []),
                     args.lrs)
     del MODES[:args.mode]
     names = args.arms.split(",") if args.arms else list(size["arm_order"])
-    unknown = [n for n in names if n not in size["arm_order"]]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(size['arm_order'])}")
     try:
         arms = make_arms(size, names)
+        for arm in arms.values():
+            _ = arm.layer_types  # a softmax count that does not divide num_layers fails here, before any training
     except ValueError as error:
-        raise SystemExit(f"--arms with --recipe num_layers={size['num_layers']}: {error}")
+        raise SystemExit(f"--arms with num_layers={size['num_layers']}, heads={size['heads']}, "
+                         f"head_dim={size['head_dim']}: {error}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"hybrid_{args.size}.jsonl")
     finished = done_arms(path)

@@ -170,7 +170,8 @@ def test_hybrid_ablation_recipe_overrides(tmp_path):
     for bad, words in ((["--recipe", "seq_length=16"], "KEY one of"), (["--recipe", "pair_choices=4,8"], "joined by +"),
                        (["--recipe", "compute_dtype=fp8"], "float32 or bfloat16"),
                        (["--recipe", "num_layers=two"], "positive integer"),
-                       (["--lrs", "fast"], "comma-separated numbers")):
+                       (["--lrs", "fast"], "comma-separated numbers"), (["--arms", "L-D12"], "does not divide"),
+                       (["--arms", "softmax"], "is not an arm"), (["--arms", "3"], "must divide")):
         with pytest.raises(SystemExit, match=words):
             hybrid.main(["--size", "cpu", "--out", str(tmp_path / "bad"), *bad])
 
