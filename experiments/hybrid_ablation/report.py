@@ -1,10 +1,12 @@
 """Summaries and figures of the hybrid ablation and its length probe, from the raw rows run.py appends.
 
-    python experiments/hybrid_ablation/run.py --report runs/hybrid_ablation/hybrid_gpu.jsonl [--results-dir DIR]
+    python experiments/hybrid_ablation/run.py --report A.jsonl [B.jsonl ...] [--results-dir DIR]
 
 Fair tuning: an arm's best learning rate is the one with the highest held-out recall at the training length
 (mean over its seeds and over P); the arm is then reported at that rate, mean and standard deviation over seeds.
-Writes DIR/hybrid_ablation_<size>.json|png and DIR/length_extrapolation_<size>.json|png; the notebook
+Populations of one arm, depth and step plan in several files (other seeds) are pooled. Key matching is counted
+per arm and rate (`key_matching`). Writes DIR/hybrid_ablation_<size>.json|png, DIR/key_matching_<size>.png and
+DIR/length_extrapolation_<size>.json|png; the notebook
 notebooks/07_hybrid_ablation.py draws the same figures from the JSON.
 """
 from __future__ import annotations
@@ -50,42 +52,115 @@ def matched_keys_at(curve: list[dict], member: int) -> int | None:
     return None
 
 
-def summarize(rows: list[dict]) -> dict:
-    """{"arms": {name: summary}, "lengths": {name: {length: {group: {mean, std, per_seed}}}}}."""
-    arms, lengths = {}, {}
+def group_rows(rows: list[dict]) -> dict[str, dict]:
+    """Final rows of one arm, depth and step plan pooled into one group of members (populations run on different
+    seeds in several calls add up), each length row attached to the final row it follows (run.py appends them
+    right after it). The label is the arm's name, or "arm, L layers, S steps" when the rows hold several depths or
+    plans. Returns {label: {"finals": [rows], "lengths": {length: [rows, one per final row]}}}."""
+    def key(row):
+        return row["arm"], len(row["layer_types"]), row["steps_planned"]
+    finals = [r for r in rows if r["kind"] == "final"]
+    plans = {(len(r["layer_types"]), r["steps_planned"]) for r in finals}
+    groups, last = {}, {}
     for row in rows:
-        if row["kind"] != "final":
-            continue
-        lrs, by_pairs = np.asarray(row["lrs"]), row["accuracy_by_pairs"]
-        pairs = sorted(by_pairs, key=int)
-        acc = np.asarray([by_pairs[p] for p in pairs])  # (P values, members)
+        if row["kind"] == "final":
+            arm, layers, steps = key(row)
+            label = arm if len(plans) == 1 else f"{arm}, {layers} layers, {steps} steps"
+            groups.setdefault(label, {"finals": [], "lengths": {}})["finals"].append(row)
+            last[arm] = label
+        elif row["kind"] == "length" and row["arm"] in last:
+            groups[last[row["arm"]]]["lengths"].setdefault(row["length"], []).append(row)
+    return groups
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{"arms": {label: summary}, "lengths": {label: {length: {group: {mean, std, per_seed}}}}}, over the members
+    of each group_rows group (a length is kept only where every final row of the group has it)."""
+    arms, lengths = {}, {}
+    for label, group in group_rows(rows).items():
+        finals = group["finals"]
+        row = finals[0]
+        lrs = np.concatenate([r["lrs"] for r in finals])
+        pairs = sorted(row["accuracy_by_pairs"], key=int)
+        if any(sorted(r["accuracy_by_pairs"], key=int) != pairs for r in finals):
+            raise ValueError(f"arm {label}: its rows were evaluated at different P; report them separately")
+        acc = np.concatenate([np.asarray([r["accuracy_by_pairs"][p] for p in pairs]) for r in finals], axis=1)
         per_lr = {float(lr): float(acc[:, lrs == lr].mean()) for lr in np.unique(lrs)}
         best = max(per_lr, key=per_lr.get)
         members = lrs == best
-        arms[row["arm"]] = {
-            "layer_types": row["layer_types"], "softmax_layers": row["layer_types"].count("softmax"),
+        losses = np.concatenate([r["curve"][-1]["loss"] for r in finals])
+        matched = [matched_keys_at(r["curve"], m) for r in finals for m in range(len(r["lrs"]))]
+        arms[label] = {
+            "arm": row["arm"], "layer_types": row["layer_types"], "softmax_layers": row["layer_types"].count("softmax"),
             "heads": row["heads"], "head_dim": row["head_dim"], "state_floats": row["state_floats"],
-            "params": row["params"], "steps": row["steps_done"], "cut_short": row["cut_short"],
-            "train_seconds": row["train_seconds"], "recipe": row["recipe"], "device": row.get("device"),
-            "lightning_impl": row.get("lightning_impl"), "mean_accuracy_per_lr": per_lr, "best_lr": best,
-            "seeds": [int(s) for s in np.asarray(row["seeds"])[members]],
+            "params": row["params"], "steps": min(r["steps_done"] for r in finals),
+            "cut_short": any(r["cut_short"] for r in finals),
+            "train_seconds": sum(r["train_seconds"] for r in finals), "recipe": row["recipe"],
+            "device": row.get("device"), "lightning_impl": row.get("lightning_impl"), "mean_accuracy_per_lr": per_lr,
+            "best_lr": best, "seeds": [int(s) for s in np.concatenate([r["seeds"] for r in finals])[members]],
             "accuracy_by_pairs": {p: {"mean": float(acc[i, members].mean()), "std": float(acc[i, members].std()),
                                       "per_seed": acc[i, members].tolist()} for i, p in enumerate(pairs)},
-            "final_loss_at_best_lr": float(np.mean(np.asarray(row["curve"][-1]["loss"])[members])),
-            "matched_keys_at": [matched_keys_at(row["curve"], int(m)) for m in np.flatnonzero(members)],
+            "final_loss_at_best_lr": float(losses[members].mean()),
+            "matched_keys_at": [m for m, keep in zip(matched, members) if keep],
         }
-    for row in rows:
-        if row["kind"] != "length" or row["arm"] not in arms:
-            continue
-        final = next(r for r in rows if r["kind"] == "final" and r["arm"] == row["arm"])
-        members = np.asarray(final["lrs"]) == arms[row["arm"]]["best_lr"]
-        entry = lengths.setdefault(row["arm"], {})
-        entry[str(row["length"])] = {
-            group: {"mean": float(np.asarray(v)[members].mean()), "std": float(np.asarray(v)[members].std()),
-                    "per_seed": np.asarray(v)[members].tolist()}
-            for group, v in row["accuracy_by_group"].items()}
-        entry[str(row["length"])]["train_length"] = row["train_length"]
+        for length, length_rows in group["lengths"].items():
+            if len(length_rows) != len(finals):
+                continue
+            entry = lengths.setdefault(label, {})
+            entry[str(length)] = {
+                name: {"mean": float(v[members].mean()), "std": float(v[members].std()),
+                       "per_seed": v[members].tolist()}
+                for name in length_rows[0]["accuracy_by_group"]
+                for v in [np.concatenate([r["accuracy_by_group"][name] for r in length_rows])]}
+            entry[str(length)]["train_length"] = length_rows[0]["train_length"]
     return {"arms": arms, "lengths": lengths}
+
+
+def key_matching(rows: list[dict]) -> list[dict]:
+    """Per group of group_rows and learning rate: how many seeds matched keys, and at which steps. Emergence is a
+    seed-dependent jump, so this count, not the mean recall, is what compares arms."""
+    table = []
+    for label, group in group_rows(rows).items():
+        finals = group["finals"]
+        row = finals[0]
+        members = [(lr, seed, matched_keys_at(r["curve"], m)) for r in finals
+                   for m, (lr, seed) in enumerate(zip(r["lrs"], r["seeds"]))]
+        for lr in sorted({m[0] for m in members}):
+            at = [(seed, step) for m_lr, seed, step in members if m_lr == lr]
+            table.append({"label": label, "arm": row["arm"], "layers": len(row["layer_types"]),
+                          "softmax_layers": row["layer_types"].count("softmax"), "state_floats": row["state_floats"],
+                          "heads": row["heads"], "head_dim": row["head_dim"], "lr": float(lr),
+                          "steps": row["steps_planned"], "warmup": row["recipe"]["warmup"],
+                          "seeds": [s for s, _ in at], "matched_keys_at": [step for _, step in at],
+                          "matched": sum(step is not None for _, step in at)})
+    return table
+
+
+def plot_key_matching(table: list[dict], path: str | None, title: str):
+    """Bars: the share of seeds that matched keys per arm (one panel per depth and step plan), "k/n" above."""
+    import matplotlib.pyplot as plt
+    panels = sorted({(t["layers"], t["steps"]) for t in table})
+    cells_per_panel = [sum((t["layers"], t["steps"]) == panel for t in table) for panel in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 0.7 * sum(cells_per_panel), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": cells_per_panel})
+    for ax, (layers, steps) in zip(axes[0], panels):
+        cells = sorted((t for t in table if (t["layers"], t["steps"]) == (layers, steps)),
+                       key=lambda t: (t["softmax_layers"], -t["state_floats"], t["lr"]))
+        names = [(f"{t['softmax_layers']}/{layers} softmax" if t["softmax_layers"] else
+                  f"lightning {t['heads']}x{t['head_dim']}") + f"\nlr {t['lr']:g}" for t in cells]
+        shares = [t["matched"] / len(t["seeds"]) for t in cells]
+        bars = ax.bar(range(len(cells)), [100 * v for v in shares],
+                      color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in cells])
+        for bar, t in zip(bars, cells):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 2, f"{t['matched']}/{len(t['seeds'])}",
+                    ha="center", fontsize=8)
+        ax.set_xticks(range(len(cells)), names, fontsize=7, rotation=45, ha="right")
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("seeds that matched keys (%)")
+        ax.set_title(f"{layers} layers, {steps} steps", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=9)
+    return finish_figure(fig, path)
 
 
 def plot_hybrid(summary: dict, path: str, title: str):
@@ -97,6 +172,7 @@ def plot_hybrid(summary: dict, path: str, title: str):
         std = [100 * arm["accuracy_by_pairs"][p]["std"] for p in pairs]
         label = (f"{arm['softmax_layers']}/{len(arm['layer_types'])} softmax" if not name.startswith("L-")
                  else f"lightning only, D={arm['head_dim']}")
+        label += "" if name == arm.get("arm", name) else f", {len(arm['layer_types'])} layers, {arm['steps']} steps"
         left.errorbar([int(p) for p in pairs], mean, yerr=std, marker="o", capsize=3,
                       label=f"{label} (lr {arm['best_lr']:g})")
     recipe = next(iter(summary["arms"].values()))["recipe"]
@@ -108,12 +184,15 @@ def plot_hybrid(summary: dict, path: str, title: str):
     left.set_title(title, fontsize=9)
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
-    lightning = {n: a for n, a in summary["arms"].items() if a["softmax_layers"] == 0}
-    for p in sorted(next(iter(summary["arms"].values()))["accuracy_by_pairs"], key=int) if lightning else ():
-        xs = sorted(lightning.values(), key=lambda a: a["state_floats"])
-        right.errorbar([a["state_floats"] for a in xs], [100 * a["accuracy_by_pairs"][p]["mean"] for a in xs],
-                       yerr=[100 * a["accuracy_by_pairs"][p]["std"] for a in xs], marker="o", capsize=3,
-                       label=f"P={p}")
+    lightning = [a for a in summary["arms"].values() if a["softmax_layers"] == 0]
+    plans = sorted({(len(a["layer_types"]), a["steps"]) for a in lightning})
+    for layers, steps in plans:
+        xs = sorted((a for a in lightning if (len(a["layer_types"]), a["steps"]) == (layers, steps)),
+                    key=lambda a: a["state_floats"])
+        for p in sorted(xs[0]["accuracy_by_pairs"], key=int):
+            right.errorbar([a["state_floats"] for a in xs], [100 * a["accuracy_by_pairs"][p]["mean"] for a in xs],
+                           yerr=[100 * a["accuracy_by_pairs"][p]["std"] for a in xs], marker="o", capsize=3,
+                           label=f"P={p}" + (f", {layers} layers, {steps} steps" if len(plans) > 1 else ""))
     right.set_xscale("log", base=2)
     right.set_xlabel("lightning state per layer, H·D·D floats")
     right.set_ylabel("held-out recall (%)")
@@ -158,7 +237,8 @@ def write_all(paths, results_dir: str) -> dict:
     recipe = first["recipe"]
     title = (f"MQAR, T={recipe['seq_len']}, vocab {recipe['vocab']}, P per row from {recipe['pair_choices']}, "
              f"{first['steps']} steps, {first.get('device')}")
-    hybrid = {"summary": summary["arms"], "raw": [r for r in rows if r["kind"] == "final"]}
+    table = key_matching(rows)
+    hybrid = {"summary": summary["arms"], "key_matching": table, "raw": [r for r in rows if r["kind"] == "final"]}
     with open(os.path.join(results_dir, f"hybrid_ablation_{size}.json"), "w") as f:
         json.dump(hybrid, f, indent=1)
     with open(os.path.join(results_dir, f"length_extrapolation_{size}.json"), "w") as f:
@@ -169,12 +249,16 @@ def write_all(paths, results_dir: str) -> dict:
         plot_hybrid(summary, os.path.join(results_dir, f"hybrid_ablation_{size}.png"), title)
         plot_lengths(summary, os.path.join(results_dir, f"length_extrapolation_{size}.png"),
                      f"trained at T={recipe['seq_len']}: recall at longer rows")
+        plot_key_matching(table, os.path.join(results_dir, f"key_matching_{size}.png"),
+                          f"MQAR, T={recipe['seq_len']}, P from {recipe['pair_choices']}: seeds whose recall at the "
+                          "smallest P passed (1 + 1/P) / 2")
     except ImportError:
         pass
     for name, arm in summary["arms"].items():
         cells = ", ".join(f"P={p}: {100 * v['mean']:.1f}±{100 * v['std']:.1f}%"
                           for p, v in arm["accuracy_by_pairs"].items())
-        matched = [step for step in arm["matched_keys_at"] if step is not None]
-        print(f"{name:6s} lr {arm['best_lr']:g} steps {arm['steps']} loss {arm['final_loss_at_best_lr']:.3f} {cells}; "
-              f"keys matched on {len(matched)} of {len(arm['matched_keys_at'])} seeds (steps {matched})")
+        print(f"{name:6s} lr {arm['best_lr']:g} steps {arm['steps']} loss {arm['final_loss_at_best_lr']:.3f} {cells}")
+    for t in table:
+        print(f"{t['label']:28s} lr {t['lr']:g}: keys matched on {t['matched']} of {len(t['seeds'])} seeds "
+              f"(steps {[s for s in t['matched_keys_at'] if s is not None]})")
     return summary

@@ -155,6 +155,42 @@ def test_matched_keys_at_is_the_first_step_past_halfway_at_the_smallest_p():
     assert report.matched_keys_at([{"step": 50, "accuracy": {"2": [0.76]}, "loss": [1.0]}], 0) == 50
 
 
+def test_report_pools_populations_of_one_arm_and_counts_key_matching():
+    """Rows of one arm, depth and step plan from several calls (other seeds) pool into one group; another depth is
+    its own group; each length row stays with the final row it follows; key matching is counted per rate."""
+    report = load("hybrid_ablation_report_pool", "hybrid_ablation", "report.py")
+
+    def final(arm, layers, lrs, seeds, p4):  # P-4 recall per member at the one evaluation, step 100
+        types = ["softmax"] * layers if arm == "8" else ["lightning"] * layers
+        return {"kind": "final", "arm": arm, "layer_types": types, "heads": 1, "head_dim": 64,
+                "state_floats": 0, "params": 1, "lrs": lrs, "seeds": seeds, "steps_done": 100,
+                "steps_planned": 100, "cut_short": False, "train_seconds": 1.0, "recipe": {"warmup": 5},
+                "accuracy_by_pairs": {"4": p4, "8": [0.1] * len(lrs)},
+                "curve": [{"step": 100, "loss": [1.0] * len(lrs), "accuracy": {"4": p4, "8": [0.1] * len(lrs)}}]}
+
+    def length(arm, values):
+        return {"kind": "length", "arm": arm, "length": 128, "train_length": 64,
+                "accuracy_by_group": {"needle": values}}
+
+    rows = [final("8", 8, [1e-3, 3e-3], [0, 0], [0.2, 0.9]), length("8", [0.0, 1.0]),
+            final("8", 8, [3e-3, 3e-3], [1, 2], [0.3, 0.95]), length("8", [0.5, 0.75]),
+            final("8", 2, [3e-3], [0], [0.99])]
+    summary = report.summarize(rows)
+    assert set(summary["arms"]) == {"8, 8 layers, 100 steps", "8, 2 layers, 100 steps"}
+    pooled = summary["arms"]["8, 8 layers, 100 steps"]
+    assert pooled["best_lr"] == 3e-3 and pooled["seeds"] == [0, 1, 2]
+    assert pooled["accuracy_by_pairs"]["4"]["per_seed"] == [0.9, 0.3, 0.95]
+    assert pooled["matched_keys_at"] == [100, None, 100]
+    assert summary["lengths"]["8, 8 layers, 100 steps"]["128"]["needle"]["per_seed"] == [1.0, 0.5, 0.75]
+    assert "8, 2 layers, 100 steps" not in summary["lengths"]  # its final row has no length row
+    table = {(t["label"], t["lr"]): t for t in report.key_matching(rows)}
+    assert table[("8, 8 layers, 100 steps", 3e-3)]["matched"] == 2
+    assert table[("8, 8 layers, 100 steps", 3e-3)]["seeds"] == [0, 1, 2]
+    assert table[("8, 8 layers, 100 steps", 1e-3)]["matched"] == 0
+    assert table[("8, 2 layers, 100 steps", 3e-3)]["matched_keys_at"] == [100]
+    assert set(report.summarize(rows[:4])["arms"]) == {"8"}  # one depth and plan: the plain arm name
+
+
 def test_hybrid_ablation_recipe_overrides(tmp_path):
     """--recipe and --lrs replace the size's entries (recorded in the row); a bad key or value names the fix."""
     hybrid = load("hybrid_ablation_run_overrides", "hybrid_ablation", "run.py")
