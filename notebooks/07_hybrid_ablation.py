@@ -16,16 +16,15 @@
 # This notebook trains nothing: it loads the results files that the GPU runs of issue 15 wrote to
 # `experiments/results/` and draws them with the experiments' own plotting code.
 #
-# - `hybrid_ablation_gpu.json`: MQAR recall of 8-layer models with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers and
-#   lightning-only at a second head dim; a 3 learning rates x 3 seeds population per arm
-#   (`experiments/hybrid_ablation/run.py --size gpu`).
-# - `length_extrapolation_gpu.json`: the same trained models at 2x-32x their training length.
+# - `hybrid_ablation_gpu.json`: rounds 8-10 (2026-12-01) of `experiments/hybrid_ablation/run.py --size gpu`:
+#   MQAR with hidden answers (T 64, 4 or 8 pairs), 2- and 8-layer models of width 64 with one head of 64, arms with
+#   0, 1, 2, 4 or all softmax layers and lightning-only at three state sizes; each arm's seeds pooled over the calls.
+#   Its `key_matching` table counts the seeds whose recall jumped past the level of naming one of the row's values.
+# - `length_extrapolation_gpu.json`: the same trained models at 4x, 16x and 64x their training length.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
-# Read each figure with its experiment's README. The committed ablation and length figures are round 4's, whose rows
-# still showed each answer in the inputs: every arm sat at the level of naming the row's values not yet answered
-# (52.6 / 34.5 / 21.7 / 13.4% at P = 4 / 8 / 16 / 32), so they measure that shortcut, not the state; the task now
-# hides the answers and the next GPU round replaces these files.
+# Read each figure with its experiment's README. Key matching emerges as a seed-dependent jump, so the count of
+# seeds that reach it (first figure) is the comparison; means over seeds mix learned and stalled members.
 # budget: 30 s
 
 # %%
@@ -45,13 +44,22 @@ summary = {"arms": hybrid["summary"], "lengths": lengths["summary"]}
 for name, arm in summary["arms"].items():
     cells = ", ".join(f"P={p}: {100 * v['mean']:.2f}±{100 * v['std']:.2f}%"
                       for p, v in arm["accuracy_by_pairs"].items())
-    print(f"arm {name:6s} best lr {arm['best_lr']:<7g} steps {arm['steps']:4d} params {arm['params']:,} "
+    print(f"{name:28s} best lr {arm['best_lr']:<7g} steps {arm['steps']:4d} params {arm['params']:,} "
           f"state {arm['state_floats']:5d} floats | {cells}")
 
 # %% [markdown]
+# ## Seeds that matched keys, per arm, depth and learning rate
+
+# %%
+for t in hybrid["key_matching"]:
+    steps = [s for s in t["matched_keys_at"] if s is not None]
+    print(f"{t['label']:28s} lr {t['lr']:g}: {t['matched']} of {len(t['seeds'])} seeds (at steps {steps})")
+fig = report.plot_key_matching(hybrid["key_matching"], None, "MQAR, T=64, P from (4, 8): seeds that matched keys")
+
+# %% [markdown]
 # ## Recall against the number of pairs (left) and against the lightning state size (right)
-# The dotted line is chance (one of the value ids). Each point: the arm's best learning rate, mean ± sd over
-# 3 seeds.
+# The dotted line is chance (one of the value ids). Each point: the arm's best learning rate, mean ± sd over its
+# seeds (3-9): a mean of members that learned (~100%) and members that stalled at 1/P, so read it with the counts.
 
 # %%
 recipe = next(iter(summary["arms"].values()))["recipe"]
@@ -59,7 +67,7 @@ fig = report.plot_hybrid(summary, None, f"MQAR, T={recipe['seq_len']}, vocab {re
                                         f"P per row from {recipe['pair_choices']}")
 
 # %% [markdown]
-# ## Length extrapolation: recall at 2x, 8x and 32x the training length
+# ## Length extrapolation: recall at 4x, 16x and 64x the training length
 
 # %%
 fig = report.plot_lengths(summary, None, f"trained at T={recipe['seq_len']}")
