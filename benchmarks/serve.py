@@ -11,8 +11,10 @@ at concurrency c there are max(2c, 8) requests in all.
   engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed),
                  once for each --decode-steps K (decode steps per device call; tokens reach the host every K steps)
   http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
-                 route, streamed, from asyncio clients on loopback (the GPU machine lacks fastapi and uvicorn:
-                 `make card-wheels` here, carry .whl, and start the call with the install line it prints)
+                 route, streamed, from asyncio clients on loopback in a process of their own
+                 (benchmarks/http_load.py; before 2026-12-01 they shared the server's process). The GPU machine
+                 lacks fastapi and uvicorn: `make card-wheels` here, carry .whl, and start the call with the
+                 install line it prints.
   static         m1jax.generate on 64 prompts at once (decode tokens/s of its jitted while-loop)
   transformers   MiniMaxForCausalLM (random weights, bf16) static batched generate on the same 64 requests; and
                  whether its continuous batching (`generate_batch`) accepts the model (it raised
@@ -32,6 +34,9 @@ decode call).
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -42,6 +47,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import RunLog, config_for, policy_for, random_params, say  # noqa: E402
+from benchmarks.http_load import percentiles  # noqa: E402
 from m1jax import M1Config, M1ForCausalLM  # noqa: E402
 from m1jax.config import RunPolicy  # noqa: E402
 from m1jax.inference.generate import generate  # noqa: E402
@@ -60,13 +66,6 @@ RESULTS, record = LOG.rows, LOG
 
 def prompts_for(config: M1Config, count: int, length: int, seed: int = 1) -> list[list[int]]:
     return np.random.default_rng(seed).integers(0, config.vocab_size, (count, length)).tolist()
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None}
-    array = np.asarray(values) * 1e3
-    return {"p50": round(float(np.percentile(array, 50)), 3), "p99": round(float(np.percentile(array, 99)), 3)}
 
 
 # ----- ours: the batcher in-process -----
@@ -114,10 +113,8 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
 
 
 def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
-    """The same through HTTP (/v1/completions, streamed), when fastapi, uvicorn and httpx are installed."""
-    import asyncio
-
-    import httpx
+    """The same through HTTP (/v1/completions, streamed): the server in a thread here, the clients
+    (benchmarks/http_load.py) in a process of their own."""
     import uvicorn
 
     from m1jax.serve.app import Server, build_app
@@ -140,38 +137,20 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
     thread.start()
     while not web.started:
         time.sleep(0.05)
-    ttft, itl, tpot, tokens = [], [], [], [0]
-
-    async def client(http, mine):
-        for prompt in mine:
-            begin, stamps = time.perf_counter(), []
-            # logprobs 0: each chunk lists its tokens (a chunk carries a decode call's worth), one stamp per token
-            async with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": output,
-                                                                    "temperature": 0, "stream": True,
-                                                                    "logprobs": 0}) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {") and '"finish_reason": null' in line:
-                        now, lp = time.perf_counter(), json.loads(line[6:])["choices"][0]["logprobs"]
-                        stamps.extend([now] * (0 if lp is None else len(lp["tokens"])))
-            ttft.append(stamps[0] - begin)
-            itl.extend(np.diff(stamps).tolist())
-            if len(stamps) > 1:
-                tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-            tokens[0] += len(stamps)
-
-    async def main():
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                                     limits=httpx.Limits(max_connections=concurrency + 4)) as http:
-            await asyncio.gather(*[client(http, prompts[i::concurrency]) for i in range(concurrency)])
-
-    begin = time.perf_counter()
-    asyncio.run(main())
-    wall = time.perf_counter() - begin
-    web.should_exit = True
-    thread.join(10)
-    return {"requests": len(prompts), "output_tokens": tokens[0], "seconds": wall,
-            "output_tokens_per_s": tokens[0] / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
-            "tpot_ms": percentiles(tpot)}
+    try:  # the clients run in a process of their own, so they do not share the server's interpreter lock
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(prompts, f)
+        load = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                            "http_load.py"),
+                               "--url", f"http://127.0.0.1:{port}", "--prompts", f.name, "--max-tokens", str(output),
+                               "--concurrency", str(concurrency)], capture_output=True, text=True, timeout=1800)
+    finally:
+        os.unlink(f.name)
+        web.should_exit = True
+        thread.join(10)
+    if load.returncode != 0:
+        raise RuntimeError(f"benchmarks/http_load.py failed ({load.returncode}): {load.stderr[-2000:]}")
+    return json.loads(load.stdout.strip().splitlines()[-1])
 
 
 def section_ours(size: dict, config: M1Config, policy: RunPolicy, params, http: bool, decode_steps: list[int],
