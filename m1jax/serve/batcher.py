@@ -14,8 +14,9 @@ Each turn of the loop does, in order:
      and the previous call's tokens go to their requests (stop strings, streaming); slots of ended requests are
      freed. A request ended on the host (a stop string) was drawn for in the call already launched too: those
      tokens are discarded, and their routing counts taken back. No call is launched when admission moved this turn
-     and the requests coming in are at least as many as the rows decoding: a wave of requests then enters in
-     prefill calls back to back and decodes in step.
+     and the requests coming in are at least as many as the rows decoding, or any come in while no row has been
+     in a decode call yet: a wave of requests, its late arrivals included, then enters in prefill calls back to
+     back and decodes in step (a late row joining one call later would need one more call for its last tokens).
 
 A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, groups have
 a power-of-two number of rows (a short group repeats its first prompt), so only a handful of step shapes are ever
@@ -308,7 +309,9 @@ class Batcher(TokenOutput):
         # no call in which every row has surely ended by its length (it would only hold back the next admissions),
         # nor one of a half-empty batch while a wave of requests is coming in (module docstring, step 3)
         live = sum(job is not None and self.drawn[b] < job.max_new_tokens for b, job in enumerate(self.active))
-        launched = live > 0 and not (self.admissions > admissions and self._coming() >= live)
+        fresh = all(self.drawn[b] == 1 for b, job in enumerate(self.active) if job is not None)  # none decoded yet
+        coming = self._coming() if self.admissions > admissions else 0
+        launched = live > 0 and not (coming >= live or (coming and fresh))
         if launched:
             self._launch()
         # keep one decode call in flight: read what came before it (first tokens of prefilled groups, decode calls)

@@ -119,6 +119,43 @@ def test_a_wave_of_requests_enters_before_the_first_decode_call(model_and_params
     late.run_until_idle()
 
 
+def test_late_arrivals_of_a_wave_join_before_its_first_decode_call(model_and_params, rng):
+    """Requests that arrive after the first group of a wave was admitted, fewer than the rows already in, still
+    enter before the first decode call while no row has decoded yet; once the batch has decoded, a late arrival
+    no longer holds a call back. Results equal the requests run one at a time."""
+    model, params = model_and_params
+    # the first group's prompts take two chunks of 32 (two turns), the late ones any length
+    prompts = [rng.integers(0, 512, int(n)).tolist() for n in [*rng.integers(33, 64, 4), *rng.integers(3, 30, 2)]]
+    lengths = rng.integers(2, 3 * DECODE_STEPS, 6).tolist()
+    batcher = _batcher(model, params)  # groups of PREFILL_BATCH (4) rows at most, 8 slots
+    launches = _count_launches(batcher)
+    jobs = [Job(p, n) for p, n in zip(prompts, lengths)]
+    for job in jobs[:PREFILL_BATCH]:
+        batcher.submit(job)
+    batcher._turn()  # the first group's first chunk
+    for job in jobs[PREFILL_BATCH:]:  # 2 late arrivals, fewer than the 4 rows about to enter
+        batcher.submit(job)
+    batcher._turn()  # its second chunk and the insert: 4 rows in, none decoded yet, 2 waiting
+    assert batcher.busy_slots == PREFILL_BATCH and launches == [], launches
+    batcher.run_until_idle()
+    assert launches[0] == len(jobs), launches
+    alone = [_run(_batcher(model, params), [Job(p, n)])[0].token_ids for p, n in zip(prompts, lengths)]
+    assert [job.token_ids for job in jobs] == alone
+
+    # rows that have decoded are not held back: 2 rows decoding, then a 2-chunk arrival (fewer than the rows in):
+    # the turn of its first chunk launches a call too
+    busy = _batcher(model, params)
+    busy_launches = _count_launches(busy)
+    for prompt in prompts[4:]:
+        busy.submit(Job(prompt, 8 * DECODE_STEPS))
+    busy._turn()
+    assert busy_launches == [2]
+    busy.submit(Job(prompts[0], 4))
+    busy._turn()
+    assert busy.prefilling is not None and busy.prefilling.chunk_index == 1 and busy_launches == [2, 2]
+    busy.run_until_idle()
+
+
 def test_a_stop_string_in_the_middle_of_a_call_discards_the_rest(model_and_params, rng):
     """The device draws K tokens per call, and the next call is launched before the host reads them; a stop string
     found on the host ends the request at its token: the tokens drawn after it (later in its call, and in the call
