@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m1jax.config import LIGHTNING, M1Config, RunPolicy, deepnorm_alpha, m1_schedule
+from m1jax.config import LIGHTNING, SOFTMAX, M1Config, RunPolicy, deepnorm_alpha, m1_schedule
 from m1jax.model import M1ForCausalLM
 
 FILLER = 0
@@ -128,15 +128,23 @@ def _needle_batch(key, batch, seq_len, vocab):
 # ----- models -----
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One architecture of the ablation: `softmax_layers` of `num_layers` (evenly spaced, last layer softmax)."""
+    """One architecture of the ablation: `softmax_layers` of `num_layers`, evenly spaced with the last layer
+    softmax (M1's schedule), or placed by `pattern`, one letter per layer from the first: S softmax, L lightning
+    (e.g. "SL": a softmax layer under a lightning one)."""
     name: str
     num_layers: int
     softmax_layers: int
     num_heads: int
     head_dim: int
+    pattern: str = ""
 
     @property
     def layer_types(self) -> tuple[str, ...]:
+        if self.pattern:
+            if len(self.pattern) != self.num_layers or set(self.pattern) - {"S", "L"}:
+                raise ValueError(f"arm {self.name}: pattern {self.pattern!r} needs one letter S or L for each of "
+                                 f"num_layers={self.num_layers} layers")
+            return tuple(SOFTMAX if c == "S" else LIGHTNING for c in self.pattern)
         if self.softmax_layers == 0:
             return (LIGHTNING,) * self.num_layers
         if self.num_layers % self.softmax_layers:

@@ -53,19 +53,20 @@ def matched_keys_at(curve: list[dict], member: int) -> int | None:
 
 
 def group_rows(rows: list[dict]) -> dict[str, dict]:
-    """Final rows of one arm, depth and step plan pooled into one group of members (populations run on different
-    seeds in several calls add up), each length row attached to the final row it follows (run.py appends them
-    right after it). The label is the arm's name, or "arm, L layers, S steps" when the rows hold several depths or
-    plans. Returns {label: {"finals": [rows], "lengths": {length: [rows, one per final row]}}}."""
-    def key(row):
-        return row["arm"], len(row["layer_types"]), row["steps_planned"]
+    """Final rows of one arm, depth, step plan and training length pooled into one group of members (populations
+    run on different seeds in several calls add up), each length row attached to the final row it follows (run.py
+    appends them right after it). The label is the arm's name, or "arm, L layers, S steps" when the rows hold
+    several depths or plans (", T t" added when they hold several training lengths). Returns
+    {label: {"finals": [rows], "lengths": {length: [rows, one per final row]}}}."""
     finals = [r for r in rows if r["kind"] == "final"]
-    plans = {(len(r["layer_types"]), r["steps_planned"]) for r in finals}
+    plans = {(len(r["layer_types"]), r["steps_planned"], r["recipe"]["seq_len"]) for r in finals}
+    several_lengths = len({plan[2] for plan in plans}) > 1
     groups, last = {}, {}
     for row in rows:
         if row["kind"] == "final":
-            arm, layers, steps = key(row)
+            arm, layers, steps = row["arm"], len(row["layer_types"]), row["steps_planned"]
             label = arm if len(plans) == 1 else f"{arm}, {layers} layers, {steps} steps"
+            label += f", T {row['recipe']['seq_len']}" if several_lengths else ""
             groups.setdefault(label, {"finals": [], "lengths": {}})["finals"].append(row)
             last[arm] = label
         elif row["kind"] == "length" and row["arm"] in last:
@@ -116,6 +117,15 @@ def summarize(rows: list[dict]) -> dict:
     return {"arms": arms, "lengths": lengths}
 
 
+def arm_title(arm: str, layer_types: list[str], heads: int, head_dim: int) -> str:
+    """How figures name an arm: "k/L softmax" (M1's spacing), the layer order for an S/L pattern, or
+    "lightning HxD"."""
+    softmax = layer_types.count("softmax")
+    if arm and set(arm) <= {"S", "L"}:
+        return f"layers {arm}" + ("" if softmax else f" {heads}x{head_dim}")
+    return f"{softmax}/{len(layer_types)} softmax" if softmax else f"lightning {heads}x{head_dim}"
+
+
 def key_matching(rows: list[dict]) -> list[dict]:
     """Per group of group_rows and learning rate: how many seeds matched keys, and at which steps. Emergence is a
     seed-dependent jump, so this count, not the mean recall, is what compares arms."""
@@ -128,26 +138,29 @@ def key_matching(rows: list[dict]) -> list[dict]:
         for lr in sorted({m[0] for m in members}):
             at = [(seed, step) for m_lr, seed, step in members if m_lr == lr]
             table.append({"label": label, "arm": row["arm"], "layers": len(row["layer_types"]),
+                          "title": arm_title(row["arm"], row["layer_types"], row["heads"], row["head_dim"]),
                           "softmax_layers": row["layer_types"].count("softmax"), "state_floats": row["state_floats"],
                           "heads": row["heads"], "head_dim": row["head_dim"], "lr": float(lr),
                           "steps": row["steps_planned"], "warmup": row["recipe"]["warmup"],
+                          "seq_len": row["recipe"]["seq_len"],
                           "seeds": [s for s, _ in at], "matched_keys_at": [step for _, step in at],
                           "matched": sum(step is not None for _, step in at)})
     return table
 
 
 def plot_key_matching(table: list[dict], path: str | None, title: str):
-    """Bars: the share of seeds that matched keys per arm (one panel per depth and step plan), "k/n" above."""
+    """Bars: the share of seeds that matched keys per arm (a panel per depth, step plan and training length), "k/n"
+    above."""
     import matplotlib.pyplot as plt
-    panels = sorted({(t["layers"], t["steps"]) for t in table})
-    cells_per_panel = [sum((t["layers"], t["steps"]) == panel for t in table) for panel in panels]
+    panel_of = lambda t: (t["layers"], t["steps"], t["seq_len"])  # noqa: E731
+    panels = sorted({panel_of(t) for t in table})
+    cells_per_panel = [sum(panel_of(t) == panel for t in table) for panel in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(2 + 0.7 * sum(cells_per_panel), 4.2), squeeze=False,
                              gridspec_kw={"width_ratios": cells_per_panel})
-    for ax, (layers, steps) in zip(axes[0], panels):
-        cells = sorted((t for t in table if (t["layers"], t["steps"]) == (layers, steps)),
+    for ax, (layers, steps, seq_len) in zip(axes[0], panels):
+        cells = sorted((t for t in table if panel_of(t) == (layers, steps, seq_len)),
                        key=lambda t: (t["softmax_layers"], -t["state_floats"], t["lr"]))
-        names = [(f"{t['softmax_layers']}/{layers} softmax" if t["softmax_layers"] else
-                  f"lightning {t['heads']}x{t['head_dim']}") + f"\nlr {t['lr']:g}" for t in cells]
+        names = [t["title"] + f"\nlr {t['lr']:g}" for t in cells]
         shares = [t["matched"] / len(t["seeds"]) for t in cells]
         bars = ax.bar(range(len(cells)), [100 * v for v in shares],
                       color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in cells])
@@ -157,7 +170,7 @@ def plot_key_matching(table: list[dict], path: str | None, title: str):
         ax.set_xticks(range(len(cells)), names, fontsize=7, rotation=45, ha="right")
         ax.set_ylim(0, 110)
         ax.set_ylabel("seeds that matched keys (%)")
-        ax.set_title(f"{layers} layers, {steps} steps", fontsize=9)
+        ax.set_title(f"{layers} layers, {steps} steps, T {seq_len}", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=9)
     return finish_figure(fig, path)
@@ -170,9 +183,8 @@ def plot_hybrid(summary: dict, path: str, title: str):
         pairs = sorted(arm["accuracy_by_pairs"], key=int)
         mean = [100 * arm["accuracy_by_pairs"][p]["mean"] for p in pairs]
         std = [100 * arm["accuracy_by_pairs"][p]["std"] for p in pairs]
-        label = (f"{arm['softmax_layers']}/{len(arm['layer_types'])} softmax" if not name.startswith("L-")
-                 else f"lightning only, D={arm['head_dim']}")
-        label += "" if name == arm.get("arm", name) else f", {len(arm['layer_types'])} layers, {arm['steps']} steps"
+        label = arm_title(arm["arm"], arm["layer_types"], arm["heads"], arm["head_dim"])
+        label += "" if name == arm["arm"] else name[len(arm["arm"]):]
         left.errorbar([int(p) for p in pairs], mean, yerr=std, marker="o", capsize=3,
                       label=f"{label} (lr {arm['best_lr']:g})")
     recipe = next(iter(summary["arms"].values()))["recipe"]

@@ -6,7 +6,8 @@
         --lrs 3e-3 --out DIR2    # a control: the size with recipe entries and rates replaced (recorded per row)
 
 Arms (same width, vocab, MLP, norms): 8 layers with 0, 1 (M1's 7:1), 2, 4, 8 softmax layers, and lightning-only
-at a second head dim (state H*D*D). Every arm trains a population of learning rates x seeds in one compiled loop
+at a second head dim (state H*D*D); any other order as letters, one per layer (S softmax, L lightning: "SL"
+puts softmax under lightning). Every arm trains a population of learning rates x seeds in one compiled loop
 (recall.Population) on MQAR with P pairs drawn per row (Zoology's regime: T=128, P in {4, 8, 16, 32}, 127 keys),
 then is evaluated at the training length per P, and at 2x..32x that length (MQAR with the same pairs spread over
 the row, and a needle) for the extrapolation probe. Raw rows are appended to DIR/hybrid_<size>.jsonl as they come;
@@ -53,20 +54,24 @@ SIZES = {
 }
 
 
-ARM_NAME = re.compile(r"\d+|L-D\d+")
+ARM_NAME = re.compile(r"\d+|L-D\d+|[SL]+")
 
 
 def make_arms(size: dict, names=None) -> dict[str, recall.Arm]:
-    """Names: "<n>" = n softmax layers of num_layers; "L-D<d>" = lightning only with head dim d (same H*D). Only
-    the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm "8".
-    Raises ValueError for a name of neither form, or a d that does not divide H*D."""
+    """Names: "<n>" = n softmax layers of num_layers (M1's spacing); "L-D<d>" = lightning only with head dim d
+    (same H*D); a pattern of S and L, one letter per layer from the first (e.g. "SL": softmax under lightning).
+    Only the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm
+    "8". Raises ValueError for a name of no such form, or a d that does not divide H*D."""
     layers, heads, dim = size["num_layers"], size["heads"], size["head_dim"]
     arms = {}
     for name in size["arm_order"] if names is None else names:
         if not ARM_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not an arm: '<n>' (n softmax layers of {layers}) or 'L-D<d>' "
-                             f"(lightning only, head dim d), e.g. {','.join(size['arm_order'])}")
-        if name.startswith("L-D"):
+            raise ValueError(f"{name!r} is not an arm: '<n>' (n softmax layers of {layers}), 'L-D<d>' "
+                             f"(lightning only, head dim d) or {layers} letters S/L (the layers in order), e.g. "
+                             f"{','.join(size['arm_order'])}")
+        if name[0] in "SL" and name[1:2] != "-":
+            arms[name] = recall.Arm(name, layers, name.count("S"), heads, dim, pattern=name)
+        elif name.startswith("L-D"):
             d = int(name[3:])
             if d == 0 or (heads * dim) % d:
                 raise ValueError(f"arm {name}: head dim {d} does not divide heads x head_dim = {heads * dim}")

@@ -113,6 +113,9 @@ def test_schedule_and_arms():
     assert recall.Arm("1", 8, 1, 4, 32).layer_types == ("lightning",) * 7 + ("softmax",)
     assert recall.Arm("4", 8, 4, 4, 32).layer_types == ("lightning", "softmax") * 4
     assert recall.Arm("L", 8, 0, 2, 64).state_floats == 2 * 64 * 64
+    assert recall.Arm("SL", 2, 1, 1, 64, pattern="SL").layer_types == ("softmax", "lightning")
+    with pytest.raises(ValueError, match="one letter S or L for each of num_layers=2"):
+        _ = recall.Arm("SLL", 2, 1, 1, 64, pattern="SLL").layer_types
     with pytest.raises(ValueError, match="softmax_layers"):
         _ = recall.Arm("3", 8, 3, 4, 32).layer_types
 
@@ -156,15 +159,17 @@ def test_matched_keys_at_is_the_first_step_past_halfway_at_the_smallest_p():
 
 
 def test_report_pools_populations_of_one_arm_and_counts_key_matching():
-    """Rows of one arm, depth and step plan from several calls (other seeds) pool into one group; another depth is
-    its own group; each length row stays with the final row it follows; key matching is counted per rate."""
+    """Rows of one arm, depth, step plan and training length from several calls (other seeds) pool into one group;
+    another depth or length is its own group; each length row stays with the final row it follows; key matching is
+    counted per rate."""
     report = load("hybrid_ablation_report_pool", "hybrid_ablation", "report.py")
 
-    def final(arm, layers, lrs, seeds, p4):  # P-4 recall per member at the one evaluation, step 100
+    def final(arm, layers, lrs, seeds, p4, seq_len=64):  # P-4 recall per member at the one evaluation, step 100
         types = ["softmax"] * layers if arm == "8" else ["lightning"] * layers
         return {"kind": "final", "arm": arm, "layer_types": types, "heads": 1, "head_dim": 64,
                 "state_floats": 0, "params": 1, "lrs": lrs, "seeds": seeds, "steps_done": 100,
-                "steps_planned": 100, "cut_short": False, "train_seconds": 1.0, "recipe": {"warmup": 5},
+                "steps_planned": 100, "cut_short": False, "train_seconds": 1.0,
+                "recipe": {"warmup": 5, "seq_len": seq_len},
                 "accuracy_by_pairs": {"4": p4, "8": [0.1] * len(lrs)},
                 "curve": [{"step": 100, "loss": [1.0] * len(lrs), "accuracy": {"4": p4, "8": [0.1] * len(lrs)}}]}
 
@@ -189,12 +194,16 @@ def test_report_pools_populations_of_one_arm_and_counts_key_matching():
     assert table[("8, 8 layers, 100 steps", 1e-3)]["matched"] == 0
     assert table[("8, 2 layers, 100 steps", 3e-3)]["matched_keys_at"] == [100]
     assert set(report.summarize(rows[:4])["arms"]) == {"8"}  # one depth and plan: the plain arm name
+    longer = report.summarize(rows[:4] + [final("8", 8, [3e-3], [3], [0.25], seq_len=256)])["arms"]
+    assert set(longer) == {"8, 8 layers, 100 steps, T 64", "8, 8 layers, 100 steps, T 256"}
+    assert longer["8, 8 layers, 100 steps, T 64"]["seeds"] == [0, 1, 2]
 
 
 def test_hybrid_ablation_recipe_overrides(tmp_path):
-    """--recipe and --lrs replace the size's entries (recorded in the row); a bad key or value names the fix."""
+    """--recipe and --lrs replace the size's entries (recorded in the row), an S/L arm orders the layers as named;
+    a bad key or value names the fix."""
     hybrid = load("hybrid_ablation_run_overrides", "hybrid_ablation", "run.py")
-    path = hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "2", "--steps", "2",
+    path = hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "SL", "--steps", "2",
                         "--recipe", "seq_len=16", "--recipe", "pair_choices=2+3", "--recipe", "vocab=32",
                         "--recipe", "width=16", "--recipe", "compute_dtype=bfloat16", "--recipe", "seeds=3",
                         "--lrs", "2e-3"])
@@ -203,11 +212,13 @@ def test_hybrid_ablation_recipe_overrides(tmp_path):
     assert final["recipe"]["vocab"] == 32 and final["steps_done"] == 2 and set(final["lrs"]) == {2e-3}
     assert set(final["accuracy_by_pairs"]) == {"2", "3"}
     assert final["width"] == 16 and final["compute_dtype"] == "bfloat16" and final["seeds"] == [3]
+    assert final["layer_types"] == ["softmax", "lightning"]  # arm "SL": the layers in the order named
     for bad, words in ((["--recipe", "seq_length=16"], "KEY one of"), (["--recipe", "pair_choices=4,8"], "joined by +"),
                        (["--recipe", "compute_dtype=fp8"], "float32 or bfloat16"),
                        (["--recipe", "num_layers=two"], "positive integer"),
                        (["--lrs", "fast"], "comma-separated numbers"), (["--arms", "L-D12"], "does not divide"),
-                       (["--arms", "softmax"], "is not an arm"), (["--arms", "3"], "must divide")):
+                       (["--arms", "softmax"], "is not an arm"), (["--arms", "3"], "must divide"),
+                       (["--arms", "SLS"], "one letter S or L")):
         with pytest.raises(SystemExit, match=words):
             hybrid.main(["--size", "cpu", "--out", str(tmp_path / "bad"), *bad])
 
