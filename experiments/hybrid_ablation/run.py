@@ -132,12 +132,23 @@ def done_arms(path: str) -> set:
         return {json.loads(line)["arm"] for line in f if line.strip() and '"final"' in line}
 
 
+def probe_pairs(pair_choices, length: int, vocab: int) -> tuple[int, ...]:
+    """The P values of the length probe at `length`: the training's smallest and largest, then the largest doubled
+    while the row holds the pairs and their queries (4P <= length), and all the keys (vocab - 1) // 2 when they fit:
+    the capacity probe of models that learned, which asks for more pairs than any training row held."""
+    low, high, num_keys = min(pair_choices), max(pair_choices), (vocab - 1) // 2
+    values = [low, high]
+    while 4 * min(2 * values[-1], num_keys) <= length and values[-1] < num_keys:
+        values.append(min(2 * values[-1], num_keys))
+    return tuple(dict.fromkeys(values))
+
+
 def long_batch(seed: int, length: int, size: dict) -> tuple[dict, np.ndarray]:
-    """MQAR rows at the smallest and largest P spread over `length`, then needle rows: one (B, length) batch.
+    """MQAR rows at probe_pairs' P spread over `length`, then needle rows: one (B, length) batch.
     Returns (batch, group label per row: "mqar-P<p>" or "needle")."""
     recipe = size["recipe"]
     rows, vocab = size["long_rows"], recipe["vocab"]
-    pair_values = (min(recipe["pair_choices"]), max(recipe["pair_choices"]))
+    pair_values = probe_pairs(recipe["pair_choices"], length, vocab)
     mq = recall.eval_batch(seed + 1000 * length, pair_values, rows, length, vocab)
     nd = recall.needle_batch(jax.random.fold_in(jax.random.key(seed), 4 + length), 2 * rows, length, vocab)
     batch = {k: jnp.concatenate([mq[k], nd[k]]) for k in ("inputs", "targets", "mask")}

@@ -133,7 +133,7 @@ def test_hybrid_ablation_cpu_smoke(tmp_path):
     assert set(final[0]["accuracy_by_pairs"]) == {"2", "4", "8"}
     assert all(len(v) == 2 for v in final[0]["accuracy_by_pairs"].values())  # 2 LRs x 1 seed
     assert [r["length"] for r in lengths] == [64]
-    assert set(lengths[0]["accuracy_by_group"]) == {"mqar-P2", "mqar-P8", "needle"}
+    assert set(lengths[0]["accuracy_by_group"]) == {"mqar-P2", "mqar-P8", "mqar-P16", "needle"}  # 16: 2 x 8
     # a rerun resumes: the finished arm is skipped
     assert hybrid.main(["--size", "cpu", "--out", str(tmp_path), "--arms", "1"]) == path
     assert len(open(path).readlines()) == len(rows)
@@ -143,6 +143,14 @@ def test_hybrid_ablation_cpu_smoke(tmp_path):
     assert summary["summary"]["1"]["best_lr"] in (1e-3, 3e-3)
     assert len(summary["summary"]["1"]["matched_keys_at"]) == 1  # one seed at the best rate
     assert (results / "hybrid_ablation_cpu.png").exists() and (results / "length_extrapolation_cpu.png").exists()
+
+
+def test_length_probe_asks_for_more_pairs_while_the_row_and_the_keys_allow():
+    hybrid = load("hybrid_ablation_run_probe", "hybrid_ablation", "run.py")
+    assert hybrid.probe_pairs((4, 8, 16, 32), 128, 256) == (4, 32)  # 64 pairs need 256 tokens
+    assert hybrid.probe_pairs((4, 8, 16, 32), 256, 256) == (4, 32, 64)
+    assert hybrid.probe_pairs((4, 8, 16, 32), 1024, 256) == (4, 32, 64, 127)  # 127 keys in a vocab of 256
+    assert hybrid.probe_pairs((5,), 4096, 64) == (5, 10, 20, 31)
 
 
 def test_matched_keys_at_is_the_first_step_past_halfway_at_the_smallest_p():
