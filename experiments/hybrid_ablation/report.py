@@ -5,7 +5,8 @@
 Fair tuning: an arm's best learning rate is the one with the highest held-out recall at the training length
 (mean over its seeds and over P); the arm is then reported at that rate, mean and standard deviation over seeds.
 Populations of one arm, depth and step plan in several files (other seeds) are pooled. Key matching is counted
-per arm and rate (`key_matching`). Writes DIR/hybrid_ablation_<size>.json|png, DIR/key_matching_<size>.png and
+per arm and rate (`key_matching`), and the members that did are followed past the training P and length
+(`capacity`). Writes DIR/hybrid_ablation_<size>.json|png, DIR/key_matching_<size>.png, DIR/capacity_<size>.png and
 DIR/length_extrapolation_<size>.json|png; the notebook
 notebooks/07_hybrid_ablation.py draws the same figures from the JSON.
 """
@@ -52,23 +53,45 @@ def matched_keys_at(curve: list[dict], member: int) -> int | None:
     return None
 
 
+# what tells two populations of one arm apart: (name, how a label shows it, its value in a final row)
+PLAN_FIELDS = (
+    ("layers", "{} layers", lambda r: len(r["layer_types"])),
+    ("steps", "{} steps", lambda r: r["steps_planned"]),
+    ("seq_len", "T {}", lambda r: r["recipe"]["seq_len"]),
+    ("pairs", "P {}", lambda r: "+".join(str(p) for p in r["recipe"].get("pair_choices", ()))),
+    ("split", "{}", lambda r: f"{r['heads']}x{r['head_dim']}"),
+    ("rows", "{} rows", lambda r: r["recipe"].get("batch_size")),
+    ("width", "width {}", lambda r: r.get("width")),
+    ("warmup", "warmup {}", lambda r: r["recipe"]["warmup"]),
+    ("dtype", "{}", lambda r: r.get("compute_dtype")),
+)
+
+
+def plan_of(row: dict) -> dict:
+    return {name: value(row) for name, _, value in PLAN_FIELDS}
+
+
 def group_rows(rows: list[dict]) -> dict[str, dict]:
-    """Final rows of one arm, depth, step plan and training length pooled into one group of members (populations
-    run on different seeds in several calls add up), each length row attached to the final row it follows (run.py
-    appends them right after it). The label is the arm's name, or "arm, L layers, S steps" when the rows hold
-    several depths or plans (", T t" added when they hold several training lengths). Returns
-    {label: {"finals": [rows], "lengths": {length: [rows, one per final row]}}}."""
+    """Final rows of one arm and one plan (depth, steps, training length, P, head split, rows, width, warmup,
+    dtype) pooled into one group of members (populations run on different seeds in several calls add up), each
+    length row attached to the final row it follows (run.py appends them right after it). The label is the arm's
+    name followed by the plan entries that differ between populations of some arm, e.g. "8, 8 layers, 4000 steps"
+    when one arm ran at two depths. Returns {label: {"finals": [rows], "lengths": {length: [rows, one per final
+    row]}, "plan": {entry: text shown in the label}}}."""
     finals = [r for r in rows if r["kind"] == "final"]
-    plans = {(len(r["layer_types"]), r["steps_planned"], r["recipe"]["seq_len"]) for r in finals}
-    several_lengths = len({plan[2] for plan in plans}) > 1
+    plans_of_arm: dict[str, list] = {}
+    for row in finals:
+        plans_of_arm.setdefault(row["arm"], []).append(plan_of(row))
+    varying = [(name, form) for name, form, _ in PLAN_FIELDS
+               if any(len({plan[name] for plan in plans}) > 1 for plans in plans_of_arm.values())]
     groups, last = {}, {}
     for row in rows:
         if row["kind"] == "final":
-            arm, layers, steps = row["arm"], len(row["layer_types"]), row["steps_planned"]
-            label = arm if len(plans) == 1 else f"{arm}, {layers} layers, {steps} steps"
-            label += f", T {row['recipe']['seq_len']}" if several_lengths else ""
-            groups.setdefault(label, {"finals": [], "lengths": {}})["finals"].append(row)
-            last[arm] = label
+            plan = plan_of(row)
+            shown = {name: form.format(plan[name]) for name, form in varying}
+            label = ", ".join([row["arm"], *shown.values()])
+            groups.setdefault(label, {"finals": [], "lengths": {}, "plan": shown})["finals"].append(row)
+            last[row["arm"]] = label
         elif row["kind"] == "length" and row["arm"] in last:
             groups[last[row["arm"]]]["lengths"].setdefault(row["length"], []).append(row)
     return groups
@@ -112,9 +135,84 @@ def summarize(rows: list[dict]) -> dict:
                 name: {"mean": float(v[members].mean()), "std": float(v[members].std()),
                        "per_seed": v[members].tolist()}
                 for name in length_rows[0]["accuracy_by_group"]
+                if all(name in r["accuracy_by_group"] for r in length_rows)  # older rows probed fewer P
                 for v in [np.concatenate([r["accuracy_by_group"][name] for r in length_rows])]}
             entry[str(length)]["train_length"] = length_rows[0]["train_length"]
     return {"arms": arms, "lengths": lengths}
+
+
+def capacity(rows: list[dict]) -> dict:
+    """Recall of the members that matched keys, against P, at the training length and at each probe length (where
+    run.probe_pairs asked for more pairs than training held): {label: {"train_length", "state_floats", "head_dim",
+    "seeds" (those that matched), "recall": {length: {P: mean over them}}}} (a P over those whose probe asked for
+    it: populations run before the probe grew asked only the training's smallest and largest); groups with no such
+    member are left out. Averaging only learned members separates what a learned mechanism holds from whether it was learned."""
+    table = {}
+    for label, group in group_rows(rows).items():
+        finals = group["finals"]
+        learned = [(r, m) for r in finals for m in range(len(r["lrs"])) if matched_keys_at(r["curve"], m) is not None]
+        if not learned:
+            continue
+        first = finals[0]
+        train_length = first["recipe"]["seq_len"]
+        recall = {str(train_length): {p: float(np.mean([r["accuracy_by_pairs"][p][m] for r, m in learned]))
+                                      for p in first["accuracy_by_pairs"]}}
+        for length, length_rows in sorted(group["lengths"].items()):
+            if len(length_rows) != len(finals):
+                continue
+            probe = {id(r): row["accuracy_by_group"] for r, row in zip(finals, length_rows)}
+            names = sorted({name for row in length_rows for name in row["accuracy_by_group"]
+                            if name.startswith("mqar-P")}, key=lambda name: int(name[6:]))
+            recall[str(length)] = {name[6:]: float(np.mean([probe[id(r)][name][m] for r, m in learned
+                                                             if name in probe[id(r)]]))
+                                   for name in names if any(name in probe[id(r)] for r, _ in learned)}
+        table[label] = {"train_length": train_length, "state_floats": first["state_floats"],
+                        "head_dim": first["head_dim"], "layer_types": first["layer_types"],
+                        "seeds": [int(r["seeds"][m]) for r, m in learned], "members": sum(len(r["lrs"]) for r in finals),
+                        "recall": recall}
+    return table
+
+
+def probed_past_training(table: dict) -> dict:
+    """The groups of a capacity table whose probe asked for more pairs than their training held."""
+    return {label: entry for label, entry in table.items()
+            if max(int(p) for values in entry["recall"].values() for p in values)
+            > max(int(p) for p in entry["recall"][str(entry["train_length"])])}
+
+
+def plot_capacity(table: dict, path: str | None, title: str):
+    """One panel per evaluation length: recall of the learned members against P (log scale), a line per group whose
+    probe asked for more pairs than its training held (one colour per group in every panel, legend below); dotted
+    verticals at the lightning head dims D (a D x D state per head holds about D independent keys)."""
+    import matplotlib.pyplot as plt
+    probed = probed_past_training(table)
+    lengths = sorted({int(length) for entry in probed.values() for length in entry["recall"]})
+    fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(3.6 * max(len(lengths), 1), 4.4), squeeze=False)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(probed)}
+    dims = sorted({e["head_dim"] for e in probed.values() if e["state_floats"]})
+    for ax, length in zip(axes[0], lengths):
+        for label, entry in probed.items():
+            values = entry["recall"].get(str(length))
+            if values:
+                ps = sorted(values, key=int)
+                ax.plot([int(p) for p in ps], [100 * values[p] for p in ps], marker="o", color=colours[label],
+                        label=f"{label} ({len(entry['seeds'])}/{entry['members']} learned)")
+        for d in dims:
+            ax.axvline(d, color="gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("pairs P (dotted: lightning head dim)", fontsize=8)
+        ax.set_ylabel("recall (%), members that matched keys", fontsize=8)
+        ax.set_title(f"rows of {length} tokens", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) + 1) // 2), 1, 1))
+    if path:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
 
 
 def arm_title(arm: str, layer_types: list[str], heads: int, head_dim: int) -> str:
@@ -137,7 +235,7 @@ def key_matching(rows: list[dict]) -> list[dict]:
                    for m, (lr, seed) in enumerate(zip(r["lrs"], r["seeds"]))]
         for lr in sorted({m[0] for m in members}):
             at = [(seed, step) for m_lr, seed, step in members if m_lr == lr]
-            table.append({"label": label, "arm": row["arm"], "layers": len(row["layer_types"]),
+            table.append({"label": label, "arm": row["arm"], "layers": len(row["layer_types"]), "plan": group["plan"],
                           "title": arm_title(row["arm"], row["layer_types"], row["heads"], row["head_dim"]),
                           "softmax_layers": row["layer_types"].count("softmax"), "state_floats": row["state_floats"],
                           "heads": row["heads"], "head_dim": row["head_dim"], "lr": float(lr),
@@ -160,7 +258,9 @@ def plot_key_matching(table: list[dict], path: str | None, title: str):
     for ax, (layers, steps, seq_len) in zip(axes[0], panels):
         cells = sorted((t for t in table if panel_of(t) == (layers, steps, seq_len)),
                        key=lambda t: (t["softmax_layers"], -t["state_floats"], t["lr"]))
-        names = [t["title"] + f"\nlr {t['lr']:g}" for t in cells]
+        names = [", ".join([t["title"], *(v for k, v in t.get("plan", {}).items() if k not in ("layers", "steps",
+                                                                                             "seq_len"))])
+                 + f"\nlr {t['lr']:g}" for t in cells]
         shares = [t["matched"] / len(t["seeds"]) for t in cells]
         bars = ax.bar(range(len(cells)), [100 * v for v in shares],
                       color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in cells])
@@ -247,10 +347,14 @@ def write_all(paths, results_dir: str) -> dict:
     os.makedirs(results_dir, exist_ok=True)
     first = next(iter(summary["arms"].values()))
     recipe = first["recipe"]
-    title = (f"MQAR, T={recipe['seq_len']}, vocab {recipe['vocab']}, P per row from {recipe['pair_choices']}, "
-             f"{first['steps']} steps, {first.get('device')}")
+    one_task = len({(a["recipe"]["seq_len"], tuple(a["recipe"]["pair_choices"])) for a in summary["arms"].values()}) == 1
+    task = f"T={recipe['seq_len']}, P from {recipe['pair_choices']}" if one_task else "T and P per label"
+    title = (f"MQAR, {task}, vocab {recipe['vocab']}" + (f", {first['steps']} steps" if one_task else "")
+             + f", {first.get('device')}")
     table = key_matching(rows)
-    hybrid = {"summary": summary["arms"], "key_matching": table, "raw": [r for r in rows if r["kind"] == "final"]}
+    learned = capacity(rows)
+    hybrid = {"summary": summary["arms"], "key_matching": table, "capacity": learned,
+              "raw": [r for r in rows if r["kind"] == "final"]}
     with open(os.path.join(results_dir, f"hybrid_ablation_{size}.json"), "w") as f:
         json.dump(hybrid, f, indent=1)
     with open(os.path.join(results_dir, f"length_extrapolation_{size}.json"), "w") as f:
@@ -260,10 +364,13 @@ def write_all(paths, results_dir: str) -> dict:
         matplotlib.use("Agg")
         plot_hybrid(summary, os.path.join(results_dir, f"hybrid_ablation_{size}.png"), title)
         plot_lengths(summary, os.path.join(results_dir, f"length_extrapolation_{size}.png"),
-                     f"trained at T={recipe['seq_len']}: recall at longer rows")
+                     f"trained at T={recipe['seq_len']}: recall at longer rows" if one_task else
+                     "recall at longer rows (x: evaluation length / each group's training length)")
+        if probed_past_training(learned):
+            plot_capacity(learned, os.path.join(results_dir, f"capacity_{size}.png"),
+                          "MQAR recall of the members that matched keys, at and past the training length and P")
         plot_key_matching(table, os.path.join(results_dir, f"key_matching_{size}.png"),
-                          f"MQAR, T={recipe['seq_len']}, P from {recipe['pair_choices']}: seeds whose recall at the "
-                          "smallest P passed (1 + 1/P) / 2")
+                          f"MQAR, {task}: seeds whose recall at the smallest P passed (1 + 1/P) / 2")
     except ImportError:
         pass
     for name, arm in summary["arms"].items():

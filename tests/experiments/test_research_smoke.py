@@ -189,22 +189,34 @@ def test_report_pools_populations_of_one_arm_and_counts_key_matching():
             final("8", 8, [3e-3, 3e-3], [1, 2], [0.3, 0.95]), length("8", [0.5, 0.75]),
             final("8", 2, [3e-3], [0], [0.99])]
     summary = report.summarize(rows)
-    assert set(summary["arms"]) == {"8, 8 layers, 100 steps", "8, 2 layers, 100 steps"}
-    pooled = summary["arms"]["8, 8 layers, 100 steps"]
+    assert set(summary["arms"]) == {"8, 8 layers", "8, 2 layers"}
+    pooled = summary["arms"]["8, 8 layers"]
     assert pooled["best_lr"] == 3e-3 and pooled["seeds"] == [0, 1, 2]
     assert pooled["accuracy_by_pairs"]["4"]["per_seed"] == [0.9, 0.3, 0.95]
     assert pooled["matched_keys_at"] == [100, None, 100]
-    assert summary["lengths"]["8, 8 layers, 100 steps"]["128"]["needle"]["per_seed"] == [1.0, 0.5, 0.75]
-    assert "8, 2 layers, 100 steps" not in summary["lengths"]  # its final row has no length row
+    assert summary["lengths"]["8, 8 layers"]["128"]["needle"]["per_seed"] == [1.0, 0.5, 0.75]
+    assert "8, 2 layers" not in summary["lengths"]  # its final row has no length row
     table = {(t["label"], t["lr"]): t for t in report.key_matching(rows)}
-    assert table[("8, 8 layers, 100 steps", 3e-3)]["matched"] == 2
-    assert table[("8, 8 layers, 100 steps", 3e-3)]["seeds"] == [0, 1, 2]
-    assert table[("8, 8 layers, 100 steps", 1e-3)]["matched"] == 0
-    assert table[("8, 2 layers, 100 steps", 3e-3)]["matched_keys_at"] == [100]
+    assert table[("8, 8 layers", 3e-3)]["matched"] == 2
+    assert table[("8, 8 layers", 3e-3)]["seeds"] == [0, 1, 2]
+    assert table[("8, 8 layers", 1e-3)]["matched"] == 0
+    assert table[("8, 2 layers", 3e-3)]["matched_keys_at"] == [100]
     assert set(report.summarize(rows[:4])["arms"]) == {"8"}  # one depth and plan: the plain arm name
     longer = report.summarize(rows[:4] + [final("8", 8, [3e-3], [3], [0.25], seq_len=256)])["arms"]
-    assert set(longer) == {"8, 8 layers, 100 steps, T 64", "8, 8 layers, 100 steps, T 256"}
-    assert longer["8, 8 layers, 100 steps, T 64"]["seeds"] == [0, 1, 2]
+    assert set(longer) == {"8, T 64", "8, T 256"}
+    assert longer["8, T 64"]["seeds"] == [0, 1, 2]
+    split = report.summarize(rows[:4] + [dict(final("8", 8, [3e-3], [4], [0.25]), head_dim=32)])["arms"]
+    assert set(split) == {"8, 1x64", "8, 1x32"}  # another head split is another population, never pooled
+    # capacity: only members that matched keys count; a P counts over the populations whose probe asked for it
+    probe = lambda groups: {"kind": "length", "arm": "SL", "length": 256, "train_length": 64,  # noqa: E731
+                            "accuracy_by_group": groups}
+    learned = report.capacity([final("SL", 2, [3e-3, 3e-3], [0, 1], [0.9, 0.2]),
+                               probe({"mqar-P4": [0.8, 0.1], "mqar-P32": [0.5, 0.0]}),
+                               final("SL", 2, [3e-3], [2], [0.95]), probe({"mqar-P4": [0.6]})])
+    assert learned["SL"]["seeds"] == [0, 2] and learned["SL"]["members"] == 3
+    assert learned["SL"]["recall"]["64"]["4"] == pytest.approx(0.925)
+    assert learned["SL"]["recall"]["256"] == pytest.approx({"4": 0.7, "32": 0.5})
+    assert set(report.probed_past_training(learned)) == {"SL"}  # 32 pairs past training's 8
 
 
 def test_hybrid_ablation_recipe_overrides(tmp_path):
