@@ -146,7 +146,8 @@ def capacity(rows: list[dict]) -> dict:
     run.probe_pairs asked for more pairs than training held): {label: {"train_length", "state_floats", "head_dim",
     "seeds" (those that matched), "recall": {length: {P: mean over them}}}} (a P over those whose probe asked for
     it: populations run before the probe grew asked only the training's smallest and largest); groups with no such
-    member are left out. Averaging only learned members separates what a learned mechanism holds from whether it was learned."""
+    member are left out. Averaging only learned members separates what a learned mechanism holds from whether it
+    was learned."""
     table = {}
     for label, group in group_rows(rows).items():
         finals = group["finals"]
@@ -168,7 +169,8 @@ def capacity(rows: list[dict]) -> dict:
                                    for name in names if any(name in probe[id(r)] for r, _ in learned)}
         table[label] = {"train_length": train_length, "state_floats": first["state_floats"],
                         "head_dim": first["head_dim"], "layer_types": first["layer_types"],
-                        "seeds": [int(r["seeds"][m]) for r, m in learned], "members": sum(len(r["lrs"]) for r in finals),
+                        "seeds": [int(r["seeds"][m]) for r, m in learned],
+                        "members": sum(len(r["lrs"]) for r in finals),
                         "recall": recall}
     return table
 
@@ -347,7 +349,8 @@ def write_all(paths, results_dir: str) -> dict:
     os.makedirs(results_dir, exist_ok=True)
     first = next(iter(summary["arms"].values()))
     recipe = first["recipe"]
-    one_task = len({(a["recipe"]["seq_len"], tuple(a["recipe"]["pair_choices"])) for a in summary["arms"].values()}) == 1
+    tasks = {(a["recipe"]["seq_len"], tuple(a["recipe"]["pair_choices"])) for a in summary["arms"].values()}
+    one_task = len(tasks) == 1
     task = f"T={recipe['seq_len']}, P from {recipe['pair_choices']}" if one_task else "T and P per label"
     title = (f"MQAR, {task}, vocab {recipe['vocab']}" + (f", {first['steps']} steps" if one_task else "")
              + f", {first.get('device')}")
