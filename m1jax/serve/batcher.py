@@ -17,6 +17,8 @@ Each turn of the loop does, in order:
      and the requests coming in are at least as many as the rows decoding, or any come in while no row has been
      in a decode call yet: a wave of requests, its late arrivals included, then enters in prefill calls back to
      back and decodes in step (a late row joining one call later would need one more call for its last tokens).
+     While no call was launched, a group's first tokens still on the device are not waited for as long as more
+     requests can be admitted: the next group's admission goes first (read later, they are the same tokens).
 
 A prompt is left-padded to a multiple of BUCKET and prefilled in chunks whose lengths are powers of two, groups have
 a power-of-two number of rows (a short group repeats its first prompt), so only a handful of step shapes are ever
@@ -309,17 +311,34 @@ class Batcher(TokenOutput):
         # no call in which every row has surely ended by its length (it would only hold back the next admissions),
         # nor one of a half-empty batch while a wave of requests is coming in (module docstring, step 3)
         live = sum(job is not None and self.drawn[b] < job.max_new_tokens for b, job in enumerate(self.active))
-        fresh = all(self.drawn[b] == 1 for b, job in enumerate(self.active) if job is not None)  # none decoded yet
         coming = self._coming() if self.admissions > admissions else 0
-        launched = live > 0 and not (coming >= live or (coming and fresh))
+        fresh = coming and all(self.drawn[b] == 1 for b, job in enumerate(self.active) if job is not None)
+        launched = live > 0 and not (coming >= live or fresh)
         if launched:
             self._launch()
         # keep one decode call in flight: read what came before it (first tokens of prefilled groups, decode calls)
         while self.in_flight and (len(self.in_flight) > 1 or not launched):
-            item = self.in_flight.popleft()
+            item = self.in_flight[0]
+            if not launched and isinstance(item, _FirstTokens) and self._can_admit() and not self._ready(item):
+                break  # admit the next group first; these tokens are read in a later turn
+            self.in_flight.popleft()
             self._read_first(item) if isinstance(item, _FirstTokens) else self._read(item)
         if self.metrics is not None:
             self.metrics.observe_batcher(self.queue_depth, self.busy_slots, self.max_batch)
+
+    def _can_admit(self) -> bool:
+        """Whether the next turn has admission work: a chunk of the group being prefilled, or a new group (waiting
+        requests, a free slot, the batch's expert_threshold)."""
+        group = self.prefilling
+        if group is not None:
+            return group.first is None
+        return bool(self._waiting) and None in self.active and not (
+            self.busy_slots and self._waiting[0].expert_threshold != self.batch_threshold)
+
+    @staticmethod
+    def _ready(record: "_FirstTokens") -> bool:
+        """Whether a group's first tokens are computed (reading them would not wait for the device)."""
+        return record.group.first.is_ready()
 
     def _coming(self) -> int:
         """Requests on their way into the batch: the prefilling group's rows not yet in a slot, and the waiting

@@ -156,6 +156,29 @@ def test_late_arrivals_of_a_wave_join_before_its_first_decode_call(model_and_par
     busy.run_until_idle()
 
 
+def test_a_group_still_on_the_device_does_not_hold_back_the_next_admission(model_and_params, rng):
+    """Before the first decode call, a group's first tokens still being computed are not waited for while more
+    requests can be admitted: the next group is prefilled first, the tokens are read later, in order, and results
+    equal the requests run one at a time."""
+    model, params = model_and_params
+    prompts = [rng.integers(0, 512, int(n)).tolist() for n in rng.integers(3, 30, 2 * PREFILL_BATCH)]
+    lengths = rng.integers(2, 3 * DECODE_STEPS, 2 * PREFILL_BATCH).tolist()
+    batcher = _batcher(model, params)  # one chunk per prompt: a group is prefilled and inserted in one turn
+    launches = _count_launches(batcher)
+    batcher._ready = lambda record: False  # as on an accelerator still computing them
+    jobs = [Job(p, n) for p, n in zip(prompts, lengths)]
+    for job in jobs:
+        batcher.submit(job)
+    batcher._turn()  # group 1 in its slots; group 2 waiting
+    assert batcher.busy_slots == PREFILL_BATCH and batcher.queue_depth == PREFILL_BATCH and launches == []
+    assert len(batcher.in_flight) == 1 and "first" not in jobs[0].times  # not read: admission goes first
+    batcher._turn()  # group 2 in, nothing coming: the call launches, and both groups' first tokens are read
+    assert launches == [2 * PREFILL_BATCH] and all("first" in job.times for job in jobs)
+    batcher.run_until_idle()
+    alone = [_run(_batcher(model, params), [Job(p, n)])[0].token_ids for p, n in zip(prompts, lengths)]
+    assert [job.token_ids for job in jobs] == alone
+
+
 def test_a_stop_string_in_the_middle_of_a_call_discards_the_rest(model_and_params, rng):
     """The device draws K tokens per call, and the next call is launched before the host reads them; a stop string
     found on the host ends the request at its token: the tokens drawn after it (later in its call, and in the call
