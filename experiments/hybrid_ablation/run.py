@@ -11,7 +11,9 @@ puts softmax under lightning). Every arm trains a population of learning rates x
 (recall.Population) on MQAR with P pairs drawn per row (Zoology's regime: T=128, P in {4, 8, 16, 32}, 127 keys),
 then is evaluated at the training length per P, and at 2x..32x that length (MQAR with the same pairs spread over
 the row, and a needle) for the extrapolation probe. Raw rows are appended to DIR/hybrid_<size>.jsonl as they come;
-a rerun with the same DIR skips the arms already finished there (resume at arm granularity).
+a rerun with the same DIR skips the arms already finished there, and an arm cut short by --deadline-s resumes from
+its checkpoint (DIR/checkpoints/<arm>.npz|json, written at every evaluation: the population's params and optimizer
+state, the step and the curve so far); its finished row then replaces the cut-short one.
 """
 from __future__ import annotations
 
@@ -126,10 +128,70 @@ def override(size: dict, items: list[str], lrs: str | None) -> dict:
 
 
 def done_arms(path: str) -> set:
+    """Arms with a final row in `path`, except those cut short that left a checkpoint to resume from."""
     if not os.path.exists(path):
         return set()
     with open(path) as f:
-        return {json.loads(line)["arm"] for line in f if line.strip() and '"final"' in line}
+        finals = [json.loads(line) for line in f if line.strip() and '"final"' in line]
+    return {row["arm"] for row in finals
+            if not (row["cut_short"] and os.path.exists(checkpoint_files(path, row["arm"])[0]))}
+
+
+# ----- checkpoints: an arm cut short (the call's deadline) resumes from its last evaluation -----
+def checkpoint_files(path: str, arm: str) -> tuple[str, str]:
+    """(arrays .npz, state .json) of an arm's checkpoint beside the rows file."""
+    base = os.path.join(os.path.dirname(path), "checkpoints", arm)
+    return base + ".npz", base + ".json"
+
+
+def save_checkpoint(path: str, arm: str, params, opt_state, state: dict) -> None:
+    """The population's params and optimizer state (every member) and `state` (step, plan, curve so far)."""
+    arrays, meta = checkpoint_files(path, arm)
+    os.makedirs(os.path.dirname(arrays), exist_ok=True)
+    leaves = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
+    with open(arrays + ".tmp", "wb") as f:
+        np.savez(f, *leaves)
+    with open(meta + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(arrays + ".tmp", arrays)
+    os.replace(meta + ".tmp", meta)
+
+
+def load_checkpoint(path: str, arm: str, plan: dict):
+    """(leaves, state) of the arm's checkpoint, or None without one. Raises SystemExit when it was made with
+    another plan (architecture, recipe, rates, seeds): resuming it would mix two runs."""
+    arrays, meta = checkpoint_files(path, arm)
+    if not os.path.exists(arrays):
+        return None
+    with open(meta) as f:
+        state = json.load(f)
+    if state["plan"] != plan:
+        changed = sorted(k for k in set(plan) | set(state["plan"]) if plan.get(k) != state["plan"].get(k))
+        raise SystemExit(f"arm {arm}: the checkpoint in {os.path.dirname(arrays)} was made with another {changed}; "
+                         "rerun with the same --recipe, --steps and --lrs, or give a fresh --out")
+    with np.load(arrays) as data:
+        leaves = [data[f"arr_{i}"] for i in range(len(data.files))]
+    return leaves, state
+
+
+def restore(leaves: list, params, opt_state):
+    """The checkpoint's leaves in the structure (and dtypes) of a freshly built population's state."""
+    template, treedef = jax.tree.flatten((params, opt_state))
+    if len(leaves) != len(template) or any(a.shape != t.shape for a, t in zip(leaves, template)):
+        raise SystemExit("the checkpoint's arrays do not match this population's (another model?); give a fresh "
+                         "--out")
+    fitted = [a if a.dtype == t.dtype else a.view(t.dtype) for a, t in zip(leaves, template)]
+    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in fitted])
+
+
+def drop_rows(path: str, arm: str) -> None:
+    """Rewrite the rows file without `arm`'s rows: its cut-short row, which a resumed run's row extends (the same
+    curve from the start), and the length rows that followed it."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows if row["arm"] != arm)
+    os.replace(path + ".tmp", path)
 
 
 def probe_pairs(pair_choices, length: int, vocab: int) -> tuple[int, ...]:
@@ -196,11 +258,23 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
     held_out = recall.eval_batch(12345, recipe.pair_choices, size["eval_rows"], recipe.seq_len, recipe.vocab)
     curve, step, cut_short = [], 0, False
     compile_s, total = None, recipe.steps
+    plan = {"layer_types": list(arm.layer_types), "heads": arm.num_heads, "head_dim": arm.head_dim,
+            "width": size["width"], "compute_dtype": size["compute_dtype"], "lrs": lrs, "seeds": seeds,
+            "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in size["recipe"].items()}}
+    resume, resumed_at = load_checkpoint(path, arm.name, plan), None
     while step < total:
         t0 = time.perf_counter()
         if compile_s is None:  # the first chunk compiles: fall back to slower modes if a kernel refuses the vmap
             pop, params, opt_state, loss = first_chunk(config, recipe, lrs, seeds, policy)
             recipe = pop.recipe
+            if resume is not None:  # the checkpoint's state replaces the chunk just run
+                (leaves, state), resume = resume, None
+                params, opt_state = restore(leaves, params, opt_state)
+                step = resumed_at = state["step"]
+                curve, total, compile_s = state["curve"], state["steps_planned"], time.perf_counter() - t0
+                start = time.perf_counter() - state["train_seconds"]
+                print(f"  arm {arm.name}: resumed from its checkpoint at step {step} of {total}", flush=True)
+                continue
         else:
             params, opt_state, loss = pop.train_chunk(params, opt_state, step, total)
         loss = np.asarray(loss)
@@ -213,13 +287,18 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
                   "steps", flush=True)
         step += recipe.chunk
         point = {"step": step, "loss": loss.tolist(), "seconds": time.perf_counter() - start}
-        if (step // recipe.chunk) % size["eval_every"] == 0 or step >= total:
+        evaluated = (step // recipe.chunk) % size["eval_every"] == 0 or step >= total
+        if evaluated:
             point["accuracy"] = recall.accuracy_by(pop.evaluate(params, held_out), held_out, "pairs")
         curve.append(point)
         print(f"  arm {arm.name} step {step} loss {np.round(loss, 3).tolist()} ({point['seconds']:.0f} s)",
               flush=True)
-        if time.perf_counter() > deadline and step < total:
-            cut_short = True
+        cut_short = time.perf_counter() > deadline and step < total
+        if (evaluated or cut_short) and step < total:
+            save_checkpoint(path, arm.name, params, opt_state,
+                            {"plan": plan, "step": step, "steps_planned": total, "curve": curve,
+                             "train_seconds": time.perf_counter() - start})
+        if cut_short:
             break
     train_s = time.perf_counter() - start
     final = recall.accuracy_by(pop.evaluate(params, held_out), held_out, "pairs")
@@ -230,9 +309,15 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
            "first_chunk_seconds": compile_s, "accuracy_by_pairs": final, "curve": curve,
            "recipe": {k: getattr(recipe, k) for k in ("seq_len", "pair_choices", "vocab", "batch_size", "steps",
                                                       "chunk", "warmup", "weight_decay", "population")},
-           "lightning_impl": MODES[0][1],
+           "lightning_impl": MODES[0][1], "resumed_at": resumed_at,
            "width": size["width"], "compute_dtype": size["compute_dtype"], "device": jax.devices()[0].device_kind}
+    if resumed_at is not None:
+        drop_rows(path, arm.name)  # the cut-short row this one extends
     append(path, row)
+    if not cut_short:
+        for name in checkpoint_files(path, arm.name):
+            if os.path.exists(name):
+                os.remove(name)
     for length in size["lengths"]:
         if time.perf_counter() > deadline + 60:
             print(f"  arm {arm.name}: past the deadline, length {length} not evaluated", flush=True)

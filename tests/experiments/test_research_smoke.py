@@ -145,6 +145,33 @@ def test_hybrid_ablation_cpu_smoke(tmp_path):
     assert (results / "hybrid_ablation_cpu.png").exists() and (results / "length_extrapolation_cpu.png").exists()
 
 
+def test_hybrid_ablation_resumes_an_arm_cut_short_from_its_checkpoint(tmp_path):
+    """An arm cut short by the deadline keeps its row and a checkpoint; the rerun resumes at that step and trains
+    the same steps an uninterrupted run does (same losses), its row replacing the cut-short one; a rerun with
+    another plan is refused, naming what changed."""
+    import time
+    hybrid = load("hybrid_ablation_run_resume", "hybrid_ablation", "run.py")
+    argv = ["--size", "cpu", "--arms", "1", "--steps", "6"]
+    whole = [json.loads(line) for line in open(hybrid.main([*argv, "--out", str(tmp_path / "whole")]))]
+    size = hybrid.override(hybrid.SIZES["cpu"], ["steps=6"], None)
+    path = str(tmp_path / "cut" / "hybrid_cpu.jsonl")
+    os.makedirs(os.path.dirname(path))
+    hybrid.run_arm(hybrid.make_arms(size, ["1"])["1"], size, path, deadline=time.perf_counter())
+    cut = [json.loads(line) for line in open(path)]
+    assert cut[0]["cut_short"] and cut[0]["steps_done"] == 2 and hybrid.done_arms(path) == set()
+    with pytest.raises(SystemExit, match="another"):
+        hybrid.main(["--size", "cpu", "--arms", "1", "--steps", "8", "--out", str(tmp_path / "cut")])
+    hybrid.main([*argv, "--out", str(tmp_path / "cut")])
+    rows = [json.loads(line) for line in open(path)]
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert len(finals) == 1 and finals[0]["resumed_at"] == 2 and not finals[0]["cut_short"]
+    assert [p["step"] for p in finals[0]["curve"]] == [2, 4, 6]
+    resumed, uninterrupted = ([p["loss"] for p in row["curve"]] for row in (finals[0], whole[0]))
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
+    assert len(rows) == len(whole) and hybrid.done_arms(path) == {"1"}
+    assert not any(os.path.exists(f) for f in hybrid.checkpoint_files(path, "1"))
+
+
 def test_length_probe_asks_for_more_pairs_while_the_row_and_the_keys_allow():
     hybrid = load("hybrid_ablation_run_probe", "hybrid_ablation", "run.py")
     assert hybrid.probe_pairs((4, 8, 16, 32), 128, 256) == (4, 32)  # 64 pairs need 256 tokens
