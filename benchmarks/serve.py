@@ -12,9 +12,13 @@ at concurrency c there are max(2c, 8) requests in all.
                  once for each --decode-steps K (decode steps per device call; tokens reach the host every K steps)
   http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
                  route, streamed, from asyncio clients on loopback in a process of their own
-                 (benchmarks/http_load.py; before 2026-12-01 they shared the server's process). The GPU machine
-                 lacks fastapi and uvicorn: `make card-wheels` here, carry .whl, and start the call with the
-                 install line it prints.
+                 (benchmarks/http_load.py; before 2026-12-01 they shared the server's process), counting tokens
+                 from the text (the benchmark detokenizes each token to one character), so no log-probabilities
+                 are computed: the engine's workload; then "http+logprobs", the same asking `logprobs: 0`, which
+                 makes every decode step compute the sampled token's log-probability and the top 20 over the
+                 vocabulary (the HTTP figures before 2026-12-01, tenth session, were of that workload). The GPU
+                 machine lacks fastapi and uvicorn: `make card-wheels` here, carry .whl, and start the call with
+                 the install line it prints.
   static         m1jax.generate on 64 prompts at once (decode tokens/s of its jitted while-loop)
   transformers   MiniMaxForCausalLM (random weights, bf16) static batched generate on the same 64 requests; and
                  whether its continuous batching (`generate_batch`) accepts the model (it raised
@@ -112,19 +116,26 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
             "tpot_ms": percentiles(tpot)}
 
 
-def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int) -> dict:
+def one_char(ids) -> str:
+    """The benchmark's detokenizer: one character per token, so HTTP clients count tokens from the streamed text."""
+    return "x" * len(ids)
+
+
+def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int, logprobs: bool) -> dict:
     """The same through HTTP (/v1/completions, streamed): the server in a thread here, the clients
-    (benchmarks/http_load.py) in a process of their own."""
+    (benchmarks/http_load.py) in a process of their own. Without `logprobs` the clients count tokens from the text
+    (the engine's workload); with it they ask for log-probabilities, which every decode step then computes (the
+    sampled token's and the top 20 over the vocabulary)."""
     import uvicorn
 
     from m1jax.serve.app import Server, build_app
     from m1jax.tokenizer import ByteTokenizer
 
-    class Ids(ByteTokenizer):  # the prompts are ids already; text is not needed
+    class Ids(ByteTokenizer):  # the prompts are ids already; text is one character per token (one_char)
         vocab_size = batcher.config.vocab_size
 
         def decode(self, ids):
-            return ""
+            return one_char(ids)
     server = Server(batcher, Ids(), model_name="bench", request_timeout=None)
     server.ready = True
     import socket
@@ -143,7 +154,8 @@ def run_http(batcher: Batcher, prompts: list[list[int]], output: int, concurrenc
         load = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                             "http_load.py"),
                                "--url", f"http://127.0.0.1:{port}", "--prompts", f.name, "--max-tokens", str(output),
-                               "--concurrency", str(concurrency)], capture_output=True, text=True, timeout=1800)
+                               "--concurrency", str(concurrency), "--count", "logprobs" if logprobs else "chars"],
+                              capture_output=True, text=True, timeout=1800)
     finally:
         os.unlink(f.name)
         web.should_exit = True
@@ -161,7 +173,7 @@ def section_ours(size: dict, config: M1Config, policy: RunPolicy, params, http: 
     # the first H200 run, 2026-11-30, measured exactly that: 357 tok/s at every concurrency).
     context = -(-(size["prompt"] + 2 * size["output"]) // 64) * 64
     for k in decode_steps:
-        batcher = Batcher(model, params, lambda ids: "", max_batch=max(size["concurrency"]), max_context=context,
+        batcher = Batcher(model, params, one_char, max_batch=max(size["concurrency"]), max_context=context,
                           chunk_size=size["chunk"], max_queue=4096, decode_steps=k, prefill_batch=prefill_batch)
         begin = time.perf_counter()
         batcher.warm_up(size["prompt"])  # every prefill group size, both decode variants
@@ -197,10 +209,11 @@ def section_http(size: dict, config: M1Config, batcher: Batcher) -> None:
     except ImportError as err:
         record(section="http", what="skipped", reason=f"{type(err).__name__}: {err}")
         return
-    for c in size["concurrency"]:
-        prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
-        record(section="http", what="serve", concurrency=c, decode_steps=batcher.decode_steps,
-               **run_http(batcher, prompts, size["output"], c))
+    for logprobs in (False, True):
+        for c in size["concurrency"]:
+            prompts = prompts_for(config, max(2 * c, 8), size["prompt"], seed=c)
+            record(section="http+logprobs" if logprobs else "http", what="serve", concurrency=c,
+                   decode_steps=batcher.decode_steps, **run_http(batcher, prompts, size["output"], c, logprobs))
 
 
 def section_static(size: dict, config: M1Config, policy: RunPolicy, params) -> None:
@@ -294,7 +307,7 @@ def plot(out_dir: str) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for section in ("engine", "http"):
+    for section in ("engine", "http", "http+logprobs"):
         for k in sorted({r.get("decode_steps") for r in RESULTS if r["section"] == section}, key=str):
             rows = [r for r in RESULTS if r["section"] == section and r.get("what") == "serve"
                     and r.get("decode_steps") == k]

@@ -22,10 +22,12 @@ def test_serve_benchmark_smoke(tmp_path):
     for r in engine:
         assert r["output_tokens"] == r["requests"] * 6 and r["output_tokens_per_s"] > 0
         assert r["ttft_ms"]["p50"] is not None and r["tpot_ms"]["p99"] is not None
-    http = [r for r in rows if r["section"] == "http" and r["what"] == "serve"]
+    http = [r for r in rows if r["section"] in ("http", "http+logprobs") and r["what"] == "serve"]
     if all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "httpx")):
-        # the clients (benchmarks/http_load.py) ran in a process of their own and saw every token
-        assert {r["concurrency"] for r in http} == {1, 2, 4}
+        # the clients (benchmarks/http_load.py) ran in a process of their own and saw every token, counted from the
+        # text (one character per token) and from the log-probabilities
+        assert {(r["section"], r["concurrency"]) for r in http} == {(s, c) for s in ("http", "http+logprobs")
+                                                                    for c in (1, 2, 4)}
         assert all(r["output_tokens"] == r["requests"] * 6 and r["ttft_ms"]["p50"] is not None for r in http)
     else:
         assert any(r["section"] == "http" and r["what"] == "skipped" for r in rows)
