@@ -18,10 +18,11 @@ import os
 import numpy as np
 
 
-def finish_figure(fig, path):
-    """Lay out `fig`; write it to `path` and close it, or, with path None, return it (the notebooks show it)."""
+def finish_figure(fig, path, rect=(0, 0, 1, 1)):
+    """Lay out `fig` (in `rect` of it: room left for a figure legend); write it to `path` and close it, or, with
+    path None, return it (the notebooks show it)."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     if path:
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -210,11 +211,7 @@ def plot_capacity(table: dict, path: str | None, title: str):
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines() if not h.get_label().startswith("_")}
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) + 1) // 2), 1, 1))
-    if path:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return finish_figure(fig, path, rect=(0, 0.06 + 0.035 * ((len(handles) + 1) // 2), 1, 1))
 
 
 def arm_title(arm: str, layer_types: list[str], heads: int, head_dim: int) -> str:

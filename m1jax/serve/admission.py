@@ -1,6 +1,7 @@
-"""The host's half of admitting a prefill group (m1jax.serve.batcher): which waiting requests form the group, their
-left-padded prompts, and their rows' sampling settings, built with numpy in one pass and sent to the device in one
-call (`steps.row_settings`: logit biases and stop ids go as (row, id) pairs, scattered there into the (P, V) rows).
+"""The host's half of admitting a prefill group (m1jax.serve.batcher): which waiting requests form the group, its
+rows and chunks, their left-padded prompts, and their rows' sampling settings, built with numpy in one pass and sent
+to the device in one call (`steps.row_settings`: logit biases and stop ids go as (row, id) pairs, scattered there
+into the (P, V) rows).
 The rows' PRNG keys come from one batched call on the host's CPU device (`seed_keys`: the same key data as
 jax.random.key(seed) of each seed). Nothing here reads a device value back, so admitting never waits for the
 accelerator.
@@ -25,6 +26,22 @@ ENTRIES_PER_ROW = 4
 def padded_length(length: int) -> int:
     """A prompt's length rounded up to a multiple of BUCKET."""
     return -(-length // BUCKET) * BUCKET
+
+
+def chunk_lengths(length: int, chunk_size: int) -> list[int]:
+    """A multiple of BUCKET split into powers of two, chunk_size (a power of two >= BUCKET) at most."""
+    out, rest, size = [], length, chunk_size
+    while rest:
+        while size > rest:
+            size //= 2
+        out.append(size)
+        rest -= size
+    return out
+
+
+def group_rows(count: int, prefill_batch: int) -> int:
+    """Rows of a prefill group of `count` requests: the next power of two, prefill_batch at most."""
+    return min(1 << (count - 1).bit_length(), prefill_batch)
 
 
 def group_size(waiting: Sequence, limit: int) -> int:

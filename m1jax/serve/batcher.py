@@ -50,7 +50,7 @@ from m1jax.inference.cache import init_cache
 from m1jax.inference.generate import model_with_threshold
 from m1jax.model import M1ForCausalLM
 from m1jax.serve import admission, steps
-from m1jax.serve.admission import BUCKET  # noqa: F401 - API
+from m1jax.serve.admission import BUCKET, chunk_lengths, group_rows  # noqa: F401 - BUCKET: API
 from m1jax.serve.job import Job, QueueFull, TokenOutput, sampling_mode  # noqa: F401 - Job, QueueFull: API
 from m1jax.serve.steps import Slots
 
@@ -94,22 +94,6 @@ class _FirstTokens:
     """A prefilled group's first tokens (group.first) and their scores on the device, read in turn with the calls."""
     group: _Group
     scores: Any
-
-
-def chunk_lengths(length: int, chunk_size: int) -> list[int]:
-    """A multiple of BUCKET split into powers of two, chunk_size (a power of two >= BUCKET) at most."""
-    out, rest, size = [], length, chunk_size
-    while rest:
-        while size > rest:
-            size //= 2
-        out.append(size)
-        rest -= size
-    return out
-
-
-def group_rows(count: int, prefill_batch: int) -> int:
-    """Rows of a prefill group of `count` requests: the next power of two, prefill_batch at most."""
-    return min(1 << (count - 1).bit_length(), prefill_batch)
 
 
 class Batcher(TokenOutput):
