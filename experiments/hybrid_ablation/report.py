@@ -19,10 +19,11 @@ import numpy as np
 
 
 def finish_figure(fig, path, rect=(0, 0, 1, 1)):
-    """Lay out `fig` (in `rect` of it: room left for a figure legend); write it to `path` and close it, or, with
-    path None, return it (the notebooks show it)."""
+    """Lay out `fig` (in `rect` of it: room left for a figure legend; a figure made with a layout engine keeps
+    its own); write it to `path` and close it, or, with path None, return it (the notebooks show it)."""
     import matplotlib.pyplot as plt
-    fig.tight_layout(rect=rect)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout(rect=rect)
     if path:
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -246,31 +247,33 @@ def key_matching(rows: list[dict]) -> list[dict]:
 
 
 def plot_key_matching(table: list[dict], path: str | None, title: str):
-    """Bars: the share of seeds that matched keys per arm (a panel per depth, step plan and training length), "k/n"
-    above."""
+    """Horizontal bars: the share of seeds that matched keys per arm and rate, "k/n" beside each; one panel per
+    depth, step plan and training length, stacked (a bar per line keeps long plan labels readable)."""
     import matplotlib.pyplot as plt
     panel_of = lambda t: (t["layers"], t["steps"], t["seq_len"])  # noqa: E731
     panels = sorted({panel_of(t) for t in table})
-    cells_per_panel = [sum(panel_of(t) == panel for t in table) for panel in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 0.7 * sum(cells_per_panel), 4.2), squeeze=False,
-                             gridspec_kw={"width_ratios": cells_per_panel})
-    for ax, (layers, steps, seq_len) in zip(axes[0], panels):
-        cells = sorted((t for t in table if panel_of(t) == (layers, steps, seq_len)),
-                       key=lambda t: (t["softmax_layers"], -t["state_floats"], t["lr"]))
-        names = [", ".join([t["title"], *(v for k, v in t.get("plan", {}).items() if k not in ("layers", "steps",
-                                                                                             "seq_len"))])
-                 + f"\nlr {t['lr']:g}" for t in cells]
-        shares = [t["matched"] / len(t["seeds"]) for t in cells]
-        bars = ax.bar(range(len(cells)), [100 * v for v in shares],
-                      color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in cells])
-        for bar, t in zip(bars, cells):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 2, f"{t['matched']}/{len(t['seeds'])}",
-                    ha="center", fontsize=8)
-        ax.set_xticks(range(len(cells)), names, fontsize=7, rotation=45, ha="right")
-        ax.set_ylim(0, 110)
-        ax.set_ylabel("seeds that matched keys (%)")
+    cells = {panel: sorted((t for t in table if panel_of(t) == panel),
+                           key=lambda t: (t["softmax_layers"], -t["state_floats"], t["label"], t["lr"]))
+             for panel in panels}
+    counts = [len(cells[panel]) for panel in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.24 * sum(counts) + 0.5 * len(panels)),
+                             squeeze=False, gridspec_kw={"height_ratios": [n + 1.5 for n in counts]}, layout="constrained")
+    for ax, (layers, steps, seq_len) in zip(axes[:, 0], panels):
+        panel = cells[(layers, steps, seq_len)]
+        names = [", ".join([t["title"].removeprefix("layers "), *(v for k, v in t.get("plan", {}).items()
+                                          if k not in ("layers", "steps", "seq_len") and v not in t["title"]), f"lr {t['lr']:g}"])
+                 for t in panel]
+        bars = ax.barh(range(len(panel)), [100 * t["matched"] / len(t["seeds"]) for t in panel],
+                       color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in panel])
+        for bar, t in zip(bars, panel):
+            ax.text(bar.get_width() + 1.5, bar.get_y() + bar.get_height() / 2, f"{t['matched']}/{len(t['seeds'])}",
+                    va="center", fontsize=7)
+        ax.set_yticks(range(len(panel)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 110)
         ax.set_title(f"{layers} layers, {steps} steps, T {seq_len}", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
+        ax.grid(alpha=0.3, axis="x")
+    axes[-1, 0].set_xlabel("seeds that matched keys (%)")
     fig.suptitle(title, fontsize=9)
     return finish_figure(fig, path)
 
