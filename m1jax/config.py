@@ -74,6 +74,9 @@ class M1Config:
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
     initializer_range: float = 0.02
+    # Width W of a causal depthwise convolution over each lightning layer's projected q/k/v before their SiLU
+    # (m1jax.layers.short_conv); 0 = none, as in M1. A research option, not in any released checkpoint.
+    lightning_short_conv: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -90,6 +93,10 @@ class M1Config:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(value):
                 raise ValueError(f"M1Config.{name} must be a finite number, got {value!r}")
+        if (isinstance(self.lightning_short_conv, bool) or not isinstance(self.lightning_short_conv, (int, np.integer))
+                or self.lightning_short_conv < 0):
+            raise ValueError(f"M1Config.lightning_short_conv must be a non-negative integer (the convolution's width; "
+                             f"0 for none, as in M1), got {self.lightning_short_conv!r}")
         if not self.layer_types:
             raise ValueError("M1Config.layer_types is empty: give one 'lightning' or 'softmax' entry per layer")
         bad = sorted({t for t in self.layer_types if t not in LAYER_KINDS})
@@ -174,6 +181,10 @@ class M1Config:
         weights' dtype (config.json's "dtype"); block_size is the reference kernels' block, REFERENCE_BLOCK_SIZE."""
         if dtype not in DTYPES:
             raise ValueError(f"to_hf(dtype={dtype!r}): use one of {DTYPES}")
+        if self.lightning_short_conv:
+            raise ValueError(f"M1Config.lightning_short_conv={self.lightning_short_conv}: transformers' MiniMax has no "
+                             "short convolution, so no config.json can describe this model; set it to 0 to export, or "
+                             "keep such a research model in your own loop (as experiments/hybrid_ablation does)")
         return {
             "architectures": ["MiniMaxForCausalLM"],
             "model_type": "minimax",

@@ -218,8 +218,9 @@ def param_logical_axes(source: M1Config | Any) -> Any:
     """
     is_names = lambda x: isinstance(x, tuple)
     if isinstance(source, M1Config):
-        return jax.tree.map(tuple, _names_for_schedule(source.layer_types[:source.layer_period]), is_leaf=is_names)
-    names = jax.tree.map(tuple, _names_for_schedule(_schedule_of(source)), is_leaf=is_names)  # a fresh copy
+        period, conv = source.layer_types[:source.layer_period], source.lightning_short_conv > 0
+        return jax.tree.map(tuple, _names_for_schedule(period, conv), is_leaf=is_names)
+    names = jax.tree.map(tuple, _names_for_schedule(*_schedule_of(source)), is_leaf=is_names)  # a fresh copy
     if jax.tree.structure(source) != jax.tree.structure(names, is_leaf=is_names):
         raise ValueError("param_logical_axes: the tree does not have M1ForCausalLM's parameter layout (embed, "
                          "groups/layer_j/..., final_norm, lm_head); pass its names explicitly (logical_axes=, "
@@ -227,21 +228,23 @@ def param_logical_axes(source: M1Config | Any) -> Any:
     return names
 
 
-def _schedule_of(params: Any) -> tuple[str, ...]:
-    """The period of layer kinds of an M1ForCausalLM parameter tree (a lightning layer has attn/qkv_proj)."""
+def _schedule_of(params: Any) -> tuple[tuple[str, ...], bool]:
+    """(the period of layer kinds, whether its lightning layers have a short convolution) of an M1ForCausalLM
+    parameter tree (a lightning layer has attn/qkv_proj, and attn/short_conv with lightning_short_conv > 0)."""
     groups = params.get("groups") if hasattr(params, "get") else None
     if not hasattr(groups, "keys") or not groups:
         raise ValueError("param_logical_axes: not an M1ForCausalLM parameter tree (no 'groups'); pass its names "
                          "explicitly (logical_axes=)")
-    kinds = []
+    kinds, conv = [], False
     for j in range(len(groups)):
         attn = groups.get(f"layer_{j}", {}).get("attn", {})
         kinds.append("lightning" if "qkv_proj" in attn else "softmax")
-    return tuple(kinds)
+        conv = conv or "short_conv" in attn
+    return tuple(kinds), conv
 
 
 @functools.lru_cache(maxsize=16)
-def _names_for_schedule(period: tuple[str, ...]) -> Any:
+def _names_for_schedule(period: tuple[str, ...], short_conv: bool = False) -> Any:
     tiny = M1Config(vocab_size=8, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, num_experts=2,
-                    experts_per_token=1, expert_size=8, layer_types=period)
+                    experts_per_token=1, expert_size=8, layer_types=period, lightning_short_conv=int(short_conv))
     return logical_axes(M1ForCausalLM(tiny), jnp.zeros((1, 2), jnp.int32))
