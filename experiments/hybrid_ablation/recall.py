@@ -130,13 +130,15 @@ def _needle_batch(key, batch, seq_len, vocab):
 class Arm:
     """One architecture of the ablation: `softmax_layers` of `num_layers`, evenly spaced with the last layer
     softmax (M1's schedule), or placed by `pattern`, one letter per layer from the first: S softmax, L lightning
-    (e.g. "SL": a softmax layer under a lightning one)."""
+    (e.g. "SL": a softmax layer under a lightning one). short_conv > 0 gives every lightning layer a causal
+    depthwise convolution of that width on its q, k, v (`M1Config.lightning_short_conv`; M1 has none)."""
     name: str
     num_layers: int
     softmax_layers: int
     num_heads: int
     head_dim: int
     pattern: str = ""
+    short_conv: int = 0
 
     @property
     def layer_types(self) -> tuple[str, ...]:
@@ -166,7 +168,7 @@ def arm_config(arm: Arm, width: int, vocab: int) -> M1Config:
         head_dim=arm.head_dim, num_experts=1, experts_per_token=1, expert_size=2 * width,
         layer_types=arm.layer_types, rope_theta=10_000.0, rotary_dim=arm.head_dim // 2,
         max_position_embeddings=1 << 20, lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha,
-        router_aux_loss_coef=0.0)
+        router_aux_loss_coef=0.0, lightning_short_conv=arm.short_conv)
 
 
 def dense_expert(lhs, rhs, group_sizes):

@@ -62,6 +62,7 @@ PLAN_FIELDS = (
     ("seq_len", "T {}", lambda r: r["recipe"]["seq_len"]),
     ("pairs", "P {}", lambda r: "+".join(str(p) for p in r["recipe"].get("pair_choices", ()))),
     ("split", "{}", lambda r: f"{r['heads']}x{r['head_dim']}"),
+    ("short_conv", "{}", lambda r: f"conv {r['short_conv']}" if r.get("short_conv") else "no conv"),
     ("rows", "{} rows", lambda r: r["recipe"].get("batch_size")),
     ("width", "width {}", lambda r: r.get("width")),
     ("warmup", "warmup {}", lambda r: r["recipe"]["warmup"]),
@@ -74,8 +75,8 @@ def plan_of(row: dict) -> dict:
 
 
 def group_rows(rows: list[dict]) -> dict[str, dict]:
-    """Final rows of one arm and one plan (depth, steps, training length, P, head split, rows, width, warmup,
-    dtype) pooled into one group of members (populations run on different seeds in several calls add up), each
+    """Final rows of one arm and one plan (depth, steps, training length, P, head split, convolution, rows, width,
+    warmup, dtype) pooled into one group of members (populations run on different seeds in several calls add up), each
     length row attached to the final row it follows (run.py appends them right after it). The label is the arm's
     name followed by the plan entries that differ between populations of some arm, e.g. "8, 8 layers, 4000 steps"
     when one arm ran at two depths. Returns {label: {"finals": [rows], "lengths": {length: [rows, one per final

@@ -64,7 +64,7 @@ def make_arms(size: dict, names=None) -> dict[str, recall.Arm]:
     (same H*D); a pattern of S and L, one letter per layer from the first (e.g. "SL": softmax under lightning).
     Only the named arms (default: the size's order) are built, so a 2-layer recipe can run arm "2" without arm
     "8". Raises ValueError for a name of no such form, or a d that does not divide H*D."""
-    layers, heads, dim = size["num_layers"], size["heads"], size["head_dim"]
+    layers, heads, dim, conv = size["num_layers"], size["heads"], size["head_dim"], size.get("short_conv", 0)
     arms = {}
     for name in size["arm_order"] if names is None else names:
         if not ARM_NAME.fullmatch(name):
@@ -72,14 +72,14 @@ def make_arms(size: dict, names=None) -> dict[str, recall.Arm]:
                              f"(lightning only, head dim d) or {layers} letters S/L (the layers in order), e.g. "
                              f"{','.join(size['arm_order'])}")
         if name[0] in "SL" and name[1:2] != "-":
-            arms[name] = recall.Arm(name, layers, name.count("S"), heads, dim, pattern=name)
+            arms[name] = recall.Arm(name, layers, name.count("S"), heads, dim, pattern=name, short_conv=conv)
         elif name.startswith("L-D"):
             d = int(name[3:])
             if d == 0 or (heads * dim) % d:
                 raise ValueError(f"arm {name}: head dim {d} does not divide heads x head_dim = {heads * dim}")
-            arms[name] = recall.Arm(name, layers, 0, heads * dim // d, d)
+            arms[name] = recall.Arm(name, layers, 0, heads * dim // d, d, short_conv=conv)
         else:
-            arms[name] = recall.Arm(name, layers, int(name), heads, dim)
+            arms[name] = recall.Arm(name, layers, int(name), heads, dim, short_conv=conv)
     return arms
 
 
@@ -89,7 +89,8 @@ def append(path: str, row: dict):
     print(json.dumps({k: v for k, v in row.items() if k not in ("curve",)})[:400], flush=True)
 
 
-MODEL_KEYS = ("num_layers", "width", "heads", "head_dim", "compute_dtype")  # the size's model entries --recipe sets
+# the size's model entries --recipe sets (short_conv: the lightning layers' convolution width, 0 = none, as M1)
+MODEL_KEYS = ("num_layers", "width", "heads", "head_dim", "compute_dtype", "short_conv")
 
 
 def override(size: dict, items: list[str], lrs: str | None) -> dict:
@@ -107,7 +108,9 @@ def override(size: dict, items: list[str], lrs: str | None) -> dict:
         if key in MODEL_KEYS and value:
             if key == "compute_dtype" and value not in ("float32", "bfloat16"):
                 raise SystemExit(f"--recipe {item!r}: compute_dtype takes float32 or bfloat16")
-            if key != "compute_dtype" and not (value.isdigit() and int(value) > 0):
+            if key == "short_conv" and not value.isdigit():
+                raise SystemExit(f"--recipe {item!r}: short_conv takes a width >= 0 (0: no convolution)")
+            if key not in ("compute_dtype", "short_conv") and not (value.isdigit() and int(value) > 0):
                 raise SystemExit(f"--recipe {item!r}: {key} takes a positive integer")
             size[key] = value if key == "compute_dtype" else int(value)
             continue
@@ -259,7 +262,7 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
     curve, step, cut_short = [], 0, False
     compile_s, total = None, recipe.steps
     plan = {"layer_types": list(arm.layer_types), "heads": arm.num_heads, "head_dim": arm.head_dim,
-            "width": size["width"], "compute_dtype": size["compute_dtype"], "lrs": lrs, "seeds": seeds,
+            "short_conv": arm.short_conv, "width": size["width"], "compute_dtype": size["compute_dtype"], "lrs": lrs, "seeds": seeds,
             "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in size["recipe"].items()}}
     resume, resumed_at = load_checkpoint(path, arm.name, plan), None
     while step < total:
@@ -303,7 +306,7 @@ def run_arm(arm: recall.Arm, size: dict, path: str, deadline: float, train_budge
     train_s = time.perf_counter() - start
     final = recall.accuracy_by(pop.evaluate(params, held_out), held_out, "pairs")
     row = {"arm": arm.name, "kind": "final", "layer_types": list(arm.layer_types), "heads": arm.num_heads,
-           "head_dim": arm.head_dim, "state_floats": arm.state_floats, "params": recall.count_params(config),
+           "head_dim": arm.head_dim, "short_conv": arm.short_conv, "state_floats": arm.state_floats, "params": recall.count_params(config),
            "lrs": lrs, "seeds": seeds, "steps_done": step, "steps_planned": total, "cut_short": cut_short,
            "train_seconds": train_s,
            "first_chunk_seconds": compile_s, "accuracy_by_pairs": final, "curve": curve,

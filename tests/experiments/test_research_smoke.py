@@ -234,6 +234,8 @@ def test_report_pools_populations_of_one_arm_and_counts_key_matching():
     assert longer["8, T 64"]["seeds"] == [0, 1, 2]
     split = report.summarize(rows[:4] + [dict(final("8", 8, [3e-3], [4], [0.25]), head_dim=32)])["arms"]
     assert set(split) == {"8, 1x64", "8, 1x32"}  # another head split is another population, never pooled
+    conv = report.summarize(rows[:4] + [dict(final("8", 8, [3e-3], [4], [0.25]), short_conv=4)])["arms"]
+    assert set(conv) == {"8, no conv", "8, conv 4"}  # a lightning convolution is another architecture
     # capacity: only members that matched keys count; a P counts over the populations whose probe asked for it
     probe = lambda groups: {"kind": "length", "arm": "SL", "length": 256, "train_length": 64,  # noqa: E731
                             "accuracy_by_group": groups}
@@ -260,9 +262,15 @@ def test_hybrid_ablation_recipe_overrides(tmp_path):
     assert set(final["accuracy_by_pairs"]) == {"2", "3"}
     assert final["width"] == 16 and final["compute_dtype"] == "bfloat16" and final["seeds"] == [3]
     assert final["layer_types"] == ["softmax", "lightning"]  # arm "SL": the layers in the order named
+    assert final["short_conv"] == 0
+    path = hybrid.main(["--size", "cpu", "--out", str(tmp_path / "conv"), "--arms", "LL", "--steps", "2",
+                        "--recipe", "seq_len=16", "--recipe", "pair_choices=2", "--recipe", "short_conv=3"])
+    final = [json.loads(line) for line in open(path) if '"final"' in line][0]
+    assert final["short_conv"] == 3 and final["layer_types"] == ["lightning", "lightning"]
     for bad, words in ((["--recipe", "seq_length=16"], "KEY one of"), (["--recipe", "pair_choices=4,8"], "joined by +"),
                        (["--recipe", "compute_dtype=fp8"], "float32 or bfloat16"),
                        (["--recipe", "num_layers=two"], "positive integer"),
+                       (["--recipe", "short_conv=-1"], "width >= 0"),
                        (["--lrs", "fast"], "comma-separated numbers"), (["--arms", "L-D12"], "does not divide"),
                        (["--arms", "softmax"], "is not an arm"), (["--arms", "3"], "must divide"),
                        (["--arms", "SLS"], "one letter S or L")):
