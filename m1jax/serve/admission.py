@@ -3,8 +3,8 @@ rows and chunks, their left-padded prompts, and their rows' sampling settings, b
 to the device in one call (`steps.row_settings`: logit biases and stop ids go as (row, id) pairs, scattered there
 into the (P, V) rows).
 The rows' PRNG keys come from one batched call on the host's CPU device (`seed_keys`: the same key data as
-jax.random.key(seed) of each seed). Nothing here reads a device value back, so admitting never waits for the
-accelerator.
+jax.random.key(seed) of each seed), for seeds not seen before. Nothing here reads a device value back, so admitting
+never waits for the accelerator.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ BUCKET = 16  # prompts are left-padded to a multiple of this
 # (row, id) pairs of logit biases and stop ids are padded to a power of two, ENTRIES_PER_ROW x P at least: a group
 # size's warm-up compiles the one shape that requests with a few stop ids and no logit_bias use
 ENTRIES_PER_ROW = 4
+SEED_CACHE = 1 << 16  # seeds whose key data seed_keys keeps (then it starts over)
+_SEED_KEYS: dict[tuple, tuple] = {}  # (PRNG implementation, x64) -> ({seed: row}, (n, 2) uint32 key data)
 
 
 def padded_length(length: int) -> int:
@@ -96,12 +98,27 @@ def _keys_of(seeds: jax.Array) -> jax.Array:
     return jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
 
 
-def seed_keys(seeds: Sequence[int]) -> np.ndarray:
-    """(n, 2) uint32: the key data of jax.random.key(seed) for each seed (a Python int is taken as int64, as
-    jax.random.key takes it), in one call on the host's CPU device: reading it never waits for a decode call in
-    flight on the accelerator."""
+def _seed_keys(seeds: Sequence[int]) -> np.ndarray:
     with jax.default_device(_cpu_device()):
         return np.asarray(_keys_of(np.asarray(seeds, np.int64))).astype(np.uint32)
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """(n, 2) uint32: the key data of jax.random.key(seed) for each seed (a Python int is taken as int64, as
+    jax.random.key takes it). Seeds seen before are looked up (most requests keep the default seed); the others are
+    computed in one call on the host's CPU device, padded to a power of two (few shapes to compile): reading it
+    never waits for a decode call in flight on the accelerator."""
+    setting = (jax.config.jax_default_prng_impl, jax.config.jax_enable_x64)
+    row_of, table = _SEED_KEYS.get(setting, ({}, np.zeros((0, 2), np.uint32)))  # seed -> its row of the table
+    new = [seed for seed in dict.fromkeys(seeds) if seed not in row_of]
+    if new:
+        if len(row_of) + len(new) > SEED_CACHE:  # start over, with this call's seeds
+            row_of, table, new = {}, table[:0], list(dict.fromkeys(seeds))
+        keys = _seed_keys(new + [0] * ((1 << (len(new) - 1).bit_length()) - len(new)))[:len(new)]
+        row_of.update(zip(new, range(len(table), len(table) + len(new))))
+        table = np.concatenate([table, keys])
+        _SEED_KEYS[setting] = row_of, table
+    return table[np.fromiter((row_of[seed] for seed in seeds), np.intp, len(seeds))]
 
 
 def _pairs(pairs: list[tuple[int, int]], values: list[float] | None, rows: int):

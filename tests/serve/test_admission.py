@@ -13,7 +13,7 @@ SEEDS = [0, 1, 7, 1234, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**40 + 3, 12345
          2**63 - 1]
 
 
-def test_seed_keys_equal_each_seeds_key():
+def test_seed_keys_equal_each_seeds_key(monkeypatch):
     """One batched call gives every seed the key data of jax.random.key(seed) (so outputs do not change)."""
     one_by_one = np.stack([np.asarray(jax.random.key_data(jax.random.key(seed))) for seed in SEEDS])
     got = admission.seed_keys(SEEDS)
@@ -22,6 +22,16 @@ def test_seed_keys_equal_each_seeds_key():
     np.testing.assert_array_equal(admission.seed_keys([np.int64(2**40 + 3), 1]), one_by_one[[8, 1]])
     with pytest.raises(OverflowError):  # as jax.random.key(2**64 - 1) raises
         admission.seed_keys([2**64 - 1])
+    # looked up once seen (the cache), computed when new, in any mix and order: the same key data
+    admission._SEED_KEYS.clear()
+    order = np.random.default_rng(0).permutation(len(SEEDS))
+    for part in (order[:3], order, order[5:], order[::-1]):
+        np.testing.assert_array_equal(admission.seed_keys([SEEDS[i] for i in part]), one_by_one[part])
+    monkeypatch.setattr(admission, "SEED_CACHE", 5)  # a full cache starts over
+    admission._SEED_KEYS.clear()
+    for part in (order[:3], order[3:6], order[:4], order[6:11], order[::-1][:5]):
+        np.testing.assert_array_equal(admission.seed_keys([SEEDS[i] for i in part]), one_by_one[part])
+        assert len(next(iter(admission._SEED_KEYS.values()))[0]) <= 5
 
 
 def dense_settings(jobs, rows, vocab):
