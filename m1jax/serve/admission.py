@@ -1,7 +1,7 @@
 """The host's half of admitting a prefill group (m1jax.serve.batcher): which waiting requests form the group, its
 rows and chunks, their left-padded prompts, and their rows' sampling settings, built with numpy in one pass and sent
-to the device in one call (`steps.row_settings`: logit biases and stop ids go as (row, id) pairs, scattered there
-into the (P, V) rows).
+to the device as one int32 array (`host_settings`; `steps.admit_rows` unpacks it, resets the group's cache and
+scatters logit biases and stop ids, sent as (row, id) pairs, into the (P, V) rows, in one call).
 The rows' PRNG keys come from one batched call on the host's CPU device (`seed_keys`: the same key data as
 jax.random.key(seed) of each seed), for seeds not seen before. Nothing here reads a device value back, so admitting
 never waits for the accelerator.
@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from m1jax.inference.sampling import row_sampling
 from m1jax.serve import steps
 from m1jax.serve.job import draw_settings
 
@@ -136,26 +137,39 @@ def _pairs(pairs: list[tuple[int, int]], values: list[float] | None, rows: int):
     return at, padded
 
 
-def host_settings(jobs: list, rows: int, vocab: int) -> tuple:
-    """The numpy arguments of steps.row_settings for a group's P rows (the rows after the jobs repeat the first):
-    temperature, top_k, top_p (P,), keys (P, 2) uint32, logit-bias (row, id) pairs and values, stop (row, id) pairs
-    (stop ids outside [0, vocab) are left out)."""
+def host_settings(jobs: list, rows: int, vocab: int, starts: np.ndarray | None = None) -> tuple:
+    """The host's half of steps.admit_rows / steps.row_settings for a group's P rows (the rows after the jobs repeat
+    the first): (layout (P, bias pairs, stop pairs), packed int32 (the array steps.unpack_settings reads: per row
+    temperature (float32 bits), top_k, top_p (float32 bits), key data (2 words), start (`starts`, else 0); then the
+    logit-bias (row, id, value bits) triples and the stop (row, id) pairs, each padded as `_pairs` does; stop ids
+    outside [0, vocab) are left out), sampling (sample_rows's mode for these rows)). One array is one transfer."""
     picked = jobs + [jobs[0]] * (rows - len(jobs))
-    bias_at, bias, stop_at = [], [], []
+    temperature, top_k, top_p = draw_settings(picked, vocab)
+    per_row = np.zeros((rows, steps.SETTINGS_COLUMNS), np.int32)
+    per_row[:, 0] = np.asarray(temperature, np.float32).view(np.int32)
+    per_row[:, 1] = top_k
+    per_row[:, 2] = np.asarray(top_p, np.float32).view(np.int32)
+    per_row[:, 3:5] = seed_keys([job.seed for job in picked]).view(np.int32)
+    if starts is not None:
+        per_row[:, 5] = starts
+    bias_at, bias = [], []
     for j, job in enumerate(picked):
         if job.logit_bias:
             bias_at.extend((j, token) for token in job.logit_bias)
             bias.extend(job.logit_bias.values())
-        stop_at.extend((j, i) for i in job.stop_ids if 0 <= i < vocab)
-    temperature, top_k, top_p = draw_settings(picked, vocab)
-    return (np.asarray(temperature, np.float32), np.asarray(top_k, np.int32), np.asarray(top_p, np.float32),
-            seed_keys([job.seed for job in picked]), *_pairs(bias_at, bias, rows), _pairs(stop_at, None, rows))
+    bias_at, bias = _pairs(bias_at, bias, rows)
+    stop_at = _pairs([(j, i) for j, job in enumerate(picked) for i in job.stop_ids if 0 <= i < vocab], None, rows)
+    triples = np.concatenate([bias_at, bias.view(np.int32)[:, None]], 1)
+    packed = np.concatenate([per_row.ravel(), triples.ravel(), stop_at.ravel()])
+    return (rows, len(bias_at), len(stop_at)), packed, row_sampling(temperature, top_k, top_p, vocab)
 
 
 def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
     """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of a prefill group's P rows on the device
-    (rows past the jobs repeat the first), sent there in one call."""
-    return steps.JITTED["settings"](vocab, *host_settings(jobs, rows, vocab))
+    (rows past the jobs repeat the first), sent there in one call (the batcher's steps.admit_rows unpacks the same
+    array beside its cache reset)."""
+    layout, packed, _ = host_settings(jobs, rows, vocab)
+    return steps.JITTED["settings"](vocab, layout, packed)
 
 
 def prompt_scores(jobs: list, scores: list, length: int) -> None:

@@ -66,6 +66,7 @@ class _Group:
     padded: np.ndarray  # (P, L) int32, left-padded prompts
     chunks: list[int]
     sampling: tuple  # device (temperature, top_k, top_p, bias, keys, stop), one row each
+    mode: str  # sample_rows's mode for the rows (their first tokens)
     with_logprobs: bool  # prompt log-probs of some row
     position: int = 0
     chunk_index: int = 0
@@ -377,12 +378,14 @@ class Batcher(TokenOutput):
         rows = group_rows(len(jobs), self.prefill_batch)
         padded, starts = admission.padded_prompts(jobs, rows)
         try:
-            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(padded.shape[1], self.chunk_size),
-                           admission.row_settings(jobs, rows, self.config.vocab_size),
-                           any(job.prompt_logprobs for job in jobs))
+            layout, packed, mode = admission.host_settings(jobs, rows, self.config.vocab_size, starts)
             if rows not in self.row_caches:
                 self.row_caches[rows] = init_cache(self.config, rows, self.max_context, policy=self.model.policy)
-            self.row_caches[rows] = steps.JITTED["reset"](self.row_caches[rows], starts)
+            # one device call: the cache reset for the rows' starts and the rows' settings, from one array
+            self.row_caches[rows], sampling = steps.JITTED["admit"](self.config.vocab_size, layout,
+                                                                    self.row_caches[rows], packed)
+            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(padded.shape[1], self.chunk_size),
+                           sampling, mode, any(job.prompt_logprobs for job in jobs))
         except Exception as error:
             self.row_caches.pop(rows, None)
             for job in jobs:
@@ -430,8 +433,7 @@ class Batcher(TokenOutput):
         # the whole prompts are in: the first tokens
         want = any(job.want_logprobs for job in group.jobs)
         temperature, top_k, top_p, bias, keys, _ = group.sampling
-        group.first, scores = steps.JITTED["first"](want, sampling_mode(group.jobs, self.config.vocab_size), logits,
-                                                    temperature, top_k, top_p, bias, keys)
+        group.first, scores = steps.JITTED["first"](want, group.mode, logits, temperature, top_k, top_p, bias, keys)
         # read later, in turn with the decode calls (no wait here). A row that needs no second token takes no slot;
         # one that ends on its first token (a stop id or string) gives its slot back when that token is read.
         group.pending = [j for j, job in enumerate(group.jobs) if not job.done.is_set() and job.max_new_tokens > 1]

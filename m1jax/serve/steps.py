@@ -166,14 +166,39 @@ def first_tokens(with_logprobs: bool, sampling: str, logits: jax.Array, temperat
     return token, (top_logprobs(logits, token) if with_logprobs else None)
 
 
-def row_settings(vocab: int, temperature, top_k, top_p, keys, bias_at, bias, stop_at):
-    """A prefill group's P rows' settings from the host (m1jax.serve.admission.host_settings) -> (temperature,
-    top_k, top_p, bias (P, V) float32, keys, stop (P, V) bool): bias[r, i] = value and stop[r, i] = True for each
-    (r, i) pair of bias_at (n, 2) and stop_at (m, 2) (rows r >= P are padding: dropped)."""
+SETTINGS_COLUMNS = 6  # per row in admission.host_settings' array: temperature, top_k, top_p, key (2), start
+
+
+def unpack_settings(layout: tuple[int, int, int], packed: jax.Array):
+    """admission.host_settings' int32 array of a group's P rows, laid out as `layout` (P, bias pairs n, stop pairs
+    m) -> (temperature (P,) float32, top_k (P,) int32, top_p (P,) float32, keys (P, 2) uint32, bias_at (n, 2),
+    bias (n,) float32, stop_at (m, 2), start (P,) int32): the same bits as the host's arrays."""
+    rows, biases, stops = layout
+    per_row = packed[:rows * SETTINGS_COLUMNS].reshape(rows, SETTINGS_COLUMNS)
+    triples = packed[rows * SETTINGS_COLUMNS:rows * SETTINGS_COLUMNS + 3 * biases].reshape(biases, 3)
+    stop_at = packed[rows * SETTINGS_COLUMNS + 3 * biases:].reshape(stops, 2)
+    as_float = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)
+    return (as_float(per_row[:, 0]), per_row[:, 1], as_float(per_row[:, 2]),
+            jax.lax.bitcast_convert_type(per_row[:, 3:5], jnp.uint32), triples[:, :2], as_float(triples[:, 2]),
+            stop_at, per_row[:, 5])
+
+
+def row_settings(vocab: int, layout: tuple[int, int, int], packed: jax.Array):
+    """A prefill group's P rows' settings from the host (admission.host_settings: one int32 array, `unpack_settings`)
+    -> (temperature, top_k, top_p, bias (P, V) float32, keys, stop (P, V) bool): bias[r, i] = value and stop[r, i] =
+    True for each (r, i) pair of the bias and stop pairs (rows r >= P are padding: dropped)."""
+    temperature, top_k, top_p, keys, bias_at, bias, stop_at, _ = unpack_settings(layout, packed)
     rows = temperature.shape[0]
     dense = jnp.zeros((rows, vocab), jnp.float32).at[bias_at[:, 0], bias_at[:, 1]].set(bias, mode="drop")
     stop = jnp.zeros((rows, vocab), bool).at[stop_at[:, 0], stop_at[:, 1]].set(True, mode="drop")
     return temperature, top_k, top_p, dense, keys, stop
+
+
+def admit_rows(vocab: int, layout: tuple[int, int, int], cache: Cache, packed: jax.Array):
+    """A group's admission in one device call: (its P-row cache reset for the rows' starts (`reset_rows`), its rows'
+    settings (`row_settings`)), both from the one int32 array of admission.host_settings."""
+    start = unpack_settings(layout, packed)[-1]
+    return reset_rows(cache, start), row_settings(vocab, layout, packed)
 
 
 # ----- the running batch -----
@@ -258,7 +283,8 @@ JITTED = {
     "reset": jax.jit(reset_rows, donate_argnums=0),
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
     "first": jax.jit(first_tokens, static_argnums=(0, 1)),
-    "settings": jax.jit(row_settings, static_argnums=0),
+    "settings": jax.jit(row_settings, static_argnums=(0, 1)),
+    "admit": jax.jit(admit_rows, static_argnums=(0, 1), donate_argnums=2),
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
     "shift": jax.jit(shift, donate_argnums=0),

@@ -1,13 +1,15 @@
 """The host's admission helpers (m1jax.serve.admission) against the per-request code they replace: the batched PRNG
-keys, the rows' settings scattered on the device, group selection, padded prompts; and the batched token intake
-(TokenOutput._accept_tokens) against one token at a time."""
+keys, the rows' settings scattered on the device (with the cache reset, in one call), group selection, padded
+prompts; and the batched token intake (TokenOutput._accept_tokens) against one token at a time."""
 import numpy as np
 import pytest
 
 import jax
 
-from m1jax.serve import admission
-from m1jax.serve.job import Job, TokenOutput
+from m1jax import M1Config
+from m1jax.inference.cache import init_cache
+from m1jax.serve import admission, steps
+from m1jax.serve.job import Job, TokenOutput, sampling_mode
 
 SEEDS = [0, 1, 7, 1234, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**40 + 3, 12345678901, -1, -2**31, -2**63,
          2**63 - 1]
@@ -63,11 +65,27 @@ def test_row_settings_equal_the_dense_rows(rows, rng):
         jobs.append(Job([1], 2, temperature=float(j % 2), top_k=None if j % 3 else 7, seed=int(rng.integers(2**40)),
                         stop_ids=tuple(int(i) for i in rng.integers(0, vocab, int(rng.integers(0, 4)))),
                         logit_bias=bias or None))
+    want = dense_settings(jobs, rows, vocab)
     got = jax.device_get(admission.row_settings(jobs, rows, vocab))
-    for name, a, b in zip(("temperature", "top_k", "top_p", "bias", "keys", "stop"), got,
-                          dense_settings(jobs, rows, vocab)):
+    for name, a, b in zip(("temperature", "top_k", "top_p", "bias", "keys", "stop"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         np.testing.assert_array_equal(a, b, err_msg=name)
+    # the batcher's one call: the same settings beside the cache reset for the rows' starts (steps.reset_rows)
+    config = M1Config(vocab_size=vocab, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, num_experts=2,
+                      experts_per_token=1, expert_size=16, layer_types=("lightning", "softmax"), rotary_dim=4)
+    starts = rng.integers(0, 32, rows).astype(np.int32)
+    stale = lambda: jax.tree.map(lambda a: a + 1, init_cache(config, rows, 32))  # a used cache: nonzero
+    layout, packed, mode = admission.host_settings(jobs, rows, vocab, starts)
+    cache, settings = jax.device_get(steps.JITTED["admit"](vocab, layout, stale(), packed))
+    for name, a, b in zip(("temperature", "top_k", "top_p", "bias", "keys", "stop"), settings, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    reset = jax.device_get(steps.reset_rows(stale(), jax.numpy.asarray(starts)))
+    assert cache.fresh and jax.tree.structure(cache) == jax.tree.structure(reset)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(reset)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert mode == sampling_mode(jobs, vocab)
 
 
 def test_group_size_and_padded_prompts_equal_the_loops(rng):
