@@ -71,15 +71,16 @@ def prompt_array(ids) -> np.ndarray | None:
     return array if array.ndim == 1 and array.dtype.kind in "iu" else None
 
 
-def padded_prompts(jobs: list, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(padded (P, L) int32: the prompts left-padded with 0 to the longest one's padded length, the rows after the
-    jobs repeating row 0; starts (P,) int32: the column where each row's prompt begins). A job's prompt_array
-    (made by Batcher.check) stands for its prompt_ids."""
+def padded_prompts(jobs: list, rows: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(padded (P, L + extra) int32: the prompts left-padded with 0 to the longest one's padded length L, the rows
+    after the jobs repeating row 0, then `extra` columns of 0 (the batcher's one: each prefill chunk's ids and their
+    next tokens are then one slice); starts (P,) int32: the column where each row's prompt begins). A job's
+    prompt_array (made by Batcher.check) stands for its prompt_ids."""
     sizes = [len(job.prompt_ids) for job in jobs]
     length = padded_length(max(sizes))
-    padded = np.zeros((rows, length), np.int32)
+    padded = np.zeros((rows, length + extra), np.int32)
     for j, job in enumerate(jobs):
-        padded[j, length - sizes[j]:] = job.prompt_ids if job.prompt_array is None else job.prompt_array
+        padded[j, length - sizes[j]:length] = job.prompt_ids if job.prompt_array is None else job.prompt_array
     padded[len(jobs):] = padded[0]
     starts = np.full((rows,), length - sizes[0], np.int32)
     starts[:len(jobs)] = [length - size for size in sizes]

@@ -63,7 +63,7 @@ class _Group:
     """Requests prefilled together: row j < len(jobs) is jobs[j], the rows after it repeat row 0 (padding)."""
     jobs: list[Job]
     threshold: float | None
-    padded: np.ndarray  # (P, L) int32, left-padded prompts
+    window: np.ndarray  # (P, L + 1) int32, left-padded prompts, then a column of 0 (a chunk's next tokens: one slice)
     chunks: list[int]
     sampling: tuple  # device (temperature, top_k, top_p, bias, keys, stop), one row each
     mode: str  # sample_rows's mode for the rows (their first tokens)
@@ -78,8 +78,13 @@ class _Group:
     pending: list[int] = dataclasses.field(default_factory=list)  # rows waiting for a slot
 
     @property
+    def padded(self) -> np.ndarray:
+        """(P, L) int32: the left-padded prompts."""
+        return self.window[:, :-1]
+
+    @property
     def rows(self) -> int:
-        return self.padded.shape[0]
+        return self.window.shape[0]
 
 
 @dataclasses.dataclass
@@ -376,7 +381,7 @@ class Batcher(TokenOutput):
         for job in jobs:
             job.times["prefill"] = now
         rows = group_rows(len(jobs), self.prefill_batch)
-        padded, starts = admission.padded_prompts(jobs, rows)
+        window, starts = admission.padded_prompts(jobs, rows, extra=1)
         try:
             layout, packed, mode = admission.host_settings(jobs, rows, self.config.vocab_size, starts)
             if rows not in self.row_caches:
@@ -384,7 +389,7 @@ class Batcher(TokenOutput):
             # one device call: the cache reset for the rows' starts and the rows' settings, from one array
             self.row_caches[rows], sampling = steps.JITTED["admit"](self.config.vocab_size, layout,
                                                                     self.row_caches[rows], packed)
-            group = _Group(jobs, head.expert_threshold, padded, chunk_lengths(padded.shape[1], self.chunk_size),
+            group = _Group(jobs, head.expert_threshold, window, chunk_lengths(window.shape[1] - 1, self.chunk_size),
                            sampling, mode, any(job.prompt_logprobs for job in jobs))
         except Exception as error:
             self.row_caches.pop(rows, None)
@@ -413,13 +418,9 @@ class Batcher(TokenOutput):
 
     def _run_chunk(self, group: _Group) -> None:
         size = group.chunks[group.chunk_index]
-        ids = group.padded[:, group.position:group.position + size]
-        following = np.zeros_like(ids)  # the next token of each
-        following[:, :-1] = ids[:, 1:]
-        if group.position + size < group.padded.shape[1]:
-            following[:, -1] = group.padded[:, group.position + size]
+        tokens = group.window[:, group.position:group.position + size + 1]  # the ids and the next token of each
         cache, logits, (counts, calls), extra = steps.JITTED["prefill"](
-            self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows], ids, following)
+            self._model(group.threshold), group.with_logprobs, self.params, self.row_caches[group.rows], tokens)
         self.row_caches[group.rows] = cache
         self.admissions += 1
         group.counts = counts if group.counts is None else group.counts + counts
@@ -428,7 +429,7 @@ class Batcher(TokenOutput):
         group.chunk_index += 1
         if extra is not None:
             group.scores.append(extra)  # on the device: read with the first tokens
-        if group.position < group.padded.shape[1]:
+        if group.position < group.window.shape[1] - 1:
             return
         # the whole prompts are in: the first tokens
         want = any(job.want_logprobs for job in group.jobs)
@@ -445,7 +446,7 @@ class Batcher(TokenOutput):
         group = record.group
         first, scores, counts, calls, prompt = jax.device_get((group.first, record.scores, group.counts, group.calls,
                                                               group.scores))
-        admission.prompt_scores(group.jobs, prompt, group.padded.shape[1])
+        admission.prompt_scores(group.jobs, prompt, group.window.shape[1] - 1)
         now = time.perf_counter()
         for j, job in enumerate(group.jobs):
             if job.done.is_set():

@@ -150,10 +150,12 @@ def reset_rows(cache: Cache, start: jax.Array) -> Cache:
     return cache.replace(layers=layers, index=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32), fresh=True)
 
 
-def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cache, ids: jax.Array,
-                  targets: jax.Array):
-    """ids (P, C) into the P-row cache. Returns (cache, last logits (P, V), routing (counts, calls) (P, L, E),
-    and with_logprobs: (log p(targets) (P, C), top ids (P, C, n), top log-probs (P, C, n)) else None)."""
+def prefill_chunk(model: M1ForCausalLM, with_logprobs: bool, params, cache: Cache, tokens: jax.Array):
+    """tokens (P, C + 1): a chunk's ids (P, C) and, one column further, each one's next token (0 past the prompts:
+    the targets of the log-probs; one array, one transfer), ids into the P-row cache. Returns (cache, last logits
+    (P, V), routing (counts, calls) (P, L, E), and with_logprobs: (log p(targets) (P, C), top ids (P, C, n), top
+    log-probs (P, C, n)) else None)."""
+    ids, targets = tokens[:, :-1], tokens[:, 1:]
     out, counts, calls = routed_per_row(model, params, ids, cache=cache, last_logits_only=not with_logprobs)
     extra = top_logprobs(out.logits, targets) if with_logprobs else None
     return out.cache, out.logits[:, -1], (counts, calls), extra

@@ -117,6 +117,9 @@ def test_group_size_and_padded_prompts_equal_the_loops(rng):
         for job in jobs:
             job.prompt_array = admission.prompt_array(job.prompt_ids).astype(np.int32) if rng.random() < 0.5 else None
         padded, starts = admission.padded_prompts(jobs, rows)
+        window, same = admission.padded_prompts(jobs, rows, extra=1)  # the batcher's: a column of 0 after them
+        np.testing.assert_array_equal(window, np.pad(padded, ((0, 0), (0, 1))))
+        np.testing.assert_array_equal(same, starts)
         length = max(-(-len(job.prompt_ids) // admission.BUCKET) * admission.BUCKET for job in jobs)
         want = np.zeros((rows, length), np.int32)
         for j in range(rows):

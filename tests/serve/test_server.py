@@ -251,10 +251,10 @@ def test_one_failing_request_fails_alone(live, monkeypatch):
     marker = server.tokenizer.encode("Paris")[0]
     original = steps.JITTED["prefill"]
 
-    def failing(model, with_logprobs, params, cache, ids, targets):
-        if bool((np.asarray(ids) == marker).any()):
+    def failing(model, with_logprobs, params, cache, tokens):
+        if bool((np.asarray(tokens)[:, :-1] == marker).any()):
             raise RuntimeError("injected failure")
-        return original(model, with_logprobs, params, cache, ids, targets)
+        return original(model, with_logprobs, params, cache, tokens)
 
     monkeypatch.setitem(steps.JITTED, "prefill", failing)
     bad = _post(url, "/v1/completions", {"prompt": [marker, marker], "max_tokens": 2})
