@@ -173,6 +173,25 @@ def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
     return steps.JITTED["settings"](vocab, layout, packed)
 
 
+def rows_that_fit(prompts: Sequence[int], outputs: Sequence[int], least: int, live_end: int | None,
+                  context: int) -> tuple[int, int]:
+    """How many of a group's pending rows, from the first, a batch can take now, and the write index they need
+    (count, index): with prompts[i] and outputs[i] (a row's prompt length and max_new_tokens), the index must be at
+    least `least` (the live rows' age) and each chosen prompt's length (the prompts end at it; their left padding
+    may wrap to the end of the cache, never visible), and neither the live rows (ending `live_end` slots after the
+    current index; None: no live row) nor the longest output of the chosen rows may run past `context` slots.
+    Numpy over the rows (running maxima) instead of a loop over them."""
+    if not len(prompts):
+        return 0, 0
+    index = np.maximum(least, np.maximum.accumulate(np.asarray(prompts, np.int64)))
+    end = index + np.maximum.accumulate(np.asarray(outputs, np.int64))
+    if live_end is not None:
+        end = np.maximum(end, index + live_end)
+    over = end > context
+    count = int(over.argmax()) if over.any() else len(prompts)
+    return count, int(index[count - 1]) if count else 0
+
+
 def prompt_scores(jobs: list, scores: list, length: int) -> None:
     """Each job with prompt_logprobs gets its prompt_scores from the prefill chunks' host scores (log p, top ids,
     top log-probs), each (P, C...), of prompts left-padded to `length`: None for the first token."""

@@ -483,35 +483,29 @@ class Batcher(TokenOutput):
         free = [b for b, job in enumerate(self.active) if job is None]
         live = [b for b, job in enumerate(self.active) if job is not None]
         lowest = min((self.start[b] for b in live), default=self.index)
-        # where the live rows end (before a shift), and the longest prompt and output of the rows chosen so far
+        # where the live rows end (before a shift)
         live_end = max((self.start[b] + len(self.active[b].prompt_ids) + self.active[b].max_new_tokens for b in live),
-                       default=-float("inf"))
-        chosen, new_index, prompt, output = [], 0, 0, 0
-        for j in group.pending[:len(free)]:
-            job = group.jobs[j]
-            # the prompts must end at the index; their left padding may wrap to the end of the cache (never visible)
-            index = max(self.index - lowest, prompt, len(job.prompt_ids))
-            if max(live_end + index - self.index, index + max(output, job.max_new_tokens)) > self.max_context:
-                break  # wait for rows to finish
-            chosen.append(j)
-            new_index, prompt, output = index, max(prompt, len(job.prompt_ids)), max(output, job.max_new_tokens)
-        if not chosen:
+                       default=None)
+        pending = group.pending[:len(free)]
+        count, new_index = admission.rows_that_fit(
+            [len(group.jobs[j].prompt_ids) for j in pending], [group.jobs[j].max_new_tokens for j in pending],
+            self.index - lowest, None if live_end is None else live_end - self.index, self.max_context)
+        if not count:
             return
+        chosen = pending[:count]
         delta = new_index - self.index
-        slot_of_row = np.full((group.rows,), self.max_batch, np.int32)  # out of range: not now
-        remaining = np.zeros((group.rows,), np.int32)
-        for j, b in zip(chosen, free):
-            slot_of_row[j] = b
-            remaining[j] = group.jobs[j].max_new_tokens - 1
+        placement = np.zeros((2, group.rows), np.int32)  # the slot of each row (B: out of range, not now), remaining
+        placement[0] = self.max_batch
+        placement[0, chosen] = free[:count]
+        placement[1, chosen] = [group.jobs[j].max_new_tokens - 1 for j in chosen]
         try:
             if delta:
                 self.slots = steps.JITTED["shift"](self.slots, np.int32(delta))
                 self.index += delta
                 self.start = [s + delta for s in self.start]
             temperature, top_k, top_p, bias, keys, stop = group.sampling
-            self.slots = steps.JITTED["insert"](self.slots, self.row_caches[group.rows], slot_of_row, group.first,
-                                                keys, temperature, top_k, top_p, bias, stop, remaining, group.counts,
-                                                group.calls)
+            self.slots = steps.JITTED["insert"](self.slots, self.row_caches[group.rows], placement, group.first,
+                                                keys, temperature, top_k, top_p, bias, stop, group.counts, group.calls)
         except Exception as error:
             self.prefilling = None
             for j in group.pending:
@@ -521,7 +515,7 @@ class Batcher(TokenOutput):
             self.start[b] = self.index - len(group.jobs[j].prompt_ids)
             self.drawn[b] = 1  # its first token, drawn from the prefill
             self.active[b] = group.jobs[j]
-            group.pending.remove(j)
+        del group.pending[:count]  # the chosen rows lead the pending ones
         self.admissions += 1
         self.batch_threshold = group.threshold
 

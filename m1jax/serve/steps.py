@@ -4,7 +4,7 @@ JetStream's split, on m1jax's cache (one shared write index, a start slot per ro
 
     rows = prefill_chunk(model, params, rows, ids)          P waiting requests at once (a P-row cache, left-padded)
     first = first_tokens(rows' last logits, settings)        each request's first token (step 0 of its seed)
-    slots = insert(slots, rows, slot_of_row, first, ...)     each row's keys/values and lightning state into its slot
+    slots = insert(slots, rows, placement, first, ...)       each row's keys/values and lightning state into its slot
     slots, out = decode_steps(model, params, slots)          up to K tokens for every live row, in one device call
 
 A slot b holds its request's tokens at cache slots start_b .. index-1 (positions slot - start_b, as in a left-padded
@@ -204,12 +204,14 @@ def admit_rows(vocab: int, layout: tuple[int, int, int], cache: Cache, packed: j
 
 
 # ----- the running batch -----
-def insert(slots: Slots, rows: Cache, slot_of_row: jax.Array, first: jax.Array, keys: jax.Array,
+def insert(slots: Slots, rows: Cache, placement: jax.Array, first: jax.Array, keys: jax.Array,
            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, bias: jax.Array, stop: jax.Array,
-           remaining: jax.Array, counts: jax.Array, calls: jax.Array) -> Slots:
-    """Put prefilled rows into slots: row j of the P-row cache `rows` goes to slot slot_of_row[j] (B or more: not
+           counts: jax.Array, calls: jax.Array) -> Slots:
+    """Put prefilled rows into slots: row j of the P-row cache `rows` goes to slot placement[0, j] (B or more: not
     now), aligned so that its prompt ends at the batch's index, with its first token (fed at the next step), its
-    sampling settings, stop ids (V,), remaining length and the prefill's routing counts (L, E)."""
+    sampling settings, stop ids (V,), remaining length placement[1, j] and the prefill's routing counts (L, E).
+    placement (2, P) int32 is the host's one array (one transfer)."""
+    slot_of_row, remaining = placement[0], placement[1]
     moved = shift_slots(rows, slots.cache.index - rows.index)
     put = lambda a, v: a.at[slot_of_row].set(jnp.asarray(v, a.dtype), mode="drop")
     layers = tuple({name: put(big[name], small[name]) for name in big}

@@ -1,6 +1,7 @@
 """The host's admission helpers (m1jax.serve.admission) against the per-request code they replace: the batched PRNG
 keys, the rows' settings scattered on the device (with the cache reset, in one call), group selection, padded
-prompts; and the batched token intake (TokenOutput._accept_tokens) against one token at a time."""
+prompts, the rows that fit into the batch; and the batched token intake (TokenOutput._accept_tokens) against one
+token at a time."""
 import numpy as np
 import pytest
 
@@ -86,6 +87,29 @@ def test_row_settings_equal_the_dense_rows(rows, rng):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert mode == sampling_mode(jobs, vocab)
+
+
+def test_rows_that_fit_equals_the_loop(rng):
+    """rows_that_fit (running maxima in numpy) chooses the rows and index that the batcher's per-row loop chose."""
+
+    def loop(prompts, outputs, least, live_end, context):
+        count, index, prompt, output = 0, 0, 0, 0
+        for length, out in zip(prompts, outputs):
+            at = max(least, prompt, length)
+            if max(-float("inf") if live_end is None else live_end + at, at + max(output, out)) > context:
+                break
+            count, index, prompt, output = count + 1, at, max(prompt, length), max(output, out)
+        return count, index
+
+    assert admission.rows_that_fit([], [], 3, None, 64) == (0, 0)
+    for _ in range(500):
+        n = int(rng.integers(1, 12))
+        prompts, outputs = rng.integers(1, 40, n).tolist(), rng.integers(1, 40, n).tolist()
+        least = int(rng.integers(0, 40))
+        live_end = None if rng.random() < 0.3 else int(rng.integers(-20, 60))
+        context = int(rng.integers(20, 100))
+        assert admission.rows_that_fit(prompts, outputs, least, live_end, context) == \
+            loop(prompts, outputs, least, live_end, context)
 
 
 def test_group_size_and_padded_prompts_equal_the_loops(rng):
