@@ -21,10 +21,10 @@
 #   0, 1, 2, 4 or all softmax layers and lightning-only at three state sizes; each arm's seeds pooled over the calls.
 #   Its `key_matching` table counts the seeds whose recall jumped past the level of naming one of the row's values.
 # - `length_extrapolation_gpu.json`: the same trained models at 4x, 16x and 64x their training length.
-# - `hybrid_ablation_r11-16/hybrid_ablation_gpu.json`: rounds 11-16 (2026-12-01): 2-layer models in every layer
+# - `hybrid_ablation_r11-17/hybrid_ablation_gpu.json`: rounds 11-17 (2026-12-01): 2-layer models in every layer
 #   order (SS, SL = softmax under lightning, LS = M1's order, LL) at T 64-256, swept over four learning rates at
 #   T 64 and T 128 (round 15), LL and LS with a short convolution on the lightning layers (round 16,
-#   `M1Config.lightning_short_conv=4`, labelled "conv 4"), and, in its `capacity` table, the recall of the members
+#   `M1Config.lightning_short_conv=4`, labelled "conv 4"), LL with it at three state sizes (round 17), and, in its `capacity` table, the recall of the members
 #   that matched keys at more pairs and longer rows than they were trained on.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
@@ -78,17 +78,17 @@ fig = report.plot_hybrid(summary, None, f"MQAR, T={recipe['seq_len']}, vocab {re
 fig = report.plot_lengths(summary, None, f"trained at T={recipe['seq_len']}")
 
 # %% [markdown]
-# ## Which layer retrieves (rounds 11-16)
+# ## Which layer retrieves (rounds 11-17)
 # SL matches keys about as often as SS, both at lr 3e-3; LS and LL never did, at any of four rates. In SL the
 # softmax layer alone cannot find the token after a match, so the lightning layer on top does the matching from its
 # state, given the previous-token feature the softmax layer builds. With a width-4 convolution on the lightning
 # layers ("conv 4") LL and LS learn too: the local feature was what they lacked.
 
 # %%
-later = json.load(open(os.path.join(RESULTS, "hybrid_ablation_r11-16", "hybrid_ablation_gpu.json")))
+later = json.load(open(os.path.join(RESULTS, "hybrid_ablation_r11-17", "hybrid_ablation_gpu.json")))
 for t in later["key_matching"]:
     print(f"{t['label']:60s} {t['matched']:2d} of {len(t['seeds']):2d} seeds")
-fig = report.plot_key_matching(later["key_matching"], None, "MQAR, rounds 11-16: seeds that matched keys")
+fig = report.plot_key_matching(later["key_matching"], None, "MQAR, rounds 11-17: seeds that matched keys")
 
 # %% [markdown]
 # ## How many pairs the learned models hold, past their training P and length

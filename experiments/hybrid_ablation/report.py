@@ -187,13 +187,14 @@ def probed_past_training(table: dict) -> dict:
 
 def plot_capacity(table: dict, path: str | None, title: str):
     """One panel per evaluation length: recall of the learned members against P (log scale), a line per group whose
-    probe asked for more pairs than its training held (one colour per group in every panel, legend below); dotted
-    verticals at the lightning head dims D (a D x D state per head holds about D independent keys)."""
+    probe asked for more pairs than its training held (one colour per group in every panel, dashed with the lightning
+    convolution, legend below); dotted verticals at the lightning head dims D (a D x D state per head holds about D
+    independent keys)."""
     import matplotlib.pyplot as plt
     probed = probed_past_training(table)
     lengths = sorted({int(length) for entry in probed.values() for length in entry["recall"]})
     fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(3.6 * max(len(lengths), 1), 4.4), squeeze=False)
-    colours = {label: f"C{i % 10}" for i, label in enumerate(probed)}
+    colours = {label: plt.cm.tab20(i % 20) for i, label in enumerate(probed)}
     dims = sorted({e["head_dim"] for e in probed.values() if e["state_floats"]})
     for ax, length in zip(axes[0], lengths):
         for label, entry in probed.items():
@@ -201,7 +202,7 @@ def plot_capacity(table: dict, path: str | None, title: str):
             if values:
                 ps = sorted(values, key=int)
                 ax.plot([int(p) for p in ps], [100 * values[p] for p in ps], marker="o", color=colours[label],
-                        label=f"{label} ({len(entry['seeds'])}/{entry['members']} learned)")
+                        ls="--" if ", conv " in label else "-", label=f"{label} ({len(entry['seeds'])}/{entry['members']} learned)")
         for d in dims:
             ax.axvline(d, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
