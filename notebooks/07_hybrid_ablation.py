@@ -24,8 +24,9 @@
 # - `hybrid_ablation_r11-17/hybrid_ablation_gpu.json`: rounds 11-17 (2026-12-01): 2-layer models in every layer
 #   order (SS, SL = softmax under lightning, LS = M1's order, LL) at T 64-256, swept over four learning rates at
 #   T 64 and T 128 (round 15), LL and LS with a short convolution on the lightning layers (round 16,
-#   `M1Config.lightning_short_conv=4`, labelled "conv 4"), LL with it at three state sizes (round 17), and, in its `capacity` table, the recall of the members
-#   that matched keys at more pairs and longer rows than they were trained on.
+#   `M1Config.lightning_short_conv=4`, labelled "conv 4"), LL with it at three state sizes (round 17), and, in
+#   its `capacity` table, the recall of the members that matched keys at more pairs and longer rows than they were
+#   trained on.
 # - `scaling_gpu.json`: attention time against T at 1M tokens per call, and the whole-model step time per token.
 #
 # Read each figure with its experiment's README. Key matching emerges as a seed-dependent jump, so the count of
