@@ -105,6 +105,13 @@ def _seed_keys(seeds: Sequence[int]) -> np.ndarray:
         return np.asarray(_keys_of(np.asarray(seeds, np.int64))).astype(np.uint32)
 
 
+def warm_seed_keys(max_rows: int) -> None:
+    """Compile seed_keys's padded call for every power of two up to the one that holds `max_rows` new seeds (a
+    group's), so that the first group with many new seeds does not compile it while clients wait."""
+    for size in (1 << i for i in range((max_rows - 1).bit_length() + 1)):
+        _seed_keys([0] * size)
+
+
 def seed_keys(seeds: Sequence[int]) -> np.ndarray:
     """(n, 2) uint32: the key data of jax.random.key(seed) for each seed (a Python int is taken as int64, as
     jax.random.key takes it). Seeds seen before are looked up (most requests keep the default seed); the others are

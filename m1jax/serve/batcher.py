@@ -249,6 +249,7 @@ class Batcher(TokenOutput):
         top-p (steps.decode_steps's sampling modes; the rarer combinations compile on first use). Runs on the calling
         thread, before start_thread."""
         length = max(1, min(prompt_length, self.max_context - 2))
+        admission.warm_seed_keys(self.prefill_batch)
         variants = [(False, True, {}), (True, True, {}), (False, False, {}), (True, False, {}),
                     (False, False, {"temperature": 1.0}), (False, False, {"temperature": 1.0, "top_p": 0.9})]
         for size in sorted({group_rows(n, self.prefill_batch) for n in range(1, self.prefill_batch + 1)}):

@@ -218,3 +218,12 @@ def test_a_run_is_detokenized_once():
     assert out._accept_tokens(job, list(b"hello world"), None) is None
     assert len(calls) == 2 and len(events) == 1 and events[0]["token_ids"] == list(b"hello world")
     assert job.text == "hello world" and events[0]["text"] == "hello world" and events[0]["step"] == 0
+
+
+def test_warm_seed_keys_compiles_every_size_a_group_of_new_seeds_can_take():
+    """After warm_seed_keys(48), a group of up to 48 new seeds (padded to at most 64) compiles nothing new."""
+    admission.warm_seed_keys(48)
+    compiled = admission._keys_of._cache_size()
+    for count in (1, 3, 17, 39, 48):
+        admission.seed_keys(list(range(10_000 * count, 10_000 * count + count)))
+    assert admission._keys_of._cache_size() == compiled
