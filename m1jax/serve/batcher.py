@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import itertools
 import threading
 import time
@@ -247,7 +248,10 @@ class Batcher(TokenOutput):
         """Compile the steps a prompt of this length meets: every group size, the four decode variants (log-probs
         and routing statistics, each on or off) greedy, and the OpenAI routes' variant (neither) with draws and with
         top-p (steps.decode_steps's sampling modes; the rarer combinations compile on first use). Runs on the calling
-        thread, before start_thread."""
+        thread, before start_thread. Then collects garbage and freezes every object alive (gc.freeze, process-wide):
+        the libraries' and the model's objects leave the collector's view, so a full pass no longer stalls the
+        scheduler for tens of milliseconds at random (84 ms per pass with jax, flax and m1jax imported, on a 2-core
+        CPU machine; 0.005 ms after the freeze)."""
         length = max(1, min(prompt_length, self.max_context - 2))
         admission.warm_seed_keys(self.prefill_batch)
         variants = [(False, True, {}), (True, True, {}), (False, False, {}), (True, False, {}),
@@ -260,6 +264,8 @@ class Batcher(TokenOutput):
                 failed = [job.error for job in jobs if job.error is not None]
                 if failed:
                     raise RuntimeError(f"warm-up failed: {failed[0]}")
+        gc.collect()
+        gc.freeze()
 
     # ----- the loop -----
     def _has_work(self) -> bool:

@@ -12,11 +12,14 @@ goes through, and times them with time.perf_counter while recording (between `be
   read_first    _read_first: a prefilled group's first tokens to their requests
   prefill_wait  inside read_first, first: waiting on the device for the group's first tokens
 and, off the scheduler thread, `dispatch`: the decode thread's dispatch of a launched call (launch to its future's
-end). The time between turns is idle (the scheduler waits for requests, or for the GIL). The waits only block on
-the arrays that the wrapped method reads next (jax.block_until_ready), so the engine does what it did.
+end), and `gc`: a pass of Python's cyclic garbage collector on any thread (gc.callbacks; it holds the interpreter
+lock, so whichever span it falls in waits; counted apart, not as a category). The time between turns is idle (the
+scheduler waits for requests, or for the GIL). The waits only block on the arrays that the wrapped method reads next
+(jax.block_until_ready), so the engine does what it did.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import statistics
@@ -72,6 +75,8 @@ class Timeline:
         }
         for name, spec in self._names.items():
             setattr(batcher, name, self._wrap(getattr(batcher, name), *spec))
+        self._gc_start: float | None = None
+        gc.callbacks.append(self._gc)
         submit = batcher.submit
 
         def submitted(job):
@@ -84,6 +89,17 @@ class Timeline:
     def detach(self) -> None:
         for name in list(self._names) + ["submit"]:
             self.batcher.__dict__.pop(name, None)
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        """gc.callbacks: a collector pass (its generation and objects collected) while recording."""
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self.recording and self._gc_start is not None:
+            self.events.append(dict(event="gc", id=next(self._count), parent=None, start=self._gc_start,
+                                    end=time.perf_counter(), generation=info["generation"],
+                                    collected=info["collected"]))
 
     # ----- recording -----
     def begin(self) -> float:
@@ -201,7 +217,8 @@ class Timeline:
         t0, t1 = self.t0, self.t_end
         events = list(self.events)
         by_id = {e["id"]: e for e in events}
-        spans = [e for e in events if e["event"] != "dispatch"]  # the scheduler thread's
+        spans = [e for e in events if e["event"] not in ("dispatch", "gc")]  # the scheduler thread's
+        pauses = [e["end"] - e["start"] for e in events if e["event"] == "gc"]
 
         def categories(a: float, b: float) -> dict:
             out, top = dict.fromkeys(ORDER, 0.0), 0.0
@@ -232,7 +249,9 @@ class Timeline:
                    dispatch_ms_mean=ms(statistics.fmean(dispatch)) if dispatch else None,
                    dispatch_ms_max=ms(max(dispatch)) if dispatch else None,
                    prefill_calls=[(e["rows"], e["jobs"], e["chunk"]) for e in prefills],
-                   active_rows=[e["active"] for e in launches], waves=[])
+                   active_rows=[e["active"] for e in launches],
+                   gc=dict(passes=len(pauses), seconds=round(sum(pauses), 6), longest_ms=ms(max(pauses, default=0.0)),
+                           full=sum(e["generation"] == 2 for e in events if e["event"] == "gc")), waves=[])
         call_ids = {e["call"]: set(e["job_ids"]) for e in launches}
         tokens_in = [(e["end"], call_ids.get(by_id[e["parent"]]["call"], set())) for e in of("decode_wait")
                      if e["parent"] in by_id]
@@ -277,6 +296,10 @@ def summary_table(s: dict, title: str) -> str:
     rows.append(f"| total | {sum(s['categories'].values()):.4f} | |")
     rows.append(f"decode: tokens off the device every {s['decode_period_ms_p50']} ms (p50 of intervals), dispatch "
                 f"on the decode thread {s['dispatch_ms_mean']} ms mean / {s['dispatch_ms_max']} max")
+    if "gc" in s:
+        g = s["gc"]
+        rows.append(f"Python gc: {g['passes']} passes ({g['full']} full), {1e3 * g['seconds']:.1f} ms in all, longest "
+                    f"{g['longest_ms']} ms (inside the spans above)")
     short = lambda gap: ", ".join(f"{k.split(' (')[0]} {1e3 * v:.1f}" for k, v in gap.items() if abs(v) >= 5e-5)
     runs: list[list[int]] = []  # [active rows, calls in a row]
     for n in s["active_rows"]:

@@ -1,6 +1,7 @@
 """m1jax.serve.timeline: the scheduler turns of a batcher run from client threads, timed, nested, and summed to the
 run's wall time; and benchmarks/serve.py --timeline writes them. Both tests use the benchmark's --smoke model and
 batcher shapes, so the second one reuses the steps the first compiled."""
+import gc
 import importlib.util
 import json
 import os
@@ -33,6 +34,8 @@ def test_timeline_of_two_waves(tmp_path):
                 job = batcher.submit(Job([seed + i + 1] * PROMPT, OUTPUT))
                 job.done.wait(60)
                 assert job.error is None and len(job.token_ids) == OUTPUT
+                if seed == 0 and i == 0:
+                    gc.collect()  # a full collector pass during the run: the timeline records it
 
         threads = [threading.Thread(target=client, args=(10 * c,)) for c in range(clients)]
         begin = timeline.begin()
@@ -47,8 +50,11 @@ def test_timeline_of_two_waves(tmp_path):
         batcher.stop(timeout=30)
     timeline.detach()
     assert "_turn" not in batcher.__dict__ and "submit" not in batcher.__dict__
+    assert timeline._gc not in gc.callbacks
     records = timeline.records()
-    events = [r for r in records if r["event"] not in ("request", "dispatch")]
+    passes = [r for r in records if r["event"] == "gc"]
+    assert any(r["generation"] == 2 for r in passes) and all(r["end"] >= r["start"] >= 0 for r in passes)
+    events = [r for r in records if r["event"] not in ("request", "dispatch", "gc")]
     by_kind = lambda kind: [e for e in events if e["event"] == kind]
     assert len([r for r in records if r["event"] == "request"]) == 2 * clients
     for kind in ("turn", "prefill", "insert", "launch", "read", "decode_wait", "read_first", "prefill_wait"):
@@ -79,8 +85,10 @@ def test_timeline_of_two_waves(tmp_path):
         by_kind("launch"))
     assert 0 < summary["occupancy"] <= 1 and len(summary["waves"]) == 2
     assert summary["waves"][0]["gap_ms"] > 0 and summary["waves"][1]["first_decode_ms"] is not None
+    assert summary["gc"]["passes"] == len(passes) and summary["gc"]["full"] >= 1 and summary["gc"]["seconds"] > 0
     text = summary_table(summary, "test")
     assert "| device wait: decode tokens |" in text and f"wave 2 ({clients} requests)" in text
+    assert "Python gc:" in text
 
     path = tmp_path / "timeline.jsonl"
     timeline.write(str(path), wave=clients, concurrency=clients)
@@ -103,3 +111,19 @@ def test_serve_benchmark_timeline(tmp_path, monkeypatch, capsys):
         assert s["decode_calls"] > 0 and sum(s["categories"].values()) <= s["wall"] + 1e-4
     assert {"prefill", "launch", "decode_wait", "request"} <= {line["event"] for line in lines}
     assert "timeline K=2, 4 clients" in capsys.readouterr().out.split("| engine K=2 | 4 |")[-1]
+
+
+def test_warm_up_freezes_the_objects_alive_and_leaves_the_batcher_idle():
+    """warm_up runs every group size's requests to the end, then collects and freezes what is alive (gc.freeze), so
+    a full collector pass during serving skips the libraries' and the model's objects."""
+    policy = policy_for("smoke")
+    model = m1jax.M1ForCausalLM(SMOKE_CONFIG, policy=policy)
+    batcher = Batcher(model, random_params(SMOKE_CONFIG, policy=policy), lambda ids: "", max_batch=2,
+                      max_context=64, chunk_size=16, decode_steps=K, prefill_batch=2)
+    gc.unfreeze()
+    try:
+        batcher.warm_up(PROMPT)
+        assert gc.get_freeze_count() > 0
+        assert batcher.busy_slots == 0 and batcher.queue_depth == 0
+    finally:
+        gc.unfreeze()
