@@ -120,7 +120,8 @@ def summarize(rows: list[dict]) -> dict:
         arms[label] = {
             "arm": row["arm"], "layer_types": row["layer_types"], "softmax_layers": row["layer_types"].count("softmax"),
             "heads": row["heads"], "head_dim": row["head_dim"], "state_floats": row["state_floats"],
-            "params": row["params"], "steps": min(r["steps_done"] for r in finals),
+            "short_conv": row.get("short_conv", 0), "params": row["params"],
+            "steps": min(r["steps_done"] for r in finals),
             "cut_short": any(r["cut_short"] for r in finals),
             "train_seconds": sum(r["train_seconds"] for r in finals), "recipe": row["recipe"],
             "device": row.get("device"), "lightning_impl": row.get("lightning_impl"), "mean_accuracy_per_lr": per_lr,
@@ -202,7 +203,8 @@ def plot_capacity(table: dict, path: str | None, title: str):
             if values:
                 ps = sorted(values, key=int)
                 ax.plot([int(p) for p in ps], [100 * values[p] for p in ps], marker="o", color=colours[label],
-                        ls="--" if ", conv " in label else "-", label=f"{label} ({len(entry['seeds'])}/{entry['members']} learned)")
+                        ls="--" if ", conv " in label else "-",
+                        label=f"{label} ({len(entry['seeds'])}/{entry['members']} learned)")
         for d in dims:
             ax.axvline(d, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
@@ -259,11 +261,13 @@ def plot_key_matching(table: list[dict], path: str | None, title: str):
              for panel in panels}
     counts = [len(cells[panel]) for panel in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.24 * sum(counts) + 0.5 * len(panels)),
-                             squeeze=False, gridspec_kw={"height_ratios": [n + 1.5 for n in counts]}, layout="constrained")
+                             squeeze=False, gridspec_kw={"height_ratios": [n + 1.5 for n in counts]},
+                             layout="constrained")
     for ax, (layers, steps, seq_len) in zip(axes[:, 0], panels):
         panel = cells[(layers, steps, seq_len)]
         names = [", ".join([t["title"].removeprefix("layers "), *(v for k, v in t.get("plan", {}).items()
-                                          if k not in ("layers", "steps", "seq_len") and v not in t["title"]), f"lr {t['lr']:g}"])
+                                          if k not in ("layers", "steps", "seq_len") and v not in t["title"]),
+                            f"lr {t['lr']:g}"])
                  for t in panel]
         bars = ax.barh(range(len(panel)), [100 * t["matched"] / len(t["seeds"]) for t in panel],
                        color=["tab:orange" if t["softmax_layers"] == 0 else "tab:blue" for t in panel])
@@ -281,16 +285,18 @@ def plot_key_matching(table: list[dict], path: str | None, title: str):
 
 
 def plot_hybrid(summary: dict, path: str, title: str):
+    """Left: recall against P per arm at its best rate (legend below the panels). Right: lightning-only arms'
+    recall against their state size, a line per P and plan (with the convolution apart)."""
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, arm in summary["arms"].items():
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2 + 0.11 * len(summary["arms"])))
+    for i, (name, arm) in enumerate(summary["arms"].items()):
         pairs = sorted(arm["accuracy_by_pairs"], key=int)
         mean = [100 * arm["accuracy_by_pairs"][p]["mean"] for p in pairs]
         std = [100 * arm["accuracy_by_pairs"][p]["std"] for p in pairs]
         label = arm_title(arm["arm"], arm["layer_types"], arm["heads"], arm["head_dim"])
         label += "" if name == arm["arm"] else name[len(arm["arm"]):]
-        left.errorbar([int(p) for p in pairs], mean, yerr=std, marker="o", capsize=3,
-                      label=f"{label} (lr {arm['best_lr']:g})")
+        left.errorbar([int(p) for p in pairs], mean, yerr=std, marker="o", capsize=3, color=plt.cm.tab20(i % 20),
+                      ls="--" if arm.get("short_conv") else "-", label=f"{label} (lr {arm['best_lr']:g})")
     recipe = next(iter(summary["arms"].values()))["recipe"]
     chance = 100 / (recipe["vocab"] - 1 - (recipe["vocab"] - 1) // 2)  # one of the value ids
     left.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:.2g}%)")
@@ -298,17 +304,18 @@ def plot_hybrid(summary: dict, path: str, title: str):
     left.set_xlabel("key-value pairs P")
     left.set_ylabel("held-out recall (%), best lr, mean ± sd over seeds")
     left.set_title(title, fontsize=9)
-    left.legend(fontsize=7)
     left.grid(alpha=0.3)
     lightning = [a for a in summary["arms"].values() if a["softmax_layers"] == 0]
-    plans = sorted({(len(a["layer_types"]), a["steps"]) for a in lightning})
-    for layers, steps in plans:
-        xs = sorted((a for a in lightning if (len(a["layer_types"]), a["steps"]) == (layers, steps)),
-                    key=lambda a: a["state_floats"])
+    plan = lambda a: (len(a["layer_types"]), a["steps"], a.get("short_conv", 0))  # noqa: E731
+    plans = sorted({plan(a) for a in lightning})
+    for layers, steps, conv in plans:
+        xs = sorted((a for a in lightning if plan(a) == (layers, steps, conv)), key=lambda a: a["state_floats"])
         for p in sorted(xs[0]["accuracy_by_pairs"], key=int):
             right.errorbar([a["state_floats"] for a in xs], [100 * a["accuracy_by_pairs"][p]["mean"] for a in xs],
                            yerr=[100 * a["accuracy_by_pairs"][p]["std"] for a in xs], marker="o", capsize=3,
-                           label=f"P={p}" + (f", {layers} layers, {steps} steps" if len(plans) > 1 else ""))
+                           ls="--" if conv else "-", label=f"P={p}" + (
+                               f", {layers} layers, {steps} steps" + (f", conv {conv}" if conv else "")
+                               if len(plans) > 1 else ""))
     right.set_xscale("log", base=2)
     right.set_xlabel("lightning state per layer, H·D·D floats")
     right.set_ylabel("held-out recall (%)")
@@ -316,7 +323,9 @@ def plot_hybrid(summary: dict, path: str, title: str):
     if lightning:
         right.legend(fontsize=7)
     right.grid(alpha=0.3)
-    return finish_figure(fig, path)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    return finish_figure(fig, path, rect=(0, 0.035 * ((len(labels) + 1) // 2) * 4.2 / fig.get_figheight(), 1, 1))
 
 
 def plot_lengths(summary: dict, path: str, title: str):
