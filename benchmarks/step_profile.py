@@ -188,7 +188,7 @@ def target_engine(smoke: bool, trace: bool = True):
     batcher = Batcher(model, params, lambda ids: "", max_batch=slots, max_context=context, chunk_size=512 if not
                       smoke else 16, max_queue=4096, decode_steps=k, prefill_batch=16 if not smoke else 2)
     batcher.warm_up(prompt)
-    text = steps.JITTED["decode"].lower(batcher._model(None), False, k, params, batcher.slots).compile().as_text() \
+    text = steps.JITTED["decode"].lower(batcher._model(None), None, k, params, batcher.slots).compile().as_text() \
         if trace else ""
     stamps: list[float] = []
     stop = threading.Event()

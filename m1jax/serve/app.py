@@ -328,7 +328,7 @@ async def _completions(server: Server, request: Request):
                 seed=_seed(None if seed is None else seed + j), stop_ids=server.stop_ids, stop_strings=stops,
                 expert_threshold=params["expert_threshold"], logit_bias=params["logit_bias"],
                 prompt_logprobs=echo and logprobs is not None, want_logprobs=logprobs is not None,
-                want_routing=False)  # OpenAI responses carry no routing log
+                top_logprobs=logprobs or 0, want_routing=False)  # OpenAI responses carry no routing log
             for ids in prompts for j in range(n)]
     run = _Run(server, jobs)
     run.submit()
@@ -439,7 +439,7 @@ async def _chat(server: Server, request: Request):
     jobs = [Job(ids, max_tokens, temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
                 seed=_seed(None if seed is None else seed + j), stop_ids=server.stop_ids, stop_strings=stops,
                 expert_threshold=params["expert_threshold"], logit_bias=params["logit_bias"],
-                want_logprobs=want_logprobs, want_routing=False) for j in range(n)]
+                want_logprobs=want_logprobs, top_logprobs=top, want_routing=False) for j in range(n)]
     run = _Run(server, jobs)
     run.submit()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

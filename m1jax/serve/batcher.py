@@ -216,6 +216,9 @@ class Batcher(TokenOutput):
                              f"{need} exceeds the server's context of {self.max_context} tokens")
         if job.max_new_tokens < (0 if job.prompt_logprobs else 1):
             raise ValueError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
+        if isinstance(job.top_logprobs, bool) or not isinstance(job.top_logprobs, int) or \
+                not 0 <= job.top_logprobs <= steps.TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {steps.TOP_LOGPROBS}], got {job.top_logprobs!r}")
         ids = admission.prompt_array(job.prompt_ids)
         bad = [i for i in job.prompt_ids if not 0 <= i < self.config.vocab_size] if ids is None else \
             ids[(ids < 0) | (ids >= self.config.vocab_size)][:5].tolist()
@@ -246,20 +249,20 @@ class Batcher(TokenOutput):
 
     def warm_up(self, prompt_length: int) -> None:
         """Compile the steps a prompt of this length meets: every group size, the four decode variants (log-probs
-        and routing statistics, each on or off) greedy, and the OpenAI routes' variant (neither) with draws and with
-        top-p (steps.decode_steps's sampling modes; the rarer combinations compile on first use). Runs on the calling
+        and routing statistics, each on or off) greedy, the drawn token's log-prob alone (top_logprobs 0), and the
+        OpenAI routes' variant (neither) with draws and with top-p (steps.decode_steps's sampling modes; the rarer
+        combinations compile on first use). Runs on the calling
         thread, before start_thread. Then collects garbage and freezes every object alive (gc.freeze, process-wide):
         the libraries' and the model's objects leave the collector's view, so a full pass no longer stalls the
-        scheduler for tens of milliseconds at random (84 ms per pass with jax, flax and m1jax imported, on a 2-core
-        CPU machine; 0.005 ms after the freeze)."""
+        scheduler for tens of milliseconds at random (84 ms a pass with jax, flax and m1jax imported, 0.005 after)."""
         length = max(1, min(prompt_length, self.max_context - 2))
         admission.warm_seed_keys(self.prefill_batch)
-        variants = [(False, True, {}), (True, True, {}), (False, False, {}), (True, False, {}),
-                    (False, False, {"temperature": 1.0}), (False, False, {"temperature": 1.0, "top_p": 0.9})]
+        variants = [dict(want_logprobs=lp, want_routing=rt) for rt in (True, False) for lp in (False, True)] + [
+            dict(want_logprobs=True, want_routing=False, top_logprobs=0), dict(want_routing=False, temperature=1.0),
+            dict(want_routing=False, temperature=1.0, top_p=0.9)]
         for size in sorted({group_rows(n, self.prefill_batch) for n in range(1, self.prefill_batch + 1)}):
-            for lp, rt, sampling in variants:  # log-probs, routing, sampling settings
-                jobs = [self.submit(Job([0] * length, 2, want_logprobs=lp, want_routing=rt, **sampling))
-                        for _ in range(size)]
+            for settings in variants:  # log-probs, routing, sampling
+                jobs = [self.submit(Job([0] * length, 2, **settings)) for _ in range(size)]
                 self.run_until_idle()
                 failed = [job.error for job in jobs if job.error is not None]
                 if failed:
@@ -462,8 +465,9 @@ class Batcher(TokenOutput):
             if job.max_new_tokens == 0:
                 job.finish_reason = "length"
             else:
-                score = (float(scores[0][j]), scores[1][j].tolist(), scores[2][j].tolist()) if job.want_logprobs \
-                    else None
+                t = job.top_logprobs
+                score = (float(scores[0][j]), scores[1][j][:t].tolist(), scores[2][j][:t].tolist()) \
+                    if job.want_logprobs else None
                 if not self._accept(job, int(first[j]), score):
                     continue
             if j in group.pending:
@@ -529,15 +533,16 @@ class Batcher(TokenOutput):
     # ----- decode: one call in flight while the host reads the one before -----
     def _launch(self) -> None:
         """Start a decode call of K steps (asynchronously: it runs while the host reads the previous call)."""
-        want = any(job is not None and job.want_logprobs for job in self.active)
+        tops = [job.top_logprobs for job in self.active if job is not None and job.want_logprobs]
+        logprobs = None if not tops else steps.TOP_LOGPROBS if max(tops) else 0  # two variants: top-20 or none
         routing = any(job is not None and job.want_routing for job in self.active)
-        future = self._device.submit(steps.JITTED["decode"], self._model(self.batch_threshold), want,
+        future = self._device.submit(steps.JITTED["decode"], self._model(self.batch_threshold), logprobs,
                                      self.decode_steps, self.params, self.slots, with_routing=routing,
                                      sampling=sampling_mode(self.active, self.config.vocab_size))
         self._pending = future
         self.index += self.decode_steps  # the device's index moves by K whatever happens in the call
         self.drawn = [n + self.decode_steps for n in self.drawn]
-        self.in_flight.append(_Call(future, list(self.active), want))
+        self.in_flight.append(_Call(future, list(self.active), logprobs is not None))
 
     def _read(self, call: _Call) -> None:
         """Give each request its new tokens of a finished call, in order, and free the slots of those that ended."""
@@ -551,7 +556,8 @@ class Batcher(TokenOutput):
             if job is None or job.done.is_set():  # ended before (its tokens in this call are discarded)
                 continue
             n = steps_live[b]
-            scores = list(zip(logp[:n, b].tolist(), top_ids[:n, b].tolist(), top_logp[:n, b].tolist())) if (
+            t = job.top_logprobs  # the call's variant may hold more alternatives (another row's)
+            scores = list(zip(logp[:n, b].tolist(), top_ids[:n, b, :t].tolist(), top_logp[:n, b, :t].tolist())) if (
                 call.want_logprobs and job.want_logprobs) else None
             end = self._accept_tokens(job, columns[b][:n], scores)
             if end is not None:

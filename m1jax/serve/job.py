@@ -44,9 +44,10 @@ class Job:
     """One generation request. prompt_ids: token ids; max_new_tokens >= 1 (0 only with prompt_logprobs, to score a
     prompt); stop_ids end it (the id is kept in token_ids, not in text); stop_strings end it with the text cut before
     the string (tokens drawn after it are discarded). expert_threshold None keeps the model's. prompt_logprobs:
-    compute log p(prompt[j] | prompt[:j]). want_logprobs: record each drawn token's log-prob and the top 20
-    (job.logprobs; None per token otherwise). want_routing: count the request's own expert choices (job.counts,
-    job.calls, for its routing log); a decode batch in which no request wants them skips that work."""
+    compute log p(prompt[j] | prompt[:j]). want_logprobs: record each drawn token's log-prob and the
+    `top_logprobs` (0-20) most likely tokens' (job.logprobs; None per token otherwise). want_routing: count the
+    request's own expert choices (job.counts, job.calls, for its routing log); a decode batch in which no request
+    wants them skips that work."""
     prompt_ids: list[int]
     max_new_tokens: int
     temperature: float = 0.0
@@ -58,6 +59,7 @@ class Job:
     expert_threshold: float | None = None
     prompt_logprobs: bool = False
     want_logprobs: bool = False
+    top_logprobs: int = 20  # alternatives wanted with want_logprobs; with 0 in every row the decode skips the top-k
     want_routing: bool = True
     logit_bias: dict[int, float] | None = None
     timeout: float | None = None

@@ -88,9 +88,13 @@ class Drawn(NamedTuple):
 
 
 def top_logprobs(logits: jax.Array, chosen: jax.Array, n: int = TOP_LOGPROBS):
-    """(..., V) logits, (...) chosen ids -> (chosen log-prob (...), top ids (..., n) int32, top log-probs (..., n))."""
+    """(..., V) logits, (...) chosen ids -> (chosen log-prob (...), top ids (..., n) int32, top log-probs (..., n)).
+    n = 0 skips the top-k over the vocabulary (the ids and log-probs are then empty)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    values, ids = jax.lax.top_k(logp, min(n, logits.shape[-1]))
+    if n == 0:
+        ids, values = jnp.zeros(logp.shape[:-1] + (0,), jnp.int32), jnp.zeros(logp.shape[:-1] + (0,), jnp.float32)
+    else:
+        values, ids = jax.lax.top_k(logp, min(n, logits.shape[-1]))
     return jnp.take_along_axis(logp, chosen[..., None], axis=-1)[..., 0], ids.astype(jnp.int32), values
 
 
@@ -235,9 +239,11 @@ def shift(slots: Slots, delta: jax.Array) -> Slots:
     return slots.replace(cache=shift_slots(slots.cache, delta))
 
 
-def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, params, slots: Slots,
+def decode_steps(model: M1ForCausalLM, logprobs: int | None, num_steps: int, params, slots: Slots,
                  with_routing: bool = True, sampling: str = "filter"):
     """num_steps (K) decode steps of every row; see the module docstring. Returns (slots, Drawn).
+    logprobs: None draws no log-probabilities; n records each drawn token's and the top n (0: the drawn token's
+    only, without the top-k over the vocabulary that costs a third of a step at hf-bench's vocabulary).
     with_routing False (no live request reports routing) skips the per-row routing statistics: their counts stay 0.
     sampling: sample_rows's mode, the least general one that covers the live rows (job.sampling_mode).
 
@@ -246,7 +252,8 @@ def decode_steps(model: M1ForCausalLM, with_logprobs: bool, num_steps: int, para
     slots = slots.replace(cache=slots.cache.replace(fresh=False))  # as the steps return it (the loop's carry)
     batch = slots.last.shape[0]
     layers_experts = slots.counts.shape[1:]
-    n = min(TOP_LOGPROBS, slots.bias.shape[-1])
+    with_logprobs = logprobs is not None
+    n = min(logprobs or 0, slots.bias.shape[-1])
     drawn = Drawn(tokens=jnp.zeros((num_steps, batch), jnp.int32), emitted=jnp.zeros((num_steps, batch), bool),
                   logp=jnp.zeros((num_steps, batch), jnp.float32) if with_logprobs else None,
                   top_ids=jnp.zeros((num_steps, batch, n), jnp.int32) if with_logprobs else None,

@@ -289,15 +289,17 @@ def test_routing_statistics_only_when_a_row_asks(model_and_params, rng):
     assert counted[1].counts.sum() > 0
 
 
-def test_top_logprobs_only_when_a_row_asks(model_and_params, rng):
-    """The decode call computes the top-20 log-probabilities only in its with-logprobs variant (chosen when a live
-    row asked); a row that asked gets each token's log-prob and top 20 (equal to a full forward's), the others None."""
+def test_top_logprobs_only_when_a_row_asks(model_and_params, rng, monkeypatch):
+    """The decode call computes the top-20 log-probabilities only in its top-20 variant (chosen when a live row
+    asked for alternatives); a row that asked gets each token's log-prob and its top_logprobs alternatives (equal to
+    a full forward's), the others None; rows that asked for none (top_logprobs 0) get the same log-probs from the
+    variant without the top-k."""
     model, params = model_and_params
     batcher = _batcher(model, params)
-    lowered = {flag: jax.jit(steps.decode_steps, static_argnums=(0, 1, 2)).lower(
-        model, flag, 2, params, batcher.slots).as_text() for flag in (False, True)}
+    lowered = {n: jax.jit(steps.decode_steps, static_argnums=(0, 1, 2)).lower(
+        model, n, 2, params, batcher.slots).as_text() for n in (None, 0, 20)}
     top20 = lambda text: [line for line in text.splitlines() if "top_k" in line and "k = 20" in line]
-    assert top20(lowered[True]) and not top20(lowered[False])
+    assert top20(lowered[20]) and not top20(lowered[0]) and not top20(lowered[None])
     prompt = rng.integers(0, 512, 13).tolist()
     asked, plain = _run(batcher, [Job(prompt, 6, want_logprobs=True), Job(rng.integers(0, 512, 9).tolist(), 6)])
     assert all(entry is None for entry in plain.logprobs) and len(plain.logprobs) == 6
@@ -311,6 +313,21 @@ def test_top_logprobs_only_when_a_row_asks(model_and_params, rng):
         assert len(top_ids) == 20 and np.all(np.diff(top_lps) <= 0)
     alone = _run(batcher, [Job(prompt, 6)])[0]  # no row asks: the plain variant, the same tokens
     assert alone.token_ids == asked.token_ids and all(entry is None for entry in alone.logprobs)
+    variants, decode = [], steps.JITTED["decode"]
+    monkeypatch.setitem(steps.JITTED, "decode", lambda model, n, *rest, **kw: (variants.append(n),
+                                                                               decode(model, n, *rest, **kw))[1])
+    bare, three = _run(batcher, [Job(prompt, 6, want_logprobs=True, top_logprobs=0),
+                                 Job(prompt, 6, want_logprobs=True, top_logprobs=3)])
+    assert set(variants) == {20}  # one row wants alternatives: the top-20 variant, sliced per row
+    variants.clear()
+    only = _run(batcher, [Job(prompt, 6, want_logprobs=True, top_logprobs=0)])[0]
+    assert set(variants) == {0}  # no row wants alternatives: the variant without the top-k
+    for job, n in ((bare, 0), (three, 3), (only, 0)):
+        assert job.token_ids == asked.token_ids
+        np.testing.assert_allclose([e[0] for e in job.logprobs], [e[0] for e in asked.logprobs], rtol=1e-5, atol=1e-5)
+        assert all(e[1] == a[1][:n] and len(e[2]) == n for e, a in zip(job.logprobs, asked.logprobs))
+    with pytest.raises(ValueError, match="top_logprobs must be an integer in"):
+        batcher.submit(Job(prompt, 6, want_logprobs=True, top_logprobs=21))
 
 
 def test_incremental_text_decode(model_and_params):
