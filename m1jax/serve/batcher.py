@@ -251,10 +251,10 @@ class Batcher(TokenOutput):
         """Compile the steps a prompt of this length meets: every group size, the four decode variants (log-probs
         and routing statistics, each on or off) greedy, the drawn token's log-prob alone (top_logprobs 0), and the
         OpenAI routes' variant (neither) with draws and with top-p (steps.decode_steps's sampling modes; the rarer
-        combinations compile on first use). Runs on the calling
-        thread, before start_thread. Then collects garbage and freezes every object alive (gc.freeze, process-wide):
-        the libraries' and the model's objects leave the collector's view, so a full pass no longer stalls the
-        scheduler for tens of milliseconds at random (84 ms a pass with jax, flax and m1jax imported, 0.005 after)."""
+        combinations compile on first use). Runs on the calling thread, before start_thread. Then collects garbage and
+        freezes every object alive (gc.freeze, process-wide): the libraries' and the model's objects leave the
+        collector's view, so a full pass no longer stalls the scheduler for tens of milliseconds at random (84 ms a
+        pass with jax, flax and m1jax imported, 0.005 after)."""
         length = max(1, min(prompt_length, self.max_context - 2))
         admission.warm_seed_keys(self.prefill_batch)
         variants = [dict(want_logprobs=lp, want_routing=rt) for rt in (True, False) for lp in (False, True)] + [

@@ -291,7 +291,6 @@ def decode_steps(model: M1ForCausalLM, logprobs: int | None, num_steps: int, par
 
 
 JITTED = {
-    "reset": jax.jit(reset_rows, donate_argnums=0),
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
     "first": jax.jit(first_tokens, static_argnums=(0, 1)),
     "settings": jax.jit(row_settings, static_argnums=(0, 1)),
