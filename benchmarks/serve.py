@@ -8,8 +8,9 @@ Run on the GPU machine (one call, one card, ~5-8 minutes):
 Workload: the "hf-bench" shape (bf16, random weights N(0, 0.02)), prompts of 512 random tokens, 256 output tokens
 each, greedy, no eos (every request runs its full length). Each client sends its requests one after another;
 at concurrency c there are max(2c, 8) requests in all.
-  engine         clients are threads calling the Batcher in-process (no HTTP: fastapi/uvicorn need not be installed),
-                 once for each --decode-steps K (decode steps per device call; tokens reach the host every K steps)
+  engine         clients call the Batcher in-process, driven by one thread as an HTTP front end is by one event loop
+                 (no HTTP: fastapi/uvicorn need not be installed), once for each --decode-steps K (decode steps per
+                 device call; tokens reach the host every K steps)
   http           with --http and fastapi + uvicorn + httpx importable: the same through the OpenAI /v1/completions
                  route, streamed, from asyncio clients on loopback in a process of their own
                  (benchmarks/http_load.py; before 2026-12-01 they shared the server's process), counting tokens
@@ -38,6 +39,7 @@ decode call).
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -79,40 +81,45 @@ TIMELINE = {"path": None, "printed": []}  # --timeline: $OUT/timeline.jsonl, and
 
 def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurrency: int,
                timeline: Timeline | None = None) -> dict:
-    """`concurrency` client threads share the prompts; each sends its requests one after another. The threads are
-    started before the clock and released together (a barrier), and keep only their requests' token stamps until
-    the run ends: a client's own Python work (thread start-up, statistics) would otherwise run inside the timed
-    window and hold the GIL the scheduler needs (measured 2026-12-01: starting 64 threads spread wave 1's arrivals
-    over 23 ms). With a timeline (attached to the batcher), it records from the clients' release to their end."""
-    finished: list[tuple[Job, list[float]]] = []  # list.append is atomic: no lock on the clients' path
+    """`concurrency` clients share the prompts; each sends its requests one after another. The clients are one
+    driver (this thread), as an HTTP front end is one event loop: it sends every client's first request, then, as
+    each request ends (its "done" event, queued by the scheduler thread), that client's next one. Token stamps are
+    kept until the run ends. (Until 2026-12-01 each client was a thread of its own: 64 threads waking to submit
+    held the GIL the scheduler needed, and spread a wave's arrivals over 11-23 ms; the HTTP section keeps real
+    clients, in a process of their own.) With a timeline (attached to the batcher), it records the whole run."""
+    waiting = [prompts[i::concurrency] for i in range(concurrency)]
+    ended: queue.SimpleQueue = queue.SimpleQueue()
+    finished: list[tuple[Job, list[float]]] = []
     errors: list[str] = []
-    start = threading.Barrier(concurrency + 1)
 
-    def client(mine):
-        start.wait()
-        for prompt in mine:
-            stamps: list[float] = []
-            job = Job(prompt, output, on_event=lambda kind, data, stamps=stamps: stamps.extend(
-                [time.perf_counter()] * len(data.get("token_ids", ()))), **ROUTING)  # a call's tokens: one event
-            try:
-                batcher.submit(job)
-            except Exception as error:  # QueueFull, or a request the batcher refuses
-                errors.append(repr(error))
-                return
-            job.done.wait()
-            if job.error is not None:
-                errors.append(job.error)
-                return
-            finished.append((job, stamps))
+    def send(client: int) -> bool:
+        stamps: list[float] = []
 
-    groups = [prompts[i::concurrency] for i in range(concurrency)]
-    threads = [threading.Thread(target=client, args=(g,)) for g in groups]
-    for t in threads:
-        t.start()
+        def on_event(kind, data):
+            if kind == "done":
+                ended.put((client, job, stamps))
+            else:  # a decode call's tokens of this request arrive in one event: one stamp per token
+                stamps.extend([time.perf_counter()] * len(data.get("token_ids", ())))
+
+        job = Job(waiting[client].pop(0), output, on_event=on_event, **ROUTING)
+        try:
+            batcher.submit(job)
+        except Exception as error:  # QueueFull, or a request the batcher refuses
+            errors.append(repr(error))
+            return False
+        return True
+
     begin = time.perf_counter() if timeline is None else timeline.begin()
-    start.wait()  # the last to arrive: it releases the clients
-    for t in threads:
-        t.join()
+    outstanding = sum(send(client) for client in range(concurrency))
+    while outstanding:
+        client, job, stamps = ended.get()
+        outstanding -= 1
+        if job.error is not None:
+            errors.append(job.error)
+            continue
+        finished.append((job, stamps))
+        if waiting[client]:
+            outstanding += send(client)
     wall = time.perf_counter() - begin
     if timeline is not None:
         timeline.end(begin + wall)
