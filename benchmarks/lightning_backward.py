@@ -20,7 +20,6 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch (FLA) shares the card
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import rel_err  # noqa: E402
 from benchmarks.lightning_grid import GRID, SMOKE_GRID, bench, inputs, load_fla  # noqa: E402
