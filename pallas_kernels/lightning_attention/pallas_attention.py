@@ -2,7 +2,8 @@
 
 Forward: the chunk-parallel kernels (chunk_kernel.py: states at chunk starts, then every output block
 at once), or one forward sweep over (q, k, v) (sweep_kernel.py); both give o and the final state.
-`choose_forward_config` picks one per shape (measurements in benchmarks/notes_lightning.md).
+`choose_forward_config` picks one per shape (measurements in benchmarks/notes_lightning.md), and
+`choose_backward_config` the backward sweeps' tiling.
 
 Backward, with o_i = q_i S_i and S_i the state after token i, G_i the gradient reaching S_i (from later
 queries and the final state):
@@ -16,6 +17,7 @@ sweep: every term decays as exp(-s (p_query - p_key)), so
 dL/ds = sum_t p_t (k_t . dk_t - do_t . o_t) - p_last <dS_final, S_final> + p_(-1) <S0, dS0>
 with positions p taken relative to any fixed origin (the row's centre, to keep the sums small).
 """
+import dataclasses
 import functools
 
 import jax
@@ -175,16 +177,33 @@ def choose_forward_config(shape, dtype, block=None):
     return ChunkConfig(block=block)
 
 
+def choose_backward_config(shape, dtype, forward_config):
+    """The three backward sweeps' tiling for q of `shape` (B, T, H, D): the forward's when it is a sweep (its
+    entering states are reused), else the default sweep. When B * H alone fills the sweep's target programs at
+    head dims above its 64 output columns (16-bit inputs), each program takes all D columns with 8 warps: the
+    column tiles are not needed for parallelism there, and each one re-reads both row operands. Measured on an
+    H200 (2026-12-01, benchmarks/lightning_backward.py, forward+backward ms, 64 columns / all 128 with 8 warps):
+    (16, 1000, 64, 128) 2.530 / 1.518; with fewer (row, head) pairs, where the columns are the parallelism,
+    (1, 16384, 64, 128) 1.994 / 1.944 and (4, 8192, 16, 128) 1.107 / 1.208."""
+    if isinstance(forward_config, SweepConfig):
+        return forward_config
+    config = SweepConfig()
+    batch, _, heads, head_dim = shape
+    if head_dim > config.block_v and batch * heads >= config.target_programs and dtype != jnp.float32:
+        return dataclasses.replace(config, block_v=head_dim, num_warps=8)
+    return config
+
+
 def pallas_lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, config=None,
                                backward_config=None, interpret=False):
     """Lightning attention on the Pallas kernels (arguments as in ops.lightning_attention, already checked).
 
     config: the forward's tiling, a ChunkConfig (chunk-parallel kernels) or a SweepConfig (one sweep);
-      None: choose_forward_config. backward_config: SweepConfig of the three backward sweeps (None: config
-      when that is a SweepConfig, else the default SweepConfig).
+      None: choose_forward_config. backward_config: SweepConfig of the three backward sweeps (None:
+      choose_backward_config).
     Returns (o (B, T, H, D) in q.dtype, final state (B, H, D, D) float32)."""
     config = config or choose_forward_config(q.shape, q.dtype)
-    backward_config = backward_config or (config if isinstance(config, SweepConfig) else SweepConfig())
+    backward_config = backward_config or choose_backward_config(q.shape, q.dtype, config)
     runs = None if segment_ids is None else run_indices(segment_ids)
     state0 = None if initial_state is None else initial_state.astype(jnp.float32)
     return _attention(q, k, v, slopes.astype(jnp.float32), state0, runs, config, backward_config, interpret)

@@ -170,3 +170,35 @@ def test_forward_tiling_choice_by_shape():
     assert isinstance(choose_forward_config((16, 1000, 64, 128), bf16), ChunkConfig)
     assert isinstance(choose_forward_config((16, 1000, 64, 64), jnp.float32), ChunkConfig)
     assert isinstance(choose_forward_config((1, 16385, 8, 128), bf16), SweepConfig)
+
+
+def test_backward_tiling_choice_by_shape():
+    """The measured rule: the forward's sweep when it is one; whole 128-column programs (8 warps) when B * H fills
+    the sweep's target programs in bf16; the default 64-column tiles otherwise."""
+    from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig
+    from pallas_kernels.lightning_attention.pallas_attention import choose_backward_config
+    bf16, default = jnp.bfloat16, SweepConfig()
+    forward_sweep = SweepConfig(target_programs=0)
+    assert choose_backward_config((16, 1000, 64, 128), bf16, forward_sweep) is forward_sweep
+    wide = choose_backward_config((16, 1000, 64, 128), bf16, ChunkConfig())
+    assert (wide.block_v, wide.num_warps) == (128, 8)
+    assert choose_backward_config((1, 16384, 64, 128), bf16, ChunkConfig()) == default  # 64 pairs: columns
+    assert choose_backward_config((4, 8192, 16, 128), bf16, ChunkConfig()) == default
+    assert choose_backward_config((16, 1000, 64, 64), bf16, ChunkConfig()) == default  # 64 columns are all of D
+    assert choose_backward_config((16, 1000, 64, 128), jnp.float32, ChunkConfig()) == default
+
+
+def test_pallas_whole_column_backward_at_head_dim_128():
+    """The wide backward tiling (all 128 columns per program, 8 warps) against the recurrence, ragged and packed."""
+    case = random_case(128, 2, BLOCK + 5, 1, 128, jnp.float32, packed=True)
+    q, k, v, slopes, state0, segment_ids, do, dfinal = case
+    pallas = lambda q, k, v, s, s0: pallas_lightning_attention(
+        q, k, v, s, initial_state=s0, segment_ids=segment_ids, config=SweepConfig(block=BLOCK, block_v=16),
+        backward_config=SweepConfig(block=BLOCK, block_v=128, num_warps=8), interpret=True)
+    reference = lambda q, k, v, s, s0: reference_lightning_attention(q, k, v, s, initial_state=s0,
+                                                                     segment_ids=segment_ids)
+    run = jax.jit(value_and_grads, static_argnums=(0, 1))
+    _, _, got = run(pallas, (0, 1, 2, 4), q, k, v, slopes, state0, do, dfinal)
+    _, _, want = run(reference, (0, 1, 2, 4), q, k, v, slopes, state0, do, dfinal)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-4
