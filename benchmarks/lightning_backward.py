@@ -27,7 +27,7 @@ from pallas_kernels.lightning_attention.pallas_attention import (choose_forward_
                                                                  pallas_lightning_attention)
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig  # noqa: E402
 
-SHIPPED = SweepConfig()
+SHIPPED = SweepConfig()  # the default; the rule in pallas_attention.choose_backward_config may pick another
 CANDIDATES = {
     "shipped": SHIPPED,
     "stages2": dataclasses.replace(SHIPPED, num_stages=2),
@@ -36,6 +36,7 @@ CANDIDATES = {
     "bv32": dataclasses.replace(SHIPPED, block_v=32),
     "bv32-w2": dataclasses.replace(SHIPPED, block_v=32, num_warps=2),
     "bv128-w8": dataclasses.replace(SHIPPED, block_v=128, num_warps=8),
+    "bv128-w8-1span": dataclasses.replace(SHIPPED, block_v=128, num_warps=8, target_programs=0),
     "block32": dataclasses.replace(SHIPPED, block=32),
     "block32-bv128-w8": dataclasses.replace(SHIPPED, block=32, block_v=128, num_warps=8),
     "spans2048": dataclasses.replace(SHIPPED, target_programs=2048),
