@@ -6,9 +6,9 @@
 The backward is three sweeps (pallas_attention._backward: dq forward over (do, v, k); dv, dk in reverse) run with
 one SweepConfig. Per shape (B, T, H, D) of benchmarks/lightning_grid.GRID, bf16: ours forward+backward (the shipped
 forward, `jax.vjp`) with each candidate backward tiling below, every candidate's dq, dk, dv checked against the
-shipped tiling's (relative L2 over the whole tensors); then FLA's `chunk_simple_gla` forward+backward in the same
+default tiling's (relative L2 over the whole tensors); then FLA's `chunk_simple_gla` forward+backward in the same
 run (autograd). Timing as in lightning_grid.bench (median of 5 batches of back-to-back calls, one sync each).
-The first shape gets every candidate; later shapes the shipped one and the three fastest at the first.
+The first shape gets every candidate; later shapes the default one and the three fastest at the first.
 Writes $OUT/lightning_backward.jsonl as it goes and prints the table last.
 """
 import argparse
@@ -27,20 +27,20 @@ from pallas_kernels.lightning_attention.pallas_attention import (choose_forward_
                                                                  pallas_lightning_attention)
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig  # noqa: E402
 
-SHIPPED = SweepConfig()  # the default; the rule in pallas_attention.choose_backward_config may pick another
+DEFAULT = SweepConfig()  # pallas_attention.choose_backward_config picks it, or a wider tiling by its rule
 CANDIDATES = {
-    "shipped": SHIPPED,
-    "stages2": dataclasses.replace(SHIPPED, num_stages=2),
-    "stages4": dataclasses.replace(SHIPPED, num_stages=4),
-    "warps8": dataclasses.replace(SHIPPED, num_warps=8),
-    "bv32": dataclasses.replace(SHIPPED, block_v=32),
-    "bv32-w2": dataclasses.replace(SHIPPED, block_v=32, num_warps=2),
-    "bv128-w8": dataclasses.replace(SHIPPED, block_v=128, num_warps=8),
-    "bv128-w8-1span": dataclasses.replace(SHIPPED, block_v=128, num_warps=8, target_programs=0),
-    "block32": dataclasses.replace(SHIPPED, block=32),
-    "block32-bv128-w8": dataclasses.replace(SHIPPED, block=32, block_v=128, num_warps=8),
-    "spans2048": dataclasses.replace(SHIPPED, target_programs=2048),
-    "spans8192": dataclasses.replace(SHIPPED, target_programs=8192, min_span_blocks=2),
+    "default": DEFAULT,
+    "stages2": dataclasses.replace(DEFAULT, num_stages=2),
+    "stages4": dataclasses.replace(DEFAULT, num_stages=4),
+    "warps8": dataclasses.replace(DEFAULT, num_warps=8),
+    "bv32": dataclasses.replace(DEFAULT, block_v=32),
+    "bv32-w2": dataclasses.replace(DEFAULT, block_v=32, num_warps=2),
+    "bv128-w8": dataclasses.replace(DEFAULT, block_v=128, num_warps=8),
+    "bv128-w8-1span": dataclasses.replace(DEFAULT, block_v=128, num_warps=8, target_programs=0),
+    "block32": dataclasses.replace(DEFAULT, block=32),
+    "block32-bv128-w8": dataclasses.replace(DEFAULT, block=32, block_v=128, num_warps=8),
+    "spans2048": dataclasses.replace(DEFAULT, target_programs=2048),
+    "spans8192": dataclasses.replace(DEFAULT, target_programs=8192, min_span_blocks=2),
 }
 OUT = os.environ.get("OUT", ".")
 START = time.perf_counter()
@@ -110,11 +110,11 @@ def main(argv=None):
                 row["errors"]["fla"] = f"{type(err).__name__}: {str(err)[:200]}"
         with open(os.path.join(OUT, "lightning_backward.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        if n == 0:  # later shapes: the shipped tiling and the three fastest here
-            fastest = sorted((ms, name) for name, ms in row["ms"].items() if name != "shipped")[:3]
-            order = ["shipped"] + [name for _, name in fastest]
+        if n == 0:  # later shapes: the default tiling and the three fastest here
+            fastest = sorted((ms, name) for name, ms in row["ms"].items() if name != "default")[:3]
+            order = ["default"] + [name for _, name in fastest]
     print(f"\n== lightning forward+backward (shipped forward; backward tiling per column), bf16, "
-          f"{jax.devices()[0].device_kind}; ms per call, FLA/ours in brackets; err = max rel. L2 vs shipped")
+          f"{jax.devices()[0].device_kind}; ms per call, FLA/ours in brackets; err = max rel. L2 vs default")
     for row in rows:
         fla_ms = row.get("fla_ms")
         print(f"{tuple(row['shape'])}: FLA {fla_ms if fla_ms is None else round(fla_ms, 3)} ms")
