@@ -177,20 +177,26 @@ def choose_forward_config(shape, dtype, block=None):
     return ChunkConfig(block=block)
 
 
+# Backward sweeps at head dim 128 (H200, 2026-12-01, benchmarks/lightning_backward.py, forward+backward ms; two
+# 64-column tiles, rows cut into spans for ~512 programs / all 128 columns with 8 warps, one span per row): with
+# at least this many (row, head) pairs the wide tiling wins, (16, 1000, 64, 128) 2.530 / 1.518 and (4, 4099, 64,
+# 128) 2.549 / 1.432; with 64 pairs the column tiles and spans are the parallelism, (4, 8192, 16, 128) 1.107 /
+# 1.208 (wide, 8 spans) and (1, 16384, 64, 128) 1.994 / 1.944 (wide, 8 spans).
+WIDE_BACKWARD_MIN_PAIRS = 256
+
+
 def choose_backward_config(shape, dtype, forward_config):
     """The three backward sweeps' tiling for q of `shape` (B, T, H, D): the forward's when it is a sweep (its
-    entering states are reused), else the default sweep. When B * H alone fills the sweep's target programs at
-    head dims above its 64 output columns (16-bit inputs), each program takes all D columns with 8 warps: the
-    column tiles are not needed for parallelism there, and each one re-reads both row operands. Measured on an
-    H200 (2026-12-01, benchmarks/lightning_backward.py, forward+backward ms, 64 columns / all 128 with 8 warps):
-    (16, 1000, 64, 128) 2.530 / 1.518; with fewer (row, head) pairs, where the columns are the parallelism,
-    (1, 16384, 64, 128) 1.994 / 1.944 and (4, 8192, 16, 128) 1.107 / 1.208."""
+    entering states are reused), else the default sweep; but with at least WIDE_BACKWARD_MIN_PAIRS (row, head)
+    pairs at head dims above its 64 output columns (16-bit inputs), one program per (row, head) takes all D
+    columns with 8 warps and its whole row: the pairs fill the card, and each column tile would re-read both row
+    operands, each span add a states pass."""
     if isinstance(forward_config, SweepConfig):
         return forward_config
     config = SweepConfig()
     batch, _, heads, head_dim = shape
-    if head_dim > config.block_v and batch * heads >= config.target_programs and dtype != jnp.float32:
-        return dataclasses.replace(config, block_v=head_dim, num_warps=8)
+    if head_dim > config.block_v and batch * heads >= WIDE_BACKWARD_MIN_PAIRS and dtype != jnp.float32:
+        return dataclasses.replace(config, block_v=head_dim, num_warps=8, target_programs=0)
     return config
 
 

@@ -173,15 +173,16 @@ def test_forward_tiling_choice_by_shape():
 
 
 def test_backward_tiling_choice_by_shape():
-    """The measured rule: the forward's sweep when it is one; whole 128-column programs (8 warps) when B * H fills
-    the sweep's target programs in bf16; the default 64-column tiles otherwise."""
+    """The measured rule: the forward's sweep when it is one; whole 128-column programs (8 warps, one span per row)
+    with at least 256 (row, head) pairs in bf16; the default 64-column tiles and spans otherwise."""
     from pallas_kernels.lightning_attention.chunk_kernel import ChunkConfig
     from pallas_kernels.lightning_attention.pallas_attention import choose_backward_config
     bf16, default = jnp.bfloat16, SweepConfig()
     forward_sweep = SweepConfig(target_programs=0)
     assert choose_backward_config((16, 1000, 64, 128), bf16, forward_sweep) is forward_sweep
     wide = choose_backward_config((16, 1000, 64, 128), bf16, ChunkConfig())
-    assert (wide.block_v, wide.num_warps) == (128, 8)
+    assert (wide.block_v, wide.num_warps, wide.target_programs) == (128, 8, 0)
+    assert choose_backward_config((4, 4099, 64, 128), bf16, ChunkConfig()) == wide
     assert choose_backward_config((1, 16384, 64, 128), bf16, ChunkConfig()) == default  # 64 pairs: columns
     assert choose_backward_config((4, 8192, 16, 128), bf16, ChunkConfig()) == default
     assert choose_backward_config((16, 1000, 64, 64), bf16, ChunkConfig()) == default  # 64 columns are all of D
@@ -194,7 +195,7 @@ def test_pallas_whole_column_backward_at_head_dim_128():
     q, k, v, slopes, state0, segment_ids, do, dfinal = case
     pallas = lambda q, k, v, s, s0: pallas_lightning_attention(
         q, k, v, s, initial_state=s0, segment_ids=segment_ids, config=SweepConfig(block=BLOCK, block_v=16),
-        backward_config=SweepConfig(block=BLOCK, block_v=128, num_warps=8), interpret=True)
+        backward_config=SweepConfig(block=BLOCK, block_v=128, num_warps=8, target_programs=0), interpret=True)
     reference = lambda q, k, v, s, s0: reference_lightning_attention(q, k, v, s, initial_state=s0,
                                                                      segment_ids=segment_ids)
     run = jax.jit(value_and_grads, static_argnums=(0, 1))
