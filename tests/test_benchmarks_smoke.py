@@ -1,5 +1,6 @@
 """The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
-trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py and step_profile.py."""
+trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_backward.py and
+step_profile.py."""
 import importlib.util
 import json
 import os
@@ -107,6 +108,18 @@ def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
         assert all(err < lg.MISMATCH for err in r["vs_shipped"].values())  # every tiling computes the same
     assert any("ours_fb_ms" in r for r in rows)
     assert "MIN FLA/ours" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lightning_backward_smoke(tmp_path, monkeypatch, capsys):
+    lb = load("lightning_backward")
+    monkeypatch.setattr(lb, "OUT", str(tmp_path))
+    lb.main(["--smoke"])
+    rows = [json.loads(line) for line in (tmp_path / "lightning_backward.jsonl").read_text().splitlines()]
+    assert set(rows[0]["ms"]) == set(lb.CANDIDATES) and not rows[0]["errors"]  # every candidate ran
+    assert len(rows[1]["ms"]) == 4  # the default and the three fastest
+    assert all(err < 1e-2 for row in rows for err in row["err"].values())  # every tiling computes the same
+    assert "default" in capsys.readouterr().out
 
 
 @pytest.mark.slow
