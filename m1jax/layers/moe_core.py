@@ -17,6 +17,7 @@ expert id E: it sorts after every real group and is left out of the group sizes.
 Nothing here knows about meshes or Flax: `m1jax.layers.moe_parallel` runs the dispatch on one device or a mesh, and
 `m1jax.layers.moe` is the Flax layer.
 """
+import importlib.util
 import math
 from typing import Callable, NamedTuple
 
@@ -131,13 +132,34 @@ def ragged_dot_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.A
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
+class PallasGroupedMatmul:
+    """The default grouped matmul: pallas_kernels' op (Pallas kernels on GPU, a tiled pure-JAX path elsewhere).
+    `swiglu` gives an expert's silu(x W1) * (x W3) from one kernel for decode-sized calls (grouped_swiglu)."""
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        from pallas_kernels.grouped_matmul import grouped_matmul
+        return grouped_matmul(lhs, rhs, group_sizes, impl="auto")
+
+    def swiglu(self, lhs: jax.Array, w1: jax.Array, w3: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        from pallas_kernels.grouped_matmul import grouped_swiglu
+        return grouped_swiglu(lhs, w1, w3, group_sizes, impl="auto")
+
+
 def default_grouped_matmul() -> GroupedMatmul:
     """The Pallas grouped matmul on GPU when available, XLA's ragged_dot elsewhere."""
-    try:
-        from pallas_kernels.grouped_matmul import grouped_matmul
-    except ImportError:
+    if importlib.util.find_spec("pallas_kernels") is None:
         return ragged_dot_grouped_matmul
-    return lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="auto")
+    return PallasGroupedMatmul()
+
+
+def expert_hidden(rows: jax.Array, w1: jax.Array, w3: jax.Array, group_sizes: jax.Array,
+                  grouped_matmul: GroupedMatmul) -> jax.Array:
+    """silu(rows @ w1[g]) * (rows @ w3[g]) for rows sorted by expert: the grouped matmul's fused `swiglu` when it
+    has one, else two calls and the element-wise product."""
+    fused = getattr(grouped_matmul, "swiglu", None)
+    if fused is not None:
+        return fused(rows, w1, w3, group_sizes)
+    return jax.nn.silu(grouped_matmul(rows, w1, group_sizes)) * grouped_matmul(rows, w3, group_sizes)
 
 
 @jax.custom_vjp
@@ -218,7 +240,7 @@ def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ja
     pairs, row_of_pair = order[:num_rows], row_of_pair.reshape(num_tokens, k)
     rows = sort_rows(x, pairs, row_of_pair)
     with jax.named_scope("moe_experts"):
-        hidden = jax.nn.silu(grouped_matmul(rows, w1, group_sizes)) * grouped_matmul(rows, w3, group_sizes)
+        hidden = expert_hidden(rows, w1, w3, group_sizes, grouped_matmul)
         out_rows = grouped_matmul(hidden, w2, group_sizes)
     per_pair = unsort_rows(out_rows, pairs, row_of_pair)  # (N, k, hidden), back to (token, choice) order
     kept = (experts < num_experts)[..., None]

@@ -3,7 +3,9 @@
 Rows are sorted by group (expert); group e owns rows [start_e, end_e). Two kernels cover the forward
 pass and both gradients:
 
-  grouped_matmul_kernel             out[r] = x[r] @ W[g(r)]           forward, and d_lhs (W transposed)
+  grouped_matmul_kernel             out[r] = x[r] @ W[g(r)]           forward, and d_lhs (W transposed);
+                                    with a second weight U, out[r] = silu(x[r] @ W[g(r)]) * (x[r] @ U[g(r)]):
+                                    an expert's gate and up matmuls in one pass over x (SwiGLU)
   transposed_grouped_matmul_kernel  dW[e]  = x_e^T @ y_e              d_rhs (a reduction over each group's rows)
 
 Grouped kernel. The (M, P) output is cut into row tiles x column tiles, one program per tile, so every
@@ -131,12 +133,14 @@ def _check_sizes(*shapes):
                              "Pallas grouped matmul's int32 offsets; shard the experts or use impl='ragged_dot'")
 
 
-def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *,
+def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, ends_ref, x_ref, *refs,
                     tiling, num_col_tiles, transpose_w, depth, width, num_rows):
     """Rows [row_start, row_stop) of one work item x one block_n column tile of out (M, P) = x (M, Q) @ W[g]
-    (Q, P); W is stored (E, Q, P), or (E, P, Q) when transpose_w. depth = Q, width = P. With split_k = S > 1,
-    program (item, column tile, part) sums part's slice of the K steps into rows part * M + r of a float32
-    (S * M, P) output, which the caller sums over the S parts."""
+    (Q, P); W is stored (E, Q, P), or (E, P, Q) when transpose_w. depth = Q, width = P. refs: (w, out), or
+    (w, u, out) for out = silu(x @ W[g]) * (x @ U[g]) (each product rounded to x's dtype first, as two separate
+    calls would round it). With split_k = S > 1, program (item, column tile, part) sums part's slice of the K
+    steps into rows part * M + r of a float32 (S * M, P) output, which the caller sums over the S parts."""
+    *w_refs, out_ref = refs
     bm, bn, bk, split = tiling.block_m, tiling.block_n, tiling.block_k, tiling.split_k
     tile = pl.program_id(0)
     item, col_tile, part = tile // (num_col_tiles * split), (tile // split) % num_col_tiles, tile % split
@@ -150,32 +154,39 @@ def _grouped_kernel(row_start_ref, row_stop_ref, lo_ref, hi_ref, starts_ref, end
     last_step = jnp.minimum(first_step + part_steps, num_k_steps)
     precision = _dot_precision(x_ref.dtype)
 
-    def visit_group(group, acc):
+    def visit_group(group, accs):
         start, end = starts_ref[group], ends_ref[group]
         in_group = (rows >= start) & (rows < end)  # also keeps every load inside x's rows
 
-        def k_step(step, acc):
+        def k_step(step, accs):
             k0 = step * bk
             ks_ok = (k0 + jnp.arange(bk, dtype=jnp.int32)) < depth
             x_mask = in_group[:, None] & ks_ok[None, :] if depth % bk else in_group[:, None]
             x = pltriton.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=x_mask, other=0)
             if transpose_w:
                 w_mask = (cols_ok[:, None] & ks_ok[None, :]) if (width % bn or depth % bk) else None
-                w = _load(w_ref.at[group, pl.ds(col0, bn), pl.ds(k0, bk)], w_mask)
+                window = (group, pl.ds(col0, bn), pl.ds(k0, bk))
                 dims = (((1,), (1,)), ((), ()))
             else:
                 w_mask = (ks_ok[:, None] & cols_ok[None, :]) if (width % bn or depth % bk) else None
-                w = _load(w_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], w_mask)
+                window = (group, pl.ds(k0, bk), pl.ds(col0, bn))
                 dims = (((1,), (0,)), ((), ()))
-            return acc + jax.lax.dot_general(x, w, dims, precision=precision, preferred_element_type=jnp.float32)
+            return tuple(acc + jax.lax.dot_general(x, _load(w_ref.at[window], w_mask), dims, precision=precision,
+                                                   preferred_element_type=jnp.float32)
+                         for acc, w_ref in zip(accs, w_refs))
 
         # An empty group takes zero K steps. (Arithmetic, not jnp.where: the Triton lowering of a select
         # between two Python constants types them as the predicate.)
         steps = (end > start).astype(jnp.int32) * (last_step - first_step)
-        return jax.lax.fori_loop(first_step, first_step + steps, k_step, acc)
+        return jax.lax.fori_loop(first_step, first_step + steps, k_step, accs)
 
-    acc = jnp.zeros((bm, bn), jnp.float32)
-    acc = jax.lax.fori_loop(lo_ref[item], hi_ref[item], visit_group, acc)
+    accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs)
+    accs = jax.lax.fori_loop(lo_ref[item], hi_ref[item], visit_group, accs)
+    if len(accs) == 1:
+        acc = accs[0]
+    else:  # SwiGLU: the gate and up products rounded as separate calls would store them, then combined
+        gate, up = (a.astype(x_ref.dtype).astype(jnp.float32) for a in accs)
+        acc = gate / (1.0 + jnp.exp(-gate)) * up
     out_mask = (rows < row_stop)[:, None] & cols_ok[None, :] if width % bn else (rows < row_stop)[:, None]
     out_row0 = row0 if split == 1 else part * num_rows + row0
     pltriton.store(out_ref.at[pl.ds(out_row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
@@ -188,15 +199,20 @@ def _load(ref, mask):
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "tiling", "interpret"))
-def grouped_matmul_kernel(x, w, group_sizes, *, transpose_w: bool, tiling: Tiling, interpret: bool = False):
+def grouped_matmul_kernel(x, w, group_sizes, *, transpose_w: bool, tiling: Tiling, interpret: bool = False,
+                          up=None):
     """x (M, Q), w (E, Q, P) [or (E, P, Q) with transpose_w], group_sizes (E,) -> (M, P) in x.dtype.
 
     out[r] = x[r] @ w[g(r)] (or x[r] @ w[g(r)]^T); rows past sum(group_sizes) are 0. With tiling.split_k = S > 1
     the K steps are split over S programs per output tile (more programs for a few rows), whose float32 partial
-    sums are added here."""
+    sums are added here. up (E, Q, P): out[r] = silu(x[r] @ w[g(r)]) * (x[r] @ up[g(r)]) (no transpose, no split:
+    the product of two sums is not a sum of parts)."""
     num_rows, depth = x.shape
     width = w.shape[1] if transpose_w else w.shape[2]
     split = tiling.split_k
+    if up is not None and (transpose_w or split != 1 or up.shape != w.shape):
+        raise ValueError(f"the gated kernel takes up of w's shape {w.shape} (got {up.shape}), no transpose_w "
+                         f"(got {transpose_w}) and no split_k (got {split})")
     _check_sizes((split * num_rows, depth), w.shape, (split * num_rows, width))
     tiling = tiling.fitted(num_rows, width, depth)
     starts, ends = group_bounds(group_sizes, num_rows)
@@ -210,8 +226,8 @@ def grouped_matmul_kernel(x, w, group_sizes, *, transpose_w: bool, tiling: Tilin
         grid=(schedule[0].shape[0] * num_col_tiles * split,),
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
-        name="grouped_matmul",
-    )(*schedule, starts, ends, x, w)
+        name="grouped_matmul" if up is None else "grouped_swiglu",
+    )(*schedule, starts, ends, x, w, *([] if up is None else [up]))
     return out if split == 1 else out.reshape(split, num_rows, width).sum(axis=0).astype(x.dtype)
 
 

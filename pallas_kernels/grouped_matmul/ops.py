@@ -149,4 +149,55 @@ def _backward(plan, interpret, residuals, d_out):
 
 _pallas_grouped_matmul.defvjp(_forward, _backward)
 
-__all__ = ["grouped_matmul", "Tiling", "TilingPlan", "default_tiling", "IMPLS"]
+
+def grouped_swiglu(lhs, gate, up, group_sizes, *, impl="auto", interpret=False, tiling=None):
+    """An expert's SwiGLU input side: silu(lhs[r] @ gate[g(r)]) * (lhs[r] @ up[g(r)]), rows sorted by group.
+
+    The same as two `grouped_matmul` calls and the element-wise product (its slow twin, and what it runs when
+    differentiated, on impls other than Pallas, and for calls above SMALL_ROWS_PER_GROUP rows per group, where two
+    accumulators of the large tiles would not fit the registers). Decode-sized Pallas calls run one kernel that
+    reads each row once for both weights and writes only the product: one launch instead of three. The products
+    are rounded to lhs's dtype before the combination, as two calls would store them.
+
+    Args: lhs (M, K); gate, up (E, K, N); group_sizes (E,) int32; impl, interpret, tiling as in grouped_matmul.
+    Returns: (M, N) in lhs.dtype.
+    """
+    _validate(lhs, gate, group_sizes, impl)
+    _validate(lhs, up, group_sizes, impl)
+    if up.shape != gate.shape:
+        raise ValueError(f"gate and up must have the same shape (E, K, N), got {gate.shape} and {up.shape}")
+    plan = _as_plan(tiling, lhs.dtype, lhs.shape[0], gate.shape[0])
+    fused = (_uses_pallas(impl, interpret) and plan.forward.split_k == 1
+             and lhs.shape[0] <= SMALL_ROWS_PER_GROUP * gate.shape[0])
+    if not fused:
+        return _two_calls(lhs, gate, up, group_sizes, impl, interpret, tiling)
+    return _fused_swiglu(lhs, gate, up, group_sizes, plan, bool(interpret), impl, tiling)
+
+
+def _two_calls(lhs, gate, up, group_sizes, impl, interpret, tiling):
+    def call(rhs):
+        return grouped_matmul(lhs, rhs, group_sizes, impl=impl, interpret=interpret, tiling=tiling)
+    return jax.nn.silu(call(gate)) * call(up)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_swiglu(lhs, gate, up, group_sizes, plan, interpret, impl, tiling):
+    return grouped_matmul_kernel(lhs, gate, group_sizes, transpose_w=False, tiling=plan.forward, interpret=interpret,
+                                 up=up)
+
+
+def _fused_forward(lhs, gate, up, group_sizes, plan, interpret, impl, tiling):
+    """Differentiated: the two calls (their outputs are the backward's residuals), not the fused kernel."""
+    out, pullback = jax.vjp(lambda lhs, gate, up: _two_calls(lhs, gate, up, group_sizes, impl, interpret, tiling),
+                            lhs, gate, up)
+    return out, (pullback, group_sizes)
+
+
+def _fused_backward(plan, interpret, impl, tiling, residuals, d_out):
+    pullback, group_sizes = residuals
+    return (*pullback(d_out), np.zeros(group_sizes.shape, jax.dtypes.float0))
+
+
+_fused_swiglu.defvjp(_fused_forward, _fused_backward)
+
+__all__ = ["grouped_matmul", "grouped_swiglu", "Tiling", "TilingPlan", "default_tiling", "IMPLS"]

@@ -379,3 +379,36 @@ def test_sort_and_unsort_rows_vjp_without_jit(rng):
     d_back = jnp.asarray(rng.standard_normal(back.shape), jnp.float32)
     d_rows_back = unsort_vjp(d_back)[0]
     np.testing.assert_array_equal(d_rows_back, np.asarray(d_back).reshape(tokens * k, hidden)[np.asarray(pairs)])
+
+
+class _InterpretedPallas(moe_core.PallasGroupedMatmul):
+    """The default grouped matmul, its Pallas kernels in interpret mode (the CPU's "auto" picks the tiled path)."""
+
+    def __call__(self, lhs, rhs, group_sizes):
+        from pallas_kernels.grouped_matmul import grouped_matmul
+        return grouped_matmul(lhs, rhs, group_sizes, impl="pallas", interpret=True)
+
+    def swiglu(self, lhs, w1, w3, group_sizes):
+        from pallas_kernels.grouped_matmul import grouped_swiglu
+        return grouped_swiglu(lhs, w1, w3, group_sizes, impl="pallas", interpret=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_sized_dispatch_through_the_fused_swiglu_equals_dense_reference(tokens, rng, monkeypatch):
+    """A decode step's few tokens go through grouped_swiglu's gated kernel (spied), and the layer still equals the
+    dense twin; a grouped matmul without `swiglu` (a plain function) runs the two calls."""
+    from pallas_kernels.grouped_matmul import ops
+    gated = []
+    kernel = ops.grouped_matmul_kernel
+    monkeypatch.setattr(ops, "grouped_matmul_kernel",
+                        lambda *a, up=None, **kw: gated.append(up is not None) or kernel(*a, up=up, **kw))
+    gate, w1, w3, w2 = random_experts(rng, 8, 24, 40)
+    x = jnp.asarray(rng.standard_normal((tokens, 24)), jnp.float32)
+    r = route(x, gate, 2)
+    got = sorted_dispatch(x, r.weights, r.experts, w1, w3, w2, _InterpretedPallas())
+    assert gated == [True, False]  # gate and up in one kernel, then the down projection
+    assert_allclose(got, moe_dense_reference(x, gate, w1, w3, w2, 2), rtol=1e-5, atol=1e-5)
+    gated.clear()
+    plain = _InterpretedPallas()
+    sorted_dispatch(x, r.weights, r.experts, w1, w3, w2, lambda *args: plain(*args))
+    assert gated == [False, False, False]

@@ -205,3 +205,61 @@ def test_operands_past_int32_offsets_are_refused():
     sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
     with pytest.raises(ValueError, match="2\\*\\*31"):
         jax.eval_shape(lambda a, b, g: grouped_matmul_kernel(a, b, g, transpose_w=False, tiling=SMALL), x, w, sizes)
+
+
+# ----- grouped_swiglu: the gate and up matmuls in one kernel (decode-sized calls) -----
+def swiglu_twin(lhs, gate, up, group_sizes):
+    """Two reference grouped matmuls and the element-wise SwiGLU, in float32."""
+    def call(rhs):
+        return grouped_matmul_reference(lhs.astype(jnp.float32), rhs.astype(jnp.float32), group_sizes)
+    return jax.nn.silu(call(gate)) * call(up)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("sizes", [[2, 0, 1, 0], [0, 0, 0, 5], [1, 3, 0, 2, 0, 0, 1]], ids=["uneven", "one", "many"])
+def test_grouped_swiglu_matches_two_calls(seed, sizes, dtype, tol):
+    """The fused kernel (a few rows per group: the decode-sized path) against the twin: ragged groups, empty ones,
+    padding rows past the groups, N and K no multiple of the tile."""
+    from pallas_kernels.grouped_matmul import grouped_swiglu
+    rows = sum(sizes) + 2  # two padding rows
+    lhs, gate, group_sizes, _ = random_operands(seed, sizes, dtype, m=rows, k=40, n=37)
+    up = jax.random.normal(jax.random.PRNGKey(seed + 1), gate.shape, jnp.float32).astype(dtype)
+    got = grouped_swiglu(lhs, gate, up, group_sizes, impl="pallas", interpret=True)
+    assert got.shape == (rows, 37) and got.dtype == dtype
+    assert rel_err(got, swiglu_twin(lhs, gate, up, group_sizes)) < tol
+    assert not np.asarray(got[-2:], np.float32).any()  # padding rows stay zero
+
+
+def test_grouped_swiglu_fuses_only_small_calls_and_differentiates_through_the_twin(seed, monkeypatch):
+    """Decode-sized calls run the gated kernel (one launch); larger ones and differentiated ones run two calls, whose
+    gradients match the twin's."""
+    from pallas_kernels.grouped_matmul import grouped_swiglu, ops
+    launched = []
+    kernel = ops.grouped_matmul_kernel
+
+    def spy(*args, up=None, **kwargs):
+        launched.append("gated" if up is not None else "plain")
+        return kernel(*args, up=up, **kwargs)
+    monkeypatch.setattr(ops, "grouped_matmul_kernel", spy)
+    lhs, gate, group_sizes, d_out = random_operands(seed, [3, 0, 2], jnp.float32, m=6, k=24, n=20)
+    up = jax.random.normal(jax.random.PRNGKey(seed + 1), gate.shape, jnp.float32)
+    grouped_swiglu(lhs, gate, up, group_sizes, impl="pallas", interpret=True)
+    assert launched == ["gated"]
+    launched.clear()
+    big, big_gate, big_sizes, _ = random_operands(seed, [40, 0, 30], jnp.float32, m=70, k=24, n=20)
+    grouped_swiglu(big, big_gate, big_gate, big_sizes, impl="pallas", interpret=True)  # > 16 rows per group
+    assert launched == ["plain", "plain"]
+    launched.clear()
+    got = jax.vjp(lambda a, b, c: grouped_swiglu(a, b, c, group_sizes, impl="pallas", interpret=True),
+                  lhs, gate, up)[1](d_out)
+    assert "gated" not in launched
+    want = jax.vjp(lambda a, b, c: swiglu_twin(a, b, c, group_sizes), lhs, gate, up)[1](d_out)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_grouped_swiglu_refuses_mismatched_weights():
+    from pallas_kernels.grouped_matmul import grouped_swiglu
+    lhs, gate, group_sizes, _ = random_operands(0, [2, 1], jnp.float32, m=3, k=8, n=16)
+    with pytest.raises(ValueError, match="gate and up must have the same shape"):
+        grouped_swiglu(lhs, gate, gate[:, :, :8], group_sizes, impl="pallas", interpret=True)
