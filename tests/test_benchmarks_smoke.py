@@ -95,12 +95,17 @@ def test_grouped_matmul_decode_smoke(tmp_path, monkeypatch, capsys):
     assert "bytes-read floor" in capsys.readouterr().out
 
 
+def run_smoke(name, tmp_path, monkeypatch):
+    """benchmarks/<name>.py --smoke writing into tmp_path: (the module, the rows of its <name>.jsonl)."""
+    module = load(name)
+    monkeypatch.setattr(module, "OUT", str(tmp_path))
+    module.main(["--smoke"])
+    return module, [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
-    lg = load("lightning_grid")
-    monkeypatch.setattr(lg, "OUT", str(tmp_path))
-    lg.main(["--smoke"])
-    rows = [json.loads(line) for line in (tmp_path / "lightning_grid.jsonl").read_text().splitlines()]
+    lg, rows = run_smoke("lightning_grid", tmp_path, monkeypatch)
     forward = [r for r in rows if "best" in r]
     assert len({tuple(r["shape"]) for r in forward}) == len(lg.SMOKE_GRID)
     for r in forward:
@@ -112,10 +117,7 @@ def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_lightning_backward_smoke(tmp_path, monkeypatch, capsys):
-    lb = load("lightning_backward")
-    monkeypatch.setattr(lb, "OUT", str(tmp_path))
-    lb.main(["--smoke"])
-    rows = [json.loads(line) for line in (tmp_path / "lightning_backward.jsonl").read_text().splitlines()]
+    lb, rows = run_smoke("lightning_backward", tmp_path, monkeypatch)
     assert set(rows[0]["ms"]) == set(lb.CANDIDATES) and not rows[0]["errors"]  # every candidate ran
     assert len(rows[1]["ms"]) == 4  # the default and the three fastest
     assert all(err < 1e-2 for row in rows for err in row["err"].values())  # every tiling computes the same
