@@ -44,13 +44,17 @@ notebooks: $(STAMP)
 bench:
 	PYTHONPATH=. python3 benchmarks/lightning_attention.py
 
-# The GPU machine has no fastapi or uvicorn (nothing can be fetched there): `benchmarks/serve.py --http` needs them
-# carried as wheels. This downloads setup.cfg's pins and their needs into .whl/ (git-ignored); a device call names
-# .whl in its carry and starts with the install line printed last.
+# The GPU machine has no fastapi or uvicorn, nor the lightning peer flash-linear-attention (nothing can be fetched
+# there): `benchmarks/serve.py --http` and the lightning benchmarks need them carried as wheels. This downloads
+# setup.cfg's server pins and their needs, and fla-core (pure Python + Triton: the card's torch and triton serve it)
+# with einops, into .whl/ (git-ignored); a device call names .whl in its carry and starts with the install line
+# printed last.
+CARD_PEERS := fla-core==0.6.0 einops==0.8.2
 card-wheels: $(STAMP)
 	rm -rf .whl; $(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux2014_x86_64 -d .whl \
 	  $$(grep -Eo '(fastapi|uvicorn|httpx)==[0-9.]+' setup.cfg)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .whl $(CARD_PEERS)
 	@echo 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.'
 
 # Regenerate the parity fixtures with transformers in a separate Python 3.11 venv (never in .venv).

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/lightning_backward.py [--shapes 1,0,4] [--budget 420] [--no-fla]
     PYTHONPATH=. python3 benchmarks/lightning_backward.py --smoke      # CPU, interpret=True, tiny shapes, no FLA
+FLA is not installed on the GPU machine: `make card-wheels` here, carry .whl, and start the call with the install
+line it prints (it holds fla-core and einops).
 
 The backward is three sweeps (pallas_attention._backward: dq forward over (do, v, k); dv, dk in reverse) run with
 one SweepConfig. Per shape (B, T, H, D) of benchmarks/lightning_grid.GRID, bf16: ours forward+backward (the shipped

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/lightning_grid.py [--budget 240] [--shapes 0,1,4] [--fwdbwd 0,4] [--no-fla]
     PYTHONPATH=. python3 benchmarks/lightning_grid.py --smoke     # CPU, interpret=True, tiny shapes, no FLA
+FLA is not installed on the GPU machine: `make card-wheels` here, carry .whl, and start the call with the install
+line it prints (it holds fla-core and einops).
 
 Per shape (B, T, H, D), bf16 q/k/v, float32 slopes 2^(-8(h+1)/H) (M1's): our forward under a few tilings --
 "shipped" (what the op runs: pallas_attention.choose_forward_config), "chunk64" (chunk-parallel kernels with
