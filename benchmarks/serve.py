@@ -110,7 +110,7 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
         return True
 
     begin = time.perf_counter() if timeline is None else timeline.begin()
-    outstanding = sum(send(client) for client in range(concurrency))
+    outstanding = sum(send(client) for client in range(concurrency) if waiting[client])
     while outstanding:
         client, job, stamps = ended.get()
         outstanding -= 1
