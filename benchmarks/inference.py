@@ -17,6 +17,9 @@ the log as they come, so a time-out keeps what was measured):
                 far, and the bytes in use around the prefill), then decode ms/token at 1M and at 2K context
   sweep         "research-1b" decode ms/token at batch 1 against the context length (caches of random
                 contents: a decode step's cost depends on the cache size, not its values), for the plot
+  split         (not in the default list) "research-1b" decode at batch 1 over synthetic 2K and 1M caches, with
+                the softmax layer's one-query attention dense (the default) and split-KV
+                (softmax_attention.DECODE_SPLIT_MIN_SLOTS set to 0 for every cache), and the 1M / 2K ratio of each
 
 Method: random weights (N(0, 0.02), norm scales 1, the router float32), random prompts. Our steps are compiled
 ahead of time (compile time reported apart); every figure is the median of 3 runs after one warm-up.
@@ -26,7 +29,6 @@ $OUT/inference_decode_latency.svg (+ .png when matplotlib is there); prints the 
 """
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -168,6 +170,23 @@ def section_sweep(size: dict) -> None:
         gc.collect()
 
 
+def section_split(size: dict) -> None:
+    from m1jax.layers import softmax_attention
+    model = M1ForCausalLM(config_for(size["long"]), policy_for(size["long"]))
+    params = random_params(model.config, policy=model.policy)
+    try:
+        for form, threshold in (("dense", None), ("split", 0)):
+            softmax_attention.DECODE_SPLIT_MIN_SLOTS = threshold  # read when the decode step is traced:
+            jax.clear_caches()  # no step compiled under the other form may be reused
+            engine._COMPILED.clear()
+            for context in (size["context"], size["long_context"]):
+                record(section="split", what="decode batch 1", attention=form, config=size["long"], context=context,
+                       **synthetic_decode(model, params, context, size["steps"], size["reps"]))
+                gc.collect()
+    finally:
+        softmax_attention.DECODE_SPLIT_MIN_SLOTS = None
+
+
 def section_hf(size: dict) -> None:
     model = M1ForCausalLM(config_for(size["hf"]), policy_for(size["hf"]))
     params = random_params(model.config, policy=model.policy)
@@ -275,6 +294,14 @@ def table(size: dict) -> str:
     if ratio:
         lines.append(f"| {size['long']} decode ms/token at {size['long_context']:,} vs {size['context']:,} context "
                      f"| {ratio['ratio']:.2f}x | | | <= 2x |")
+    for form in ("dense", "split"):
+        short_row, long_row = (find("split", "decode batch 1", attention=form, context=c)
+                               for c in (size["context"], size["long_context"]))
+        if short_row and long_row:
+            lines.append(f"| {size['long']} decode ms/token, synthetic caches, {form} one-query attention: "
+                         f"{size['long_context']:,} vs {size['context']:,} | {long_row['ms_per_token']:.3f} vs "
+                         f"{short_row['ms_per_token']:.3f}: {long_row['ms_per_token'] / short_row['ms_per_token']:.2f}x"
+                         " | | | <= 2x |")
     sweep = [r for r in RESULTS if r.get("section") == "sweep" and "ms_per_token" in r]
     if sweep:
         lines.append("")
@@ -345,7 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, a minute); torch parts skip if absent")
     parser.add_argument("--sections", default="hf,transformers,long,sweep",
-                        help="comma list of: long, sweep, hf, transformers")
+                        help="comma list of: long, sweep, hf, transformers, split")
     parser.add_argument("--chunk", type=int, help="prefill chunk of the long prompt (default 8192)")
     args = parser.parse_args(argv)
     size = dict(SIZES["smoke" if args.smoke else "full"])
@@ -354,7 +381,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     LOG.path = os.path.join(args.out, "inference.jsonl")
     RESULTS.clear()
-    sections = {"long": section_long, "sweep": section_sweep, "hf": section_hf, "transformers": section_transformers}
+    sections = {"long": section_long, "sweep": section_sweep, "hf": section_hf, "transformers": section_transformers,
+                "split": section_split}
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(sections))
     if unknown:

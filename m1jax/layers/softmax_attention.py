@@ -365,6 +365,50 @@ def decode_attention(q: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
     return out.reshape(batch, 1, heads, dim).astype(q.dtype)
 
 
+# One query per row over a long cache as split-KV (FlashDecoding): the slots in chunks, each chunk's softmax and
+# weighted values computed at once, then merged by their maxima (the dense form's probabilities x values is one
+# reduction over all S slots per (kv head, query group)). Off (None) until measured on a GPU: research-1b's cache at
+# 1M slots is read at 47% of the card's streaming rate by the dense form (benchmarks/RESULTS.md, "Inference");
+# `benchmarks/inference.py --sections split` times both. When set, caches of at least this many slots take it.
+DECODE_SPLIT_MIN_SLOTS: int | None = None
+DECODE_SPLIT_CHUNK = 4096  # the most slots per chunk
+
+
+def split_chunk(slots: int) -> int | None:
+    """The chunk length of `split_decode_attention` for a cache of `slots` (the largest divisor of it up to
+    DECODE_SPLIT_CHUNK, at least 64: the engine's caches are multiples of 64), or None for the dense form."""
+    if DECODE_SPLIT_MIN_SLOTS is None or slots < DECODE_SPLIT_MIN_SLOTS:
+        return None
+    return next((c for c in range(min(DECODE_SPLIT_CHUNK, slots), 63, -1) if slots % c == 0), None)
+
+
+def split_decode_attention(q: jax.Array, key_cache: jax.Array, value_cache: jax.Array, index: jax.Array,
+                           start: jax.Array, chunk: int) -> jax.Array:
+    """`decode_attention` over the slots cut into C = S / chunk chunks. q: (B, 1, H, D); caches (B, K, S, D).
+
+    Per chunk c: m_c = max of its visible scores, l_c = sum exp(s - m_c), a_c = sum exp(s - m_c) v; then
+    out = sum_c exp(m_c - m) a_c / sum_c exp(m_c - m) l_c with m = max_c m_c. The caches are reshaped in place
+    (B, K, C, chunk, D); the chunk axis is a batch axis of both matmuls.
+    """
+    batch, _, heads, dim = q.shape
+    kv_heads, slots = key_cache.shape[1], key_cache.shape[2]
+    if slots % chunk:
+        raise ValueError(f"split_decode_attention: chunk {chunk} does not divide the cache's {slots} slots")
+    count = slots // chunk
+    chunks = lambda cache: cache.reshape(batch, kv_heads, count, chunk, dim)
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, dim).astype(key_cache.dtype)
+    scores = jnp.einsum("bkgd,bkcsd->bkcgs", qg, chunks(key_cache), preferred_element_type=jnp.float32) * dim ** -0.5
+    visible = _visible(index[None], jnp.arange(slots), start).reshape(batch, 1, count, 1, chunk)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.maximum(jnp.max(scores, axis=-1), -1e30)  # (B, K, C, G); a chunk with no visible slot stays finite
+    probs = jnp.exp(scores - top[..., None])  # 0 off the visible slots
+    parts = jnp.einsum("bkcgs,bkcsd->bkcgd", probs.astype(value_cache.dtype), chunks(value_cache),
+                       preferred_element_type=jnp.float32)
+    weight = jnp.exp(top - jnp.max(top, axis=2, keepdims=True))  # (B, K, C, G)
+    out = jnp.einsum("bkcg,bkcgd->bkgd", weight, parts) / jnp.einsum("bkcg,bkcg->bkg", weight, probs.sum(-1))[..., None]
+    return out.reshape(batch, 1, heads, dim).astype(q.dtype)
+
+
 def blockwise_cache_attention(q: jax.Array, key_cache: jax.Array, value_cache: jax.Array, query_slots: jax.Array,
                               start: jax.Array, block: int = CACHE_BLOCK) -> jax.Array:
     """A chunk of T queries at slots query_slots (T,) over the cache, with an online softmax over key blocks.
@@ -401,10 +445,11 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
     """Write this step's keys/values at slots index .. index+T-1, then attend over the cache.
 
     q: (B, T, H, D); k, v: (B, T, K, D); cache {"key", "value"}: (B, K, S, D). Returns (out, new cache).
-    One token takes `decode_attention`. A first chunk (fresh: nothing written before it, index 0, known on the host:
-    `Cache.fresh`) needs nothing from the cache and takes the causal path within itself, its left padding (slots
-    before each row's start) a segment of its own (cuDNN flash attention on GPU, in its packed layout: two runs at
-    most, so `causal_attention(contiguous=True)` needs no check); other chunks the blockwise path.
+    One token takes `decode_attention` (or `split_decode_attention`, see DECODE_SPLIT_MIN_SLOTS). A first chunk
+    (fresh: nothing written before it, index 0, known on the host: `Cache.fresh`) needs nothing from the cache and
+    takes the causal path within itself, its left padding (slots before each row's start) a segment of its own
+    (cuDNN flash attention on GPU, in its packed layout: two runs at most, so `causal_attention(contiguous=True)`
+    needs no check); other chunks the blockwise path.
     The choice is static: a `lax.cond` on the index would make XLA's GPU runtime read its predicate back to the
     host, so a prefill could not be queued behind a running decode call.
     """
@@ -415,7 +460,9 @@ def cached_attention(q, k, v, cache: dict, index: jax.Array, start: jax.Array, f
     # may fuse the write into both users and copy the whole cache for each of them on every step.
     key_cache, value_cache = jax.lax.optimization_barrier((write(cache["key"], k), write(cache["value"], v)))
     if length == 1:
-        out = decode_attention(q, key_cache, value_cache, index, start)
+        chunk = split_chunk(key_cache.shape[2])
+        out = (decode_attention(q, key_cache, value_cache, index, start) if chunk is None else
+               split_decode_attention(q, key_cache, value_cache, index, start, chunk))
     elif fresh:  # real tokens see the real tokens before them, as in the cache (padding outputs are never read)
         real = (jnp.arange(length, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)
         out = causal_attention(q, k.astype(key_cache.dtype), v.astype(value_cache.dtype), real,

@@ -10,8 +10,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from m1jax.layers import softmax_attention
 from m1jax.layers.softmax_attention import (blockwise_cache_attention, cached_attention, causal_attention,
-                                            decode_attention, reference_cache_attention)
+                                            decode_attention, reference_cache_attention, split_decode_attention)
 
 
 def slow_cache_attention(q, key_cache, value_cache, query_slots, start):
@@ -63,6 +64,46 @@ def test_decode_matches_dense_and_ignores_later_slots(rng):
     np.testing.assert_allclose(decode_attention(q, scrambled, values, index, start)[1:], got[1:], rtol=1e-6)
     one_key = decode_attention(q, keys, values, index, start)[3, 0]  # start == index: only its own slot is visible
     np.testing.assert_allclose(one_key, jnp.repeat(values[3, :, 30], heads // kv_heads, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [64, 16, 192])
+def test_split_decode_matches_the_slot_by_slot_twin(chunk, rng):
+    """Split-KV decode at 192 slots in 3, 12 or 1 chunks: rows whose visible slots lie in one chunk, span several,
+    or are only the query's own (start == index), so some chunks see nothing; grouped heads; the slots after the
+    query scrambled change nothing."""
+    batch, heads, kv_heads, dim, slots = 4, 6, 2, 8, 192
+    keys, values = random_cache(rng, batch, kv_heads, slots, dim)
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), jnp.float32)
+    index, start = jnp.int32(150), jnp.asarray([0, 70, 130, 150], jnp.int32)
+    attend = jax.jit(split_decode_attention, static_argnums=5)
+    got = attend(q, keys, values, index, start, chunk)
+    np.testing.assert_allclose(got, slow_cache_attention(q, keys, values, index[None], start), rtol=2e-5,
+                               atol=2e-5, equal_nan=False)
+    scrambled = keys.at[:, :, 151:].set(1e3)
+    np.testing.assert_allclose(attend(q, scrambled, values, index, start, chunk), got, rtol=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        split_decode_attention(q, keys, values, index, start, 100)
+
+
+def test_split_decode_is_chosen_by_cache_size(rng, monkeypatch):
+    """Off by default; when DECODE_SPLIT_MIN_SLOTS is set, caches of at least that many slots take the split form
+    (the largest divisor up to DECODE_SPLIT_CHUNK), and a decode step through cached_attention gives the dense
+    result."""
+    assert softmax_attention.DECODE_SPLIT_MIN_SLOTS is None and softmax_attention.split_chunk(1 << 20) is None
+    monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_MIN_SLOTS", 128)
+    monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_CHUNK", 64)
+    assert softmax_attention.split_chunk(64) is None  # below the threshold
+    assert softmax_attention.split_chunk(192) == 64 and softmax_attention.split_chunk(1 << 20) == 64
+    assert softmax_attention.split_chunk(131) is None  # a prime: no divisor of at least 64 below it
+    batch, heads, kv_heads, dim, slots = 2, 4, 2, 8, 192
+    keys, values = random_cache(rng, batch, kv_heads, slots, dim)
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, 1, kv_heads, dim)), jnp.float32) for _ in range(2))
+    index, start = jnp.int32(140), jnp.asarray([0, 100], jnp.int32)
+    split, _ = cached_attention(q, k, v, {"key": keys, "value": values}, index, start)
+    monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_MIN_SLOTS", None)
+    dense, _ = cached_attention(q, k, v, {"key": keys, "value": values}, index, start)
+    np.testing.assert_allclose(split, dense, rtol=2e-5, atol=2e-5)
 
 
 def test_first_unpadded_chunk_takes_the_causal_path_with_the_same_result(rng):
