@@ -1,5 +1,5 @@
 """The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
-trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_backward.py and
+trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_tiling.py and
 step_profile.py."""
 import importlib.util
 import json
@@ -95,11 +95,11 @@ def test_grouped_matmul_decode_smoke(tmp_path, monkeypatch, capsys):
     assert "bytes-read floor" in capsys.readouterr().out
 
 
-def run_smoke(name, tmp_path, monkeypatch):
-    """benchmarks/<name>.py --smoke writing into tmp_path: (the module, the rows of its <name>.jsonl)."""
+def run_smoke(name, tmp_path, monkeypatch, *args):
+    """benchmarks/<name>.py --smoke [args] writing into tmp_path: (the module, the rows of its <name>.jsonl)."""
     module = load(name)
     monkeypatch.setattr(module, "OUT", str(tmp_path))
-    module.main(["--smoke"])
+    module.main(["--smoke", *args])
     return module, [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
 
 
@@ -116,9 +116,10 @@ def test_lightning_grid_smoke(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_lightning_backward_smoke(tmp_path, monkeypatch, capsys):
-    lb, rows = run_smoke("lightning_backward", tmp_path, monkeypatch)
-    assert set(rows[0]["ms"]) == set(lb.CANDIDATES) and not rows[0]["errors"]  # every candidate ran
+@pytest.mark.parametrize("part", ["backward", "forward"])
+def test_lightning_tiling_smoke(part, tmp_path, monkeypatch, capsys):
+    lt, rows = run_smoke("lightning_tiling", tmp_path, monkeypatch, "--part", part)
+    assert set(rows[0]["ms"]) == set(lt.CANDIDATES[part]) and not rows[0]["errors"]  # every candidate ran
     assert len(rows[1]["ms"]) == 4  # the default and the three fastest
     assert all(err < 1e-2 for row in rows for err in row["err"].values())  # every tiling computes the same
     assert "default" in capsys.readouterr().out

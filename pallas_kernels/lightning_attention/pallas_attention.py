@@ -177,11 +177,11 @@ def choose_forward_config(shape, dtype, block=None):
     return ChunkConfig(block=block)
 
 
-# Backward sweeps at head dim 128 (H200, 2026-12-01, benchmarks/lightning_backward.py, forward+backward ms; two
-# 64-column tiles, rows cut into spans for ~512 programs / all 128 columns with 8 warps, one span per row): with
-# at least this many (row, head) pairs the wide tiling wins, (16, 1000, 64, 128) 2.530 / 1.518 and (4, 4099, 64,
-# 128) 2.549 / 1.432; with 64 pairs the column tiles and spans are the parallelism, (4, 8192, 16, 128) 1.107 /
-# 1.208 (wide, 8 spans) and (1, 16384, 64, 128) 1.994 / 1.944 (wide, 8 spans).
+# Backward sweeps at head dim 128 (H200, 2026-12-01, benchmarks/lightning_tiling.py --part backward,
+# forward+backward ms; two 64-column tiles, rows cut into spans for ~512 programs / all 128 columns with 8 warps,
+# one span per row): with at least this many (row, head) pairs the wide tiling wins, (16, 1000, 64, 128)
+# 2.530 / 1.518 and (4, 4099, 64, 128) 2.549 / 1.432; with 64 pairs the column tiles and spans are the
+# parallelism, (4, 8192, 16, 128) 1.107 / 1.208 (wide, 8 spans) and (1, 16384, 64, 128) 1.994 / 1.944.
 WIDE_BACKWARD_MIN_PAIRS = 256
 
 
