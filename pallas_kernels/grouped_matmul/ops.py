@@ -56,7 +56,8 @@ def _as_plan(tiling, dtype, rows: int, groups: int) -> TilingPlan:
         return TilingPlan(tiling, tiling, tiling)
     if isinstance(tiling, TilingPlan):
         return tiling
-    raise ValueError(f"tiling must be None, a Tiling or a TilingPlan(forward, d_lhs, d_rhs), got {type(tiling).__name__}")
+    raise ValueError("tiling must be None, a Tiling or a TilingPlan(forward, d_lhs, d_rhs), got "
+                     f"{type(tiling).__name__}")
 
 
 def _validate(lhs, rhs, group_sizes, impl):
