@@ -112,7 +112,10 @@ def run_engine(batcher: Batcher, prompts: list[list[int]], output: int, concurre
     begin = time.perf_counter() if timeline is None else timeline.begin()
     outstanding = sum(send(client) for client in range(concurrency) if waiting[client])
     while outstanding:
-        client, job, stamps = ended.get()
+        try:
+            client, job, stamps = ended.get(timeout=300)
+        except queue.Empty:
+            raise RuntimeError(f"no request ended in 300 s ({outstanding} outstanding): the batcher stalled") from None
         outstanding -= 1
         if job.error is not None:
             errors.append(job.error)
