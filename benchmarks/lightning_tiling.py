@@ -1,7 +1,7 @@
 """Lightning attention under candidate tilings, one part at a time, against FLA in the same run.
 
     PYTHONPATH=. python3 benchmarks/lightning_tiling.py --part backward [--shapes 1,0,4] [--budget 420] [--no-fla]
-    PYTHONPATH=. python3 benchmarks/lightning_tiling.py --part forward --shapes 0,2
+    PYTHONPATH=. python3 benchmarks/lightning_tiling.py --part forward --shapes 0,2 [--candidates default,...]
     PYTHONPATH=. python3 benchmarks/lightning_tiling.py --smoke      # CPU, interpret=True, tiny shapes, no FLA
 FLA is not installed on the GPU machine: `make card-wheels` here, carry .whl, and start the call with the install
 line it prints (it holds fla-core and einops).
@@ -11,11 +11,12 @@ Per shape (B, T, H, D) of benchmarks/lightning_grid.GRID, bf16:
                    backward sweeps (pallas_attention._backward: dq forward over (do, v, k); dv, dk in reverse);
                    dq, dk, dv checked against the default tiling's; FLA's chunk_simple_gla forward+backward
   --part forward   the chunk-parallel forward (chunk_kernel.py: the states kernel, then the output kernel) with each
-                   candidate ChunkConfig; o checked against the default's; FLA's forward
+                   candidate change to the shape's shipped ChunkConfig; o checked against the shipped one's; FLA's
+                   forward (shapes where the sweep ships are skipped)
 (relative L2 over the whole tensors). Timing as in lightning_grid.bench (median of 5 batches of back-to-back calls,
-one sync each). The first shape gets every candidate; later shapes the default one and the three fastest at the
-first. Writes $OUT/lightning_tiling.jsonl as it goes and prints the table last. (Until 2026-12-01 this was
-benchmarks/lightning_backward.py, the backward part alone.)
+one sync each). The first shape gets every candidate (or --candidates); later shapes the default one and the
+three fastest at the first. Writes $OUT/lightning_tiling.jsonl as it goes and prints the table last. (Until
+2026-12-01 this was benchmarks/lightning_backward.py, the backward part alone.)
 """
 import argparse
 import dataclasses
@@ -35,7 +36,6 @@ from pallas_kernels.lightning_attention.pallas_attention import (choose_forward_
 from pallas_kernels.lightning_attention.sweep_kernel import SweepConfig  # noqa: E402
 
 SWEEP = SweepConfig()  # pallas_attention.choose_backward_config picks it, or a wider tiling by its rule
-CHUNK = ChunkConfig()  # choose_forward_config's tiling for 16-bit rows of 1K-16K tokens
 CANDIDATES = {
     "backward": {
         "default": SWEEP,
@@ -51,19 +51,21 @@ CANDIDATES = {
         "spans2048": dataclasses.replace(SWEEP, target_programs=2048),
         "spans8192": dataclasses.replace(SWEEP, target_programs=8192, min_span_blocks=2),
     },
-    "forward": {  # notes_lightning.md, "Not done": the states kernel at 128-token chunks was never swept
-        "default": CHUNK,
-        "states-stages1": dataclasses.replace(CHUNK, states_num_stages=1),
-        "states-stages3": dataclasses.replace(CHUNK, states_num_stages=3),
-        "states-warps2": dataclasses.replace(CHUNK, states_num_warps=2),
-        "states-warps8": dataclasses.replace(CHUNK, states_num_warps=8),
-        "state-tile32": dataclasses.replace(CHUNK, state_tile=32),
-        "state-tile32-warps2": dataclasses.replace(CHUNK, state_tile=32, states_num_warps=2),
-        "out-stages1": dataclasses.replace(CHUNK, num_stages=1),
-        "out-stages3": dataclasses.replace(CHUNK, num_stages=3),
-        "out-warps8": dataclasses.replace(CHUNK, num_warps=8),
-        "out-bv64": dataclasses.replace(CHUNK, block_v=64),
-        "chunk64": dataclasses.replace(CHUNK, chunk_blocks=1),
+    "forward": {  # changes to the shipped ChunkConfig (choose_forward_config) of each shape
+        "default": {},
+        "states-stages1": dict(states_num_stages=1),
+        "states-stages3": dict(states_num_stages=3),
+        "states-stages3-out-stages1": dict(states_num_stages=3, num_stages=1),
+        "states-stages4": dict(states_num_stages=4),
+        "states-warps2": dict(states_num_warps=2),
+        "states-warps8": dict(states_num_warps=8),
+        "state-tile32": dict(state_tile=32),
+        "state-tile32-warps2": dict(state_tile=32, states_num_warps=2),
+        "out-stages1": dict(num_stages=1),
+        "out-stages3": dict(num_stages=3),
+        "out-warps8": dict(num_warps=8),
+        "out-bv64": dict(block_v=64),
+        "chunk64": dict(chunk_blocks=1),
     },
 }
 OUT = os.environ.get("OUT", ".")
@@ -75,13 +77,15 @@ def say(*parts):
 
 
 def ours(part, shape, config, interpret):
-    """(jitted call, its operands): forward+backward with `config` as the backward tiling, or the forward with it."""
+    """(jitted call, its operands): forward+backward with `config` as the backward tiling, or the forward with
+    the shape's shipped ChunkConfig changed by `config` (a dict of fields)."""
     q, k, v, do, slopes = inputs(shape)
+    forward = choose_forward_config(shape, q.dtype)
     if part == "forward":
-        call = jax.jit(lambda q, k, v: pallas_lightning_attention(q, k, v, slopes, config=config,
+        tiling = dataclasses.replace(forward, **config)
+        call = jax.jit(lambda q, k, v: pallas_lightning_attention(q, k, v, slopes, config=tiling,
                                                                   interpret=interpret)[0])
         return call, (q, k, v)
-    forward = choose_forward_config(shape, q.dtype)
 
     def f(q, k, v):
         return pallas_lightning_attention(q, k, v, slopes, config=forward, backward_config=config,
@@ -105,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--part", choices=sorted(CANDIDATES), default="backward")
     parser.add_argument("--shapes", default="1,0,4", help="comma indices into lightning_grid.GRID")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no measurement starts")
+    parser.add_argument("--candidates", help="comma list of candidate names (default: all at the first shape, then "
+                        "the default and the three fastest there)")
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU: interpret=True, tiny shapes, no FLA")
     args = parser.parse_args(argv)
@@ -113,9 +119,20 @@ def main(argv=None):
     reps = 2 if args.smoke else 5
     torch, fla = (None, None) if (args.no_fla or args.smoke) else load_fla()
     candidates = CANDIDATES[args.part]
+    if args.part == "forward":  # the candidates change a ChunkConfig: shapes where the sweep ships are not swept
+        skipped = [s for s in shapes if not isinstance(choose_forward_config(s, jax.numpy.bfloat16), ChunkConfig)]
+        if skipped:
+            say(f"skipped (the forward ships the sweep there): {skipped}")
+        shapes = [s for s in shapes if s not in skipped]
+    order = list(candidates)
+    if args.candidates:
+        order = [name.strip() for name in args.candidates.split(",")]
+        unknown = [name for name in order if name not in candidates]
+        if unknown:
+            raise SystemExit(f"--candidates: unknown {unknown}; choose from {sorted(candidates)}")
     say(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, part {args.part}, shapes {shapes}, "
         f"FLA {'yes' if fla else 'no'}")
-    rows, order = [], list(candidates)
+    rows = []
     for n, shape in enumerate(shapes):
         row = {"part": args.part, "shape": list(shape), "ms": {}, "err": {}, "errors": {}}
         rows.append(row)
@@ -142,7 +159,7 @@ def main(argv=None):
                 row["errors"]["fla"] = f"{type(err).__name__}: {str(err)[:200]}"
         with open(os.path.join(OUT, "lightning_tiling.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        if n == 0:  # later shapes: the default tiling and the three fastest here
+        if n == 0 and not args.candidates:  # later shapes: the default tiling and the three fastest here
             fastest = sorted((ms, name) for name, ms in row["ms"].items() if name != "default")[:3]
             order = ["default"] + [name for _, name in fastest]
     what = "forward (chunk tiling" if args.part == "forward" else "forward+backward (shipped forward; backward tiling"

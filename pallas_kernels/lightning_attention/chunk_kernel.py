@@ -77,15 +77,21 @@ from pallas_kernels.lightning_attention.common import (block_end_decays, block_r
 class ChunkConfig:
     """Tiling of the chunk-parallel forward: `block` tokens per output program (and per key step),
     chunks of `chunk_blocks` blocks (states are stored at chunk starts), the states kernel's square
-    tile `state_tile` of the D x D state, and `block_v` output columns per output program."""
+    tile `state_tile` of the D x D state, and `block_v` output columns per output program.
+
+    Pipeline stages (H200, 2026-12-01, benchmarks/lightning_tiling.py --part forward, ms against stages 2 / 2):
+    the states kernel's k, v loads three deep and the output kernel's one deep were fastest or within 1% at 7 of
+    the 8 grid shapes with 128-token chunks, e.g. (1, 16384, 64, 128) 0.700 / 0.742, (1, 16384, 64, 64) 0.338 /
+    0.427; 7% slower at (8, 2047, 32, 64), 0.164 / 0.153 (benchmarks/RESULTS.md, "The forward's pipeline
+    stages")."""
     block: int = 64
     chunk_blocks: int = 2
     state_tile: int = 64
     block_v: int = 128
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
     states_num_warps: int = 4
-    states_num_stages: int = 2
+    states_num_stages: int = 3
 
     def __post_init__(self):
         for name in ("block", "chunk_blocks", "state_tile", "block_v"):
