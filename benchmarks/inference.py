@@ -17,9 +17,10 @@ the log as they come, so a time-out keeps what was measured):
                 far, and the bytes in use around the prefill), then decode ms/token at 1M and at 2K context
   sweep         "research-1b" decode ms/token at batch 1 against the context length (caches of random
                 contents: a decode step's cost depends on the cache size, not its values), for the plot
-  split         (not in the default list) "research-1b" decode at batch 1 over synthetic 2K and 1M caches, with
-                the softmax layer's one-query attention dense (the default) and split-KV
-                (softmax_attention.DECODE_SPLIT_MIN_SLOTS set to 0 for every cache), and the 1M / 2K ratio of each
+  split         (not in the default list) "research-1b" decode at batch 1 over synthetic caches of the sweep's
+                lengths, with the softmax layer's one-query attention dense and split-KV
+                (softmax_attention.DECODE_SPLIT_MIN_SLOTS set to None, then 0 for every cache; the shipped
+                threshold is put back), and the 1M / 2K ratio of each
 
 Method: random weights (N(0, 0.02), norm scales 1, the router float32), random prompts. Our steps are compiled
 ahead of time (compile time reported apart); every figure is the median of 3 runs after one warm-up.
@@ -174,17 +175,20 @@ def section_split(size: dict) -> None:
     from m1jax.layers import softmax_attention
     model = M1ForCausalLM(config_for(size["long"]), policy_for(size["long"]))
     params = random_params(model.config, policy=model.policy)
+    shipped = softmax_attention.DECODE_SPLIT_MIN_SLOTS
     try:
         for form, threshold in (("dense", None), ("split", 0)):
             softmax_attention.DECODE_SPLIT_MIN_SLOTS = threshold  # read when the decode step is traced:
             jax.clear_caches()  # no step compiled under the other form may be reused
             engine._COMPILED.clear()
-            for context in (size["context"], size["long_context"]):
+            for context in size["sweep"]:
                 record(section="split", what="decode batch 1", attention=form, config=size["long"], context=context,
                        **synthetic_decode(model, params, context, size["steps"], size["reps"]))
                 gc.collect()
     finally:
-        softmax_attention.DECODE_SPLIT_MIN_SLOTS = None
+        softmax_attention.DECODE_SPLIT_MIN_SLOTS = shipped
+        jax.clear_caches()
+        engine._COMPILED.clear()
 
 
 def section_hf(size: dict) -> None:
@@ -302,12 +306,16 @@ def table(size: dict) -> str:
                          f"{size['long_context']:,} vs {size['context']:,} | {long_row['ms_per_token']:.3f} vs "
                          f"{short_row['ms_per_token']:.3f}: {long_row['ms_per_token'] / short_row['ms_per_token']:.2f}x"
                          " | | | <= 2x |")
-    sweep = [r for r in RESULTS if r.get("section") == "sweep" and "ms_per_token" in r]
-    if sweep:
-        lines.append("")
-        lines.append("| context | " + " | ".join(f"{r['context']:,}" for r in sweep) + " |")
-        lines.append("|---|" + "---|" * len(sweep))
-        lines.append("| decode ms/token | " + " | ".join(f"{r['ms_per_token']:.3f}" for r in sweep) + " |")
+    for section, forms in (("sweep", (None,)), ("split", ("dense", "split"))):
+        rows = {form: [r for r in RESULTS if r.get("section") == section and "ms_per_token" in r
+                       and r.get("attention") == form] for form in forms}
+        if rows[forms[0]]:
+            lines.append("")
+            lines.append("| context | " + " | ".join(f"{r['context']:,}" for r in rows[forms[0]]) + " |")
+            lines.append("|---|" + "---|" * len(rows[forms[0]]))
+            for form in forms:
+                lines.append(f"| decode ms/token{f', {form}' if form else ''} | "
+                             + " | ".join(f"{r['ms_per_token']:.3f}" for r in rows[form]) + " |")
     return "\n".join(lines)
 
 

@@ -367,10 +367,11 @@ def decode_attention(q: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
 
 # One query per row over a long cache as split-KV (FlashDecoding): the slots in chunks, each chunk's softmax and
 # weighted values computed at once, then merged by their maxima (the dense form's probabilities x values is one
-# reduction over all S slots per (kv head, query group)). Off (None) until measured on a GPU: research-1b's cache at
-# 1M slots is read at 47% of the card's streaming rate by the dense form (benchmarks/RESULTS.md, "Inference");
-# `benchmarks/inference.py --sections split` times both. When set, caches of at least this many slots take it.
-DECODE_SPLIT_MIN_SLOTS: int | None = None
+# reduction over all S slots per (kv head, query group)). Caches of at least DECODE_SPLIT_MIN_SLOTS slots take it
+# (None: never). research-1b batch-1 decode on an H200, ms/token dense / split (benchmarks/RESULTS.md, "Inference",
+# `benchmarks/inference.py --sections split`): 2K 0.876 / 0.908, 8K 0.904 / 0.905, 32K 0.947 / 0.920,
+# 128K 1.051 / 0.994, 1M 2.107 / 1.510.
+DECODE_SPLIT_MIN_SLOTS: int | None = 32768
 DECODE_SPLIT_CHUNK = 4096  # the most slots per chunk
 
 

@@ -29,6 +29,7 @@ def test_inference_benchmark_split_section_smoke(tmp_path):
     """--sections split: both forms of one-query attention at both contexts, the table's ratio lines, and the
     module switch put back."""
     from m1jax.layers import softmax_attention
+    shipped = softmax_attention.DECODE_SPLIT_MIN_SLOTS
     spec = importlib.util.spec_from_file_location("inference_benchmark_split", os.path.join(ROOT, "benchmarks",
                                                                                            "inference.py"))
     bench = importlib.util.module_from_spec(spec)
@@ -39,4 +40,4 @@ def test_inference_benchmark_split_section_smoke(tmp_path):
     assert measured == {(form, c) for form in ("dense", "split") for c in (40, 300)}
     table = (tmp_path / "inference_table.md").read_text()
     assert "dense one-query attention: 300 vs 40" in table and "split one-query attention: 300 vs 40" in table
-    assert softmax_attention.DECODE_SPLIT_MIN_SLOTS is None
+    assert softmax_attention.DECODE_SPLIT_MIN_SLOTS == shipped

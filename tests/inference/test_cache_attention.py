@@ -86,10 +86,13 @@ def test_split_decode_matches_the_slot_by_slot_twin(chunk, rng):
 
 
 def test_split_decode_is_chosen_by_cache_size(rng, monkeypatch):
-    """Off by default; when DECODE_SPLIT_MIN_SLOTS is set, caches of at least that many slots take the split form
-    (the largest divisor up to DECODE_SPLIT_CHUNK), and a decode step through cached_attention gives the dense
-    result."""
-    assert softmax_attention.DECODE_SPLIT_MIN_SLOTS is None and softmax_attention.split_chunk(1 << 20) is None
+    """Caches of at least DECODE_SPLIT_MIN_SLOTS slots take the split form (the largest divisor up to
+    DECODE_SPLIT_CHUNK), none when it is None, and a decode step through cached_attention gives the dense result."""
+    shipped = softmax_attention.DECODE_SPLIT_MIN_SLOTS
+    assert softmax_attention.split_chunk(shipped) == softmax_attention.DECODE_SPLIT_CHUNK  # 32K: a multiple of it
+    assert softmax_attention.split_chunk(shipped - 64) is None and softmax_attention.split_chunk(2048) is None
+    monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_MIN_SLOTS", None)
+    assert softmax_attention.split_chunk(1 << 20) is None
     monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_MIN_SLOTS", 128)
     monkeypatch.setattr(softmax_attention, "DECODE_SPLIT_CHUNK", 64)
     assert softmax_attention.split_chunk(64) is None  # below the threshold
