@@ -18,8 +18,8 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-gather              decode-sized MoE (<= 64 rows): gather each row's expert matrices, one batched matvec
                           (reads exactly the chosen experts' weights) instead of the Pallas grouped matmul
   moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
-  moe-fused-swiglu        an expert's gate and up matmuls and SwiGLU in one kernel for decode-sized calls
-                          (moe_core.FusedSwigluGroupedMatmul: pallas_kernels' grouped_swiglu) instead of two calls
+  moe-two-calls           an expert's gate and up matmuls as two grouped-matmul calls and SwiGLU apart (the
+                          default before 2026-12-01) instead of grouped_swiglu's one kernel for decode-sized calls
   moe-tiles-bn64/-bn32    decode-sized MoE through the Pallas grouped matmul with narrow tiles (block_m 16, block_n
                           64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
   moe-split-k2/-k4        the small-row default tiles (16 x 64 x 128) with the K steps split over 2 or 4 programs
@@ -47,7 +47,7 @@ VARIANTS = {
     "lightning-jnp": dict(flags="", code={"lightning_decode": "jnp"}),
     "moe-gather": dict(flags="", code={"moe": "gather"}),
     "moe-ragged-dot": dict(flags="", code={"moe": "ragged_dot"}),
-    "moe-fused-swiglu": dict(flags="", code={"moe": "fused-swiglu"}),
+    "moe-two-calls": dict(flags="", code={"moe": "two-calls"}),
     "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
     "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
     "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),
@@ -90,9 +90,8 @@ def _decode_grouped_matmul(kind: str):
         tiling = Tiling(block_m, block_n, block_k, warps, stages, split_k=split[0] if split else 1)
         small = lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="pallas", tiling=tiling,
                                                              interpret=jax.default_backend() != "gpu")
-    elif kind == "fused-swiglu":  # grouped_swiglu picks the gated kernel for decode-sized calls itself
-        from m1jax.layers.moe_core import FusedSwigluGroupedMatmul
-        return FusedSwigluGroupedMatmul()
+    elif kind == "two-calls":  # a plain function: expert_hidden finds no `swiglu` on it
+        return lambda lhs, rhs, group_sizes: fallback(lhs, rhs, group_sizes)
     else:
         small = {"gather": gather, "ragged_dot": ragged}[kind]
     return lambda lhs, rhs, group_sizes: (small if lhs.shape[0] <= DECODE_ROWS_MAX else fallback)(lhs, rhs,

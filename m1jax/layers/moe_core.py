@@ -133,17 +133,14 @@ def ragged_dot_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.A
 
 
 class PallasGroupedMatmul:
-    """The default grouped matmul: pallas_kernels' op (Pallas kernels on GPU, a tiled pure-JAX path elsewhere)."""
+    """The default grouped matmul: pallas_kernels' op (Pallas kernels on GPU, a tiled pure-JAX path elsewhere),
+    and `swiglu`: an expert's silu(x W1) * (x W3), from one kernel for decode-sized calls (pallas_kernels'
+    grouped_swiglu: hf-bench batch-1 decode 1.03-1.10x faster than two calls in three H200 runs,
+    benchmarks/RESULTS.md "Decode at batch 1"), from two calls otherwise."""
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         from pallas_kernels.grouped_matmul import grouped_matmul
         return grouped_matmul(lhs, rhs, group_sizes, impl="auto")
-
-
-class FusedSwigluGroupedMatmul(PallasGroupedMatmul):
-    """The default grouped matmul, plus `swiglu`: an expert's silu(x W1) * (x W3) from one kernel for decode-sized
-    calls (pallas_kernels' grouped_swiglu). Not the default until measured on a GPU (benchmarks/decode_flags.py,
-    variant moe-fused-swiglu): pass it as M1ForCausalLM(..., grouped_matmul=FusedSwigluGroupedMatmul())."""
 
     def swiglu(self, lhs: jax.Array, w1: jax.Array, w3: jax.Array, group_sizes: jax.Array) -> jax.Array:
         from pallas_kernels.grouped_matmul import grouped_swiglu

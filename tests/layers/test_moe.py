@@ -381,8 +381,8 @@ def test_sort_and_unsort_rows_vjp_without_jit(rng):
     np.testing.assert_array_equal(d_rows_back, np.asarray(d_back).reshape(tokens * k, hidden)[np.asarray(pairs)])
 
 
-class _InterpretedPallas(moe_core.FusedSwigluGroupedMatmul):
-    """FusedSwigluGroupedMatmul, its Pallas kernels in interpret mode (the CPU's "auto" picks the tiled path)."""
+class _InterpretedPallas(moe_core.PallasGroupedMatmul):
+    """PallasGroupedMatmul, its Pallas kernels in interpret mode (the CPU's "auto" picks the tiled path)."""
 
     def __call__(self, lhs, rhs, group_sizes):
         from pallas_kernels.grouped_matmul import grouped_matmul
