@@ -146,7 +146,7 @@ def _pairs(pairs: list[tuple[int, int]], values: list[float] | None, rows: int):
 
 
 def host_settings(jobs: list, rows: int, vocab: int, starts: np.ndarray | None = None) -> tuple:
-    """The host's half of steps.admit_rows / steps.row_settings for a group's P rows (the rows after the jobs repeat
+    """The host's half of steps.admit_rows for a group's P rows (the rows after the jobs repeat
     the first): (layout (P, bias pairs, stop pairs), packed int32 (the array steps.unpack_settings reads: per row
     temperature (float32 bits), top_k, top_p (float32 bits), key data (2 words), start (`starts`, else 0); then the
     logit-bias (row, id, value bits) triples and the stop (row, id) pairs, each padded as `_pairs` does; stop ids
@@ -170,14 +170,6 @@ def host_settings(jobs: list, rows: int, vocab: int, starts: np.ndarray | None =
     triples = np.concatenate([bias_at, bias.view(np.int32)[:, None]], 1)
     packed = np.concatenate([per_row.ravel(), triples.ravel(), stop_at.ravel()])
     return (rows, len(bias_at), len(stop_at)), packed, row_sampling(temperature, top_k, top_p, vocab)
-
-
-def row_settings(jobs: list, rows: int, vocab: int) -> tuple:
-    """(temperature, top_k, top_p, bias (P, V), keys (P, 2), stop (P, V)) of a prefill group's P rows on the device
-    (rows past the jobs repeat the first), sent there in one call (the batcher's steps.admit_rows unpacks the same
-    array beside its cache reset)."""
-    layout, packed, _ = host_settings(jobs, rows, vocab)
-    return steps.JITTED["settings"](vocab, layout, packed)
 
 
 def rows_that_fit(prompts: Sequence[int], outputs: Sequence[int], least: int, live_end: int | None,

@@ -293,7 +293,6 @@ def decode_steps(model: M1ForCausalLM, logprobs: int | None, num_steps: int, par
 JITTED = {
     "prefill": jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=3),
     "first": jax.jit(first_tokens, static_argnums=(0, 1)),
-    "settings": jax.jit(row_settings, static_argnums=(0, 1)),
     "admit": jax.jit(admit_rows, static_argnums=(0, 1), donate_argnums=2),
     "insert": jax.jit(insert, donate_argnums=0),
     "release": jax.jit(release, donate_argnums=0),
