@@ -20,6 +20,8 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-ragged-dot          decode-sized MoE through jax.lax.ragged_dot
   moe-two-calls           an expert's gate and up matmuls as two grouped-matmul calls and SwiGLU apart (the
                           default before 2026-12-01) instead of grouped_swiglu's one kernel for decode-sized calls
+  moe-compare-sort        the MoE's pairs sorted by expert through comparisons (moe_core.COMPARE_SORT_MAX_PAIRS
+                          = 256) instead of a sort, a bincount and a scatter
   moe-tiles-bn64/-bn32    decode-sized MoE through the Pallas grouped matmul with narrow tiles (block_m 16, block_n
                           64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
   moe-split-k2/-k4        the small-row default tiles (16 x 64 x 128) with the K steps split over 2 or 4 programs
@@ -48,6 +50,7 @@ VARIANTS = {
     "moe-gather": dict(flags="", code={"moe": "gather"}),
     "moe-ragged-dot": dict(flags="", code={"moe": "ragged_dot"}),
     "moe-two-calls": dict(flags="", code={"moe": "two-calls"}),
+    "moe-compare-sort": dict(flags="", code={"compare_sort": 256}),
     "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
     "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
     "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),
@@ -105,12 +108,14 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
     from benchmarks.common import config_for, policy_for, random_params
     from m1jax import M1ForCausalLM
     from m1jax.inference import engine
+    from m1jax.layers import moe_core
     from pallas_kernels.lightning_attention import ops as lightning_ops
 
     size = "smoke" if smoke else "hf-bench"
     config, policy = config_for(size), policy_for(size)
     params = random_params(config, policy=policy)
     rows_default = lightning_ops.DECODE_PALLAS_MAX_ROWS
+    compare_default = moe_core.COMPARE_SORT_MAX_PAIRS
     for name in names:
         code = VARIANTS[name]["code"]
         row = {"variant": name, "flags": os.environ.get("XLA_FLAGS", ""), "code": code,
@@ -120,6 +125,7 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
             jax.clear_caches()  # a module-level switch below must not hit a trace cached under another setting
             engine._COMPILED.clear()
             lightning_ops.DECODE_PALLAS_MAX_ROWS = 0 if code.get("lightning_decode") == "jnp" else rows_default
+            moe_core.COMPARE_SORT_MAX_PAIRS = code.get("compare_sort", compare_default)
             grouped_matmul = _decode_grouped_matmul(code["moe"]) if "moe" in code else None
             model = M1ForCausalLM(config, policy.replace(float32_lm_head=code.get("float32_lm_head",
                                                                                   policy.float32_lm_head)),
@@ -134,6 +140,7 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
         finally:
             bench.M1ForCausalLM = M1ForCausalLM
             lightning_ops.DECODE_PALLAS_MAX_ROWS = rows_default
+            moe_core.COMPARE_SORT_MAX_PAIRS = compare_default
         row["seconds"] = time.perf_counter() - begin
         print("RESULT " + json.dumps(row), flush=True)
 

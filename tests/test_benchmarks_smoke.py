@@ -76,10 +76,10 @@ def test_analyse_gpu_shaped_trace():
 def test_decode_flags_smoke(tmp_path, monkeypatch):
     df = load("decode_flags")
     monkeypatch.setattr(df, "OUT", str(tmp_path))
-    assert df.main(["--smoke", "--variants", "default,moe-gather,moe-split-k2,moe-two-calls",
-                    "--flag-set", "bad=--xla_not_a_flag=1"]) == 1
+    variants = ("default", "moe-gather", "moe-split-k2", "moe-two-calls", "moe-compare-sort")
+    assert df.main(["--smoke", "--variants", ",".join(variants), "--flag-set", "bad=--xla_not_a_flag=1"]) == 1
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "decode_flags.jsonl").read_text().splitlines())}
-    assert all(rows[name]["ms_per_token"] > 0 for name in ("default", "moe-gather", "moe-split-k2", "moe-two-calls"))
+    assert all(rows[name]["ms_per_token"] > 0 for name in variants)
     assert "Unknown flag" in rows["bad"]["error"]  # a refused flag is reported, the rest still run
 
 

@@ -213,6 +213,35 @@ def _unsort_rows_bwd(residuals, d_out):
 unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
 
 
+# Decode-sized calls (at most this many pairs) may sort by comparing every pair with every other, in a few fused
+# element-wise ops, instead of a sort, a bincount and a scatter (separate kernels each, for a handful of pairs at
+# batch-1 decode). Off (None) until measured on a GPU: benchmarks/decode_flags.py, variant moe-compare-sort.
+COMPARE_SORT_MAX_PAIRS: int | None = None
+
+
+def sort_by_expert(flat_experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The stable sort of P (token, choice) pairs by expert id. flat_experts (P,) int32 in [0, E] ->
+    (order (P,): sorted row r holds pair order[r]; row_of_pair (P,): its inverse; group_sizes (E,) int32: the pairs
+    per expert, the sentinel E left out).
+
+    For P <= COMPARE_SORT_MAX_PAIRS, by comparisons: pair p's row is the number of pairs q with a smaller expert id,
+    or the same id and q < p; (P, P) booleans, exactly the stable sort's permutation."""
+    size = flat_experts.shape[0]
+    if COMPARE_SORT_MAX_PAIRS is not None and size <= COMPARE_SORT_MAX_PAIRS:
+        index = jnp.arange(size, dtype=jnp.int32)
+        mine, other = flat_experts[:, None], flat_experts[None, :]
+        before = (other < mine) | ((other == mine) & (index[None, :] < index[:, None]))  # [p, q]: q sorts first
+        row_of_pair = jnp.sum(before, axis=1, dtype=jnp.int32)
+        order = jnp.sum(jnp.where(row_of_pair[None, :] == index[:, None], index[None, :], 0), axis=1)
+        group_sizes = jnp.sum(flat_experts[None, :] == jnp.arange(num_experts, dtype=flat_experts.dtype)[:, None],
+                              axis=1, dtype=jnp.int32)
+        return order, row_of_pair, group_sizes
+    order = jnp.argsort(flat_experts, stable=True)
+    group_sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(size, dtype=order.dtype))
+    return order, row_of_pair, group_sizes
+
+
 def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                     w2: jax.Array, grouped_matmul: GroupedMatmul = ragged_dot_grouped_matmul,
                     max_rows: int | None = None) -> jax.Array:
@@ -234,11 +263,8 @@ def sorted_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ja
     """
     num_tokens, k = experts.shape
     num_experts = w1.shape[0]
-    flat_experts = experts.reshape(-1)
     num_rows = num_tokens * k if max_rows is None else min(max_rows, num_tokens * k)
-    order = jnp.argsort(flat_experts, stable=True)  # sorted row r holds pair order[r]
-    group_sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    row_of_pair = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    order, row_of_pair, group_sizes = sort_by_expert(experts.reshape(-1), num_experts)
     pairs, row_of_pair = order[:num_rows], row_of_pair.reshape(num_tokens, k)
     rows = sort_rows(x, pairs, row_of_pair)
     with jax.named_scope("moe_experts"):

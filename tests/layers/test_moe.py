@@ -45,6 +45,29 @@ def test_sorted_dispatch_equals_dense_reference(tokens, experts, k, rng):
     assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pairs, experts", [(1, 4), (2, 8), (7, 3), (64, 6), (130, 32)])
+def test_compare_sort_is_the_stable_sort(pairs, experts, rng, monkeypatch):
+    """sort_by_expert by comparisons (decode-sized calls) gives the stable argsort's permutation, its inverse and the
+    group sizes exactly: repeated ids, the sentinel E, empty and overloaded experts; the dispatch through it equals
+    the dense twin."""
+    ids = rng.integers(0, experts + 1, pairs)
+    ids[: pairs // 2] = min(1, experts - 1)  # one expert takes half the pairs; most others few or none
+    ids = jnp.asarray(rng.permutation(ids), jnp.int32)
+    sort = lambda: jax.jit(lambda ids: moe_core.sort_by_expert(ids, experts))(ids)  # a new trace at each call
+    want = sort()
+    monkeypatch.setattr(moe_core, "COMPARE_SORT_MAX_PAIRS", pairs)
+    got = sort()
+    for name, a, b in zip(("order", "row_of_pair", "group_sizes"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(want[0], np.argsort(np.asarray(ids), kind="stable"))  # the twin is the sort
+    gate, w1, w3, w2 = random_experts(rng, experts, 24, 40)
+    x = jnp.asarray(rng.standard_normal((max(1, pairs // 2), 24)), jnp.float32)
+    monkeypatch.setattr(moe_core, "COMPARE_SORT_MAX_PAIRS", 2 * x.shape[0])
+    got = jax.jit(lambda *args: dispatch(*args, 2))(x, gate, w1, w3, w2)
+    assert_allclose(got, moe_dense_reference(x, gate, w1, w3, w2, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_uneven_and_empty_expert_groups_and_gradients(rng):
     gate, w1, w3, w2 = random_experts(rng, 6, 16, 20)
     gate = gate.at[:, 0].add(5.0).at[:, 4].add(-50.0)  # expert 0 overloaded, expert 4 never chosen
