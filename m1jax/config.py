@@ -250,7 +250,11 @@ class RunPolicy:
 
     param_dtype: the parameters' dtype when initialised (loaded weights keep theirs); the router stays float32.
     compute_dtype: activations and matmuls; router softmax, lightning state, norms' statistics stay float32.
-    float32_lm_head: the lm_head in float32 (the paper's fix for the training-inference probability mismatch).
+    float32_lm_head: the lm_head in float32 (the paper's fix for the training-inference probability mismatch):
+      float32 operands and logits at JAX's default matmul precision, which on recent NVIDIA GPUs lets the dot run
+      on TF32 tensor cores (research-1b's head ran at ~245 TFLOP/s on an H200, above the card's float32 rate:
+      benchmarks/RESULTS.md, "The float32 head"); full float32 products need jax.default_matmul_precision("highest")
+      around the step (slower; not measured).
     expert_threshold: inference, skip a token's lower-ranked experts whose renormalised weight is below this (0: exact).
     capacity_factor: None is dropless; else each expert takes at most ceil(cf * N * k / E) calls of a batch.
     block_size: the lightning kernels' block (None: each kernel picks its own; the result does not depend on it).
