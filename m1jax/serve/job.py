@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from m1jax.inference.sampling import row_sampling
+from m1jax.serve.steps import TOP_LOGPROBS
 
 
 def draw_settings(jobs: list, vocab: int) -> tuple[list[float], list[int], list[float]]:
@@ -59,7 +60,7 @@ class Job:
     expert_threshold: float | None = None
     prompt_logprobs: bool = False
     want_logprobs: bool = False
-    top_logprobs: int = 20  # alternatives wanted with want_logprobs; with 0 in every row the decode skips the top-k
+    top_logprobs: int = TOP_LOGPROBS  # alternatives wanted with want_logprobs; 0 in every row skips the top-k
     want_routing: bool = True
     logit_bias: dict[int, float] | None = None
     timeout: float | None = None
