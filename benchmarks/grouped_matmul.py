@@ -2,10 +2,16 @@
 
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py            # on the GPU machine (one call)
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --smoke    # tiny shapes, interpret mode, any machine
+    PYTHONPATH=. python3 benchmarks/grouped_matmul.py --quick --widths 1b-up --candidates 128x256x64/8/3,128x256x64/8/3/p1sm
+
+--candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages, optionally /pN (the transposed kernel's
+persistent form with N programs) or /pNsm (N per streaming multiprocessor). --quick: the sweep, the dense einsum
+and the Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
 
 Checks correctness on the device first (vs the float32 reference on upcast inputs), then sweeps tilings of
 each kernel, then times every variant at M1 width (16384 rows = 8192 tokens x top-2, K 6144, N 9216, 32
-experts) and research width (32768 rows, K 2048, N 1408, 32 experts) for uniform, random and skewed routing.
+experts), research width (32768 rows, K 2048, N 1408, 32 experts) and research-1b's expert matmuls (65536 rows = 4 x
+8192 tokens x top-2, hidden 2048, expert width 512: "1b-up" and "1b-down") for uniform, random and skewed routing.
 Peers in the same run: jax.lax.ragged_dot (default lowering, and with
 jax_ragged_dot_use_gpu_pallas_triton_lowering), jax's Mosaic GPU ragged_dot / transposed_ragged_dot
 (jax.experimental.pallas.ops.gpu), and the balanced dense einsum (E, M/E, K) x (E, K, N), the upper bound.
@@ -26,7 +32,9 @@ from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, gr
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
 
-WIDTHS = {"m1": (16384, 6144, 9216, 32), "research": (32768, 2048, 1408, 32)}
+WIDTHS = {"m1": (16384, 6144, 9216, 32), "research": (32768, 2048, 1408, 32),
+          "1b-up": (65536, 2048, 512, 32), "1b-down": (65536, 512, 2048, 32)}
+DEFAULT_WIDTHS = ("m1", "research")
 SMOKE_WIDTHS = {"smoke": (300, 64, 48, 4)}
 CANDIDATES = [Tiling(128, 256, 64, 8, 3), Tiling(128, 256, 64, 8, 4), Tiling(256, 128, 64, 8, 3),
               Tiling(128, 256, 128, 8, 2)]
@@ -34,6 +42,19 @@ FAST = dict(reps=10, inner=10)  # 10 x (10 back-to-back calls, one sync): host d
 SLOW = dict(reps=2, inner=1)  # ragged_dot: 50-500 ms a call
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "grouped_matmul.jsonl")
 FAILURES = []
+
+
+def parse_tiling(spec: str) -> Tiling:
+    """"128x256x64/8/3" -> Tiling(128, 256, 64, 8, 3); a trailing "/p132" or "/p2sm" sets programs (the
+    persistent transposed kernel: 132 programs, or 2 per streaming multiprocessor of this device)."""
+    blocks, warps, stages, *rest = spec.split("/")
+    block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
+    programs = 0
+    if rest:
+        count = rest[0].removeprefix("p")
+        programs = int(count.removesuffix("sm")) * (getattr(jax.devices()[0], "core_count", 0) or 132) \
+            if count.endswith("sm") else int(count)
+    return Tiling(block_m, block_n, block_k, int(warps), int(stages), programs=programs)
 
 
 log = json_logger(LOG_PATH)
@@ -95,7 +116,7 @@ def fwd_bwd(forward):
     return jax.jit(run)
 
 
-def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing):
+def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, candidates, sweep_table):
     """Each kernel alone, each candidate tiling; returns the best TilingPlan."""
     flops = 2.0 * rows * k * n
     kernels = {
@@ -109,14 +130,24 @@ def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing):
     args = {"forward": (lhs, rhs, gs), "d_lhs": (d_out, rhs, gs), "d_rhs": (lhs, d_out, gs)}
     best = {}
     for name, make in kernels.items():
-        for tiling in CANDIDATES:
+        first = None
+        for tiling in candidates:
+            if tiling.programs and name != "d_rhs":
+                continue  # the persistent form exists for the transposed kernel only
             try:
+                out = make(tiling)(*args[name])
+                first = out if first is None else first
+                err = rel_err(out, first)
                 seconds = timed(make(tiling), *args[name], **timing)
             except Exception as error:  # a tiling that does not fit (shared memory) is skipped, not fatal
                 log(event="sweep", width=width, kernel=name, tiling=str(tiling), error=repr(error)[:300])
                 continue
             log(event="sweep", width=width, kernel=name, tiling=str(tiling), ms=seconds * 1e3,
-                tflops=flops / seconds / 1e12)
+                tflops=flops / seconds / 1e12, rel_diff_vs_first=err)
+            sweep_table.append((width, name, tiling, seconds * 1e3, flops / seconds / 1e12, err))
+            if err > 1e-2:
+                FAILURES.append(f"sweep {width} {name} {tiling}: rel diff {err:.2e} vs the first candidate")
+                continue
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, tiling)
     return TilingPlan(best["forward"][1], best["d_lhs"][1], best["d_rhs"][1])
@@ -133,13 +164,13 @@ def mgpu_peers(k, n):
     return forward, d_rhs
 
 
-def run_width(width, rows, k, n, experts, interpret, smoke, table):
+def run_width(width, rows, k, n, experts, interpret, smoke, table, candidates, quick, sweep_table):
     timing = dict(reps=3, inner=1) if smoke else FAST
     slow = dict(reps=1, inner=1) if smoke else SLOW
     flops = 2.0 * rows * k * n
     lhs, rhs, d_out = operands(rows, k, n, experts)
     uniform = jnp.asarray(routing_sizes("uniform", rows, experts))
-    plan = sweep(width, rows, k, n, experts, uniform, lhs, rhs, d_out, interpret, timing)
+    plan = sweep(width, rows, k, n, experts, uniform, lhs, rhs, d_out, interpret, timing, candidates, sweep_table)
     log(event="best_plan", width=width, plan=str(plan))
 
     def add(routing, variant, fwd_s=None, both_s=None, note=""):
@@ -155,7 +186,7 @@ def run_width(width, rows, k, n, experts, interpret, smoke, table):
 
     default = default_tiling(lhs.dtype)
     aligned = TilingPlan(*(dataclasses.replace(t, schedule="aligned") for t in default))
-    variants = [("pallas (default tiling)", default), ("pallas (aligned schedule)", aligned)]
+    variants = [("pallas (default tiling)", default)] + ([] if quick else [("pallas (aligned schedule)", aligned)])
     if plan != default:
         variants.append(("pallas (best swept tiling)", plan))
     for routing in ("uniform", "random", "skewed"):
@@ -166,7 +197,7 @@ def run_width(width, rows, k, n, experts, interpret, smoke, table):
             add(routing, label, timed(jax.jit(op), lhs, rhs, gs, **timing),
                 timed(fwd_bwd(op), lhs, rhs, gs, d_out, **timing),
                 note=f"max group {int(gs.max())}, K passes per tile {work:.3f}")
-        if routing == "random":
+        if routing == "random" or quick:
             continue  # the slow peers: uniform and skewed only
         ragged = lambda a, b, g: grouped_matmul(a, b, g, impl="ragged_dot")
         add(routing, "ragged_dot", timed(jax.jit(ragged), lhs, rhs, gs, **slow),
@@ -197,12 +228,19 @@ def run_width(width, rows, k, n, experts, interpret, smoke, table):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (no GPU needed)")
-    parser.add_argument("--widths", default=None, help="comma list of widths to run (default: all)")
+    parser.add_argument("--widths", default=None, help=f"comma list of widths to run, of {sorted(WIDTHS)} "
+                        f"(default: {','.join(DEFAULT_WIDTHS)})")
+    parser.add_argument("--candidates", default=None, help="comma list of sweep tilings (see the module docstring)")
+    parser.add_argument("--quick", action="store_true", help="no aligned schedule, ragged_dot or Mosaic GPU peers")
     args = parser.parse_args()
     interpret = args.smoke
-    widths = SMOKE_WIDTHS if args.smoke else WIDTHS
+    widths = SMOKE_WIDTHS if args.smoke else {w: WIDTHS[w] for w in DEFAULT_WIDTHS}
     if args.widths:
-        widths = {w: widths[w] for w in args.widths.split(",")}
+        unknown = set(args.widths.split(",")) - set(WIDTHS) - set(SMOKE_WIDTHS)
+        if unknown:
+            parser.error(f"--widths: unknown {sorted(unknown)}; choose from {sorted(WIDTHS)}")
+        widths = {w: {**WIDTHS, **SMOKE_WIDTHS}[w] for w in args.widths.split(",")}
+    candidates = [parse_tiling(c) for c in args.candidates.split(",")] if args.candidates else CANDIDATES
     log(event="env", jax=jax.__version__, device=str(jax.devices()[0]), kind=jax.devices()[0].device_kind,
         date=time.strftime("%Y-%m-%d"))
     open(LOG_PATH, "w").close()
@@ -212,9 +250,14 @@ def main():
         seconds = timed(jax.jit(jnp.dot), a, a, **FAST)
         log(event="matmul_ceiling", shape="8192^3 bf16", tflops=2 * 8192**3 / seconds / 1e12)
         del a
-    table = []
+    table, sweep_table = [], []
     for width, (rows, k, n, experts) in widths.items():
-        run_width(width, rows, k, n, experts, interpret, args.smoke, table)
+        run_width(width, rows, k, n, experts, interpret, args.smoke, table, candidates, args.quick, sweep_table)
+    print(f"\n{'width':9} {'kernel':8} {'tiling (uniform routing)':58} {'ms':>8} {'TF/s':>5} {'rel diff':>9}")
+    for width, name, tiling, ms, tflops, err in sweep_table:
+        spec = (f"{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.num_warps}/{tiling.num_stages}"
+                + (f"/p{tiling.programs}" if tiling.programs else ""))
+        print(f"{width:9} {name:8} {spec:58} {ms:8.3f} {tflops:5.0f} {err:9.1e}")
     dense = {w: (f, b) for w, r, v, f, b, _ in table if v == "dense einsum"}
     print(f"\n{'width':9} {'routing':9} {'variant':37} {'fwd ms':>8} {'TF/s':>5} {'%dense':>6} "
           f"{'f+b ms':>8} {'TF/s':>5} {'%dense':>6}  note")
