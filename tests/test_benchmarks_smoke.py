@@ -1,6 +1,6 @@
 """The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
-trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_tiling.py and
-step_profile.py."""
+trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_tiling.py,
+step_profile.py and head_precision.py."""
 import importlib.util
 import json
 import os
@@ -123,6 +123,17 @@ def test_lightning_tiling_smoke(part, tmp_path, monkeypatch, capsys):
     assert len(rows[1]["ms"]) == 4  # the default and the three fastest
     assert all(err < 1e-2 for row in rows for err in row["err"].values())  # every tiling computes the same
     assert "default" in capsys.readouterr().out
+
+
+def test_head_precision_smoke(tmp_path, monkeypatch):
+    """On the CPU every float32 variant multiplies in float32 (close to float64); the bf16 head is ~1e4 times further."""
+    hp = load("head_precision")
+    monkeypatch.setattr(hp, "OUT", str(tmp_path))
+    rows = {(r["variant"], r["scale"]): r for r in hp.main(["--smoke"])}
+    assert set(rows) == {(v, s) for v in hp.VARIANTS for s in (1.0, 4.0)}
+    for scale in (1.0, 4.0):
+        assert rows[("float32-highest", scale)]["logprob_err_max"] < 1e-4
+        assert rows[("bf16", scale)]["logprob_err_max"] > 100 * rows[("float32-highest", scale)]["logprob_err_max"]
 
 
 @pytest.mark.slow
