@@ -21,7 +21,9 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
   moe-two-calls           an expert's gate and up matmuls as two grouped-matmul calls and SwiGLU apart (the
                           default before 2026-12-01) instead of grouped_swiglu's one kernel for decode-sized calls
   moe-compare-sort        the MoE's pairs sorted by expert through comparisons (moe_core.COMPARE_SORT_MAX_PAIRS
-                          = 256) instead of a sort, a bincount and a scatter
+                          = 256, the default since 2026-12-01) instead of a sort, a bincount and a scatter
+  moe-argsort             the MoE's pairs sorted by jnp.argsort, a bincount and a scatter (COMPARE_SORT_MAX_PAIRS =
+                          None: the default before 2026-12-01)
   moe-tiles-bn64/-bn32    decode-sized MoE through the Pallas grouped matmul with narrow tiles (block_m 16, block_n
                           64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
   moe-split-k2/-k4        the small-row default tiles (16 x 64 x 128) with the K steps split over 2 or 4 programs
@@ -51,6 +53,7 @@ VARIANTS = {
     "moe-ragged-dot": dict(flags="", code={"moe": "ragged_dot"}),
     "moe-two-calls": dict(flags="", code={"moe": "two-calls"}),
     "moe-compare-sort": dict(flags="", code={"compare_sort": 256}),
+    "moe-argsort": dict(flags="", code={"compare_sort": None}),
     "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
     "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
     "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),

@@ -213,10 +213,12 @@ def _unsort_rows_bwd(residuals, d_out):
 unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
 
 
-# Decode-sized calls (at most this many pairs) may sort by comparing every pair with every other, in a few fused
+# Decode-sized calls (at most this many pairs) sort by comparing every pair with every other, in a few fused
 # element-wise ops, instead of a sort, a bincount and a scatter (separate kernels each, for a handful of pairs at
-# batch-1 decode). Off (None) until measured on a GPU: benchmarks/decode_flags.py, variant moe-compare-sort.
-COMPARE_SORT_MAX_PAIRS: int | None = None
+# batch-1 decode): hf-bench batch-1 decode 0.594 -> 0.529 ms/token on an H200 (benchmarks/decode_flags.py, variant
+# moe-compare-sort; RESULTS.md "Decode at batch 1"). 256 pairs: batch-64 decode at top-2 still fits (a 256 x 256
+# comparison); prefill chunks and training batches take the sort. None: always the sort.
+COMPARE_SORT_MAX_PAIRS: int | None = 256
 
 
 def sort_by_expert(flat_experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:

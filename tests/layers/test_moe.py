@@ -54,6 +54,7 @@ def test_compare_sort_is_the_stable_sort(pairs, experts, rng, monkeypatch):
     ids[: pairs // 2] = min(1, experts - 1)  # one expert takes half the pairs; most others few or none
     ids = jnp.asarray(rng.permutation(ids), jnp.int32)
     sort = lambda: jax.jit(lambda ids: moe_core.sort_by_expert(ids, experts))(ids)  # a new trace at each call
+    monkeypatch.setattr(moe_core, "COMPARE_SORT_MAX_PAIRS", None)  # the argsort path
     want = sort()
     monkeypatch.setattr(moe_core, "COMPARE_SORT_MAX_PAIRS", pairs)
     got = sort()
