@@ -2,11 +2,10 @@
 
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py            # on the GPU machine (one call)
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --smoke    # tiny shapes, interpret mode, any machine
-    PYTHONPATH=. python3 benchmarks/grouped_matmul.py --quick --widths 1b-up --candidates 128x256x64/8/3,128x256x64/8/3/p1sm
+    PYTHONPATH=. python3 benchmarks/grouped_matmul.py --quick --widths 1b-up --candidates 128x256x64/8/3,128x128x64/4/3
 
---candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages, optionally /pN (the transposed kernel's
-persistent form with N programs) or /pNsm (N per streaming multiprocessor). --quick: the sweep, the dense einsum
-and the Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
+--candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages. --quick: the sweep, the dense einsum and the
+Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
 
 Checks correctness on the device first (vs the float32 reference on upcast inputs), then sweeps tilings of
 each kernel, then times every variant at M1 width (16384 rows = 8192 tokens x top-2, K 6144, N 9216, 32
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import json_logger, rel_err, timed
-from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul, grouped_matmul_reference
+from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
 
@@ -45,16 +44,13 @@ FAILURES = []
 
 
 def parse_tiling(spec: str) -> Tiling:
-    """"128x256x64/8/3" -> Tiling(128, 256, 64, 8, 3); a trailing "/p132" or "/p2sm" sets programs (the
-    persistent transposed kernel: 132 programs, or 2 per streaming multiprocessor of this device)."""
-    blocks, warps, stages, *rest = spec.split("/")
-    block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
-    programs = 0
-    if rest:
-        count = rest[0].removeprefix("p")
-        programs = int(count.removesuffix("sm")) * (getattr(jax.devices()[0], "core_count", 0) or 132) \
-            if count.endswith("sm") else int(count)
-    return Tiling(block_m, block_n, block_k, int(warps), int(stages), programs=programs)
+    """"128x256x64/8/3" -> Tiling(128, 256, 64, 8, 3)."""
+    try:
+        blocks, warps, stages = spec.split("/")
+        block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
+        return Tiling(block_m, block_n, block_k, int(warps), int(stages))
+    except ValueError as error:
+        raise SystemExit(f"--candidates: {spec!r} is not BMxBNxBK/warps/stages (e.g. 128x256x64/8/3): {error}")
 
 
 log = json_logger(LOG_PATH)
@@ -132,8 +128,6 @@ def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, ca
     for name, make in kernels.items():
         first = None
         for tiling in candidates:
-            if tiling.programs and name != "d_rhs":
-                continue  # the persistent form exists for the transposed kernel only
             try:
                 out = make(tiling)(*args[name])
                 first = out if first is None else first
@@ -253,11 +247,10 @@ def main():
     table, sweep_table = [], []
     for width, (rows, k, n, experts) in widths.items():
         run_width(width, rows, k, n, experts, interpret, args.smoke, table, candidates, args.quick, sweep_table)
-    print(f"\n{'width':9} {'kernel':8} {'tiling (uniform routing)':58} {'ms':>8} {'TF/s':>5} {'rel diff':>9}")
+    print(f"\n{'width':9} {'kernel':8} {'tiling (uniform routing)':24} {'ms':>8} {'TF/s':>5} {'rel diff':>9}")
     for width, name, tiling, ms, tflops, err in sweep_table:
-        spec = (f"{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.num_warps}/{tiling.num_stages}"
-                + (f"/p{tiling.programs}" if tiling.programs else ""))
-        print(f"{width:9} {name:8} {spec:58} {ms:8.3f} {tflops:5.0f} {err:9.1e}")
+        spec = f"{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.num_warps}/{tiling.num_stages}"
+        print(f"{width:9} {name:8} {spec:24} {ms:8.3f} {tflops:5.0f} {err:9.1e}")
     dense = {w: (f, b) for w, r, v, f, b, _ in table if v == "dense einsum"}
     print(f"\n{'width':9} {'routing':9} {'variant':37} {'fwd ms':>8} {'TF/s':>5} {'%dense':>6} "
           f"{'f+b ms':>8} {'TF/s':>5} {'%dense':>6}  note")

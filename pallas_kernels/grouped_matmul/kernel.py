@@ -21,11 +21,7 @@ the item's rows. Two schedules:
 
 Transposed kernel. One program per (expert, K tile, N tile) of dW; it walks the expert's rows in steps
 of the tiling's block_k, masking rows past the group's end. An empty group walks zero steps and writes
-zeros. With tiling.programs = P > 0 ("persistent"), P programs share the tiles instead (program p takes
-tiles p, p + P, ...) and each runs ONE loop over all the row steps of all its tiles, storing a tile and
-clearing its accumulator at the tile's last step: the compiler's software pipeline then loads the next
-tile's first rows while the current tile is stored, where one program per tile pays each tile's pipeline
-fill and store in series (a tile reduces only one expert's rows: 8 steps of 64 at M1's width).
+zeros.
 
 Tiling names follow each kernel's own GEMM: the output tile is block_m x block_n and block_k is the
 reduction step. So for the forward, (block_m, block_n, block_k) tile (M, N, K); for d_lhs = d_out @
@@ -54,7 +50,6 @@ class Tiling:
     num_stages: int = 3
     schedule: str = "group"  # row tiles of the grouped kernel (forward, d_lhs): "group" or "aligned"
     split_k: int = 1  # grouped kernel: programs per output tile, each summing a slice of the K steps (few rows)
-    programs: int = 0  # transposed kernel: 0 = one program per output tile; P > 0 = P programs walking the tiles
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -69,8 +64,6 @@ class Tiling:
             raise ValueError(f"Tiling.schedule must be 'group' or 'aligned', got {self.schedule!r}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"Tiling.split_k must be a positive int, got {self.split_k!r}")
-        if not isinstance(self.programs, int) or self.programs < 0:
-            raise ValueError(f"Tiling.programs must be an int >= 0 (0: one program per tile), got {self.programs!r}")
 
     def fitted(self, m: int, n: int, k: int) -> "Tiling":
         """The same tiling with each block shrunk to the problem (next power of two, at least 16)."""
@@ -267,53 +260,6 @@ def _transposed_kernel(starts_ref, ends_ref, x_ref, y_ref, out_ref, *, tiling, n
     pltriton.store(out_ref.at[group, pl.ds(k0, bkk), pl.ds(n0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
 
 
-def _transposed_persistent_kernel(steps_ref, starts_ref, ends_ref, x_ref, y_ref, out_ref, *, tiling, num_k_tiles,
-                                  num_n_tiles, depth, width):
-    """Program p of P walks tiles p, p + P, ... (tile t = (group, K tile, N tile) in row-major order) in one loop of
-    steps_ref[p] row steps; a tile takes max(1, cdiv(rows of its group, block_k)) steps (an empty group's one step
-    loads only masked zeros), then its accumulator is stored and cleared. Loop carry: (tile, step, accumulator)."""
-    bkk, bn, br, num_programs = tiling.block_m, tiling.block_n, tiling.block_k, tiling.programs
-    program = pl.program_id(0)
-    precision = _dot_precision(x_ref.dtype)
-
-    def row_step(_, carry):
-        tile, step, acc = carry
-        group = tile // (num_k_tiles * num_n_tiles)
-        k0, n0 = ((tile // num_n_tiles) % num_k_tiles) * bkk, (tile % num_n_tiles) * bn
-        ks_ok = (k0 + jnp.arange(bkk, dtype=jnp.int32)) < depth
-        ns_ok = (n0 + jnp.arange(bn, dtype=jnp.int32)) < width
-        start, end = starts_ref[group], ends_ref[group]
-        r0 = start + step * br
-        rows_ok = (r0 + jnp.arange(br, dtype=jnp.int32)) < end
-        x = pltriton.load(x_ref.at[pl.ds(r0, br), pl.ds(k0, bkk)], mask=rows_ok[:, None] & ks_ok[None, :], other=0)
-        y = pltriton.load(y_ref.at[pl.ds(r0, br), pl.ds(n0, bn)], mask=rows_ok[:, None] & ns_ok[None, :], other=0)
-        acc = acc + jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), precision=precision,
-                                        preferred_element_type=jnp.float32)
-        last = step + 1 >= jnp.maximum(pl.cdiv(end - start, br), 1)
-
-        def flush(acc):
-            pltriton.store(out_ref.at[group, pl.ds(k0, bkk), pl.ds(n0, bn)], acc.astype(out_ref.dtype),
-                           mask=ks_ok[:, None] & ns_ok[None, :])
-            return jnp.zeros_like(acc)
-
-        acc = jax.lax.cond(last, flush, lambda acc: acc, acc)
-        last = last.astype(jnp.int32)
-        return tile + last * num_programs, (step + 1) * (1 - last), acc
-
-    init = (program, jnp.int32(0), jnp.zeros((bkk, bn), jnp.float32))
-    jax.lax.fori_loop(0, steps_ref[program], row_step, init)
-
-
-def persistent_steps(group_sizes, num_rows: int, num_tile_per_group: int, rows_per_step: int, num_programs: int):
-    """(P,) int32: the row steps program p of the persistent transposed kernel runs, summed over its tiles p, p + P,
-    ...; a group's tiles take max(1, cdiv(its rows, rows_per_step)) steps each."""
-    starts, ends = group_bounds(group_sizes, num_rows)
-    per_tile = jnp.repeat(jnp.maximum(pl.cdiv(ends - starts, rows_per_step), 1), num_tile_per_group,
-                          total_repeat_length=group_sizes.shape[0] * num_tile_per_group)
-    padded = pl.cdiv(per_tile.shape[0], num_programs) * num_programs
-    return jnp.pad(per_tile, (0, padded - per_tile.shape[0])).reshape(-1, num_programs).sum(axis=0, dtype=jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "interpret"))
 def transposed_grouped_matmul_kernel(x, y, group_sizes, *, out_dtype, tiling: Tiling, interpret: bool = False):
     """x (M, K), y (M, N), group_sizes (E,) -> (E, K, N) in out_dtype: out[e] = x_e^T @ y_e over group e's
@@ -324,20 +270,13 @@ def transposed_grouped_matmul_kernel(x, y, group_sizes, *, out_dtype, tiling: Ti
     tiling = tiling.fitted(depth, width, num_rows)
     starts, ends = group_bounds(group_sizes, num_rows)
     num_k_tiles, num_n_tiles = pl.cdiv(depth, tiling.block_m), pl.cdiv(width, tiling.block_n)
-    num_tiles = num_groups * num_k_tiles * num_n_tiles
-    if tiling.programs:
-        tiling = dataclasses.replace(tiling, programs=min(tiling.programs, num_tiles))
-        steps = persistent_steps(group_sizes, num_rows, num_k_tiles * num_n_tiles, tiling.block_k, tiling.programs)
-        kernel, operands, grid = _transposed_persistent_kernel, (steps, starts, ends), tiling.programs
-    else:
-        kernel, operands, grid = _transposed_kernel, (starts, ends), num_tiles
-    kernel = functools.partial(kernel, tiling=tiling, num_k_tiles=num_k_tiles, num_n_tiles=num_n_tiles, depth=depth,
-                               width=width)
+    kernel = functools.partial(_transposed_kernel, tiling=tiling, num_k_tiles=num_k_tiles,
+                               num_n_tiles=num_n_tiles, depth=depth, width=width)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
-        grid=(grid,),
+        grid=(num_groups * num_k_tiles * num_n_tiles,),
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="transposed_grouped_matmul",
-    )(*operands, x, y)
+    )(starts, ends, x, y)

@@ -1,14 +1,11 @@
 """The grouped matmul kernels (interpret mode) against the masked-dense reference, forward and both gradients."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import Tiling, TilingPlan, grouped_matmul, grouped_matmul_reference
-from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel, persistent_steps,
-                                                  transposed_grouped_matmul_kernel)
+from pallas_kernels.grouped_matmul.kernel import SCHEDULES, group_bounds, grouped_matmul_kernel
 
 SMALL = Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 # M, K, N chosen so that no dimension is a multiple of its tile.
@@ -105,32 +102,6 @@ def test_split_k_matches_reference(split_k):
     np.testing.assert_array_equal(np.asarray(d_lhs[int(sizes.sum()):]), 0.0)
     with pytest.raises(ValueError, match="split_k must be a positive int"):
         Tiling(split_k=0)
-
-
-@pytest.mark.parametrize("programs", [1, 3, 7, 10_000])
-def test_persistent_d_rhs_matches_reference_and_the_per_tile_kernel(programs):
-    """Persistent transposed kernel: P programs walk the (group, K tile, N tile) tiles in one loop each. With the
-    tiling below a group's 2 x 3 tiles take 1-3 row steps (16 rows a step; an empty group one masked step); P = 1
-    walks every tile, 3 and 7 split them unevenly, 10,000 is clamped to one tile per program."""
-    sizes = CASES["empty_first_middle_last"]
-    lhs, rhs, group_sizes, d_out = random_operands(23, sizes, jnp.float32)
-    per_tile = Tiling(32, 16, 16, 4, 2)
-    persistent = dataclasses.replace(per_tile, programs=programs)
-    plan = TilingPlan(SMALL, SMALL, persistent)
-    _, _, d_rhs = assert_matches_reference(lhs, rhs, group_sizes, d_out, 1e-5, tiling=plan)
-    want = transposed_grouped_matmul_kernel(lhs, d_out, group_sizes, out_dtype=jnp.float32, tiling=per_tile,
-                                            interpret=True)
-    np.testing.assert_array_equal(np.asarray(d_rhs), np.asarray(want))  # same sums in the same order
-    for e in np.flatnonzero(sizes == 0):
-        np.testing.assert_array_equal(np.asarray(d_rhs[e]), 0.0)
-    with pytest.raises(ValueError, match="programs must be an int >= 0"):
-        Tiling(programs=-1)
-
-
-def test_persistent_steps_sum_each_programs_tiles():
-    sizes = jnp.asarray([0, 33, 16, 5], jnp.int32)  # steps of 16 rows: 1 (empty), 3, 1, 1
-    steps = persistent_steps(sizes, 60, 2, 16, 3)  # tiles: 1 1 3 3 1 1 1 1 -> programs take 0,3,6 / 1,4,7 / 2,5
-    np.testing.assert_array_equal(np.asarray(steps), [1 + 3 + 1, 1 + 1 + 1, 3 + 1])
 
 
 def test_default_tiling_narrows_for_few_rows_per_group():
