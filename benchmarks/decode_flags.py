@@ -28,6 +28,8 @@ subprocess, with jax's caches and the engine's compiled steps cleared between th
                           64 or 32, block_k 256): more programs per call (benchmarks/grouped_matmul_decode.py)
   moe-split-k2/-k4        the small-row default tiles (16 x 64 x 128) with the K steps split over 2 or 4 programs
   bf16-lm-head            RunPolicy(float32_lm_head=False) (run-time policy: the same model)
+  projection-one-row      the layers' projections of one row as XLA's own dot (the default before 2026-12-01; since
+                          then m1jax.layers.projection runs one row as two, see its docstring)
   cuda-graphs+moe-gather  both
 --flag-set NAME="--xla_..." adds a variant: the default engine under those flags (repeatable).
 Writes $OUT/decode_flags.jsonl (one line per variant, as they finish); prints the table last.
@@ -36,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,7 @@ VARIANTS = {
     "moe-split-k2": dict(flags="", code={"moe": "tiles:16,64,128,4,4,2"}),
     "moe-split-k4": dict(flags="", code={"moe": "tiles:16,64,128,4,4,4"}),
     "bf16-lm-head": dict(flags="", code={"float32_lm_head": False}),
+    "projection-one-row": dict(flags="", code={"projection": "dense"}),
     "cuda-graphs+moe-gather": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "gather"}),
     "cuda-graphs+lightning-jnp": dict(flags=CMD_BUFFER_FLAGS, code={"lightning_decode": "jnp"}),
 }
@@ -104,7 +108,8 @@ def _decode_grouped_matmul(kind: str):
                                                                                                  group_sizes)
 
 
-def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool) -> None:
+def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool, rounds: int) -> None:
+    import flax.linen as nn
     import jax
 
     import benchmarks.inference as bench
@@ -112,6 +117,7 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
     from m1jax import M1ForCausalLM
     from m1jax.inference import engine
     from m1jax.layers import moe_core
+    from m1jax.layers.projection import Projection
     from pallas_kernels.lightning_attention import ops as lightning_ops
 
     size = "smoke" if smoke else "hf-bench"
@@ -119,9 +125,10 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
     params = random_params(config, policy=policy)
     rows_default = lightning_ops.DECODE_PALLAS_MAX_ROWS
     compare_default = moe_core.COMPARE_SORT_MAX_PAIRS
-    for name in names:
+    projection_call = Projection.__call__
+    for round_, name in [(r, name) for r in range(rounds) for name in names]:  # A B A B ...: no order bias
         code = VARIANTS[name]["code"]
-        row = {"variant": name, "flags": os.environ.get("XLA_FLAGS", ""), "code": code,
+        row = {"variant": name, "flags": os.environ.get("XLA_FLAGS", ""), "code": code, "round": round_,
                "device": jax.devices()[0].device_kind, "context": context, "steps": steps, "reps": reps}
         begin = time.perf_counter()
         try:
@@ -129,6 +136,8 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
             engine._COMPILED.clear()
             lightning_ops.DECODE_PALLAS_MAX_ROWS = 0 if code.get("lightning_decode") == "jnp" else rows_default
             moe_core.COMPARE_SORT_MAX_PAIRS = code.get("compare_sort", compare_default)
+            if code.get("projection") == "dense":
+                Projection.__call__ = nn.Dense.__call__
             grouped_matmul = _decode_grouped_matmul(code["moe"]) if "moe" in code else None
             model = M1ForCausalLM(config, policy.replace(float32_lm_head=code.get("float32_lm_head",
                                                                                   policy.float32_lm_head)),
@@ -144,6 +153,7 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
             bench.M1ForCausalLM = M1ForCausalLM
             lightning_ops.DECODE_PALLAS_MAX_ROWS = rows_default
             moe_core.COMPARE_SORT_MAX_PAIRS = compare_default
+            Projection.__call__ = projection_call
         row["seconds"] = time.perf_counter() - begin
         print("RESULT " + json.dumps(row), flush=True)
 
@@ -155,7 +165,8 @@ def run_group(flags: str, names: list[str], args, log) -> None:
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", ",".join(names),
-           "--context", str(args.context), "--steps", str(args.steps), "--reps", str(args.reps)]
+           "--context", str(args.context), "--steps", str(args.steps), "--reps", str(args.reps),
+           "--rounds", str(args.rounds)]
     cmd += [f"--flag-set={item}" for item in args.flag_set]
     cmd += ["--smoke"] * args.smoke + ["--synthetic"] * args.synthetic
     print(f"== XLA_FLAGS='{env['XLA_FLAGS']}': {', '.join(names)}", flush=True)
@@ -193,6 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the code variants of a flag set this many times in turn (A B A B ...); the table "
+                             "gives the median over rounds and their range (the GPU's first seconds run slower)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess (flag set)")
     parser.add_argument("--synthetic", action="store_true",
                         help="decode over a cache of random contents (inference.py's synthetic_decode): no prefill "
@@ -214,7 +228,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     if args.worker:
-        worker(names, args.smoke, args.context, args.steps, args.reps, args.synthetic)
+        worker(names, args.smoke, args.context, args.steps, args.reps, args.synthetic, args.rounds)
         return 0
 
     os.makedirs(OUT, exist_ok=True)
@@ -234,20 +248,28 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for flags, members in groups.items():
         run_group(flags, members, args, log)
-    by_name = {r["variant"]: r for r in rows}
-    base = by_name.get("default", {}).get("ms_per_token")
-    print(f"\n== decode latency, batch 1, context {args.context}, {args.steps} steps, median of {args.reps} "
-          f"({'smoke config' if args.smoke else 'hf-bench'}; {time.perf_counter() - start:.0f} s in all)")
-    print(f"{'variant':28s} {'ms/token p50':>12s} {'tokens/s':>10s} {'vs default':>10s}  flags / error")
-    for name in names:
-        r = by_name.get(name, {"error": "no result"})
+    runs: dict[str, list[float]] = {}
+    errors: dict[str, str] = {}
+    for r in rows:
         if "error" in r:
-            print(f"{name:28s} {'failed':>12s} {'':>10s} {'':>10s}  {r['error'][:200]}")
+            errors[r["variant"]] = r["error"]
+        else:
+            runs.setdefault(r["variant"], []).append(r["ms_per_token"])
+    base = statistics.median(runs["default"]) if "default" in runs else None
+    print(f"\n== decode latency, batch 1, context {args.context}, {args.steps} steps, median of {args.reps} "
+          f"({'smoke config' if args.smoke else 'hf-bench'}; {time.perf_counter() - start:.0f} s in all)"
+          + (f"; median over {args.rounds} rounds (range)" if args.rounds > 1 else ""))
+    print(f"{'variant':28s} {'ms/token p50':>12s} {'range':>13s} {'tokens/s':>10s} {'vs default':>10s}  flags / error")
+    for name in names:
+        if name not in runs:
+            print(f"{name:28s} {'failed':>12s} {'':>13s} {'':>10s} {'':>10s}  {errors.get(name, 'no result')[:200]}")
             continue
-        ms = r["ms_per_token"]
+        ms = statistics.median(runs[name])
+        spread = f"{min(runs[name]):.3f}-{max(runs[name]):.3f}"
         speed = f"{base / ms:.2f}x" if base else ""
-        print(f"{name:28s} {ms:12.3f} {1e3 / ms:10.0f} {speed:>10s}  {VARIANTS[name]['flags'][:80] or '-'}")
-    return 0 if all("error" not in by_name.get(n, {"error": 1}) for n in names) else 1
+        print(f"{name:28s} {ms:12.3f} {spread:>13s} {1e3 / ms:10.0f} {speed:>10s}  "
+              f"{VARIANTS[name]['flags'][:80] or '-'}")
+    return 0 if not errors and all(n in runs for n in names) else 1
 
 
 if __name__ == "__main__":

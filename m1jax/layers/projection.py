@@ -1,4 +1,14 @@
-"""The bias-free linear projections every M1 layer uses, in the run policy's compute and parameter dtypes."""
+"""The bias-free linear projections every M1 layer uses, in the run policy's compute and parameter dtypes.
+
+A product of ONE row (batch-1 decode: x (1, 1, in)) runs as a product of two, the second row zero. XLA's GPU
+simplifier rewrites a vector x matrix dot whose matrix has fewer than ~10M elements into an element-wise multiply
+and a reduction (e.g. hf-bench's 1024 x 3072 qkv projection), which read the weights at ~0.7 TB/s on an H200; two
+rows keep the dot a GEMM. hf-bench batch-1 decode: 0.540 -> 0.483 ms/token (benchmarks/decode_flags.py, variant
+dense-rows2; RESULTS.md "Decode at batch 1"). The result is the same product (the zero row is dropped); only the
+order of the float32 sums inside the GEMM may differ from the reduction's.
+"""
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -6,9 +16,20 @@ from m1jax.config import M1Config, RunPolicy
 from m1jax.layers.partitioning import named
 
 
+class Projection(nn.Dense):
+    """nn.Dense (x @ kernel, kernel (in, features)) that runs a single row as two rows: see the module docstring."""
+
+    def __call__(self, inputs):
+        if math.prod(inputs.shape[:-1]) != 1:
+            return super().__call__(inputs)
+        row = inputs.reshape(1, inputs.shape[-1])
+        out = super().__call__(jnp.concatenate([row, jnp.zeros_like(row)]))[:1]
+        return out.reshape(*inputs.shape[:-1], self.features)
+
+
 def projection(cfg: M1Config, policy: RunPolicy, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
     """x @ kernel with kernel (in, features) ~ N(0, initializer_range), its dims named `axes` (logical names, e.g.
     ("embed", "heads")); HF stores the transpose (features, in)."""
-    return nn.Dense(features, use_bias=False, dtype=jnp.dtype(policy.compute_dtype),
-                    param_dtype=jnp.dtype(policy.param_dtype),
-                    kernel_init=named(nn.initializers.normal(cfg.initializer_range), *axes), name=name)
+    return Projection(features, use_bias=False, dtype=jnp.dtype(policy.compute_dtype),
+                      param_dtype=jnp.dtype(policy.param_dtype),
+                      kernel_init=named(nn.initializers.normal(cfg.initializer_range), *axes), name=name)
