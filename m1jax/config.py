@@ -253,8 +253,9 @@ class RunPolicy:
     float32_lm_head: the lm_head in float32 (the paper's fix for the training-inference probability mismatch):
       float32 operands and logits at JAX's default matmul precision, which on recent NVIDIA GPUs lets the dot run
       on TF32 tensor cores (research-1b's head ran at ~245 TFLOP/s on an H200, above the card's float32 rate:
-      benchmarks/RESULTS.md, "The float32 head"); full float32 products need jax.default_matmul_precision("highest")
-      around the step (slower; not measured).
+      benchmarks/RESULTS.md, "The float32 head"): 8-9x closer to float64 token log-probabilities than the bf16 head;
+      full float32 products (jax.default_matmul_precision("highest") around the step) are 75-140x closer and cost 6x
+      the head's TF32 time (RESULTS.md, "The head's matmul precision against float64").
     expert_threshold: inference, skip a token's lower-ranked experts whose renormalised weight is below this (0: exact).
     capacity_factor: None is dropless; else each expert takes at most ceil(cf * N * k / E) calls of a batch.
     block_size: the lightning kernels' block (None: each kernel picks its own; the result does not depend on it).
