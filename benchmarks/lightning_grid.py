@@ -264,12 +264,22 @@ def main(argv=None):
     parser.add_argument("--fwdbwd", default=",".join(map(str, FWDBWD)),
                         help="comma indices into GRID also timed forward+backward ('' for none)")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no measurement starts")
+    parser.add_argument("--extra", default="", help="more shapes, 'B,T,H,D;B,T,H,D': timed after --shapes")
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU: interpret=True, tiny shapes, no FLA")
     args = parser.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
-    shapes = SMOKE_GRID if args.smoke else GRID
+    shapes = list(SMOKE_GRID if args.smoke else GRID)
     chosen = list(range(len(shapes))) if not args.shapes else [int(i) for i in args.shapes.split(",")]
+    for spec in filter(None, args.extra.split(";")):
+        try:
+            shape = tuple(int(v) for v in spec.split(","))
+        except ValueError:
+            parser.error(f"--extra: {spec!r} is not B,T,H,D")
+        if len(shape) != 4:
+            parser.error(f"--extra: {spec!r} is not B,T,H,D")
+        chosen.append(len(shapes))
+        shapes.append(shape)
     fb = [int(i) for i in args.fwdbwd.split(",") if i.strip()] if not args.smoke else [0]
     grid = Grid(args)
     say(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, FLA {'yes' if grid.fla else 'no'}, "
