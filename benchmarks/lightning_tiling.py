@@ -66,6 +66,11 @@ CANDIDATES = {
         "out-warps8": dict(num_warps=8),
         "out-bv64": dict(block_v=64),
         "chunk64": dict(chunk_blocks=1),
+        # one output program per 128-token chunk: each chunk state and key block read once per chunk, not per
+        # 64-row block (notes_lightning.md, "Not done / next" (b)); written 2026-12-01, not yet run on the card
+        "block128-w8": dict(block=128, chunk_blocks=1, num_warps=8),
+        "block128-w8-bv64": dict(block=128, chunk_blocks=1, num_warps=8, block_v=64),
+        "block128-w4": dict(block=128, chunk_blocks=1, num_warps=4),
     },
 }
 OUT = os.environ.get("OUT", ".")
