@@ -126,7 +126,7 @@ def test_lightning_tiling_smoke(part, tmp_path, monkeypatch, capsys):
 
 
 def test_head_precision_smoke(tmp_path, monkeypatch):
-    """On the CPU every float32 variant multiplies in float32 (close to float64); the bf16 head is ~1e4 times further."""
+    """On the CPU every float32 variant multiplies in float32 (close to float64); the bf16 head is over 100x further."""
     hp = load("head_precision")
     monkeypatch.setattr(hp, "OUT", str(tmp_path))
     rows = {(r["variant"], r["scale"]): r for r in hp.main(["--smoke"])}

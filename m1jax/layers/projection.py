@@ -1,11 +1,12 @@
 """The bias-free linear projections every M1 layer uses, in the run policy's compute and parameter dtypes.
 
 A product of ONE row (batch-1 decode: x (1, 1, in)) runs as a product of two, the second row zero. XLA's GPU
-simplifier rewrites a vector x matrix dot whose matrix has fewer than ~10M elements into an element-wise multiply
-and a reduction (e.g. hf-bench's 1024 x 3072 qkv projection), which read the weights at ~0.7 TB/s on an H200; two
-rows keep the dot a GEMM. hf-bench batch-1 decode: 0.540 -> 0.483 ms/token (benchmarks/decode_flags.py, variant
-dense-rows2; RESULTS.md "Decode at batch 1"). The result is the same product (the zero row is dropped); only the
-order of the float32 sums inside the GEMM may differ from the reduction's.
+simplifier rewrites a vector x matrix dot with a small matrix (its source's threshold: 10M elements) into an
+element-wise multiply and a reduction; at hf-bench's 1024 x 3072 qkv projection that read the weights at ~0.7 TB/s on
+an H200, where the 1024 x 32,000 lm_head, still a GEMM, read at ~3.3 TB/s. Two rows keep the dot a GEMM: hf-bench
+batch-1 decode 0.482 -> 0.435 ms/token (benchmarks/decode_flags.py --rounds 3 --steps 256, variant projection-one-row
+the old path; RESULTS.md "Decode at batch 1"). The result is the same product (the zero row is dropped); only the
+order of the float32 sums may differ from the reduction's.
 """
 import math
 
