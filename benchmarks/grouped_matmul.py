@@ -219,14 +219,14 @@ def run_width(width, rows, k, n, experts, interpret, smoke, table, candidates, q
             add(routing, "jax mosaic-gpu ragged_dot", note=f"failed: {repr(error)[:120]}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (no GPU needed)")
     parser.add_argument("--widths", default=None, help=f"comma list of widths to run, of {sorted(WIDTHS)} "
                         f"(default: {','.join(DEFAULT_WIDTHS)})")
     parser.add_argument("--candidates", default=None, help="comma list of sweep tilings (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="no aligned schedule, ragged_dot or Mosaic GPU peers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     interpret = args.smoke
     widths = SMOKE_WIDTHS if args.smoke else {w: WIDTHS[w] for w in DEFAULT_WIDTHS}
     if args.widths:

@@ -1,6 +1,6 @@
 """The profiling and grid benchmark scripts on the CPU: the profile parser on a real compiled HLO and a GPU-shaped
-trace, and the --smoke runs of decode_flags.py, grouped_matmul_decode.py, lightning_grid.py, lightning_tiling.py,
-step_profile.py and head_precision.py."""
+trace, and the --smoke runs of decode_flags.py, grouped_matmul.py, grouped_matmul_decode.py, lightning_grid.py,
+lightning_tiling.py, step_profile.py and head_precision.py."""
 import importlib.util
 import json
 import os
@@ -123,6 +123,23 @@ def test_lightning_tiling_smoke(part, tmp_path, monkeypatch, capsys):
     assert len(rows[1]["ms"]) == 4  # the default and the three fastest
     assert all(err < 1e-2 for row in rows for err in row["err"].values())  # every tiling computes the same
     assert "default" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_grouped_matmul_smoke(tmp_path, monkeypatch, capsys):
+    """grouped_matmul.py --smoke --quick with named tilings: the device check passes, every candidate of every kernel
+    computes what the first computes, and the sweep's table prints."""
+    monkeypatch.setenv("OUT", str(tmp_path))  # read when the module loads
+    gm = load("grouped_matmul")
+    with pytest.raises(SystemExit) as done:
+        gm.main(["--smoke", "--quick", "--candidates", "16x16x16/4/2,32x16x16/4/2"])
+    assert done.value.code == 0, gm.FAILURES
+    rows = [json.loads(line) for line in (tmp_path / "grouped_matmul.jsonl").read_text().splitlines()]
+    sweep = [r for r in rows if r["event"] == "sweep"]
+    assert len(sweep) == 6 and all(r["rel_diff_vs_first"] < 1e-2 for r in sweep)  # 3 kernels x 2 tilings
+    assert "tiling (uniform routing)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not BMxBNxBK"):
+        gm.parse_tiling("128x256/8/3")
 
 
 def test_head_precision_smoke(tmp_path, monkeypatch):
