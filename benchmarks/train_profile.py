@@ -381,8 +381,8 @@ def main(argv=None) -> int:
         import m1jax.layers.softmax_attention as softmax_attention
         softmax_attention.attention_impl = lambda *a, **k: args.softmax_impl
     device = jax.devices()[0]
-    log(what="setup", softmax_impl=args.softmax_impl, preset=args.preset, batch=args.batch_size, seq_len=args.seq_len, remat=args.remat,
-        lm_head=args.lm_head,
+    log(what="setup", softmax_impl=args.softmax_impl, preset=args.preset, batch=args.batch_size, seq_len=args.seq_len,
+        remat=args.remat, lm_head=args.lm_head,
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""), variant=args.flags_variant, date=time.strftime("%Y-%m-%d %H:%M"))
     cfg, step, state, batch = setup(args.preset, args.batch_size, args.seq_len, args.remat, args.lm_head)
