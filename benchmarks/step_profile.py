@@ -24,6 +24,7 @@ import gzip
 import glob
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -71,12 +72,27 @@ def traced(run, text: str, steps: int, label: str) -> dict | None:
     print(f"\n-- {label}: traced {result['wall_ms']:.3f} ms per unit, busy {result['busy_ms']:.3f}; top ops:")
     for row in result["top_ops"][:20]:
         print(f"  {row['ms_per_step']:8.4f}  {row['category']:22s} {row['hlo_op'][:30]:30s} {row['op_name'][-100:]}")
+    print("  the same ops by where they sit in the model (layer numbers dropped):")
+    for (cat, where), (ms, count) in op_families(result["top_ops"])[:25]:
+        print(f"  {ms:8.4f}  {count:4d} ops  {cat:22s} {where[-90:]}")
     for cat in list(CATEGORIES) + sorted(set(result["per_step_ms"]) - set(CATEGORIES)):
         ms = result["per_step_ms"].get(cat, 0.0)
         if ms:
             print(f"  {cat:24s} {ms:9.4f} ms  {result['kernels_per_step'].get(cat, 0):6.0f} kernels")
     print(f"  {'idle (wall - busy)':24s} {result['wall_ms'] - result['busy_ms']:9.4f} ms", flush=True)
     return result
+
+
+def op_families(top_ops: list[dict]) -> list[tuple[tuple[str, str], tuple[float, int]]]:
+    """top_ops summed by (category, op_name without the jit/while prefix and layer numbers), costliest first: e.g. the
+    8 layers' "moe/router/dot_general" in one row."""
+    families: dict[tuple[str, str], list] = {}
+    for row in top_ops:
+        where = re.sub(r"layer_\d+", "layer_*", row["op_name"].split("/M1ForCausalLM/")[-1])
+        total = families.setdefault((row["category"], where), [0.0, 0])
+        total[0] += row["ms_per_step"]
+        total[1] += 1
+    return sorted(((key, (ms, n)) for key, (ms, n) in families.items()), key=lambda item: -item[1][0])
 
 
 # ----- targets -----
