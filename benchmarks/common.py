@@ -91,6 +91,19 @@ def timed(fn, *args, reps: int, inner: int, slow_seconds: float | None = None) -
     return statistics.median(times)
 
 
+def parse_tiling(spec: str):
+    """A grouped-matmul Tiling from "BMxBNxBK/warps/stages[/split_k]", e.g. "128x256x64/8/3" or "16x64x128/4/4/2"."""
+    from pallas_kernels.grouped_matmul import Tiling
+    try:
+        blocks, warps, stages, *split = spec.split("/")
+        block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
+        if len(split) > 1:
+            raise ValueError("too many fields")
+        return Tiling(block_m, block_n, block_k, int(warps), int(stages), split_k=int(split[0]) if split else 1)
+    except ValueError as error:
+        raise SystemExit(f"tiling {spec!r} is not BMxBNxBK/warps/stages[/split_k] (e.g. 128x256x64/8/3): {error}")
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

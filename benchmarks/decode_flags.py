@@ -57,11 +57,11 @@ VARIANTS = {
     "moe-two-calls": dict(flags="", code={"moe": "two-calls"}),
     "moe-compare-sort": dict(flags="", code={"compare_sort": 256}),
     "moe-argsort": dict(flags="", code={"compare_sort": None}),
-    "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16,64,256,4,4"}),
-    "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16,32,256,2,4"}),
-    "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16,64,256,4,4"}),
-    "moe-split-k2": dict(flags="", code={"moe": "tiles:16,64,128,4,4,2"}),
-    "moe-split-k4": dict(flags="", code={"moe": "tiles:16,64,128,4,4,4"}),
+    "moe-tiles-bn64": dict(flags="", code={"moe": "tiles:16x64x256/4/4"}),
+    "moe-tiles-bn32": dict(flags="", code={"moe": "tiles:16x32x256/2/4"}),
+    "cuda-graphs+moe-tiles-bn64": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "tiles:16x64x256/4/4"}),
+    "moe-split-k2": dict(flags="", code={"moe": "tiles:16x64x128/4/4/2"}),
+    "moe-split-k4": dict(flags="", code={"moe": "tiles:16x64x128/4/4/4"}),
     "bf16-lm-head": dict(flags="", code={"float32_lm_head": False}),
     "projection-one-row": dict(flags="", code={"projection": "dense"}),
     "cuda-graphs+moe-gather": dict(flags=CMD_BUFFER_FLAGS, code={"moe": "gather"}),
@@ -75,13 +75,14 @@ OUT = os.environ.get("OUT", ".")
 # ----- the worker: one process, one XLA_FLAGS, several code variants -----
 def _decode_grouped_matmul(kind: str):
     """A GroupedMatmul for the MoE layer: `kind` for decode-sized calls, the default (Pallas on GPU) otherwise.
-    kind "tiles:BM,BN,BK,WARPS,STAGES[,SPLIT_K]" is the Pallas grouped matmul (interpret mode on the CPU) with that
-    Tiling."""
+    kind "tiles:BMxBNxBK/warps/stages[/split_k]" is the Pallas grouped matmul (interpret mode on the CPU) with that
+    Tiling (benchmarks.common.parse_tiling)."""
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.common import parse_tiling
     from m1jax.layers.moe_core import default_grouped_matmul
-    from pallas_kernels.grouped_matmul import Tiling, grouped_matmul
+    from pallas_kernels.grouped_matmul import grouped_matmul
     fallback = default_grouped_matmul()
 
     def gather(lhs, rhs, group_sizes):
@@ -96,8 +97,7 @@ def _decode_grouped_matmul(kind: str):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
     if kind.startswith("tiles:"):
-        block_m, block_n, block_k, warps, stages, *split = map(int, kind.split(":")[1].split(","))
-        tiling = Tiling(block_m, block_n, block_k, warps, stages, split_k=split[0] if split else 1)
+        tiling = parse_tiling(kind.removeprefix("tiles:"))
         small = lambda lhs, rhs, group_sizes: grouped_matmul(lhs, rhs, group_sizes, impl="pallas", tiling=tiling,
                                                              interpret=jax.default_backend() != "gpu")
     elif kind == "two-calls":  # a plain function: expert_hidden finds no `swiglu` on it

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import json_logger, rel_err, timed
+from benchmarks.common import json_logger, parse_tiling, rel_err, timed
 from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
@@ -41,16 +41,6 @@ FAST = dict(reps=10, inner=10)  # 10 x (10 back-to-back calls, one sync): host d
 SLOW = dict(reps=2, inner=1)  # ragged_dot: 50-500 ms a call
 LOG_PATH = os.path.join(os.environ.get("OUT", "."), "grouped_matmul.jsonl")
 FAILURES = []
-
-
-def parse_tiling(spec: str) -> Tiling:
-    """"128x256x64/8/3" -> Tiling(128, 256, 64, 8, 3)."""
-    try:
-        blocks, warps, stages = spec.split("/")
-        block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
-        return Tiling(block_m, block_n, block_k, int(warps), int(stages))
-    except ValueError as error:
-        raise SystemExit(f"--candidates: {spec!r} is not BMxBNxBK/warps/stages (e.g. 128x256x64/8/3): {error}")
 
 
 log = json_logger(LOG_PATH)
