@@ -1,10 +1,13 @@
-"""Batch-1 decode latency on "hf-bench" at a 2K context under XLA flag sets and decode implementation variants.
+"""Decode latency on "hf-bench" at a 2K context (batch 1 unless --batch) under XLA flag sets and decode
+implementation variants.
 
     PYTHONPATH=. python3 benchmarks/decode_flags.py [--variants default,cuda-graphs,...] [--steps 64] [--reps 5]
+    PYTHONPATH=. python3 benchmarks/decode_flags.py --batch 64 --variants default,moe-argsort --rounds 3
     PYTHONPATH=. python3 benchmarks/decode_flags.py --smoke          # tiny model, 8 tokens, on the CPU
 
-The measurement is benchmarks/inference.py's `ours_decode` (the engine: prefill the 2K prompt, then one compiled
-while-loop of `--steps` decode steps; ms/token = decode time / steps, median over --reps runs after a warm-up), so
+The measurement is benchmarks/inference.py's `ours_decode` (the engine: prefill the 2K prompt in each of --batch rows,
+then one compiled while-loop of `--steps` decode steps; ms/token = decode time / steps, a step being one token of
+every row, median over --reps runs after a warm-up), so
 "default" is the figure in benchmarks/RESULTS.md (0.777 ms/token on an H200). --synthetic times decode over a cache
 of random contents instead (`synthetic_decode`, the latency sweep's method: no prefill to compile).
 
@@ -108,7 +111,8 @@ def _decode_grouped_matmul(kind: str):
                                                                                                  group_sizes)
 
 
-def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool, rounds: int) -> None:
+def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, synthetic: bool, rounds: int,
+           batch: int) -> None:
     import flax.linen as nn
     import jax
 
@@ -129,7 +133,8 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
     for round_, name in [(r, name) for r in range(rounds) for name in names]:  # A B A B ...: no order bias
         code = VARIANTS[name]["code"]
         row = {"variant": name, "flags": os.environ.get("XLA_FLAGS", ""), "code": code, "round": round_,
-               "device": jax.devices()[0].device_kind, "context": context, "steps": steps, "reps": reps}
+               "device": jax.devices()[0].device_kind, "batch": batch, "context": context, "steps": steps,
+               "reps": reps}
         begin = time.perf_counter()
         try:
             jax.clear_caches()  # a module-level switch below must not hit a trace cached under another setting
@@ -143,10 +148,9 @@ def worker(names: list[str], smoke: bool, context: int, steps: int, reps: int, s
                                                                                   policy.float32_lm_head)),
                                   grouped_matmul=grouped_matmul)
             if synthetic:  # a cache of random contents: no prefill to compile
-                ms = bench.synthetic_decode(model, params, context, steps, reps)["ms_per_token"]
-                row.update(ms_per_token=ms, tokens_per_s=1e3 / ms, synthetic=True)
+                row.update(bench.synthetic_decode(model, params, context, steps, reps, batch), synthetic=True)
             else:
-                row.update(bench.ours_decode(model, params, 1, context, steps, reps))
+                row.update(bench.ours_decode(model, params, batch, context, steps, reps))
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err)[:600]}"
         finally:
@@ -166,7 +170,7 @@ def run_group(flags: str, names: list[str], args, log) -> None:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", ",".join(names),
            "--context", str(args.context), "--steps", str(args.steps), "--reps", str(args.reps),
-           "--rounds", str(args.rounds)]
+           "--rounds", str(args.rounds), "--batch", str(args.batch)]
     cmd += [f"--flag-set={item}" for item in args.flag_set]
     cmd += ["--smoke"] * args.smoke + ["--synthetic"] * args.synthetic
     print(f"== XLA_FLAGS='{env['XLA_FLAGS']}': {', '.join(names)}", flush=True)
@@ -201,6 +205,7 @@ def run_group(flags: str, names: list[str], args, log) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {sorted(VARIANTS)}")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together (each step: one token of each)")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
@@ -221,6 +226,9 @@ def main(argv=None) -> int:
         VARIANTS[name.strip()] = dict(flags=flags.strip(), code={})
         if not args.worker:
             args.variants += "," + name.strip()
+    for flag in ("batch", "context", "steps", "reps", "rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.smoke:
         args.context, args.steps, args.reps = 40, 8, 1
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -228,7 +236,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     if args.worker:
-        worker(names, args.smoke, args.context, args.steps, args.reps, args.synthetic, args.rounds)
+        worker(names, args.smoke, args.context, args.steps, args.reps, args.synthetic, args.rounds, args.batch)
         return 0
 
     os.makedirs(OUT, exist_ok=True)
@@ -256,10 +264,12 @@ def main(argv=None) -> int:
         else:
             runs.setdefault(r["variant"], []).append(r["ms_per_token"])
     base = statistics.median(runs["default"]) if "default" in runs else None
-    print(f"\n== decode latency, batch 1, context {args.context}, {args.steps} steps, median of {args.reps} "
+    print(f"\n== decode latency, batch {args.batch}, context {args.context}, {args.steps} steps, "
+          f"median of {args.reps} "
           f"({'smoke config' if args.smoke else 'hf-bench'}; {time.perf_counter() - start:.0f} s in all)"
           + (f"; median over {args.rounds} rounds (range)" if args.rounds > 1 else ""))
-    print(f"{'variant':28s} {'ms/token p50':>12s} {'range':>13s} {'tokens/s':>10s} {'vs default':>10s}  flags / error")
+    unit = "ms/token p50" if args.batch == 1 else "ms/step p50"  # a step: one token of each row
+    print(f"{'variant':28s} {unit:>12s} {'range':>13s} {'tokens/s':>10s} {'vs default':>10s}  flags / error")
     for name in names:
         if name not in runs:
             print(f"{name:28s} {'failed':>12s} {'':>13s} {'':>10s} {'':>10s}  {errors.get(name, 'no result')[:200]}")
@@ -267,7 +277,7 @@ def main(argv=None) -> int:
         ms = statistics.median(runs[name])
         spread = f"{min(runs[name]):.3f}-{max(runs[name]):.3f}"
         speed = f"{base / ms:.2f}x" if base else ""
-        print(f"{name:28s} {ms:12.3f} {spread:>13s} {1e3 / ms:10.0f} {speed:>10s}  "
+        print(f"{name:28s} {ms:12.3f} {spread:>13s} {args.batch * 1e3 / ms:10.0f} {speed:>10s}  "
               f"{VARIANTS[name]['flags'][:80] or '-'}")
     return 0 if not errors and all(n in runs for n in names) else 1
 

@@ -106,8 +106,9 @@ def ours_decode(model, params, batch: int, context: int, steps: int, reps: int, 
     return dict(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms)
 
 
-def synthetic_decode(model, params, context: int, steps: int, reps: int) -> dict:
-    """Decode latency at batch 1 over a cache that already holds `context` slots of random contents."""
+def synthetic_decode(model, params, context: int, steps: int, reps: int, batch: int = 1) -> dict:
+    """Decode latency (ms per step of `batch` rows) over a cache that already holds `context` slots of random
+    contents in every row."""
     config = model.config
     request = Request(max_new_tokens=steps, chunk_size=context)
 
@@ -122,7 +123,7 @@ def synthetic_decode(model, params, context: int, steps: int, reps: int) -> dict
     per_step = []
     for rep in range(reps + 1):
         # decode donates the state: a fresh one per run
-        state = engine.start(config, [[0] * context], request, policy=model.policy)
+        state = engine.start(config, [[0] * context] * batch, request, policy=model.policy)
         state = state.replace(cache=fill(state.cache, jax.random.key(rep)),
                               last_logits=jax.random.normal(jax.random.key(rep), state.last_logits.shape))
         timings = Timings()
@@ -130,7 +131,8 @@ def synthetic_decode(model, params, context: int, steps: int, reps: int) -> dict
         if rep:
             per_step.append(timings.decode_seconds / steps)
         del state
-    return dict(ms_per_token=1e3 * statistics.median(per_step))
+    ms = 1e3 * statistics.median(per_step)
+    return dict(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms)
 
 
 def section_long(size: dict) -> None:

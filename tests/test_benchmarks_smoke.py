@@ -84,6 +84,20 @@ def test_decode_flags_smoke(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_decode_flags_batch_smoke(tmp_path, monkeypatch, capsys):
+    df = load("decode_flags")
+    monkeypatch.setattr(df, "OUT", str(tmp_path))
+    with pytest.raises(SystemExit):
+        df.main(["--smoke", "--batch", "0"])
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    assert df.main(["--smoke", "--synthetic", "--batch", "3", "--variants", "default,moe-argsort"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode_flags.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in rows} == {"default", "moe-argsort"}
+    assert all(r["batch"] == 3 and r["tokens_per_s"] == pytest.approx(3e3 / r["ms_per_token"]) for r in rows)
+    assert "decode latency, batch 3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_grouped_matmul_decode_smoke(tmp_path, monkeypatch, capsys):
     gd = load("grouped_matmul_decode")
     monkeypatch.setattr(gd, "OUT", str(tmp_path))
