@@ -5,8 +5,9 @@
 their SwiGLU product (one kernel for decode-sized calls).
 """
 from pallas_kernels.grouped_matmul.kernel import Tiling
+from pallas_kernels.grouped_matmul.mosaic_d_rhs import MosaicTiling
 from pallas_kernels.grouped_matmul.ops import IMPLS, TilingPlan, default_tiling, grouped_matmul, grouped_swiglu
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 
-__all__ = ["grouped_matmul", "grouped_swiglu", "grouped_matmul_reference", "Tiling", "TilingPlan", "default_tiling",
-           "IMPLS"]
+__all__ = ["grouped_matmul", "grouped_swiglu", "grouped_matmul_reference", "Tiling", "TilingPlan", "MosaicTiling",
+           "default_tiling", "IMPLS"]

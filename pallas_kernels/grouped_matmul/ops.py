@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
+from pallas_kernels.grouped_matmul.mosaic_d_rhs import MosaicTiling, mosaic_transposed_grouped_matmul
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.tiled import tiled_grouped_matmul
 
@@ -16,11 +17,12 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 class TilingPlan(NamedTuple):
     """One Tiling per kernel. Each names its own GEMM's tiles (see kernel.py): forward tiles (M, N, K),
-    d_lhs tiles (M, K, N), d_rhs tiles (K, N, M)."""
+    d_lhs tiles (M, K, N), d_rhs tiles (K, N, M). d_rhs may instead be a MosaicTiling: the Mosaic GPU d_rhs
+    (mosaic_d_rhs.py; 16-bit inputs, K and N multiples of its tiles), opt-in until measured faster."""
 
     forward: Tiling
     d_lhs: Tiling
-    d_rhs: Tiling
+    d_rhs: Tiling | MosaicTiling
 
 
 # Best or within noise of the best in the sweeps on an H200 (benchmarks/RESULTS.md, "Grouped matmul").
@@ -143,8 +145,12 @@ def _backward(plan, interpret, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
     d_lhs = grouped_matmul_kernel(d_out, rhs, group_sizes, transpose_w=True, tiling=plan.d_lhs, interpret=interpret)
-    d_rhs = transposed_grouped_matmul_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
-                                             interpret=interpret)
+    if isinstance(plan.d_rhs, MosaicTiling):
+        d_rhs = mosaic_transposed_grouped_matmul(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
+                                                 interpret=interpret)
+    else:
+        d_rhs = transposed_grouped_matmul_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
+                                                 interpret=interpret)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
