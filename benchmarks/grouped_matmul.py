@@ -4,8 +4,10 @@
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --smoke    # tiny shapes, interpret mode, any machine
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --quick --widths 1b-up --candidates 128x256x64/8/3,128x128x64/4/3
 
---candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages. --quick: the sweep, the dense einsum and the
-Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
+--candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages, and for d_rhs also mosaic:BKxBNxBR/stages
+(the Mosaic GPU d_rhs, pallas_kernels/grouped_matmul/mosaic_d_rhs.py; the best d_rhs of the sweep goes into the
+"best swept tiling" plan, so a faster Mosaic d_rhs shows in its forward+backward row). --quick: the sweep, the dense
+einsum and the Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
 
 Checks correctness on the device first (vs the float32 reference on upcast inputs), then sweeps tilings of
 each kernel, then times every variant at M1 width (16384 rows = 8192 tokens x top-2, K 6144, N 9216, 32
@@ -26,15 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import json_logger, parse_tiling, rel_err, timed
-from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul
+from benchmarks.common import json_logger, parse_tiling, rel_err, tiling_spec, timed
+from pallas_kernels.grouped_matmul import MosaicTiling, Tiling, TilingPlan, default_tiling, grouped_matmul
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
+from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
 
 WIDTHS = {"m1": (16384, 6144, 9216, 32), "research": (32768, 2048, 1408, 32),
           "1b-up": (65536, 2048, 512, 32), "1b-down": (65536, 512, 2048, 32)}
 DEFAULT_WIDTHS = ("m1", "research")
-SMOKE_WIDTHS = {"smoke": (300, 64, 48, 4)}
+SMOKE_WIDTHS = {"smoke": (300, 64, 48, 4), "smoke-wide": (300, 128, 128, 4)}  # -wide: K, N that Mosaic tiles divide
 CANDIDATES = [Tiling(128, 256, 64, 8, 3), Tiling(128, 256, 64, 8, 4), Tiling(256, 128, 64, 8, 3),
               Tiling(128, 256, 128, 8, 2)]
 FAST = dict(reps=10, inner=10)  # 10 x (10 back-to-back calls, one sync): host dispatch stays hidden
@@ -110,23 +113,26 @@ def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, ca
                                                                            interpret=interpret)),
         "d_lhs": lambda t: jax.jit(lambda a, b, g: grouped_matmul_kernel(a, b, g, transpose_w=True, tiling=t,
                                                                          interpret=interpret)),
-        "d_rhs": lambda t: jax.jit(lambda a, b, g: transposed_grouped_matmul_kernel(a, b, g, out_dtype=b.dtype,
-                                                                                    tiling=t, interpret=interpret)),
+        "d_rhs": lambda t: jax.jit(lambda a, b, g: (
+            mosaic_transposed_grouped_matmul if isinstance(t, MosaicTiling) else transposed_grouped_matmul_kernel)(
+                a, b, g, out_dtype=b.dtype, tiling=t, interpret=interpret)),
     }
     args = {"forward": (lhs, rhs, gs), "d_lhs": (d_out, rhs, gs), "d_rhs": (lhs, d_out, gs)}
     best = {}
     for name, make in kernels.items():
         first = None
         for tiling in candidates:
+            if isinstance(tiling, MosaicTiling) and name != "d_rhs":
+                continue  # the Mosaic GPU kernel is a d_rhs only
             try:
                 out = make(tiling)(*args[name])
                 first = out if first is None else first
                 err = rel_err(out, first)
                 seconds = timed(make(tiling), *args[name], **timing)
             except Exception as error:  # a tiling that does not fit (shared memory) is skipped, not fatal
-                log(event="sweep", width=width, kernel=name, tiling=str(tiling), error=repr(error)[:300])
+                log(event="sweep", width=width, kernel=name, tiling=tiling_spec(tiling), error=repr(error)[:300])
                 continue
-            log(event="sweep", width=width, kernel=name, tiling=str(tiling), ms=seconds * 1e3,
+            log(event="sweep", width=width, kernel=name, tiling=tiling_spec(tiling), ms=seconds * 1e3,
                 tflops=flops / seconds / 1e12, rel_diff_vs_first=err)
             sweep_table.append((width, name, tiling, seconds * 1e3, flops / seconds / 1e12, err))
             if err > 1e-2:
@@ -239,8 +245,7 @@ def main(argv=None):
         run_width(width, rows, k, n, experts, interpret, args.smoke, table, candidates, args.quick, sweep_table)
     print(f"\n{'width':9} {'kernel':8} {'tiling (uniform routing)':24} {'ms':>8} {'TF/s':>5} {'rel diff':>9}")
     for width, name, tiling, ms, tflops, err in sweep_table:
-        spec = f"{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.num_warps}/{tiling.num_stages}"
-        print(f"{width:9} {name:8} {spec:24} {ms:8.3f} {tflops:5.0f} {err:9.1e}")
+        print(f"{width:9} {name:8} {tiling_spec(tiling):24} {ms:8.3f} {tflops:5.0f} {err:9.1e}")
     dense = {w: (f, b) for w, r, v, f, b, _ in table if v == "dense einsum"}
     print(f"\n{'width':9} {'routing':9} {'variant':37} {'fwd ms':>8} {'TF/s':>5} {'%dense':>6} "
           f"{'f+b ms':>8} {'TF/s':>5} {'%dense':>6}  note")
