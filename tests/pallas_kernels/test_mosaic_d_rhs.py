@@ -39,14 +39,18 @@ def draw_case(rng, num_groups, block_rows):
     return (jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16), jnp.asarray(sizes, jnp.int32))
 
 
-@pytest.mark.parametrize("tiling", [MosaicTiling(64, 64, 64, 2), MosaicTiling(128, 128, 64, 3)],
-                         ids=["64x64x64-2stages-many-tiles", "128x128x64-3stages"])
-def test_mosaic_d_rhs_matches_reference(rng, tiling):
+@pytest.mark.parametrize("tiling, dtype, out_dtype", [
+    (MosaicTiling(64, 64, 64, 2), jnp.bfloat16, jnp.bfloat16),
+    (MosaicTiling(128, 128, 64, 3), jnp.bfloat16, jnp.bfloat16),
+    (MosaicTiling(64, 128, 128, 2), jnp.float16, jnp.float32)],
+    ids=["64x64x64-2stages-many-tiles", "128x128x64-3stages", "64x128x128-float16-to-float32"])
+def test_mosaic_d_rhs_matches_reference(rng, tiling, dtype, out_dtype):
     x, y, group_sizes = draw_case(rng, num_groups=6, block_rows=tiling.block_rows)
-    got = mosaic_transposed_grouped_matmul(x, y, group_sizes, tiling=tiling,
+    x, y = x.astype(dtype), y.astype(dtype)
+    got = mosaic_transposed_grouped_matmul(x, y, group_sizes, out_dtype=out_dtype, tiling=tiling,
                                            interpret=plgpu.InterpretGPUParams(detect_races=True))
     assert not interpret_pallas_call.get_races().races_found
-    assert got.shape == (6, 128, 256) and got.dtype == jnp.bfloat16
+    assert got.shape == (6, 128, 256) and got.dtype == out_dtype
     clean = lambda a: jnp.where(jnp.isnan(a), 0, a)  # the reference multiplies the padding by 0: NaN would spread
     want = reference_d_rhs(clean(x), clean(y), group_sizes, 6)
     got = np.asarray(got, np.float64)
