@@ -3,7 +3,8 @@
 The committed fixtures pin four hand-picked cases; this sweep draws many more (any schedule, heads that do not
 divide the width, one kv head, top-1..3 of 1..8 experts, rotary 1/4..1 of the head, alpha/beta != 1, blocks smaller
 and larger than T, T = 1) from seeds, saves our random checkpoint, runs transformers' MiniMaxForCausalLM on it in
-the reference venv, and compares float32 logits. Runs where .refvenv exists (`make fixtures`); skipped elsewhere.
+the reference venv in float32 and float64, and compares our float32 logits with the float64 ones. Runs where
+.refvenv exists (`make fixtures`); skipped elsewhere.
 """
 import json
 import os
@@ -21,7 +22,7 @@ from m1jax.model import init_params
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 REF_PYTHON = os.path.join(ROOT, ".refvenv", "bin", "python")
 SCRIPT = os.path.join(ROOT, "tests", "fixtures", "transformers_logits.py")
-SEEDS = range(12)
+SEEDS = (*range(12), 41, 45)  # 41, 45: the two draws of range(48) whose float32 rounding (both sides) exceeds 1e-4
 
 
 def random_case(seed: int):
@@ -68,12 +69,18 @@ def test_random_configurations_match_transformers(tmp_path):
         inputs[seed] = (config, params, ids)
     for seed, (config, params, ids) in inputs.items():
         subprocess.run([REF_PYTHON, SCRIPT, str(tmp_path / str(seed)), str(tmp_path / f"{seed}.npz"),
-                        str(tmp_path / f"{seed}.out.npz")], check=True, capture_output=True)
-        theirs = np.load(tmp_path / f"{seed}.out.npz")["logits"]
-        ours = np.asarray(M1ForCausalLM(config).apply({"params": params}, ids).logits)
-        error = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-        report.append((seed, error, config))
-    print("seed, max |ours - theirs| / max |theirs|:", [(seed, f"{error:.1e}") for seed, error, _ in report])
-    # Wide weights and alpha up to 2 over 6 layers amplify float32 rounding to ~1e-5; any formula slip is >= 1e-3.
-    failures = [(seed, error, json.dumps(config.to_hf())) for seed, error, config in report if error > 1e-4]
+                        str(tmp_path / f"{seed}.out.npz"), "--float64"], check=True, capture_output=True)
+        with np.load(tmp_path / f"{seed}.out.npz") as theirs:
+            theirs, exact = theirs["logits"], theirs["logits_float64"]
+        ours = np.asarray(M1ForCausalLM(config).apply({"params": params}, ids).logits, np.float64)
+        scale = np.abs(exact).max()
+        report.append((seed, np.abs(ours - exact).max() / scale, np.abs(theirs - exact).max() / scale, config))
+    print("seed, max |ours - float64| and |transformers float32 - float64| / max |float64|:",
+          [(seed, f"{ours:.1e}", f"{theirs:.1e}") for seed, ours, theirs, _ in report])
+    # Wide weights and alpha up to 2 over 6 layers amplify float32 rounding to ~1e-5, in some draws past 1e-4 on
+    # both sides (seeds 41 and 45 of range(48): ours 9e-5 and 9e-5 from float64, transformers' float32 1.2e-4 and
+    # 2.8e-4): so ours must be within 1e-4 of the float64 run or no further from it than transformers' own float32
+    # run is. A formula slip is >= 1e-3.
+    failures = [(seed, ours, theirs, json.dumps(config.to_hf())) for seed, ours, theirs, config in report
+                if ours > max(1e-4, 1.5 * theirs)]
     assert not failures, failures
