@@ -93,14 +93,14 @@ def timed(fn, *args, reps: int, inner: int, slow_seconds: float | None = None) -
 
 def parse_tiling(spec: str):
     """A grouped-matmul tiling from "BMxBNxBK/warps/stages[/split_k]" (a Triton Tiling, e.g. "128x256x64/8/3" or
-    "16x64x128/4/4/2") or "mosaic:BKxBNxBR/stages" (a MosaicTiling for the Mosaic GPU d_rhs, e.g.
+    "16x64x128/4/4/2") or "mosaic:BMxBNxBK/stages" (a MosaicTiling for the Mosaic GPU kernels, e.g.
     "mosaic:128x128x64/4")."""
     from pallas_kernels.grouped_matmul import MosaicTiling, Tiling
     try:
         if spec.startswith("mosaic:"):
             blocks, stages = spec.removeprefix("mosaic:").split("/")
-            block_k, block_n, block_rows = (int(v) for v in blocks.split("x"))
-            return MosaicTiling(block_k, block_n, block_rows, int(stages))
+            block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
+            return MosaicTiling(block_m, block_n, block_k, int(stages))
         blocks, warps, stages, *split = spec.split("/")
         block_m, block_n, block_k = (int(v) for v in blocks.split("x"))
         if len(split) > 1:
@@ -108,13 +108,13 @@ def parse_tiling(spec: str):
         return Tiling(block_m, block_n, block_k, int(warps), int(stages), split_k=int(split[0]) if split else 1)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"tiling {spec!r} is not BMxBNxBK/warps/stages[/split_k] (e.g. 128x256x64/8/3) or "
-                         f"mosaic:BKxBNxBR/stages (e.g. mosaic:128x128x64/4): {error}")
+                         f"mosaic:BMxBNxBK/stages (e.g. mosaic:128x128x64/4): {error}")
 
 
 def tiling_spec(tiling) -> str:
     """parse_tiling's inverse: the string that names `tiling`."""
-    if hasattr(tiling, "block_rows"):
-        return f"mosaic:{tiling.block_k}x{tiling.block_n}x{tiling.block_rows}/{tiling.stages}"
+    if hasattr(tiling, "stages"):
+        return f"mosaic:{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.stages}"
     split = f"/{tiling.split_k}" if tiling.split_k != 1 else ""
     return f"{tiling.block_m}x{tiling.block_n}x{tiling.block_k}/{tiling.num_warps}/{tiling.num_stages}{split}"
 

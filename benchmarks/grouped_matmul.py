@@ -4,10 +4,11 @@
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --smoke    # tiny shapes, interpret mode, any machine
     PYTHONPATH=. python3 benchmarks/grouped_matmul.py --quick --widths 1b-up --candidates 128x256x64/8/3,128x128x64/4/3
 
---candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages, and for d_rhs also mosaic:BKxBNxBR/stages
-(the Mosaic GPU d_rhs, pallas_kernels/grouped_matmul/mosaic_d_rhs.py; the best d_rhs of the sweep goes into the
-"best swept tiling" plan, so a faster Mosaic d_rhs shows in its forward+backward row). --quick: the sweep, the dense
-einsum and the Pallas default and best plans only (no aligned schedule, ragged_dot or Mosaic GPU peers).
+--candidates: tilings for the per-kernel sweep, BMxBNxBK/warps/stages (Triton) or mosaic:BMxBNxBK/stages (the Mosaic
+GPU kernels, pallas_kernels/grouped_matmul/mosaic_*.py; each kernel's tiles named after its own GEMM). Each kernel's
+best candidate goes into the "best swept tiling" plan, so a faster Mosaic kernel shows in its forward+backward row.
+--quick: the sweep, the dense einsum and the Pallas default and best plans only (no aligned schedule, ragged_dot or
+jax's Mosaic GPU peers).
 
 Checks correctness on the device first (vs the float32 reference on upcast inputs), then sweeps tilings of
 each kernel, then times every variant at M1 width (16384 rows = 8192 tokens x top-2, K 6144, N 9216, 32
@@ -33,6 +34,7 @@ from pallas_kernels.grouped_matmul import MosaicTiling, Tiling, TilingPlan, defa
 from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
                                                   transposed_grouped_matmul_kernel)
 from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
+from pallas_kernels.grouped_matmul.mosaic_grouped import mosaic_grouped_matmul
 
 WIDTHS = {"m1": (16384, 6144, 9216, 32), "research": (32768, 2048, 1408, 32),
           "1b-up": (65536, 2048, 512, 32), "1b-down": (65536, 512, 2048, 32)}
@@ -108,11 +110,15 @@ def fwd_bwd(forward):
 def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, candidates, sweep_table):
     """Each kernel alone, each candidate tiling; returns the best TilingPlan."""
     flops = 2.0 * rows * k * n
+    def grouped(transpose_w):
+        def make(t):
+            kernel = mosaic_grouped_matmul if isinstance(t, MosaicTiling) else grouped_matmul_kernel
+            return jax.jit(lambda a, b, g: kernel(a, b, g, transpose_w=transpose_w, tiling=t, interpret=interpret))
+        return make
+
     kernels = {
-        "forward": lambda t: jax.jit(lambda a, b, g: grouped_matmul_kernel(a, b, g, transpose_w=False, tiling=t,
-                                                                           interpret=interpret)),
-        "d_lhs": lambda t: jax.jit(lambda a, b, g: grouped_matmul_kernel(a, b, g, transpose_w=True, tiling=t,
-                                                                         interpret=interpret)),
+        "forward": grouped(False),
+        "d_lhs": grouped(True),
         "d_rhs": lambda t: jax.jit(lambda a, b, g: (
             mosaic_transposed_grouped_matmul if isinstance(t, MosaicTiling) else transposed_grouped_matmul_kernel)(
                 a, b, g, out_dtype=b.dtype, tiling=t, interpret=interpret)),
@@ -122,8 +128,6 @@ def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, ca
     for name, make in kernels.items():
         first = None
         for tiling in candidates:
-            if isinstance(tiling, MosaicTiling) and name != "d_rhs":
-                continue  # the Mosaic GPU kernel is a d_rhs only
             try:
                 out = make(tiling)(*args[name])
                 first = out if first is None else first

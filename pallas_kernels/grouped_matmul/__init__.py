@@ -6,7 +6,7 @@ their SwiGLU product (one kernel for decode-sized calls). `MosaicTiling` selects
 (mosaic_d_rhs.py) in a TilingPlan.
 """
 from pallas_kernels.grouped_matmul.kernel import Tiling
-from pallas_kernels.grouped_matmul.mosaic_d_rhs import MosaicTiling
+from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling
 from pallas_kernels.grouped_matmul.ops import IMPLS, TilingPlan, default_tiling, grouped_matmul, grouped_swiglu
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 

@@ -12,20 +12,20 @@ offers no warp-specialised epilogue, and a persistent loop does not pipeline thr
     memory warpgroup     TMA-loads (rows x K) blocks of x and (rows x N) blocks of y for the tile, running ahead of
                          the compute by `stages` blocks, and on into the next tile while the epilogue stores
     2 compute warpgroups each owns half of the tile's N columns: zero the rows outside the group in its half of
-                         the first and last block (groups start anywhere; blocks are aligned to `block_rows`),
-                         WGMMA x_blk^T @ y_blk into a float32 (block_k, block_n) register accumulator, then store
+                         the first and last block (groups start anywhere; blocks of block_k rows are aligned),
+                         WGMMA x_blk^T @ y_blk into a float32 (block_m, block_n) register accumulator, then store
                          it through shared memory with TMA, two (64 x 64) slots in flight
 
 Cost: reads each group's rows once per (K tile, N tile) pair, as the Triton kernel does; writes dW once. Work per
-tile: 2 * block_k * 2 block_n * rows_e FLOPs. A group's first and last blocks are partly another group's rows
-(masked): at most 2 * block_rows extra rows per group.
+tile: 2 * block_m * 2 block_n * rows_e FLOPs. A group's first and last blocks are partly another group's rows
+(masked): at most 2 * block_k extra rows per group. Shared memory: the pipeline's stages plus 4 x 64 x 64 of dW.
 
 Status: tested against the reference in Mosaic GPU's interpret mode on the CPU, with its race detector, and lowered
-for CUDA (layouts, shared memory) at M1's shapes (tests/pallas_kernels/test_mosaic_d_rhs.py); not yet run or timed
+for CUDA (layouts, shared memory) at M1's shapes (tests/pallas_kernels/test_mosaic_kernels.py); not yet run or timed
 on a GPU, so the grouped matmul's VJP uses it only when asked: `TilingPlan(forward, d_lhs, MosaicTiling(...))`.
 `benchmarks/grouped_matmul.py --candidates 128x256x64/8/3,mosaic:128x128x64/4` times it against the Triton d_rhs.
+Tiles follow this GEMM (K, N, M), as kernel.py's do: block_m of K, block_n of N per warpgroup, block_k rows.
 """
-import dataclasses
 import functools
 
 import jax
@@ -34,44 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_EPILOGUE = 64  # the epilogue stores 64 x 64 pieces of a warpgroup's accumulator
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicTiling:
-    """The output tile is block_k x (2 block_n) of dW[e] (each compute warpgroup block_k x block_n); the reduction
-    runs over the group's rows in steps of block_rows, `stages` steps in flight. Shared memory (227 KB on H100 and
-    H200): stages x (block_rows x (block_k + 2 block_n)) inputs plus 4 x 64 x 64 outputs; the default fits with a
-    16-bit dW, a float32 dW needs stages=3 (a tiling that does not fit fails to lower, naming the bytes)."""
-
-    block_k: int = 128
-    block_n: int = 128
-    block_rows: int = 64
-    stages: int = 4
-
-    def __post_init__(self):
-        for name in ("block_k", "block_n", "block_rows"):
-            value = getattr(self, name)
-            if value not in (64, 128, 256):
-                raise ValueError(f"MosaicTiling.{name} must be 64, 128 or 256 (WGMMA and 128-byte swizzled TMA "
-                                 f"tiles), got {value!r}")
-        if not 2 <= self.stages <= 8:
-            raise ValueError(f"MosaicTiling.stages must be in 2..8, got {self.stages!r}")
-
-
-def _check(x, y, group_sizes, tiling):
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x (M, K) and y (M, N) must share M, got {x.shape} and {y.shape}")
-    if x.dtype != y.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"x and y must both be bfloat16 or float16 (WGMMA), got {x.dtype} and {y.dtype}")
-    if group_sizes.ndim != 1 or group_sizes.dtype != jnp.int32:
-        raise ValueError(f"group_sizes must be (E,) int32, got {group_sizes.shape} {group_sizes.dtype}")
-    _, k = x.shape
-    n = y.shape[1]
-    if k % tiling.block_k or n % (2 * tiling.block_n):
-        raise ValueError(f"K = {k} must be a multiple of block_k = {tiling.block_k} and N = {n} a multiple of "
-                         f"2 * block_n = {2 * tiling.block_n}: pick a MosaicTiling that divides them (or use the "
-                         "Triton kernel, kernel.py)")
+from pallas_kernels.grouped_matmul.mosaic_common import (COMPUTE_WARPGROUPS, EPILOGUE, MosaicTiling, check_divides,
+                                                         check_operands, launch, swizzled)
 
 
 def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tiling=MosaicTiling(), num_sms=None,
@@ -81,38 +45,39 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
     Args:
       x: (M, K) rows sorted by group; y: (M, N) the same rows; bfloat16 or float16.
       group_sizes: (E,) int32, sum <= M (negative sizes count as 0; rows past M are dropped).
-      out_dtype: dW's dtype (default x.dtype). tiling: MosaicTiling; K and N must be multiples of its tiles.
+      out_dtype: dW's dtype (default x.dtype). tiling: MosaicTiling of this GEMM (K, N, M): block_m divides K,
+        2 block_n divides N, block_k rows a step.
       num_sms: CTAs of the persistent grid (default: the device's SM count; in interpret mode 3).
       interpret: run in Mosaic GPU's interpret mode (any backend; simulated threads, barriers and TMA): True, or
         a `plgpu.InterpretGPUParams` (e.g. detect_races=True).
     Returns:
       (E, K, N) in out_dtype; an empty group's matrix is zeros.
     """
-    _check(x, y, group_sizes, tiling)
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x (M, K) and y (M, N) must share M, got {x.shape} and {y.shape}")
+    if group_sizes.ndim != 1 or group_sizes.dtype != jnp.int32:
+        raise ValueError(f"group_sizes must be (E,) int32, got {group_sizes.shape} {group_sizes.dtype}")
+    check_operands(x, y, "x", "y")
     num_rows, k = x.shape
     n = y.shape[1]
+    check_divides({f"K = {k}": (k, tiling.block_m), f"N = {n}": (n, 2 * tiling.block_n)}, tiling)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     groups = group_sizes.shape[0]
-    bk, bn, br = tiling.block_k, tiling.block_n, tiling.block_rows
+    bk, bn, br = tiling.block_m, tiling.block_n, tiling.block_k  # K tile, N tile per warpgroup, rows a step
     ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), num_rows).astype(jnp.int32)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     first_block = starts // br
     num_blocks = jnp.where(ends > starts, -(-ends // br) - first_block, 0).astype(jnp.int32)
     bounds = jnp.stack([starts, ends, first_block, num_blocks])  # (4, E) int32, read per tile from GMEM
 
-    swizzle = plgpu.find_swizzle(_EPILOGUE * x.dtype.itemsize * 8)  # 64 elements a row: the 128-byte swizzle
-    elems = swizzle // x.dtype.itemsize
-    transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
-    out_swizzle = plgpu.find_swizzle(_EPILOGUE * out_dtype.itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_dtype.itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    transforms, out_transforms = swizzled(x.dtype), swizzled(out_dtype)
     k_tiles, n_tiles = k // bk, n // (2 * bn)
-    pieces = [(i, j) for i in range(bk // _EPILOGUE) for j in range(bn // _EPILOGUE)]
+    pieces = [(i, j) for i in range(bk // EPILOGUE) for j in range(bn // EPILOGUE)]
 
     def body(bounds_gmem, x_gmem, y_gmem, out_gmem):
         def pipeline(step_body, compute_context, num_steps, first):
             return plgpu.emit_pipeline_warp_specialized(
-                step_body, grid=(num_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+                step_body, grid=(num_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=COMPUTE_WARPGROUPS,
                 max_concurrent_steps=tiling.stages, compute_context=compute_context,
                 in_specs=[plgpu.BlockSpec((br, bk), lambda r: (first + r, 0), transforms=transforms),
                           plgpu.BlockSpec((br, 2 * bn), lambda r: (first + r, 0), transforms=transforms)])
@@ -122,7 +87,8 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
                                                                       y_gmem.at[:, pl.ds(0, 2 * bn)])
 
         @functools.partial(pl.run_scoped, allocations=allocations,
-                           out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), out_dtype, transforms=out_transforms),
+                           out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, 2, EPILOGUE, EPILOGUE), out_dtype,
+                                               transforms=out_transforms),
                            masked=plgpu.Barrier(num_arrivals=2), collective_axes="wg")
         def scope(allocations, out_smem, masked):
             wg = lax.axis_index("wg")
@@ -140,13 +106,13 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
                     for piece, (i, j) in enumerate(pieces):  # slots alternate across pieces and tiles
                         slot = lax.rem(loop_info.local_index * len(pieces) + piece, 2)
                         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store has read it
-                        out_smem[wg, slot] = acc[i * _EPILOGUE:(i + 1) * _EPILOGUE,
-                                                 j * _EPILOGUE:(j + 1) * _EPILOGUE]
+                        out_smem[wg, slot] = acc[i * EPILOGUE:(i + 1) * EPILOGUE,
+                                                 j * EPILOGUE:(j + 1) * EPILOGUE]
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg, slot],
-                            out_gmem.at[group, pl.ds(k_tile * bk + i * _EPILOGUE, _EPILOGUE),
-                                        pl.ds(n_tile * 2 * bn + wg * bn + j * _EPILOGUE, _EPILOGUE)])
+                            out_gmem.at[group, pl.ds(k_tile * bk + i * EPILOGUE, EPILOGUE),
+                                        pl.ds(n_tile * 2 * bn + wg * bn + j * EPILOGUE, EPILOGUE)])
 
                 def compute_context(run):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bk, bn), jnp.float32))
@@ -182,18 +148,11 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
                         x_gmem.at[:, pl.ds(k_tile * bk, bk)], y_gmem.at[:, pl.ds(n_tile * 2 * bn, 2 * bn)],
                         allocations=allocations)
 
-                @pl.when((num_steps == 0) & (wg < 2))
+                @pl.when((num_steps == 0) & (wg < COMPUTE_WARPGROUPS))
                 def _():  # an empty group: zeros
                     store(jnp.zeros((bk, bn), out_dtype))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    if num_sms is None:
-        num_sms = 3 if interpret else jax.devices()[0].core_count
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((groups, k, n), out_dtype), grid=(num_sms,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
-                   else plgpu.InterpretGPUParams() if interpret else False))
+    kernel = launch(body, jax.ShapeDtypeStruct((groups, k, n), out_dtype), num_sms, interpret)
     return kernel(bounds, x, y)

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
-from pallas_kernels.grouped_matmul.mosaic_d_rhs import MosaicTiling, mosaic_transposed_grouped_matmul
+from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling
+from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
+from pallas_kernels.grouped_matmul.mosaic_grouped import mosaic_grouped_matmul
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.tiled import tiled_grouped_matmul
 
@@ -16,12 +18,13 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 class TilingPlan(NamedTuple):
-    """One Tiling per kernel. Each names its own GEMM's tiles (see kernel.py): forward tiles (M, N, K),
-    d_lhs tiles (M, K, N), d_rhs tiles (K, N, M). d_rhs may instead be a MosaicTiling: the Mosaic GPU d_rhs
-    (mosaic_d_rhs.py; 16-bit inputs, K and N multiples of its tiles), opt-in until measured faster."""
+    """One tiling per kernel. Each names its own GEMM's tiles (see kernel.py): forward tiles (M, N, K),
+    d_lhs tiles (M, K, N), d_rhs tiles (K, N, M). A Tiling runs the Triton kernels (kernel.py); a MosaicTiling the
+    Mosaic GPU ones (mosaic_grouped.py, mosaic_d_rhs.py: Hopper, 16-bit inputs, K and N multiples of the tiles),
+    opt-in until measured faster."""
 
-    forward: Tiling
-    d_lhs: Tiling
+    forward: Tiling | MosaicTiling
+    d_lhs: Tiling | MosaicTiling
     d_rhs: Tiling | MosaicTiling
 
 
@@ -54,11 +57,11 @@ def default_tiling(dtype, rows: int | None = None, groups: int | None = None) ->
 def _as_plan(tiling, dtype, rows: int, groups: int) -> TilingPlan:
     if tiling is None:
         return default_tiling(dtype, rows, groups)
-    if isinstance(tiling, Tiling):
+    if isinstance(tiling, (Tiling, MosaicTiling)):
         return TilingPlan(tiling, tiling, tiling)
     if isinstance(tiling, TilingPlan):
         return tiling
-    raise ValueError("tiling must be None, a Tiling or a TilingPlan(forward, d_lhs, d_rhs), got "
+    raise ValueError("tiling must be None, a Tiling, a MosaicTiling or a TilingPlan(forward, d_lhs, d_rhs), got "
                      f"{type(tiling).__name__}")
 
 
@@ -114,8 +117,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
       impl: "auto" (Pallas on GPU, "tiled" elsewhere), "pallas", "tiled" (pure JAX: groups padded to whole row
         tiles, one batched matmul), "ragged_dot" (jax.lax.ragged_dot: E times the work on the CPU), "reference".
       interpret: run the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
-      tiling: None (`default_tiling` for the dtype and the rows per group), a Tiling for all three kernels, or a
-        TilingPlan(forward, d_lhs, d_rhs).
+      tiling: None (`default_tiling` for the dtype and the rows per group), a Tiling (Triton) or MosaicTiling
+        (Mosaic GPU, opt-in) for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
     Returns:
       (M, N) in lhs.dtype, accumulated in float32.
     """
@@ -132,9 +135,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
     return _pallas_grouped_matmul(lhs, rhs, group_sizes, plan, bool(interpret))
 
 
+def _grouped(lhs, rhs, group_sizes, tiling, transpose_w, interpret):
+    kernel = mosaic_grouped_matmul if isinstance(tiling, MosaicTiling) else grouped_matmul_kernel
+    return kernel(lhs, rhs, group_sizes, transpose_w=transpose_w, tiling=tiling, interpret=interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _pallas_grouped_matmul(lhs, rhs, group_sizes, plan: TilingPlan, interpret: bool):
-    return grouped_matmul_kernel(lhs, rhs, group_sizes, transpose_w=False, tiling=plan.forward, interpret=interpret)
+    return _grouped(lhs, rhs, group_sizes, plan.forward, False, interpret)
 
 
 def _forward(lhs, rhs, group_sizes, plan, interpret):
@@ -144,13 +152,10 @@ def _forward(lhs, rhs, group_sizes, plan, interpret):
 def _backward(plan, interpret, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
-    d_lhs = grouped_matmul_kernel(d_out, rhs, group_sizes, transpose_w=True, tiling=plan.d_lhs, interpret=interpret)
-    if isinstance(plan.d_rhs, MosaicTiling):
-        d_rhs = mosaic_transposed_grouped_matmul(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
-                                                 interpret=interpret)
-    else:
-        d_rhs = transposed_grouped_matmul_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs,
-                                                 interpret=interpret)
+    d_lhs = _grouped(d_out, rhs, group_sizes, plan.d_lhs, True, interpret)
+    d_rhs_kernel = (mosaic_transposed_grouped_matmul if isinstance(plan.d_rhs, MosaicTiling)
+                    else transposed_grouped_matmul_kernel)
+    d_rhs = d_rhs_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs, interpret=interpret)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
@@ -174,7 +179,7 @@ def grouped_swiglu(lhs, gate, up, group_sizes, *, impl="auto", interpret=False, 
     if up.shape != gate.shape:
         raise ValueError(f"gate and up must have the same shape (E, K, N), got {gate.shape} and {up.shape}")
     plan = _as_plan(tiling, lhs.dtype, lhs.shape[0], gate.shape[0])
-    fused = (_uses_pallas(impl, interpret) and plan.forward.split_k == 1
+    fused = (_uses_pallas(impl, interpret) and isinstance(plan.forward, Tiling) and plan.forward.split_k == 1
              and lhs.shape[0] <= SMALL_ROWS_PER_GROUP * gate.shape[0])
     if not fused:
         return _two_calls(lhs, gate, up, group_sizes, impl, interpret, tiling)
