@@ -2,8 +2,8 @@
 
 `grouped_matmul` is the op (Pallas kernels on GPU with a custom VJP, a tiled pure-JAX path elsewhere);
 `grouped_matmul_reference` is its obviously-correct twin. `grouped_swiglu` is an expert's gate and up matmuls and
-their SwiGLU product (one kernel for decode-sized calls). `MosaicTiling` selects the Mosaic GPU d_rhs
-(mosaic_d_rhs.py) in a TilingPlan.
+their SwiGLU product (one kernel for decode-sized calls). A `MosaicTiling` (or one in a TilingPlan) selects the Mosaic
+GPU kernels (mosaic_grouped.py, mosaic_d_rhs.py).
 """
 from pallas_kernels.grouped_matmul.kernel import Tiling
 from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling
