@@ -22,7 +22,7 @@ from m1jax.model import init_params
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 REF_PYTHON = os.path.join(ROOT, ".refvenv", "bin", "python")
 SCRIPT = os.path.join(ROOT, "tests", "fixtures", "transformers_logits.py")
-SEEDS = (*range(12), 41, 45)  # 41, 45: the two draws of range(48) whose float32 rounding (both sides) exceeds 1e-4
+SEEDS = (*range(12), 41, 45, 60, 75)  # the draws of range(96) whose float32 rounding (both sides) exceeds 1e-4
 
 
 def random_case(seed: int):
@@ -72,15 +72,28 @@ def test_random_configurations_match_transformers(tmp_path):
                         str(tmp_path / f"{seed}.out.npz"), "--float64"], check=True, capture_output=True)
         with np.load(tmp_path / f"{seed}.out.npz") as theirs:
             theirs, exact = theirs["logits"], theirs["logits_float64"]
-        ours = np.asarray(M1ForCausalLM(config).apply({"params": params}, ids).logits, np.float64)
+        logits = jax.jit(lambda p, ids, model=M1ForCausalLM(config): model.apply({"params": p}, ids).logits)
+        ours = np.asarray(logits(params, ids), np.float64)
         scale = np.abs(exact).max()
-        report.append((seed, np.abs(ours - exact).max() / scale, np.abs(theirs - exact).max() / scale, config))
-    print("seed, max |ours - float64| and |transformers float32 - float64| / max |float64|:",
-          [(seed, f"{ours:.1e}", f"{theirs:.1e}") for seed, ours, theirs, _ in report])
-    # Wide weights and alpha up to 2 over 6 layers amplify float32 rounding to ~1e-5, in some draws past 1e-4 on
-    # both sides (seeds 41 and 45 of range(48): ours 9e-5 and 9e-5 from float64, transformers' float32 1.2e-4 and
-    # 2.8e-4): so ours must be within 1e-4 of the float64 run or no further from it than transformers' own float32
-    # run is. A formula slip is >= 1e-3.
-    failures = [(seed, ours, theirs, json.dumps(config.to_hf())) for seed, ours, theirs, config in report
-                if ours > max(1e-4, 1.5 * theirs)]
+        report.append((seed, np.abs(ours - exact).max() / scale, np.abs(theirs - exact).max() / scale,
+                       rounding_noise(logits, params, ids, ours) / scale, config))
+    print("seed, max |ours - float64|, |transformers float32 - float64|, float32 noise, each / max |float64|:",
+          [(seed, f"{ours:.1e}", f"{theirs:.1e}", f"{noise:.1e}") for seed, ours, theirs, noise, _ in report])
+    # Wide weights and alpha up to 2 over 6 layers amplify float32 rounding: ~1e-5 in most draws, 1e-4 to 6e-4 in
+    # some (seeds 41, 45, 60, 75 of range(96)), on both sides and by as much as moving the weights by float32
+    # rounding moves our logits. So ours must be within 1e-4 of the float64 run, or no further from it than 1.5 x
+    # transformers' float32 run or 3 x that float32 noise. A formula slip is >= 1e-3 (and far above the noise).
+    failures = [(seed, ours, theirs, noise, json.dumps(config.to_hf())) for seed, ours, theirs, noise, config in report
+                if ours > max(1e-4, 1.5 * theirs, 3 * noise)]
     assert not failures, failures
+
+
+def rounding_noise(logits_fn, params, ids, logits, draws=3) -> float:
+    """How far float32 rounding alone can move this configuration's logits: the largest change of the max logit
+    error when every weight is multiplied by (1 + 6e-8 n), n standard normal (half a float32 ulp), over `draws`."""
+    noise = 0.0
+    for draw in range(draws):
+        keys = iter(jax.random.split(jax.random.key(draw), len(jax.tree.leaves(params))))
+        nudged = jax.tree.map(lambda x: x * (1 + 6e-8 * jax.random.normal(next(keys), x.shape, x.dtype)), params)
+        noise = max(noise, float(np.abs(np.asarray(logits_fn(nudged, ids)) - logits).max()))
+    return noise
