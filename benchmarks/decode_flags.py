@@ -5,11 +5,11 @@ implementation variants.
     PYTHONPATH=. python3 benchmarks/decode_flags.py --batch 64 --variants default,moe-argsort --rounds 3
     PYTHONPATH=. python3 benchmarks/decode_flags.py --smoke          # tiny model, 8 tokens, on the CPU
 
-The measurement is benchmarks/inference.py's `ours_decode` (the engine: prefill the 2K prompt in each of --batch rows,
-then one compiled while-loop of `--steps` decode steps; ms/token = decode time / steps, a step being one token of
-every row, median over --reps runs after a warm-up), so
-"default" is the figure in benchmarks/RESULTS.md (0.777 ms/token on an H200). --synthetic times decode over a cache
-of random contents instead (`synthetic_decode`, the latency sweep's method: no prefill to compile).
+The measurement is benchmarks/inference.py's `ours_decode` (the engine: prefill the 2K prompt in each of --batch
+rows, then one compiled while-loop of `--steps` decode steps; ms/token = decode time / steps, a step being one token
+of every row; median over --reps runs after a warm-up), so "default" is the figure in benchmarks/RESULTS.md.
+--synthetic times decode over a cache of random contents instead (`synthetic_decode`, the latency sweep's method:
+no prefill to compile).
 
 Each XLA flag set runs in its own subprocess (XLA reads XLA_FLAGS once, and aborts the process on a flag it refuses:
 that is reported as the variant's error, the other variants go on). Code variants that share a flag set run in one
