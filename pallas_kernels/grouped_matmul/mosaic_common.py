@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-EPILOGUE = 64  # a swizzled 128-byte row holds 64 16-bit elements: the unit of the K steps and of the stores
+EPILOGUE = 64  # 64 16-bit elements fill a swizzled 128-byte row: a shared-memory tile's width; d_rhs's store piece
 COMPUTE_WARPGROUPS = 2
 
 
