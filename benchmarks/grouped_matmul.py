@@ -30,11 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import json_logger, parse_tiling, rel_err, tiling_spec, timed
-from pallas_kernels.grouped_matmul import MosaicTiling, Tiling, TilingPlan, default_tiling, grouped_matmul
-from pallas_kernels.grouped_matmul.kernel import (SCHEDULES, group_bounds, grouped_matmul_kernel,
-                                                  transposed_grouped_matmul_kernel)
-from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
-from pallas_kernels.grouped_matmul.mosaic_grouped import mosaic_grouped_matmul
+from pallas_kernels.grouped_matmul import Tiling, TilingPlan, default_tiling, grouped_matmul
+from pallas_kernels.grouped_matmul.kernel import SCHEDULES, group_bounds
+from pallas_kernels.grouped_matmul.ops import d_rhs_kernel, grouped_kernel
 
 WIDTHS = {"m1": (16384, 6144, 9216, 32), "research": (32768, 2048, 1408, 32),
           "1b-up": (65536, 2048, 512, 32), "1b-down": (65536, 512, 2048, 32)}
@@ -110,18 +108,10 @@ def fwd_bwd(forward):
 def sweep(width, rows, k, n, experts, gs, lhs, rhs, d_out, interpret, timing, candidates, sweep_table):
     """Each kernel alone, each candidate tiling; returns the best TilingPlan."""
     flops = 2.0 * rows * k * n
-    def grouped(transpose_w):
-        def make(t):
-            kernel = mosaic_grouped_matmul if isinstance(t, MosaicTiling) else grouped_matmul_kernel
-            return jax.jit(lambda a, b, g: kernel(a, b, g, transpose_w=transpose_w, tiling=t, interpret=interpret))
-        return make
-
     kernels = {
-        "forward": grouped(False),
-        "d_lhs": grouped(True),
-        "d_rhs": lambda t: jax.jit(lambda a, b, g: (
-            mosaic_transposed_grouped_matmul if isinstance(t, MosaicTiling) else transposed_grouped_matmul_kernel)(
-                a, b, g, out_dtype=b.dtype, tiling=t, interpret=interpret)),
+        "forward": lambda t: jax.jit(lambda a, b, g: grouped_kernel(a, b, g, t, interpret=interpret)),
+        "d_lhs": lambda t: jax.jit(lambda a, b, g: grouped_kernel(a, b, g, t, transpose_w=True, interpret=interpret)),
+        "d_rhs": lambda t: jax.jit(lambda a, b, g: d_rhs_kernel(a, b, g, t, out_dtype=b.dtype, interpret=interpret)),
     }
     args = {"forward": (lhs, rhs, gs), "d_lhs": (d_out, rhs, gs), "d_rhs": (lhs, d_out, gs)}
     best = {}

@@ -96,19 +96,24 @@ def aligned_schedule(starts, ends, num_rows: int, block_m: int):
     return row_start, row_stop, lo, hi
 
 
-def group_schedule(starts, ends, num_rows: int, block_m: int):
+def group_schedule(starts, ends, num_rows: int, block_m: int, align: int = 1):
     """Work items = tiles of at most block_m rows inside one group, starting at each group's first row,
     then tiles of the padding rows past the last group (no group: zeros), then idle items (no rows).
 
     Segment s < E is group s; segment E is the padding [sum, M). The tiles of all segments number at most
     cdiv(M, bm) + E (each segment adds less than one tile to M / bm), the static grid size.
-    Returns (row_start, row_stop, lo, hi), each (cdiv(M, bm) + E,) int32; lo = hi for padding and idle."""
+    align > 1 (the Mosaic GPU kernel's 8-row TMA tiles): a segment's tiles start at its first row rounded down to a
+    multiple of align, so a first tile's row_start may lie in the segment before (its own rows start at
+    max(row_start, the segment's first row)); each segment then adds up to align - 1 rows.
+    Returns (row_start, row_stop, lo, hi), each (cdiv(M + (align - 1) (E + 1), bm) + E,) int32; lo = hi for
+    padding and idle."""
     num_groups = starts.shape[0]
-    seg_starts = jnp.concatenate([starts, ends[-1:]])
+    seg_firsts = jnp.concatenate([starts, ends[-1:]])
+    seg_starts = seg_firsts // align * align
     seg_ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
-    tiles = pl.cdiv(seg_ends - seg_starts, block_m)
+    tiles = jnp.where(seg_ends > seg_firsts, pl.cdiv(seg_ends - seg_starts, block_m), 0)
     tiles_before = jnp.cumsum(tiles) - tiles
-    item = jnp.arange(pl.cdiv(num_rows, block_m) + num_groups, dtype=jnp.int32)
+    item = jnp.arange(pl.cdiv(num_rows + (align - 1) * (num_groups + 1), block_m) + num_groups, dtype=jnp.int32)
     seg = jnp.sum((tiles_before + tiles)[None, :] <= item[:, None], axis=1, dtype=jnp.int32)
     in_use = seg <= num_groups
     seg = jnp.minimum(seg, num_groups)

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.grouped_matmul.kernel import group_bounds
 from pallas_kernels.grouped_matmul.mosaic_common import (COMPUTE_WARPGROUPS, EPILOGUE, MosaicTiling, check_divides,
                                                          check_operands, launch, swizzled)
 
@@ -64,8 +65,7 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     groups = group_sizes.shape[0]
     bk, bn, br = tiling.block_m, tiling.block_n, tiling.block_k  # K tile, N tile per warpgroup, rows a step
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), num_rows).astype(jnp.int32)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = group_bounds(group_sizes, num_rows)
     first_block = starts // br
     num_blocks = jnp.where(ends > starts, -(-ends // br) - first_block, 0).astype(jnp.int32)
     bounds = jnp.stack([starts, ends, first_block, num_blocks])  # (4, E) int32, read per tile from GMEM

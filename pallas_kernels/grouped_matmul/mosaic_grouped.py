@@ -6,7 +6,7 @@
 Work items follow kernel.py's "group" schedule, with each group's tiles starting at its first row rounded down to
 a multiple of 8 (TMA loads into the swizzled 8-row tiles of shared memory need 8-row-aligned sources): tiles of
 block_m rows, none storing rows of two groups; then tiles of the padding rows past the last group (written as
-zeros); at most cdiv(M + 7 (E + 1), block_m) + E + 1 items, the idle ones empty. One CTA per SM walks
+zeros); at most cdiv(M + 7 (E + 1), block_m) + E items, the idle ones empty. One CTA per SM walks
 (item, N tile):
 
     memory warpgroup     TMA-loads the item's block_m rows of x and W[g]'s (block_k x 2 block_n) blocks, `stages`
@@ -35,32 +35,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.kernel import group_bounds
+from pallas_kernels.grouped_matmul.kernel import group_bounds, group_schedule
 from pallas_kernels.grouped_matmul.mosaic_common import (COMPUTE_WARPGROUPS, MosaicTiling, check_divides,
                                                          check_operands, launch, swizzled)
 
 
 def row_tiles(group_sizes, num_rows: int, block_m: int):
-    """The work items: (5, items) int32 rows of (first row of the tile, first row to store, rows to store, group,
-    1 for a group's tile / 0 for padding or idle). Segment s < E is group s, segment E the padding rows past the
-    groups; a segment's tiles start at its first row rounded down to a multiple of 8."""
+    """The work items, kernel.py's group schedule with 8-row aligned tiles: (5, items) int32 rows of (first row of
+    the tile, first row to store, rows to store, group, 1 for a group's tile / 0 for padding or idle)."""
     starts, ends = group_bounds(group_sizes, num_rows)
-    num_groups = starts.shape[0]
-    seg_first = jnp.concatenate([starts, ends[-1:]])
-    seg_end = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
-    seg_tile0 = seg_first // 8 * 8
-    tiles = jnp.where(seg_end > seg_first, -(-(seg_end - seg_tile0) // block_m), 0)
-    tiles_before = jnp.cumsum(tiles) - tiles
-    bound = -(-(num_rows + 7 * (num_groups + 1)) // block_m) + num_groups + 1  # each segment: < 1 tile + 7 rows more
-    item = jnp.arange(bound, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.sum((tiles_before + tiles)[None, :] <= item[:, None], axis=1, dtype=jnp.int32),
-                      num_groups + 1)
-    in_use = seg <= num_groups
-    seg_ = jnp.minimum(seg, num_groups)
-    tile_row = jnp.where(in_use, seg_tile0[seg_] + (item - tiles_before[seg_]) * block_m, 0)
-    first = jnp.maximum(tile_row, seg_first[seg_])
-    rows = jnp.where(in_use, jnp.minimum(tile_row + block_m, seg_end[seg_]) - first, 0)
-    return jnp.stack([tile_row, first, rows, jnp.minimum(seg_, num_groups - 1), (seg < num_groups).astype(jnp.int32)])
+    row_start, row_stop, lo, hi = group_schedule(starts, ends, num_rows, block_m, align=8)
+    first = jnp.maximum(row_start, jnp.where(hi > lo, starts[lo], ends[-1]))  # padding starts after the last group
+    rows = jnp.maximum(row_stop - first, 0)
+    return jnp.stack([row_start, first, rows, lo, (hi > lo).astype(jnp.int32)])
 
 
 def mosaic_grouped_matmul(x, w, group_sizes, *, transpose_w=False, tiling=MosaicTiling(), num_sms=None,

@@ -135,14 +135,22 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
     return _pallas_grouped_matmul(lhs, rhs, group_sizes, plan, bool(interpret))
 
 
-def _grouped(lhs, rhs, group_sizes, tiling, transpose_w, interpret):
+def grouped_kernel(lhs, rhs, group_sizes, tiling, *, transpose_w=False, interpret=False):
+    """The forward (or, transpose_w, d_lhs) kernel alone, no checks or VJP: Triton's for a Tiling, Mosaic GPU's for
+    a MosaicTiling."""
     kernel = mosaic_grouped_matmul if isinstance(tiling, MosaicTiling) else grouped_matmul_kernel
     return kernel(lhs, rhs, group_sizes, transpose_w=transpose_w, tiling=tiling, interpret=interpret)
 
 
+def d_rhs_kernel(lhs, d_out, group_sizes, tiling, *, out_dtype, interpret=False):
+    """The d_rhs kernel alone (d_rhs[e] = lhs_e^T d_out_e): Triton's for a Tiling, Mosaic GPU's for a MosaicTiling."""
+    kernel = mosaic_transposed_grouped_matmul if isinstance(tiling, MosaicTiling) else transposed_grouped_matmul_kernel
+    return kernel(lhs, d_out, group_sizes, out_dtype=out_dtype, tiling=tiling, interpret=interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _pallas_grouped_matmul(lhs, rhs, group_sizes, plan: TilingPlan, interpret: bool):
-    return _grouped(lhs, rhs, group_sizes, plan.forward, False, interpret)
+    return grouped_kernel(lhs, rhs, group_sizes, plan.forward, interpret=interpret)
 
 
 def _forward(lhs, rhs, group_sizes, plan, interpret):
@@ -152,10 +160,8 @@ def _forward(lhs, rhs, group_sizes, plan, interpret):
 def _backward(plan, interpret, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
-    d_lhs = _grouped(d_out, rhs, group_sizes, plan.d_lhs, True, interpret)
-    d_rhs_kernel = (mosaic_transposed_grouped_matmul if isinstance(plan.d_rhs, MosaicTiling)
-                    else transposed_grouped_matmul_kernel)
-    d_rhs = d_rhs_kernel(lhs, d_out, group_sizes, out_dtype=rhs.dtype, tiling=plan.d_rhs, interpret=interpret)
+    d_lhs = grouped_kernel(d_out, rhs, group_sizes, plan.d_lhs, transpose_w=True, interpret=interpret)
+    d_rhs = d_rhs_kernel(lhs, d_out, group_sizes, plan.d_rhs, out_dtype=rhs.dtype, interpret=interpret)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
