@@ -168,16 +168,19 @@ def run_width(width, rows, k, n, experts, interpret, smoke, table, candidates, q
     add("balanced", "dense einsum", timed(jax.jit(dense), lhs, rhs, uniform, **timing),
         timed(fwd_bwd(dense), lhs, rhs, uniform, d_out, **timing))
 
-    default = default_tiling(lhs.dtype)
+    default = default_tiling(lhs.dtype, rows, experts)  # what the op runs with no tiling given
+    mosaic = default_tiling(lhs.dtype, rows, experts, k, n, hopper=False if interpret else None)  # where it divides
     aligned = TilingPlan(*(dataclasses.replace(t, schedule="aligned") for t in default))
     variants = [("pallas (default tiling)", default)] + ([] if quick else [("pallas (aligned schedule)", aligned)])
+    if mosaic != default:
+        variants.append(("pallas (Mosaic GPU where it divides)", mosaic))
     if plan != default:
         variants.append(("pallas (best swept tiling)", plan))
     for routing in ("uniform", "random", "skewed"):
         gs = jnp.asarray(routing_sizes(routing, rows, experts))
         for label, tiling in variants:
             op = lambda a, b, g, t=tiling: grouped_matmul(a, b, g, impl="pallas", interpret=interpret, tiling=t)
-            work = tile_work(gs, rows, tiling.forward.block_m, tiling.forward.schedule)
+            work = tile_work(gs, rows, tiling.forward.block_m, getattr(tiling.forward, "schedule", "group"))
             add(routing, label, timed(jax.jit(op), lhs, rhs, gs, **timing),
                 timed(fwd_bwd(op), lhs, rhs, gs, d_out, **timing),
                 note=f"max group {int(gs.max())}, K passes per tile {work:.3f}")
