@@ -50,8 +50,13 @@ def check_operands(a, b, what_a, what_b):
                          f"{b.dtype}; use the Triton kernels (kernel.py) for float32")
 
 
+def divides(sizes: dict) -> bool:
+    """sizes: {"K = 6144": (6144, 128), ...}: whether each size is a multiple of its tile."""
+    return not any(size % tile for size, tile in sizes.values())
+
+
 def check_divides(sizes: dict, tiling: MosaicTiling):
-    """sizes: {"K = 6144": (6144, 128), ...}: each size must be a multiple of its tile."""
+    """sizes as in `divides`: raise, naming each size that is not a multiple of its tile."""
     bad = [f"{name} is not a multiple of {tile}" for name, (size, tile) in sizes.items() if size % tile]
     if bad:
         raise ValueError(f"{'; '.join(bad)}: pick a MosaicTiling that divides them ({tiling}), or use the Triton "

@@ -39,6 +39,14 @@ from pallas_kernels.grouped_matmul.mosaic_common import (COMPUTE_WARPGROUPS, EPI
                                                          check_operands, launch, swizzled)
 
 
+def required_multiples(k: int, n: int, tiling: MosaicTiling) -> dict:
+    """{name: (size, the tile it must be a multiple of)} for dW of shape (E, K, N)."""
+    return {f"K = {k}": (k, tiling.block_m), f"N = {n}": (n, 2 * tiling.block_n)}
+
+
+# Jitted: the call sites of one shape share one trace and one lowered kernel. Unshared, research-1b's training step
+# (9 calls per MoE layer) took 31 s to trace and 70 s to lower to MLIR on an H200 (RESULTS.md, 2026-12-01).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "num_sms", "interpret"))
 def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tiling=MosaicTiling(), num_sms=None,
                                      interpret=False):
     """dW[e] = x_e^T @ y_e, float32 accumulation.
@@ -61,7 +69,7 @@ def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tilin
     check_operands(x, y, "x", "y")
     num_rows, k = x.shape
     n = y.shape[1]
-    check_divides({f"K = {k}": (k, tiling.block_m), f"N = {n}": (n, 2 * tiling.block_n)}, tiling)
+    check_divides(required_multiples(k, n, tiling), tiling)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     groups = group_sizes.shape[0]
     bk, bn, br = tiling.block_m, tiling.block_n, tiling.block_k  # K tile, N tile per warpgroup, rows a step

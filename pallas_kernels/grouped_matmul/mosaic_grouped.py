@@ -50,6 +50,14 @@ def row_tiles(group_sizes, num_rows: int, block_m: int):
     return jnp.stack([row_start, first, rows, lo, (hi > lo).astype(jnp.int32)])
 
 
+def required_multiples(depth: int, width: int, tiling: MosaicTiling) -> dict:
+    """{name: (size, the tile it must be a multiple of)} for a GEMM of reduction Q = depth and output width P."""
+    return {f"Q = {depth}": (depth, tiling.block_k), f"P = {width}": (width, 2 * tiling.block_n)}
+
+
+# Jitted: the call sites of one shape share one trace and one lowered kernel. Unshared, research-1b's training step
+# (9 calls per MoE layer) took 31 s to trace and 70 s to lower to MLIR on an H200 (RESULTS.md, 2026-12-01).
+@functools.partial(jax.jit, static_argnames=("transpose_w", "tiling", "num_sms", "interpret"))
 def mosaic_grouped_matmul(x, w, group_sizes, *, transpose_w=False, tiling=MosaicTiling(), num_sms=None,
                           interpret=False):
     """out[r] = x[r] @ W[g(r)] (or W[g(r)]^T with transpose_w), float32 accumulation, rows past the groups 0.
@@ -71,7 +79,7 @@ def mosaic_grouped_matmul(x, w, group_sizes, *, transpose_w=False, tiling=Mosaic
         raise ValueError(f"group_sizes must be ({w.shape[0]},) int32 to match w, got {group_sizes.shape} "
                          f"{group_sizes.dtype}")
     check_operands(x, w, "x", "w")
-    check_divides({f"Q = {depth}": (depth, tiling.block_k), f"P = {width}": (width, 2 * tiling.block_n)}, tiling)
+    check_divides(required_multiples(depth, width, tiling), tiling)
     num_rows = x.shape[0]
     bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
     padded_rows = max(-(-num_rows // 8) * 8, bm)

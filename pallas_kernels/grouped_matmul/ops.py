@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
-from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling
+from pallas_kernels.grouped_matmul import mosaic_d_rhs, mosaic_grouped
+from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling, divides
 from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
 from pallas_kernels.grouped_matmul.mosaic_grouped import mosaic_grouped_matmul
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
@@ -20,8 +21,8 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 class TilingPlan(NamedTuple):
     """One tiling per kernel. Each names its own GEMM's tiles (see kernel.py): forward tiles (M, N, K),
     d_lhs tiles (M, K, N), d_rhs tiles (K, N, M). A Tiling runs the Triton kernels (kernel.py); a MosaicTiling the
-    Mosaic GPU ones (mosaic_grouped.py, mosaic_d_rhs.py: Hopper, 16-bit inputs, K and N multiples of the tiles),
-    opt-in until measured faster."""
+    Mosaic GPU ones (mosaic_grouped.py, mosaic_d_rhs.py: Hopper, 16-bit inputs, K and N multiples of the tiles;
+    default_tiling(..., hopper=True) picks them where they divide)."""
 
     forward: Tiling | MosaicTiling
     d_lhs: Tiling | MosaicTiling
@@ -41,22 +42,43 @@ _DEFAULT_FLOAT32 = TilingPlan(*(Tiling(block_m=64, block_n=64, block_k=32, num_w
 # down shapes with 2, 16 and 128 rows (benchmarks/grouped_matmul_decode.py, RESULTS.md "Grouped matmul at decode").
 _SMALL_ROWS_16BIT = Tiling(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
 SMALL_ROWS_PER_GROUP = 16  # mean rows per group at or below which the narrow tiles are the default
+# On a Hopper GPU, each kernel whose GEMM these tiles divide can run on Mosaic GPU: persistent, warp-specialised,
+# its stores overlapping the next tile's loads, which Triton's tiles cannot. H200, 2026-12-01 (RESULTS.md, "Grouped
+# matmul"): forward+backward 79-82% -> 83% of the dense einsum at M1's width, 77% -> 88% and 71% -> 83% at
+# research-1b's up and down projections. Off by default (MOSAIC_BY_DEFAULT): in research-1b's training step they
+# made the compile take minutes (tracing 31 s, MLIR conversion 70 s, XLA's compile unfinished after 90 more).
+_MOSAIC_16BIT = MosaicTiling(block_m=128, block_n=128, block_k=64, stages=3)
+MOSAIC_BY_DEFAULT = False  # True: a call with no tiling runs default_tiling's Mosaic choice on a Hopper GPU
 
 
-def default_tiling(dtype, rows: int | None = None, groups: int | None = None) -> TilingPlan:
+def on_hopper() -> bool:
+    """Whether the first device is a Hopper GPU (compute capability 9.0: WGMMA), where the Mosaic GPU kernels run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+def default_tiling(dtype, rows: int | None = None, groups: int | None = None, k: int | None = None,
+                   n: int | None = None, *, hopper: bool | None = None) -> TilingPlan:
     """The tiles used when none are given: by dtype, and for 16-bit inputs of at most SMALL_ROWS_PER_GROUP rows per
     group on average (rows = M of lhs, groups = E), narrow forward and d_lhs tiles (the backward's d_rhs keeps its
-    own: its tiles run over K and N, not the rows)."""
+    own: its tiles run over K and N, not the rows). Given rhs's K and N on a Hopper GPU (hopper None: `on_hopper()`),
+    the other 16-bit calls run each kernel whose GEMM _MOSAIC_16BIT divides on Mosaic GPU."""
     if jnp.dtype(dtype) == jnp.float32:
         return _DEFAULT_FLOAT32
     if rows is not None and groups is not None and rows <= SMALL_ROWS_PER_GROUP * groups:
         return _DEFAULT_16BIT._replace(forward=_SMALL_ROWS_16BIT, d_lhs=_SMALL_ROWS_16BIT)
-    return _DEFAULT_16BIT
+    if k is None or n is None or not (on_hopper() if hopper is None else hopper):
+        return _DEFAULT_16BIT
+    gemms = {"forward": mosaic_grouped.required_multiples(k, n, _MOSAIC_16BIT),  # reduce over K, out N wide
+             "d_lhs": mosaic_grouped.required_multiples(n, k, _MOSAIC_16BIT),  # reduce over N, out K wide
+             "d_rhs": mosaic_d_rhs.required_multiples(k, n, _MOSAIC_16BIT)}
+    return _DEFAULT_16BIT._replace(**{name: _MOSAIC_16BIT for name, sizes in gemms.items() if divides(sizes)})
 
 
-def _as_plan(tiling, dtype, rows: int, groups: int) -> TilingPlan:
-    if tiling is None:
-        return default_tiling(dtype, rows, groups)
+def _as_plan(tiling, lhs, rhs, interpret: bool) -> TilingPlan:
+    if tiling is None:  # interpret mode runs the Triton kernels' interpreter, whatever the machine
+        hopper = None if MOSAIC_BY_DEFAULT and not interpret else False
+        return default_tiling(lhs.dtype, lhs.shape[0], rhs.shape[0], *rhs.shape[1:], hopper=hopper)
     if isinstance(tiling, (Tiling, MosaicTiling)):
         return TilingPlan(tiling, tiling, tiling)
     if isinstance(tiling, TilingPlan):
@@ -117,13 +139,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
       impl: "auto" (Pallas on GPU, "tiled" elsewhere), "pallas", "tiled" (pure JAX: groups padded to whole row
         tiles, one batched matmul), "ragged_dot" (jax.lax.ragged_dot: E times the work on the CPU), "reference".
       interpret: run the Pallas kernels in interpret mode (any backend; "auto" then picks them too).
-      tiling: None (`default_tiling` for the dtype and the rows per group), a Tiling (Triton) or MosaicTiling
-        (Mosaic GPU, opt-in) for all three kernels, or a TilingPlan(forward, d_lhs, d_rhs).
+      tiling: None (`default_tiling` for the dtype and the rows per group; with MOSAIC_BY_DEFAULT also K, N and the
+        GPU), a Tiling (Triton) or MosaicTiling (Mosaic GPU) for all three kernels, or a TilingPlan(forward, d_lhs,
+        d_rhs).
     Returns:
       (M, N) in lhs.dtype, accumulated in float32.
     """
     _validate(lhs, rhs, group_sizes, impl)
-    plan = _as_plan(tiling, lhs.dtype, lhs.shape[0], rhs.shape[0])
+    plan = _as_plan(tiling, lhs, rhs, interpret)
     if impl == "reference":
         return grouped_matmul_reference(lhs, rhs, group_sizes)
     if impl == "tiled" or (impl == "auto" and not _uses_pallas(impl, interpret)):
@@ -184,7 +207,7 @@ def grouped_swiglu(lhs, gate, up, group_sizes, *, impl="auto", interpret=False, 
     _validate(lhs, up, group_sizes, impl)
     if up.shape != gate.shape:
         raise ValueError(f"gate and up must have the same shape (E, K, N), got {gate.shape} and {up.shape}")
-    plan = _as_plan(tiling, lhs.dtype, lhs.shape[0], gate.shape[0])
+    plan = _as_plan(tiling, lhs, gate, interpret)
     fused = (_uses_pallas(impl, interpret) and isinstance(plan.forward, Tiling) and plan.forward.split_k == 1
              and lhs.shape[0] <= SMALL_ROWS_PER_GROUP * gate.shape[0])
     if not fused:

@@ -114,6 +114,37 @@ def test_default_tiling_narrows_for_few_rows_per_group():
     assert default_tiling(jnp.float32, 2, 32) == default_tiling(jnp.float32)
 
 
+def test_default_tiling_on_hopper_takes_mosaic_where_its_tiles_divide():
+    """Each kernel separately: M1's widths divide every GEMM; research width's N = 1408 is no multiple of the
+    256-wide output tile of the forward and d_rhs, but d_lhs (reduce over N, out K wide) divides."""
+    from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling
+    from pallas_kernels.grouped_matmul.ops import default_tiling
+    wide = default_tiling(jnp.bfloat16)
+    m1 = default_tiling(jnp.bfloat16, 16384, 32, 6144, 9216, hopper=True)
+    assert all(isinstance(t, MosaicTiling) for t in m1)
+    research = default_tiling(jnp.float16, 32768, 32, 2048, 1408, hopper=True)
+    assert research.forward == wide.forward and research.d_rhs == wide.d_rhs
+    assert isinstance(research.d_lhs, MosaicTiling)
+    assert default_tiling(jnp.bfloat16, 16384, 32, 6144, 9216, hopper=False) == wide
+    assert default_tiling(jnp.bfloat16, 16384, 32, 6144, 9216) == wide  # this machine: no Hopper GPU
+    assert default_tiling(jnp.bfloat16, 2, 32, 6144, 9216, hopper=True) == default_tiling(jnp.bfloat16, 2, 32)
+    assert default_tiling(jnp.float32, 16384, 32, 6144, 9216, hopper=True) == default_tiling(jnp.float32)
+
+
+def test_mosaic_by_default_switch(monkeypatch):
+    """A call with no tiling takes the Mosaic choice only with MOSAIC_BY_DEFAULT, on a Hopper GPU, not interpreted."""
+    from pallas_kernels.grouped_matmul import ops
+    lhs, rhs = jnp.zeros((16384, 6144), jnp.bfloat16), jnp.zeros((32, 6144, 9216), jnp.bfloat16)
+    monkeypatch.setattr(ops, "on_hopper", lambda: True)
+    assert ops._as_plan(None, lhs, rhs, interpret=False) == ops.default_tiling(jnp.bfloat16)  # off by default
+    monkeypatch.setattr(ops, "MOSAIC_BY_DEFAULT", True)
+    assert ops._as_plan(None, lhs, rhs, interpret=False) == ops.default_tiling(jnp.bfloat16, 16384, 32, 6144, 9216,
+                                                                                 hopper=True)
+    assert ops._as_plan(None, lhs, rhs, interpret=True) == ops.default_tiling(jnp.bfloat16)
+    monkeypatch.setattr(ops, "on_hopper", lambda: False)
+    assert ops._as_plan(None, lhs, rhs, interpret=False) == ops.default_tiling(jnp.bfloat16)
+
+
 def test_decode_sized_default_tiling_matches_reference():
     """A few rows over many groups (empty groups, K and N not multiples of the narrow tiles), default tiles."""
     sizes = np.array([0, 3, 0, 1, 0, 0, 5, 2, 0, 0, 0, 1], np.int32)
