@@ -1,7 +1,7 @@
 """Training throughput and MFU of "research-1b" at T=8192 on one GPU, with and without rematerialisation.
 
     PYTHONPATH=. python3 benchmarks/train.py [--smoke] [--batch-size 4] [--seq-len 8192] [--steps 6]
-        [--remat none dots full] [--lm-head float32 bfloat16] [--curve-steps 0]
+        [--remat none dots full] [--lm-head float32 bfloat16] [--curve-steps 0] [--moe-kernels default]
 
 --lm-head: the vocabulary head's precision (RunPolicy.float32_lm_head): "float32" (the paper's fix, the default)
 or "bfloat16" (operands and logits in bf16, accumulation in float32). --curve-steps N > 0 also trains every head
@@ -27,6 +27,7 @@ from m1jax.flops import peak_flops_per_device, train_flops
 from m1jax.model import M1ForCausalLM
 from m1jax.train.optimizer import OptimizerConfig, make_optimizer
 from m1jax.train.step import init_state, make_train_step
+from pallas_kernels.grouped_matmul import ops as grouped_ops
 
 
 LM_HEADS = {"float32": True, "bfloat16": False}  # --lm-head -> RunPolicy.float32_lm_head
@@ -100,18 +101,23 @@ def main():
     parser.add_argument("--remat", nargs="+", default=["none", "dots", "full"])
     parser.add_argument("--lm-head", nargs="+", default=["float32"], choices=sorted(LM_HEADS))
     parser.add_argument("--curve-steps", type=int, default=0)
+    parser.add_argument("--moe-kernels", choices=("default", "mosaic"), default="default",
+                        help="mosaic: the grouped matmul's Mosaic GPU kernels where their tiles divide, on a Hopper "
+                             "GPU (ops.MOSAIC_BY_DEFAULT; compare two processes' tables and curves)")
     args = parser.parse_args()
+    grouped_ops.MOSAIC_BY_DEFAULT = args.moe_kernels == "mosaic"  # read when a step is traced
     if args.smoke:
         args.preset, args.batch_size, args.seq_len, args.steps = "tiny", 2, 64, 2
     curves = {}
     for head in args.lm_head if args.curve_steps > 0 else ():
         curves[head] = loss_curve(args.preset, args.batch_size, args.seq_len, args.curve_steps, head)
-        print(json.dumps({"lm_head": head, "curve": curves[head]}), flush=True)
+        print(json.dumps({"lm_head": head, "moe_kernels": args.moe_kernels, "curve": curves[head]}), flush=True)
     rows = []
     for remat in args.remat:
         for head in args.lm_head:
             try:
-                rows.append(run(args.preset, args.batch_size, args.seq_len, args.steps, remat, head))
+                rows.append(run(args.preset, args.batch_size, args.seq_len, args.steps, remat, head)
+                            | {"moe_kernels": args.moe_kernels})
             except Exception as err:  # out of memory without remat is a result too
                 rows.append({"preset": args.preset, "remat": remat, "lm_head": head,
                              "error": f"{type(err).__name__}: {str(err)[:160]}"})
