@@ -21,9 +21,10 @@ tile: 2 * block_m * 2 block_n * rows_e FLOPs. A group's first and last blocks ar
 (masked): at most 2 * block_k extra rows per group. Shared memory: the pipeline's stages plus 4 x 64 x 64 of dW.
 
 Status: tested against the reference in Mosaic GPU's interpret mode on the CPU, with its race detector, and lowered
-for CUDA (layouts, shared memory) at M1's shapes (tests/pallas_kernels/test_mosaic_kernels.py); not yet run or timed
-on a GPU, so the grouped matmul's VJP uses it only when asked: `TilingPlan(forward, d_lhs, MosaicTiling(...))`.
-`benchmarks/grouped_matmul.py --candidates 128x256x64/8/3,mosaic:128x128x64/4` times it against the Triton d_rhs.
+for CUDA (layouts, shared memory) at M1's shapes (tests/pallas_kernels/test_mosaic_kernels.py). On an H200 it
+equals the Triton d_rhs and runs 1.00-1.14x faster (benchmarks/RESULTS.md); used when asked,
+`TilingPlan(forward, d_lhs, MosaicTiling(...))`, or by default with ops.MOSAIC_BY_DEFAULT.
+`benchmarks/grouped_matmul.py --candidates 128x256x64/8/3,mosaic:128x128x64/3` times it against the Triton d_rhs.
 Tiles follow this GEMM (K, N, M), as kernel.py's do: block_m of K, block_n of N per warpgroup, block_k rows.
 """
 import functools
