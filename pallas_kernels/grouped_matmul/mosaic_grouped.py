@@ -24,7 +24,7 @@ of 8 rows and at least block_m (a copy of x only when M is not such a multiple),
 
 Status: tested against the reference in Mosaic GPU's interpret mode on the CPU (race detector on) and lowered for
 CUDA at M1's shapes (tests/pallas_kernels/test_mosaic_kernels.py). On an H200 it equals the Triton kernels and runs
-1.03-1.19x (forward) and 1.10-1.15x (d_lhs) faster (benchmarks/RESULTS.md); opt-in: `TilingPlan(forward=
+1.03-1.19x (forward) and 1.10-1.25x (d_lhs) faster (benchmarks/RESULTS.md); opt-in: `TilingPlan(forward=
 MosaicTiling(...), d_lhs=MosaicTiling(...), ...)`, or ops.MOSAIC_BY_DEFAULT. Tiles follow this GEMM (M, P, Q): block_m
 rows, block_n of P per warpgroup, block_k of Q a step.
 """
