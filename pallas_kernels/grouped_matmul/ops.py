@@ -45,8 +45,9 @@ SMALL_ROWS_PER_GROUP = 16  # mean rows per group at or below which the narrow ti
 # On a Hopper GPU, each kernel whose GEMM these tiles divide can run on Mosaic GPU: persistent, warp-specialised,
 # its stores overlapping the next tile's loads, which Triton's tiles cannot. H200, 2026-12-01 (RESULTS.md, "Grouped
 # matmul"): forward+backward 79-82% -> 83% of the dense einsum at M1's width, 77% -> 88% and 71% -> 83% at
-# research-1b's up and down projections. Off by default (MOSAIC_BY_DEFAULT): in research-1b's training step they
-# made the compile take minutes (tracing 31 s, MLIR conversion 70 s, XLA's compile unfinished after 90 more).
+# research-1b's up and down projections. Off by default (MOSAIC_BY_DEFAULT) until a training step is measured with
+# them: before their lowering was shared per shape, research-1b's step took minutes to compile (tracing 31 s, MLIR
+# conversion 70 s, XLA's compile unfinished after 90 more).
 _MOSAIC_16BIT = MosaicTiling(block_m=128, block_n=128, block_k=64, stages=3)
 MOSAIC_BY_DEFAULT = False  # True: a call with no tiling runs default_tiling's Mosaic choice on a Hopper GPU
 
