@@ -45,8 +45,7 @@ def required_multiples(k: int, n: int, tiling: MosaicTiling) -> dict:
     return {f"K = {k}": (k, tiling.block_m), f"N = {n}": (n, 2 * tiling.block_n)}
 
 
-# Jitted: the call sites of one shape share one trace and one lowered kernel. Unshared, research-1b's training step
-# (9 calls per MoE layer) took 31 s to trace and 70 s to lower to MLIR on an H200 (RESULTS.md, 2026-12-01).
+# jitted: call sites of one shape share one lowered kernel (mosaic_common's docstring says why)
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "num_sms", "interpret"))
 def mosaic_transposed_grouped_matmul(x, y, group_sizes, *, out_dtype=None, tiling=MosaicTiling(), num_sms=None,
                                      interpret=False):

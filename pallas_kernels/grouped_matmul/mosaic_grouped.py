@@ -56,8 +56,7 @@ def required_multiples(depth: int, width: int, tiling: MosaicTiling) -> dict:
     return {f"Q = {depth}": (depth, tiling.block_k), f"P = {width}": (width, 2 * tiling.block_n)}
 
 
-# Jitted: the call sites of one shape share one trace and one lowered kernel. Unshared, research-1b's training step
-# (9 calls per MoE layer) took 31 s to trace and 70 s to lower to MLIR on an H200 (RESULTS.md, 2026-12-01).
+# jitted: call sites of one shape share one lowered kernel (mosaic_common's docstring says why)
 @functools.partial(jax.jit, static_argnames=("transpose_w", "tiling", "num_sms", "interpret"))
 def mosaic_grouped_matmul(x, w, group_sizes, *, transpose_w=False, tiling=MosaicTiling(), num_sms=None,
                           interpret=False):

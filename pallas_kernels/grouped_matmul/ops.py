@@ -9,8 +9,6 @@ import numpy as np
 from pallas_kernels.grouped_matmul.kernel import Tiling, grouped_matmul_kernel, transposed_grouped_matmul_kernel
 from pallas_kernels.grouped_matmul import mosaic_d_rhs, mosaic_grouped
 from pallas_kernels.grouped_matmul.mosaic_common import MosaicTiling, divides
-from pallas_kernels.grouped_matmul.mosaic_d_rhs import mosaic_transposed_grouped_matmul
-from pallas_kernels.grouped_matmul.mosaic_grouped import mosaic_grouped_matmul
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.tiled import tiled_grouped_matmul
 
@@ -162,13 +160,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl="auto", interpret=False, tilin
 def grouped_kernel(lhs, rhs, group_sizes, tiling, *, transpose_w=False, interpret=False):
     """The forward (or, transpose_w, d_lhs) kernel alone, no checks or VJP: Triton's for a Tiling, Mosaic GPU's for
     a MosaicTiling."""
-    kernel = mosaic_grouped_matmul if isinstance(tiling, MosaicTiling) else grouped_matmul_kernel
+    kernel = mosaic_grouped.mosaic_grouped_matmul if isinstance(tiling, MosaicTiling) else grouped_matmul_kernel
     return kernel(lhs, rhs, group_sizes, transpose_w=transpose_w, tiling=tiling, interpret=interpret)
 
 
 def d_rhs_kernel(lhs, d_out, group_sizes, tiling, *, out_dtype, interpret=False):
     """The d_rhs kernel alone (d_rhs[e] = lhs_e^T d_out_e): Triton's for a Tiling, Mosaic GPU's for a MosaicTiling."""
-    kernel = mosaic_transposed_grouped_matmul if isinstance(tiling, MosaicTiling) else transposed_grouped_matmul_kernel
+    kernel = (mosaic_d_rhs.mosaic_transposed_grouped_matmul if isinstance(tiling, MosaicTiling)
+              else transposed_grouped_matmul_kernel)
     return kernel(lhs, d_out, group_sizes, out_dtype=out_dtype, tiling=tiling, interpret=interpret)
 
 
