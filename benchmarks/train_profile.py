@@ -1,7 +1,8 @@
 """Where a training step's time goes: one profiled research-1b step, device time summed by category.
 
     PYTHONPATH=. python3 benchmarks/train_profile.py [--preset research-1b] [--batch-size 4] [--seq-len 8192]
-        [--remat none] [--lm-head float32] [--flags-variant default] [--xla-flags "..."] [--smoke]
+        [--remat none] [--lm-head float32] [--moe-kernels default] [--flags-variant default] [--xla-flags "..."]
+        [--smoke]
 
 The step is benchmarks/train.py's (`setup`: bf16 compute, float32 master weights and AdamW, random tokens), compiled
 ahead of time; 2 warm steps, --steps untraced steps (median ms/step and MFU, as train.py measures them), then
@@ -364,6 +365,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (a minute)")
     parser.add_argument("--softmax-impl", default="auto", choices=("auto", "cudnn", "dense", "blocked"),
                         help="force the softmax layers' attention path (default: the model's own choice)")
+    parser.add_argument("--moe-kernels", choices=("default", "mosaic"), default="default",
+                        help="the grouped matmul's kernels (benchmarks/train.py --moe-kernels)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.batch_size, args.seq_len, args.steps, args.trace_steps = "tiny", 2, 64, 2, 2
@@ -375,14 +378,16 @@ def main(argv=None) -> int:
     import jax  # after XLA_FLAGS is final
 
     from benchmarks.train import setup
+    from pallas_kernels.grouped_matmul import ops as grouped_ops
     from m1jax.flops import peak_flops_per_device, train_flops
 
     if args.softmax_impl != "auto":
         import m1jax.layers.softmax_attention as softmax_attention
         softmax_attention.attention_impl = lambda *a, **k: args.softmax_impl
+    grouped_ops.MOSAIC_BY_DEFAULT = args.moe_kernels == "mosaic"  # read when the step is traced
     device = jax.devices()[0]
     log(what="setup", softmax_impl=args.softmax_impl, preset=args.preset, batch=args.batch_size, seq_len=args.seq_len,
-        remat=args.remat, lm_head=args.lm_head,
+        remat=args.remat, lm_head=args.lm_head, moe_kernels=args.moe_kernels,
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""), variant=args.flags_variant, date=time.strftime("%Y-%m-%d %H:%M"))
     cfg, step, state, batch = setup(args.preset, args.batch_size, args.seq_len, args.remat, args.lm_head)
@@ -455,8 +460,7 @@ def main(argv=None) -> int:
             print(f"  {row['ms_per_step']:8.3f}  {row['category']:22s} {row['hlo_op'][:28]:28s} {row['op_name'][-90:]}")
         print(f"\nkernels from: {result['source']}; {result['num_events']} events; matched by {result['matched_by']}")
     print(f"\n== train step profile: {args.preset}, {args.batch_size} x {args.seq_len}, remat {args.remat}, "
-          f"lm_head {args.lm_head}, "
-          f"{device.device_kind}, XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+          f"lm_head {args.lm_head}, moe kernels {args.moe_kernels}, {device.device_kind}, XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
     mfu_text = f"{100 * mfu:.1f}%" if mfu else "n/a"
     if options:
         print("(this executable was compiled with xla_gpu_enable_command_buffer='' for per-kernel attribution; "
