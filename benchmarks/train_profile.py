@@ -460,7 +460,8 @@ def main(argv=None) -> int:
             print(f"  {row['ms_per_step']:8.3f}  {row['category']:22s} {row['hlo_op'][:28]:28s} {row['op_name'][-90:]}")
         print(f"\nkernels from: {result['source']}; {result['num_events']} events; matched by {result['matched_by']}")
     print(f"\n== train step profile: {args.preset}, {args.batch_size} x {args.seq_len}, remat {args.remat}, "
-          f"lm_head {args.lm_head}, moe kernels {args.moe_kernels}, {device.device_kind}, XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+          f"lm_head {args.lm_head}, moe kernels {args.moe_kernels}, {device.device_kind}, "
+          f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
     mfu_text = f"{100 * mfu:.1f}%" if mfu else "n/a"
     if options:
         print("(this executable was compiled with xla_gpu_enable_command_buffer='' for per-kernel attribution; "
