@@ -43,9 +43,10 @@ SMALL_ROWS_PER_GROUP = 16  # mean rows per group at or below which the narrow ti
 # On a Hopper GPU, each kernel whose GEMM these tiles divide can run on Mosaic GPU: persistent, warp-specialised,
 # its stores overlapping the next tile's loads, which Triton's tiles cannot. H200, 2026-12-01 (RESULTS.md, "Grouped
 # matmul"): forward+backward 79-82% -> 83% of the dense einsum at M1's width, 77% -> 88% and 71% -> 83% at
-# research-1b's up and down projections. Off by default (MOSAIC_BY_DEFAULT) until a training step is measured with
-# them: before their lowering was shared per shape, research-1b's step took minutes to compile (tracing 31 s, MLIR
-# conversion 70 s, XLA's compile unfinished after 90 more).
+# research-1b's up and down projections. Off by default (MOSAIC_BY_DEFAULT): in research-1b's training step
+# (H200, 2026-12-02) they cut the grouped matmuls' time from 29.9 to 28.1 ms per step, but the step's time did not
+# measurably move (145.6 ms both ways) and it compiled in 26 s instead of 15 (RESULTS.md, "The Mosaic kernels in
+# research-1b's training step").
 _MOSAIC_16BIT = MosaicTiling(block_m=128, block_n=128, block_k=64, stages=3)
 MOSAIC_BY_DEFAULT = False  # True: a call with no tiling runs default_tiling's Mosaic choice on a Hopper GPU
 
